@@ -1,0 +1,1 @@
+"""Flax NNX networks (encoder, decoder, encoder-decoder), their sizes and checkpoint converters."""

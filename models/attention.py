@@ -1,0 +1,104 @@
+"""Attention: masks from segment ids, grouped-query dot-product attention, KV caching.
+
+One mask rule serves packing, padding, causality and prefix LM: query i may see key j
+when both are real tokens of the same segment (segment id 0 is padding) and, in a
+causal stack, j comes no later than i, or both lie in the bidirectional prefix.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import Dense, apply_rope, constrain
+
+
+def attention_mask(query_segments: jax.Array, key_segments: jax.Array, *,
+                   causal: bool, query_slots: jax.Array | None = None,
+                   key_slots: jax.Array | None = None, query_prefix: jax.Array | None = None,
+                   key_prefix: jax.Array | None = None) -> jax.Array:
+  """Boolean mask [b, 1, t, s]: True where query t may attend to key s.
+
+  Slots are the sequence (or KV-cache) indices that define causal order; they are not
+  positions, which restart per packed document.
+  """
+  mask = (query_segments[:, :, None] == key_segments[:, None, :]) & (key_segments[:, None, :] != 0)
+  if causal:
+    query_slots = jnp.arange(query_segments.shape[1]) if query_slots is None else query_slots
+    key_slots = jnp.arange(key_segments.shape[1]) if key_slots is None else key_slots
+    visible = key_slots[None, None, :] <= query_slots[..., :, None]
+    if query_prefix is not None:
+      visible = visible | (query_prefix[:, :, None] & key_prefix[:, None, :])
+    mask = mask & visible
+  return mask[:, None, :, :]
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
+                          bias: jax.Array | None, *, scale: float) -> jax.Array:
+  """Softmax(q k^T * scale + bias) v with logits and softmax in float32.
+
+  query [b, t, h, e]; key, value [b, s, k, e] with h a multiple of k (GQA: each kv head
+  serves g = h / k query heads, MQA when k = 1); mask [b, 1, t, s]; bias [b|1, h, t, s].
+  """
+  b, t, h, e = query.shape
+  kv_heads = key.shape[2]
+  query = query.reshape(b, t, kv_heads, h // kv_heads, e)  # [b, t, k, g, e]
+  logits = jnp.einsum("btkge,bske->bkgts", query, key, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  if bias is not None:
+    logits = logits + bias.reshape(bias.shape[0], kv_heads, h // kv_heads, t, -1)
+  # A large finite negative keeps fully masked rows (padding queries) free of NaNs.
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  out = jnp.einsum("bkgts,bske->btkge", weights, value, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, e).astype(value.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self- or cross-attention with separate q/k/v projections (MHA/MQA/GQA)."""
+
+  def __init__(self, cfg: ModelConfig, *, rope: bool, rngs: nnx.Rngs):
+    heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    self.rope_theta = cfg.rope_theta if rope else None
+    self.scale = head_dim ** -0.5 if cfg.scale_attn_logits else 1.0
+    bias = cfg.use_bias
+    self.query = Dense(cfg.emb_dim, (heads, head_dim), ("embed", "heads", "kv"), cfg, use_bias=bias, rngs=rngs)
+    self.key = Dense(cfg.emb_dim, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), cfg, use_bias=bias, rngs=rngs)
+    self.value = Dense(cfg.emb_dim, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), cfg, use_bias=bias, rngs=rngs)
+    self.out = Dense((heads, head_dim), cfg.emb_dim, ("heads", "kv", "embed"), cfg, use_bias=bias, rngs=rngs)
+
+  def project_kv(self, x: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [b, s, k, e] for inputs x [b, s, d]; rotated when using RoPE."""
+    key, value = self.key(x), self.value(x)
+    if self.rope_theta is not None:
+      key = apply_rope(key, positions, self.rope_theta)
+    return key, value
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array, bias: jax.Array | None = None,
+               positions: jax.Array | None = None, kv_inputs: jax.Array | None = None,
+               kv_positions: jax.Array | None = None, cache: dict | None = None,
+               cache_index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+    """Attends from x [b, t, d]; returns ([b, t, d], updated cache).
+
+    Self-attention uses x for keys too; cross-attention passes kv_inputs, or a cache
+    whose `k`/`v` were computed once from the encoder output. For cached
+    self-attention, this call's keys are written at cache_index and the whole cache is
+    attended (the mask says which slots are valid).
+    """
+    query = self.query(x)  # [b, t, h, e]
+    if self.rope_theta is not None:
+      query = apply_rope(query, positions, self.rope_theta)
+    query = constrain(query, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+    if cache is not None and cache_index is None:  # cross-attention keys, computed once
+      key, value = cache["k"], cache["v"]
+    else:
+      source = x if kv_inputs is None else kv_inputs
+      key, value = self.project_kv(source, positions if kv_inputs is None else kv_positions)
+      if cache is not None:
+        key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), cache_index, axis=1)
+        value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), cache_index, axis=1)
+        cache = {"k": key, "v": value}
+    out = dot_product_attention(query, key, value, mask, bias, scale=self.scale)
+    return self.out(out), cache

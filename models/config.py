@@ -1,0 +1,173 @@
+"""The one model config: every architecture option, validated before anything is built.
+
+Experiment files fill in an `ml_collections.ConfigDict` (see `model_config_dict`),
+which the command line can override field by field. `ModelConfig.from_dict` turns it
+into this frozen dataclass, resolving derived fields (head_dim, num_kv_heads) and
+rejecting configs that cannot work with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import ml_collections
+
+ARCHITECTURES = ("encoder", "decoder", "encoder_decoder")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+POSITIONS = ("learned", "sinusoidal", "relative", "rope", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of an encoder (BERT), decoder (GPT/LLaMA) or encoder-decoder (T5)."""
+
+  arch: str = "decoder"
+  vocab_size: int = 8192
+  emb_dim: int = 256
+  num_heads: int = 4
+  # None: as many key/value heads as query heads (MHA); 1: MQA; in between: GQA.
+  num_kv_heads: int | None = None
+  # None: emb_dim // num_heads.
+  head_dim: int | None = None
+  mlp_dim: int = 1024
+  # Layers of the decoder (decoder), the encoder (encoder) or both stacks
+  # (encoder_decoder, unless num_decoder_layers is set).
+  num_layers: int = 4
+  num_decoder_layers: int | None = None
+  # Longest sequence the learned/sinusoidal position tables cover.
+  max_len: int = 512
+
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-6
+  norm_position: str = "pre"
+  # A LayerNorm/RMSNorm right after the embeddings (BERT).
+  embedding_norm: bool = False
+
+  # SwiGLU = silu + gated; GeGLU = gelu (or gelu_tanh) + gated.
+  mlp_activation: str = "gelu"
+  mlp_gated: bool = False
+
+  position: str = "rope"
+  rope_theta: float = 10_000.0
+  relative_num_buckets: int = 32
+  relative_max_distance: int = 128
+
+  use_bias: bool = False
+  tie_embeddings: bool = True
+  # Divide attention logits by sqrt(head_dim); T5 folds that into its init instead.
+  scale_attn_logits: bool = True
+  # Segment (token type) embeddings, as in BERT; 0 disables them.
+  num_token_types: int = 0
+  # BERT's masked-LM head: dense + activation + norm before the vocabulary projection.
+  mlm_head_transform: bool = True
+
+  dropout_rate: float = 0.0
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any] | ml_collections.ConfigDict) -> "ModelConfig":
+    """Builds and validates a config; unknown keys are an error, not ignored."""
+    if isinstance(values, ml_collections.ConfigDict):
+      values = values.to_dict()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+    config = cls(**values)
+    config.validate()
+    return config
+
+  def to_config_dict(self) -> ml_collections.ConfigDict:
+    return model_config_dict(**dataclasses.asdict(self))
+
+  def replace(self, **changes) -> "ModelConfig":
+    config = dataclasses.replace(self, **changes)
+    config.validate()
+    return config
+
+  # Derived fields -------------------------------------------------------------
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.emb_dim // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  # Validation -----------------------------------------------------------------
+
+  def validate(self) -> None:
+    def choice(name, options):
+      value = getattr(self, name)
+      if value not in options:
+        raise ConfigError(f"model.{name}={value!r} is not one of {options}")
+
+    def positive(name):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value <= 0):
+        raise ConfigError(f"model.{name}={value!r} must be a positive integer")
+
+    choice("arch", ARCHITECTURES)
+    choice("norm", NORMS)
+    choice("norm_position", NORM_POSITIONS)
+    choice("mlp_activation", ACTIVATIONS)
+    choice("position", POSITIONS)
+    choice("param_dtype", DTYPES)
+    choice("dtype", DTYPES)
+    for name in ("vocab_size", "emb_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                 "num_layers", "num_decoder_layers", "max_len", "relative_num_buckets",
+                 "relative_max_distance"):
+      positive(name)
+    if self.head_dim is None and self.emb_dim % self.num_heads:
+      raise ConfigError(
+          f"model.num_heads={self.num_heads} does not divide model.emb_dim={self.emb_dim}; "
+          "change one of them or set model.head_dim explicitly")
+    if self.num_heads % self.kv_heads:
+      raise ConfigError(
+          f"model.num_kv_heads={self.kv_heads} does not divide model.num_heads={self.num_heads} "
+          "(grouped-query attention shares each key/value head by a whole group of query heads)")
+    if self.position == "rope" and self.dim_per_head % 2:
+      raise ConfigError(f"model.position='rope' needs an even head dimension, got {self.dim_per_head}")
+    if self.position == "sinusoidal" and self.emb_dim % 2:
+      raise ConfigError(f"model.position='sinusoidal' needs an even model.emb_dim, got {self.emb_dim}")
+    if self.num_decoder_layers is not None and self.arch != "encoder_decoder":
+      raise ConfigError("model.num_decoder_layers applies only to model.arch='encoder_decoder'")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ConfigError(f"model.dropout_rate={self.dropout_rate} must be in [0, 1)")
+    if self.num_token_types < 0:
+      raise ConfigError(f"model.num_token_types={self.num_token_types} must be >= 0")
+    if self.norm_eps <= 0:
+      raise ConfigError(f"model.norm_eps={self.norm_eps} must be > 0")
+
+
+def model_config_dict(**overrides) -> ml_collections.ConfigDict:
+  """The defaults as a ConfigDict for experiment files; fields may be None (derived)."""
+  values = dataclasses.asdict(ModelConfig())
+  unknown = sorted(set(overrides) - set(values))
+  if unknown:
+    raise ConfigError(f"unknown model config field(s) {unknown}")
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)

@@ -1,0 +1,212 @@
+"""Building blocks: dense projections, embeddings, norms, MLPs and position encodings.
+
+Every parameter is created with its logical axis names (`vocab`, `embed`, `mlp`,
+`heads`, `kv_heads`, `kv`, ...); activations are constrained by logical names
+(`activation_batch`, `activation_length`, `activation_embed`, ...). Which mesh axis
+carries which name is decided by the partitioning rules in the trainer, never here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen
+from flax import nnx
+
+from models.config import ModelConfig
+
+Axes = tuple[str | None, ...]
+
+# Shape comments use: b batch, t query length, s key length, d emb_dim,
+# h heads, k kv heads, g query heads per kv head, e head_dim, f mlp_dim, v vocab.
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside a partitioning-rules context."""
+  return linen.with_logical_constraint(x, axes)
+
+
+def param(init, shape: tuple[int, ...], axes: Axes, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Param:
+  """A parameter tagged with logical axis names; the trainer places it under its rules."""
+  return nnx.Param(init(rngs.params(), shape, cfg.weight_dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _as_tuple(shape: int | Sequence[int]) -> tuple[int, ...]:
+  return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
+class Dense(nnx.Module):
+  """A projection contracting the trailing `in_shape` dims of x into `out_shape`.
+
+  Multi-dimensional shapes keep heads explicit (`[d] -> [h, e]`), so the kernel
+  carries one logical name per dimension and can be sharded over heads.
+  """
+
+  def __init__(self, in_shape, out_shape, axes: Axes, cfg: ModelConfig, *,
+               use_bias: bool, rngs: nnx.Rngs):
+    in_shape, out_shape = _as_tuple(in_shape), _as_tuple(out_shape)
+    if len(axes) != len(in_shape) + len(out_shape):
+      raise ValueError(f"axes {axes} do not match shapes {in_shape} -> {out_shape}")
+    self.num_in = len(in_shape)
+    self.dtype = cfg.compute_dtype
+    in_axes = tuple(range(len(in_shape)))
+    out_axes = tuple(range(len(in_shape), len(axes)))
+    # LeCun-normal over the contracted dims: unit-variance outputs at init.
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                             in_axis=in_axes, out_axis=out_axes)
+    self.kernel = param(init, in_shape + out_shape, axes, cfg, rngs)
+    self.bias = nnx.data(None)
+    if use_bias:
+      self.bias = param(nnx.initializers.zeros, out_shape, axes[self.num_in:], cfg, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    x = x.astype(self.dtype)
+    contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+    # Accumulate in float32 even for bf16 inputs (fast on CPU and GPU, and accurate).
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """A lookup table; `attend` reuses it as the output projection for tied embeddings."""
+
+  def __init__(self, num_embeddings: int, features: int, axes: Axes, cfg: ModelConfig, *,
+               rngs: nnx.Rngs, stddev: float = 0.02):
+    self.dtype = cfg.compute_dtype
+    self.embedding = param(nnx.initializers.normal(stddev), (num_embeddings, features), axes, cfg, rngs)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """[b, t, d] -> [b, t, v] logits against the table, accumulated in float32."""
+    table = self.embedding[...].astype(self.dtype)
+    return jnp.einsum("btd,vd->btv", x.astype(self.dtype), table,
+                      preferred_element_type=jnp.float32)
+
+
+class Norm(nnx.Module):
+  """LayerNorm (with bias) or RMSNorm (scale only), computed in float32."""
+
+  def __init__(self, features: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.norm
+    self.eps = cfg.norm_eps
+    self.dtype = cfg.compute_dtype
+    self.scale = param(nnx.initializers.ones, (features,), ("norm",), cfg, rngs)
+    self.bias = nnx.data(None)
+    if cfg.norm == "layernorm":
+      self.bias = param(nnx.initializers.zeros, (features,), ("norm",), cfg, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    x = x * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      x = x + self.bias[...].astype(jnp.float32)
+    return x.astype(self.dtype)
+
+
+def activation(name: str):
+  """ReLU, exact GELU (BERT), tanh-approximate GELU (GPT-2, T5 v1.1) or SiLU (LLaMA)."""
+  return {
+      "relu": jax.nn.relu,
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+      "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+      "silu": jax.nn.silu,
+  }[name]
+
+
+class Mlp(nnx.Module):
+  """Position-wise feed-forward: wo(act(wi x)), or wo(act(wi x) * wi_linear x) when gated.
+
+  The gated form is Shazeer 2020 ("GLU variants improve Transformer"): SwiGLU with
+  silu, GeGLU with gelu.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.act = activation(cfg.mlp_activation)
+    self.wi = Dense(cfg.emb_dim, cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=cfg.use_bias, rngs=rngs)
+    self.wi_linear = nnx.data(None)
+    if cfg.mlp_gated:
+      self.wi_linear = Dense(cfg.emb_dim, cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=cfg.use_bias, rngs=rngs)
+    self.wo = Dense(cfg.mlp_dim, cfg.emb_dim, ("mlp", "embed"), cfg, use_bias=cfg.use_bias, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.act(self.wi(x))  # [b, t, f]
+    if self.wi_linear is not None:
+      h = h * self.wi_linear(x)
+    h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+    return self.wo(h)
+
+
+def sinusoidal_embedding(positions: jax.Array, features: int) -> jax.Array:
+  """Fixed sin/cos position encoding (Vaswani et al. 2017, sec. 3.5): [b, t] -> [b, t, d]."""
+  half = features // 2
+  inv_timescale = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * inv_timescale
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (Su et al. 2021) in the split-halves layout LLaMA checkpoints use.
+
+  x: [b, t, heads, e]; positions: [b, t]. Pair (i, i + e/2) rotates by
+  positions * theta^(-2i/e).
+  """
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [b, t, 1, e/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> jax.Array:
+  """T5's bucketing of key_position - query_position (Raffel et al. 2020, sec. 2.1).
+
+  Half the buckets are exact small distances, the rest grow logarithmically up to
+  max_distance; bidirectional stacks spend half of all buckets on each direction.
+  """
+  bucket = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = bucket + (relative_position > 0).astype(jnp.int32) * num_buckets
+    distance = jnp.abs(relative_position)
+  else:
+    distance = -jnp.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  is_small = distance < max_exact
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+  large = max_exact + (log_ratio / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(is_small, distance, large)
+
+
+class RelativePositionBias(nnx.Module):
+  """A learned scalar per (bucket, head) added to the attention logits; one per stack."""
+
+  def __init__(self, cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+    self.bidirectional = bidirectional
+    self.num_buckets = cfg.relative_num_buckets
+    self.max_distance = cfg.relative_max_distance
+    self.embedding = param(nnx.initializers.normal(1.0), (cfg.relative_num_buckets, cfg.num_heads),
+                           ("relpos_buckets", "heads"), cfg, rngs)
+
+  def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+    """[b, t], [b, s] -> bias [b, h, t, s] in float32."""
+    relative = key_positions[:, None, :] - query_positions[:, :, None]
+    buckets = relative_position_bucket(relative, bidirectional=self.bidirectional,
+                                       num_buckets=self.num_buckets, max_distance=self.max_distance)
+    bias = jnp.take(self.embedding[...].astype(jnp.float32), buckets, axis=0)  # [b, t, s, h]
+    return jnp.transpose(bias, (0, 3, 1, 2))

@@ -1,0 +1,292 @@
+"""The three architectures, read top to bottom: embeddings, a stack of blocks, a head.
+
+- `EncoderMLM`: bidirectional encoder with a masked-LM head (BERT).
+- `DecoderLM`: causal decoder (GPT, LLaMA), optionally a prefix LM whose prefix
+  attends bidirectionally (Raffel et al. 2020, sec. 3.2.1).
+- `EncoderDecoder`: encoder plus a causal decoder with cross-attention (T5).
+
+Decoders support incremental decoding: `init_cache` allocates key/value buffers and
+`decode` extends them by the given tokens (a whole prompt, then one token a step).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import Attention, attention_mask
+from models.config import ModelConfig
+from models.layers import (Dense, Embed, Mlp, Norm, RelativePositionBias, activation, constrain,
+                           param, sinusoidal_embedding)
+
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+class Block(nnx.Module):
+  """Self-attention, optional cross-attention, MLP; each a residual sublayer.
+
+  Pre-norm: x + f(norm(x)) (GPT-2, LLaMA, T5). Post-norm: norm(x + f(x)) (BERT, the
+  original Transformer).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, cross_attention: bool, rngs: nnx.Rngs):
+    self.pre_norm = cfg.norm_position == "pre"
+    self.self_attention_norm = Norm(cfg.emb_dim, cfg, rngs=rngs)
+    self.self_attention = Attention(cfg, rope=cfg.position == "rope", rngs=rngs)
+    self.cross_attention_norm = Norm(cfg.emb_dim, cfg, rngs=rngs) if cross_attention else None
+    self.cross_attention = Attention(cfg, rope=False, rngs=rngs) if cross_attention else None
+    self.mlp_norm = Norm(cfg.emb_dim, cfg, rngs=rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+  def _residual(self, x, norm, sublayer):
+    if self.pre_norm:
+      out, aux = sublayer(norm(x))
+      return x + self.dropout(out), aux
+    out, aux = sublayer(x)
+    return norm(x + self.dropout(out)), aux
+
+  def __call__(self, x, *, mask, bias, positions, encoded=None, cross_mask=None,
+               cache=None, cache_index=None):
+    cache = cache or {}
+    x, self_cache = self._residual(x, self.self_attention_norm, lambda h: self.self_attention(
+        h, mask=mask, bias=bias, positions=positions, cache=cache.get("self"), cache_index=cache_index))
+    cross_cache = None
+    if self.cross_attention is not None:
+      x, cross_cache = self._residual(x, self.cross_attention_norm, lambda h: self.cross_attention(
+          h, mask=cross_mask, kv_inputs=encoded, cache=cache.get("cross")))
+    x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None))
+    x = constrain(x, BATCH_LENGTH_EMBED)
+    new_cache = {"self": self_cache, "cross": cross_cache} if self_cache is not None else None
+    return x, new_cache
+
+
+class Stack(nnx.Module):
+  """Token embeddings in, hidden states out: positions, masks, blocks, final norm."""
+
+  def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross_attention: bool,
+               rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.causal = causal
+    self.position_embed = nnx.data(None)
+    if cfg.position == "learned":
+      self.position_embed = Embed(cfg.max_len, cfg.emb_dim, (None, "embed"), cfg, rngs=rngs)
+    self.relative_bias = nnx.data(None)
+    if cfg.position == "relative":
+      self.relative_bias = RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
+    self.token_type_embed = nnx.data(None)
+    if cfg.num_token_types and not cross_attention:
+      self.token_type_embed = Embed(cfg.num_token_types, cfg.emb_dim, (None, "embed"), cfg, rngs=rngs)
+    self.embedding_norm = Norm(cfg.emb_dim, cfg, rngs=rngs) if cfg.embedding_norm else None
+    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.layers = nnx.List([Block(cfg, cross_attention=cross_attention, rngs=rngs)
+                            for _ in range(num_layers)])
+    self.final_norm = Norm(cfg.emb_dim, cfg, rngs=rngs) if cfg.norm_position == "pre" else None
+
+  def __call__(self, x, *, segment_ids, positions, token_type_ids=None, prefix_mask=None,
+               encoded=None, encoded_segment_ids=None, cache=None):
+    """x: token embeddings [b, t, d]; returns (hidden [b, t, d], updated cache or None)."""
+    if self.position_embed is not None:
+      x = x + self.position_embed(positions)
+    elif self.cfg.position == "sinusoidal":
+      x = x + sinusoidal_embedding(positions, self.cfg.emb_dim).astype(x.dtype)
+    if self.token_type_embed is not None:
+      x = x + self.token_type_embed(jnp.zeros_like(segment_ids) if token_type_ids is None else token_type_ids)
+    if self.embedding_norm is not None:
+      x = self.embedding_norm(x)
+    x = constrain(self.dropout(x), BATCH_LENGTH_EMBED)
+
+    if cache is None:
+      key_positions = positions
+      mask = attention_mask(segment_ids, segment_ids, causal=self.causal,
+                            query_prefix=prefix_mask, key_prefix=prefix_mask)
+      cache_index = None
+    else:
+      cache_index = cache["index"]
+      write = lambda buffer, values: jax.lax.dynamic_update_slice_in_dim(buffer, values, cache_index, axis=1)
+      prefix = jnp.zeros_like(segment_ids, dtype=bool) if prefix_mask is None else prefix_mask
+      key_segments = write(cache["segment_ids"], segment_ids)
+      key_positions = write(cache["positions"], positions)
+      key_prefix = write(cache["prefix"], prefix)
+      mask = attention_mask(segment_ids, key_segments, causal=True,
+                            query_slots=cache_index + jnp.arange(x.shape[1]),
+                            key_slots=jnp.arange(key_segments.shape[1]),
+                            query_prefix=prefix, key_prefix=key_prefix)
+      encoded_segment_ids = cache.get("encoded_segment_ids")
+    bias = None
+    if self.relative_bias is not None:
+      bias = self.relative_bias(positions, key_positions)
+    cross_mask = None
+    if encoded_segment_ids is not None:
+      cross_mask = attention_mask(segment_ids, encoded_segment_ids, causal=False)
+
+    new_layers = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, mask=mask, bias=bias, positions=positions, encoded=encoded,
+                             cross_mask=cross_mask, cache=None if cache is None else cache["layers"][i],
+                             cache_index=cache_index)
+      new_layers.append(layer_cache)
+    if self.final_norm is not None:
+      x = self.final_norm(x)
+    x = self.dropout(x)
+    if cache is None:
+      return x, None
+    new_cache = dict(cache, index=cache_index + x.shape[1], segment_ids=key_segments,
+                     positions=key_positions, prefix=key_prefix, layers=new_layers)
+    return x, new_cache
+
+  def init_cache(self, batch_size: int, max_len: int, encoded=None, encoded_segment_ids=None) -> dict:
+    """Empty key/value buffers; cross-attention keys are projected here, once."""
+    cfg = self.cfg
+    shape = (batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
+    layers = []
+    for layer in self.layers:
+      entry = {"self": {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)},
+               "cross": None}
+      if layer.cross_attention is not None:
+        k, v = layer.cross_attention.project_kv(encoded, None)
+        entry["cross"] = {"k": k, "v": v}
+      layers.append(entry)
+    cache = {"index": jnp.zeros((), jnp.int32),
+             "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+             "positions": jnp.zeros((batch_size, max_len), jnp.int32),
+             "prefix": jnp.zeros((batch_size, max_len), bool),
+             "layers": layers}
+    if encoded_segment_ids is not None:
+      cache["encoded_segment_ids"] = encoded_segment_ids
+    return cache
+
+
+def _defaults(tokens, segment_ids, positions, offset=0):
+  """Unpacked, unpadded rows unless told otherwise: one segment, positions from offset."""
+  if segment_ids is None:
+    segment_ids = jnp.ones(tokens.shape, jnp.int32)
+  if positions is None:
+    positions = jnp.broadcast_to(offset + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return segment_ids, positions
+
+
+class _LanguageModel(nnx.Module):
+  """Shared by the three models: the token table and the vocabulary projection."""
+
+  def _init_embeddings(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.config = cfg
+    self.token_embed = Embed(cfg.vocab_size, cfg.emb_dim, ("vocab", "embed"), cfg, rngs=rngs)
+    self.lm_head = nnx.data(None)
+    if not cfg.tie_embeddings:
+      self.lm_head = Dense(cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), cfg, use_bias=False, rngs=rngs)
+
+  def _logits(self, hidden: jax.Array) -> jax.Array:
+    """[b, t, d] -> float32 logits [b, t, v]."""
+    if self.lm_head is None:
+      logits = self.token_embed.attend(hidden)
+    else:
+      logits = self.lm_head(hidden)
+    logits = logits.astype(jnp.float32)
+    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+class DecoderLM(_LanguageModel):
+  """Causal language model (GPT-2, LLaMA); a prefix LM when given a prefix mask."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self._init_embeddings(cfg, rngs)
+    self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross_attention=False, rngs=rngs)
+
+  def __call__(self, tokens, *, segment_ids=None, positions=None, prefix_mask=None,
+               token_type_ids=None) -> jax.Array:
+    """tokens [b, t] -> logits [b, t, v]; prefix_mask [b, t] marks bidirectional inputs."""
+    segment_ids, positions = _defaults(tokens, segment_ids, positions)
+    hidden, _ = self.decoder(self.token_embed(tokens), segment_ids=segment_ids, positions=positions,
+                             prefix_mask=prefix_mask, token_type_ids=token_type_ids)
+    return self._logits(hidden)
+
+  def init_cache(self, batch_size: int, max_len: int) -> dict:
+    return self.decoder.init_cache(batch_size, max_len)
+
+  def decode(self, tokens, cache, *, segment_ids=None, positions=None, prefix_mask=None):
+    """Extends the cache by tokens [b, t]; returns (logits [b, t, v], cache)."""
+    segment_ids, positions = _defaults(tokens, segment_ids, positions, offset=cache["index"])
+    hidden, cache = self.decoder(self.token_embed(tokens), segment_ids=segment_ids,
+                                 positions=positions, prefix_mask=prefix_mask, cache=cache)
+    return self._logits(hidden), cache
+
+
+class EncoderMLM(_LanguageModel):
+  """Bidirectional encoder with BERT's masked-LM head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self._init_embeddings(cfg, rngs)
+    self.encoder = Stack(cfg, cfg.num_layers, causal=False, cross_attention=False, rngs=rngs)
+    self.mlm_dense = nnx.data(None)
+    if cfg.mlm_head_transform:
+      self.mlm_act = activation(cfg.mlp_activation)
+      self.mlm_dense = Dense(cfg.emb_dim, cfg.emb_dim, ("embed", "mlp"), cfg, use_bias=cfg.use_bias, rngs=rngs)
+      self.mlm_norm = Norm(cfg.emb_dim, cfg, rngs=rngs)
+    self.output_bias = nnx.data(None)
+    if cfg.use_bias:
+      self.output_bias = param(nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",), cfg, rngs)
+
+  def encode(self, tokens, *, segment_ids=None, positions=None, token_type_ids=None) -> jax.Array:
+    """tokens [b, t] -> hidden states [b, t, d] (for heads other than masked LM)."""
+    segment_ids, positions = _defaults(tokens, segment_ids, positions)
+    hidden, _ = self.encoder(self.token_embed(tokens), segment_ids=segment_ids, positions=positions,
+                             token_type_ids=token_type_ids)
+    return hidden
+
+  def __call__(self, tokens, *, segment_ids=None, positions=None, token_type_ids=None) -> jax.Array:
+    hidden = self.encode(tokens, segment_ids=segment_ids, positions=positions,
+                         token_type_ids=token_type_ids)
+    if self.mlm_dense is not None:
+      hidden = self.mlm_norm(self.mlm_act(self.mlm_dense(hidden)))
+    logits = self._logits(hidden)
+    if self.output_bias is not None:
+      logits = logits + self.output_bias[...].astype(jnp.float32)
+    return logits
+
+
+class EncoderDecoder(_LanguageModel):
+  """T5: an encoder and a causal decoder with cross-attention, sharing one token table."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self._init_embeddings(cfg, rngs)
+    self.encoder = Stack(cfg, cfg.num_layers, causal=False, cross_attention=False, rngs=rngs)
+    self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross_attention=True, rngs=rngs)
+
+  def encode(self, tokens, *, segment_ids=None, positions=None) -> jax.Array:
+    segment_ids, positions = _defaults(tokens, segment_ids, positions)
+    encoded, _ = self.encoder(self.token_embed(tokens), segment_ids=segment_ids, positions=positions)
+    return encoded
+
+  def __call__(self, encoder_tokens, decoder_tokens, *, encoder_segment_ids=None,
+               encoder_positions=None, decoder_segment_ids=None, decoder_positions=None) -> jax.Array:
+    """Teacher-forced logits [b, t, v] for decoder_tokens (the targets shifted right)."""
+    encoder_segment_ids, encoder_positions = _defaults(encoder_tokens, encoder_segment_ids, encoder_positions)
+    encoded = self.encode(encoder_tokens, segment_ids=encoder_segment_ids, positions=encoder_positions)
+    decoder_segment_ids, decoder_positions = _defaults(decoder_tokens, decoder_segment_ids, decoder_positions)
+    hidden, _ = self.decoder(self.token_embed(decoder_tokens), segment_ids=decoder_segment_ids,
+                             positions=decoder_positions, encoded=encoded,
+                             encoded_segment_ids=encoder_segment_ids)
+    return self._logits(hidden)
+
+  def init_cache(self, encoded, max_len: int, encoded_segment_ids=None) -> dict:
+    """Decoder cache for `encoded` [b, s, d]; cross-attention keys computed here, once."""
+    if encoded_segment_ids is None:
+      encoded_segment_ids = jnp.ones(encoded.shape[:2], jnp.int32)
+    return self.decoder.init_cache(encoded.shape[0], max_len, encoded, encoded_segment_ids)
+
+  def decode(self, tokens, cache, *, segment_ids=None, positions=None):
+    """Extends the decoder cache by tokens [b, t]; returns (logits [b, t, v], cache)."""
+    segment_ids, positions = _defaults(tokens, segment_ids, positions, offset=cache["index"])
+    hidden, cache = self.decoder(self.token_embed(tokens), segment_ids=segment_ids,
+                                 positions=positions, cache=cache)
+    return self._logits(hidden), cache
+
+
+MODELS = {"encoder": EncoderMLM, "decoder": DecoderLM, "encoder_decoder": EncoderDecoder}
+
+
+def build_model(cfg: ModelConfig, *, seed: int = 0) -> nnx.Module:
+  """Initialises the model the config's `arch` names."""
+  return MODELS[cfg.arch](cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))

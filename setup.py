@@ -1,0 +1,43 @@
+"""t5x_like: one JAX/Flax trainer for pretraining, tuning and scaling-law sweeps."""
+
+from setuptools import find_packages, setup
+
+# Exact pins: this set was installed together and `pip check`-ed on Python 3.11.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorflow-datasets==4.9.10",
+    "sentencepiece==0.2.3",
+    "ml-collections==1.1.0",
+    "grain==0.2.18",
+    "numpy>=2.0,<3",
+    "scipy>=1.13,<2",
+    "tqdm>=4.66,<5",
+]
+
+EXTRAS_REQUIRE = {
+    # torch and transformers build the reference models for the Hugging Face
+    # parity tests; they are never imported by the library itself at import time.
+    "test": [
+        "pytest==9.2.0",
+        "torch==2.13.0",
+        "transformers==5.24.0",
+        "portpicker>=1.6,<2",
+    ],
+}
+
+setup(
+    name="t5x_like",
+    version="0.1.0",
+    description="A readable JAX/Flax NNX codebase for training language models.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["t5x_like", "t5x_like.*", "models", "models.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["t5x-like=t5x_like.cli:main"]},
+)

@@ -1,0 +1,266 @@
+"""Behaviour of the three architectures: shapes, masks, caching, GQA, precision."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.attention import dot_product_attention
+from models.config import ModelConfig
+from models.layers import apply_rope, relative_position_bucket, sinusoidal_embedding
+from models.transformer import build_model
+
+VOCAB, LENGTH = 64, 10
+
+
+def small(**overrides) -> ModelConfig:
+  base = dict(vocab_size=VOCAB, emb_dim=32, num_heads=4, mlp_dim=48, num_layers=2, max_len=32)
+  return ModelConfig(**{**base, **overrides})
+
+
+def random_tokens(seed, shape=(2, LENGTH)):
+  return jax.random.randint(jax.random.key(seed), shape, 3, VOCAB)
+
+
+@nnx.jit
+def forward(model, tokens, segment_ids, positions, prefix_mask):
+  if model.config.arch == "encoder":
+    return model(tokens, segment_ids=segment_ids, positions=positions)
+  return model(tokens, segment_ids=segment_ids, positions=positions, prefix_mask=prefix_mask)
+
+
+def run(model, tokens, segment_ids=None, positions=None, prefix_mask=None):
+  if segment_ids is None:
+    segment_ids = jnp.ones_like(tokens)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  return forward(model, tokens, segment_ids, positions, prefix_mask)
+
+
+POSITIONS = ("rope", "learned", "sinusoidal", "relative")
+
+
+# Shapes over option combinations ------------------------------------------------
+
+COMBOS = [
+    dict(arch=arch, norm=norm, norm_position=norm_position, mlp_activation=act, mlp_gated=gated,
+         position=position, num_kv_heads=kv, tie_embeddings=tie, use_bias=bias)
+    for arch, (norm, norm_position), (act, gated), position, kv, tie, bias in [
+        ("decoder", ("rmsnorm", "pre"), ("silu", True), "rope", 2, False, False),       # LLaMA
+        ("decoder", ("layernorm", "pre"), ("gelu_tanh", False), "learned", None, True, True),  # GPT-2
+        ("decoder", ("layernorm", "post"), ("relu", False), "sinusoidal", 1, True, False),  # MQA
+        ("decoder", ("rmsnorm", "pre"), ("gelu", True), "relative", None, False, False),
+        ("encoder", ("layernorm", "post"), ("gelu", False), "learned", None, True, True),   # BERT
+        ("encoder", ("rmsnorm", "pre"), ("silu", True), "rope", 2, False, False),
+        ("encoder_decoder", ("rmsnorm", "pre"), ("gelu_tanh", True), "relative", None, False, False),  # T5
+        ("encoder_decoder", ("layernorm", "post"), ("relu", False), "learned", 1, True, True),
+        ("encoder_decoder", ("rmsnorm", "pre"), ("silu", True), "rope", 2, True, False),
+    ]
+]
+
+
+@pytest.mark.parametrize("options", COMBOS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_logits_shape_and_dtype(options):
+  cfg = small(**options)
+  model = build_model(cfg)
+  tokens = random_tokens(0)
+  if cfg.arch == "encoder_decoder":
+    logits = model(tokens, tokens[:, :7])
+    assert logits.shape == (2, 7, VOCAB)
+  else:
+    logits = model(tokens)
+    assert logits.shape == (2, LENGTH, VOCAB)
+  assert logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_every_parameter_has_logical_axis_names():
+  for options in COMBOS:
+    model = build_model(small(**options))
+    for path, var in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param),
+                                                         is_leaf=lambda x: isinstance(x, nnx.Variable)):
+      axes = var.get_metadata().get("out_sharding")
+      assert axes is not None and len(axes) == var[...].ndim, (options, path, axes)
+
+
+# Masks --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_decoder_is_causal(position):
+  model = build_model(small(position=position))
+  tokens = random_tokens(1)
+  base = run(model, tokens)
+  for t in range(LENGTH - 1):
+    changed = run(model, tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % VOCAB))
+    np.testing.assert_allclose(changed[:, :t + 1], base[:, :t + 1], atol=1e-6)
+    assert not np.allclose(changed[:, t + 1], base[:, t + 1], atol=1e-4)
+
+
+def test_prefix_lm_is_bidirectional_inside_the_prefix_only():
+  model = build_model(small())
+  tokens = random_tokens(2)
+  prefix_len = 4
+  prefix = jnp.broadcast_to(jnp.arange(LENGTH) < prefix_len, tokens.shape)
+  base = run(model, tokens, prefix_mask=prefix)
+  # A later prefix token is seen by every earlier prefix position...
+  changed = run(model, tokens.at[:, prefix_len - 1].add(1), prefix_mask=prefix)
+  assert not np.allclose(changed[:, 0], base[:, 0], atol=1e-4)
+  # ...but a target token is never seen by earlier positions.
+  for t in range(prefix_len, LENGTH - 1):
+    changed = run(model, tokens.at[:, t + 1].add(1), prefix_mask=prefix)
+    np.testing.assert_allclose(changed[:, :t + 1], base[:, :t + 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,position", [("decoder", "rope"), ("decoder", "relative"),
+                                           ("encoder", "learned"), ("encoder", "rope")])
+def test_packed_documents_do_not_attend_to_each_other(arch, position):
+  """A row packing documents A and B gives each the logits it gets alone."""
+  model = build_model(small(arch=arch, position=position))
+  a, b = random_tokens(3, (1, 4)), random_tokens(4, (1, 6))
+  packed = jnp.concatenate([a, b], axis=1)
+  segments = jnp.array([[1] * 4 + [2] * 6])
+  positions = jnp.array([list(range(4)) + list(range(6))])
+  logits = run(model, packed, segments, positions)
+  np.testing.assert_allclose(logits[:, :4], run(model, a), atol=1e-5)
+  np.testing.assert_allclose(logits[:, 4:], run(model, b), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_padding_does_not_change_real_tokens(arch):
+  model = build_model(small(arch=arch, position="learned"))
+  tokens = random_tokens(5, (1, 7))
+  padded = jnp.concatenate([tokens, jnp.zeros((1, 3), jnp.int32)], axis=1)
+  segments = jnp.array([[1] * 7 + [0] * 3])
+  np.testing.assert_allclose(run(model, padded, segments)[:, :7], run(model, tokens), atol=1e-5)
+
+
+def test_encoder_decoder_padding_and_packing():
+  model = build_model(small(arch="encoder_decoder", position="relative"))
+  inputs, targets = random_tokens(6, (1, 6)), random_tokens(7, (1, 5))
+  reference = model(inputs, targets)
+  padded_inputs = jnp.pad(inputs, ((0, 0), (0, 3)))
+  padded_targets = jnp.pad(targets, ((0, 0), (0, 2)))
+  logits = model(padded_inputs, padded_targets,
+                 encoder_segment_ids=jnp.array([[1] * 6 + [0] * 3]),
+                 decoder_segment_ids=jnp.array([[1] * 5 + [0] * 2]))
+  np.testing.assert_allclose(logits[:, :5], reference, atol=1e-5)
+
+
+# Incremental decoding ----------------------------------------------------------------
+
+@pytest.mark.parametrize("position,kv_heads", [("rope", 2), ("learned", None), ("relative", 1),
+                                               ("sinusoidal", None)])
+def test_decoder_cache_matches_full_forward(position, kv_heads):
+  model = build_model(small(position=position, num_kv_heads=kv_heads))
+  tokens = random_tokens(8)
+  full = run(model, tokens)
+  step = nnx.jit(lambda m, t, c: m.decode(t, c))
+  cache = model.init_cache(2, 16)
+  logits, cache = step(model, tokens[:, :4], cache)  # prefill a prompt
+  pieces = [logits]
+  for t in range(4, LENGTH):
+    logits, cache = step(model, tokens[:, t:t + 1], cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+  assert int(cache["index"]) == LENGTH
+
+
+def test_encoder_decoder_cache_matches_full_forward():
+  model = build_model(small(arch="encoder_decoder", position="relative", num_kv_heads=2))
+  inputs, targets = random_tokens(9, (2, 7)), random_tokens(10, (2, 6))
+  full = model(inputs, targets)
+  encoded = model.encode(inputs)
+  cache = model.init_cache(encoded, max_len=8)
+  step = nnx.jit(lambda m, t, c: m.decode(t, c))
+  pieces = []
+  for t in range(6):
+    logits, cache = step(model, targets[:, t:t + 1], cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+
+
+# Grouped-query attention ------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_gqa_equals_mha_with_repeated_key_value_heads(kv_heads):
+  """GQA is MHA whose key/value heads are shared within each group of query heads."""
+  gqa = build_model(small(num_kv_heads=kv_heads))
+  mha = build_model(small(num_kv_heads=4))
+  nnx.update(mha, nnx.state(gqa, nnx.Not(nnx.Any(nnx.PathContains("key"), nnx.PathContains("value")))))
+  for gqa_layer, mha_layer in zip(gqa.decoder.layers, mha.decoder.layers):
+    for name in ("key", "value"):
+      kernel = getattr(gqa_layer.self_attention, name).kernel[...]  # [d, k, e]
+      getattr(mha_layer.self_attention, name).kernel[...] = jnp.repeat(kernel, 4 // kv_heads, axis=1)
+  tokens = random_tokens(11)
+  np.testing.assert_allclose(run(gqa, tokens), run(mha, tokens), atol=1e-5)
+
+
+def test_mha_with_all_kv_heads_equals_the_reference_attention():
+  """Our attention against jax.nn.dot_product_attention, with GQA, a mask and a bias."""
+  keys = jax.random.split(jax.random.key(12), 4)
+  q = jax.random.normal(keys[0], (2, 5, 4, 8))
+  k = jax.random.normal(keys[1], (2, 7, 2, 8))
+  v = jax.random.normal(keys[2], (2, 7, 2, 8))
+  bias = jax.random.normal(keys[3], (1, 4, 5, 7))
+  mask = jnp.tril(jnp.ones((5, 7), bool), k=2)[None, None].repeat(2, axis=0)
+  ours = dot_product_attention(q, k, v, mask, bias, scale=0.3)
+  reference = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=0.3)
+  np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+# Positions -------------------------------------------------------------------------
+
+def test_rope_scores_depend_only_on_relative_position():
+  q, k = jax.random.normal(jax.random.key(13), (2, 1, 1, 1, 16))
+  def score(i, j):
+    qi = apply_rope(q, jnp.array([[i]]), 10_000.0)
+    kj = apply_rope(k, jnp.array([[j]]), 10_000.0)
+    return float(jnp.sum(qi * kj))
+  assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-4)
+  assert score(5, 5) == pytest.approx(float(jnp.sum(q * k)), abs=1e-4)
+  assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+
+
+def test_sinusoidal_values():
+  table = sinusoidal_embedding(jnp.arange(3)[None], 8)[0]
+  np.testing.assert_allclose(table[0], [0, 0, 0, 0, 1, 1, 1, 1], atol=1e-7)
+  inv = 10_000.0 ** (-np.arange(4) / 4)
+  np.testing.assert_allclose(table[2], np.concatenate([np.sin(2 * inv), np.cos(2 * inv)]), atol=1e-6)
+
+
+def test_relative_position_buckets_follow_t5():
+  """T5 with 32 buckets, max distance 128: exact below 8 (or 16 one-way), log-spaced beyond."""
+  rel = jnp.array([0, -1, -7, -8, -127, -500, 1, 7, 200])
+  bidirectional = relative_position_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128)
+  # Keys before the query use buckets 0..15; keys after use 16..31.
+  expected = [0, 1, 7, 8 + int(np.log(8 / 8) / np.log(128 / 8) * 8), 15, 15, 17, 23, 31]
+  np.testing.assert_array_equal(bidirectional, expected)
+  causal = np.asarray(relative_position_bucket(rel, bidirectional=False, num_buckets=32, max_distance=128))
+  # Future keys all share bucket 0 in a causal stack.
+  np.testing.assert_array_equal(causal[[0, 6, 7, 8]], [0, 0, 0, 0])
+  np.testing.assert_array_equal(causal[[1, 2]], [1, 7])
+  assert causal[4] == 16 + int(np.log(127 / 16) / np.log(128 / 16) * 16)
+
+
+# Precision and dropout ----------------------------------------------------------------
+
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
+  fp32 = build_model(small())
+  bf16 = build_model(small(dtype="bfloat16"))
+  for leaf in jax.tree.leaves(nnx.state(bf16, nnx.Param)):
+    assert leaf.dtype == jnp.float32
+  tokens = random_tokens(14)
+  a, b = fp32(tokens), bf16(tokens)
+  assert b.dtype == jnp.float32
+  np.testing.assert_allclose(a, b, atol=0.1)
+  assert float(jnp.mean(jnp.abs(a - b))) < 0.02
+
+
+def test_dropout_is_active_in_training_and_off_in_eval():
+  model = build_model(small(dropout_rate=0.3))
+  tokens = random_tokens(15)
+  model.train()
+  assert not np.allclose(model(tokens), model(tokens))
+  model.eval()
+  np.testing.assert_array_equal(model(tokens), model(tokens))
