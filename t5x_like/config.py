@@ -1,0 +1,66 @@
+"""Experiment configs: load `get_config()` from a file, apply command-line overrides.
+
+A config is named `path/to/file.py` or `path/to/file.py:variant`; the variant string
+is passed to `get_config(variant)`. Overrides look like `--config.model.num_layers=8`
+and keep the field's type (ml_collections refuses a value of another type).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+from typing import Sequence
+
+import ml_collections
+
+from models.config import ConfigError
+
+OVERRIDE_PREFIX = "--config."
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Runs `get_config` from the file `spec` names (`file.py` or `file.py:variant`)."""
+  path, _, variant = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"t5x_like_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config()")
+  config = module.get_config(variant) if variant else module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict, "
+                      f"got {type(config).__name__}")
+  return config
+
+
+def _parse_value(text: str):
+  """Python literals (8, 0.1, True, None, 'x', (1, 2)); anything else is a string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  """Applies `--config.a.b=value` arguments in place; unknown fields are an error."""
+  for override in overrides:
+    if not override.startswith(OVERRIDE_PREFIX) or "=" not in override:
+      raise ConfigError(f"cannot read override {override!r}; write it as --config.FIELD=VALUE")
+    name, _, text = override[len(OVERRIDE_PREFIX):].partition("=")
+    *parents, leaf = name.split(".")
+    node = config
+    for i, parent in enumerate(parents):
+      if parent not in node:
+        raise ConfigError(f"--config.{name}: config has no field {'.'.join(parents[:i + 1])}")
+      node = node[parent]
+    if leaf not in node:
+      raise ConfigError(f"--config.{name}: config has no field {name}; "
+                        f"fields here: {sorted(node.keys())}")
+    try:
+      node[leaf] = _parse_value(text)
+    except TypeError as error:
+      raise ConfigError(f"--config.{name}={text}: {error}") from error

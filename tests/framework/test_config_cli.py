@@ -1,0 +1,74 @@
+"""Experiment configs load, validate and override from the command line."""
+
+import pathlib
+
+import pytest
+
+from models.config import ConfigError, ModelConfig
+from models.model_size import model_size
+from t5x_like.cli import main
+from t5x_like.config import apply_overrides, load_config
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments"
+
+# Published parameter counts of the reference shapes (Hugging Face model cards and
+# configs: google/t5-v1_1-small and -base, gpt2, TinyLlama-1.1B).
+REFERENCE_SIZES = {
+    "t5.py:small": 76_961_152,
+    "t5.py:base": 247_577_856,
+    "gpt2.py:small": 124_439_808,
+    "llama_1b.py": 1_100_048_384,
+}
+
+
+@pytest.mark.parametrize("spec", sorted(REFERENCE_SIZES))
+def test_reference_configs_have_the_published_sizes(spec):
+  config = load_config(str(EXPERIMENTS / spec))
+  assert model_size(ModelConfig.from_dict(config.model)).total_params == REFERENCE_SIZES[spec]
+
+
+def test_every_experiment_config_validates():
+  files = sorted(EXPERIMENTS.glob("*.py"))
+  assert len(files) >= 6
+  for file in files:
+    ModelConfig.from_dict(load_config(str(file)).model)
+
+
+def test_overrides_keep_types_and_reject_unknown_fields():
+  config = load_config(str(EXPERIMENTS / "decoder_tiny.py"))
+  apply_overrides(config, ["--config.model.num_layers=8", "--config.model.norm=layernorm",
+                           "--config.model.rope_theta=500000"])
+  assert config.model.num_layers == 8 and config.model.norm == "layernorm"
+  assert config.model.rope_theta == 500000.0
+  with pytest.raises(ConfigError, match="no field model.num_layerz"):
+    apply_overrides(config, ["--config.model.num_layerz=8"])
+  with pytest.raises(ConfigError, match="model.num_layers=eight"):
+    apply_overrides(config, ["--config.model.num_layers=eight"])
+  with pytest.raises(ConfigError, match="--config.FIELD=VALUE"):
+    apply_overrides(config, ["--model.num_layers=8"])
+
+
+def test_info_prints_counts_and_names_the_bad_field(capsys):
+  assert main(["info", "--config", str(EXPERIMENTS / "gpt2.py:small")]) == 0
+  out = capsys.readouterr().out
+  assert "124,439,808" in out and "85,056,000" in out
+  assert main(["info", "--config", str(EXPERIMENTS / "decoder_tiny.py"), "--config.model.num_heads=6"]) == 2
+  assert "model.num_heads=6 does not divide model.emb_dim=256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(num_kv_heads=3), "model.num_kv_heads=3 does not divide model.num_heads=4"),
+    (dict(arch="gpt"), "model.arch='gpt'"),
+    (dict(position="rope", head_dim=7), "even head dimension"),
+    (dict(num_decoder_layers=2), "model.num_decoder_layers applies only"),
+    (dict(dropout_rate=1.0), "model.dropout_rate"),
+    (dict(vocab_size=0), "model.vocab_size=0"),
+])
+def test_impossible_model_configs_name_the_field(changes, message):
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    ModelConfig(**changes).validate()
+
+
+def test_unknown_model_field_is_an_error():
+  with pytest.raises(ConfigError, match="unknown model config field"):
+    ModelConfig.from_dict({"num_layer": 3})
