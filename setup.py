@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "scipy>=1.13,<2",
     "tqdm>=4.66,<5",
+    "tensorboardX==2.6.5",
 ]
 
 EXTRAS_REQUIRE = {

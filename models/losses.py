@@ -1,0 +1,32 @@
+"""Token-level cross-entropy with optional z-loss, summed so that batches accumulate exactly."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                       z_loss: float = 0.0) -> dict[str, jax.Array]:
+  """Weighted sums over tokens: loss (cross-entropy + z-loss), z-loss, correct, weight.
+
+  logits [b, t, v] (float32), targets [b, t], weights [b, t] (0 for padding and for
+  positions that carry no loss). z-loss is z_loss * log(Z)^2 (PaLM, Chowdhery et al.
+  2022, sec. 5), which keeps the softmax normaliser near 1 in low precision.
+  Dividing by the summed weight gives means; sums let gradient accumulation and
+  data-parallel shards add up to the same result as one large batch.
+  """
+  logits = logits.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [b, t]
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = log_z - target_logit
+  z_term = z_loss * jnp.square(log_z)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {
+      "loss": jnp.sum((nll + z_term) * weights),
+      "cross_entropy": jnp.sum(nll * weights),
+      "z_loss": jnp.sum(z_term * weights),
+      "correct": jnp.sum(correct * weights),
+      "weight": jnp.sum(weights),
+  }

@@ -1,0 +1,53 @@
+"""Peak FLOP/s of the device, for model FLOPs utilisation (MFU).
+
+Accelerators: dense bf16 peaks from the vendors' data sheets. CPUs have no data sheet
+figure worth trusting, so the peak is measured: the best of a few jitted float32
+matmuls at start-up (about a second).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense (no sparsity) bf16 peak FLOP/s per device.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def measured_matmul_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+  """Best FLOP/s of a jitted size^3 matmul on the default device."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  matmul(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from)."""
+  device = jax.devices()[0]
+  kind = device.device_kind
+  for name, flops in PEAK_BF16_FLOPS.items():
+    if kind.startswith(name):
+      return flops, f"data sheet bf16 peak of {kind}"
+  # On a CPU the simulated devices share the same cores: measure the whole host once.
+  return measured_matmul_flops() / jax.local_device_count(), f"measured f32 matmul on {kind}"

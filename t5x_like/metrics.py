@@ -1,0 +1,41 @@
+"""Metric writers: `metrics.jsonl` (one object per logged step, with a `split`) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+
+
+class MetricWriter:
+  """Writes on process 0 only, so a multi-host run produces one file."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.enabled = jax.process_index() == 0
+    self.jsonl = None
+    self.tensorboard = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # imported here: a writer, not a training dependency
+      self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
+      self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}}
+    self.jsonl.write(json.dumps(row) + "\n")
+    self.jsonl.flush()
+    for name, value in scalars.items():
+      self.tensorboard.add_scalar(f"{split}/{name}", float(value), int(step))
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tensorboard.close()
+
+
+def read_metrics(workdir: pathlib.Path, split: str | None = None) -> list[dict]:
+  """Rows of a run's metrics.jsonl, optionally of one split."""
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return [r for r in rows if split is None or r["split"] == split]

@@ -1,0 +1,17 @@
+"""Training modes: what a batch holds, what the loss is, which parameters train.
+
+The trainer runs any mode; a new one (SFT, reward model, DPO, LoRA, ...) is a new
+module here registered in MODES, never a change to the loop.
+"""
+
+from t5x_like.modes.base import TrainingMode
+from t5x_like.modes.pretrain import Pretrain
+
+MODES = {"pretrain": Pretrain}
+
+
+def make_mode(name: str, **kwargs) -> TrainingMode:
+  from models.config import ConfigError
+  if name not in MODES:
+    raise ConfigError(f"train.mode={name!r} is not one of {sorted(MODES)}")
+  return MODES[name](**kwargs)

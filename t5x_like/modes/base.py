@@ -1,0 +1,27 @@
+"""The interface every training mode implements."""
+
+from __future__ import annotations
+
+import abc
+
+import jax
+from flax import nnx
+
+from models.config import ModelConfig
+
+
+class TrainingMode(abc.ABC):
+  """A loss over a batch, the batch's features, and a filter of trainable parameters."""
+
+  # Variables the optimizer updates; everything else stays frozen (LoRA, prompt tuning
+  # and adapters narrow this).
+  trainable = nnx.Param
+
+  @abc.abstractmethod
+  def batch_features(self, model_config: ModelConfig) -> tuple[str, ...]:
+    """Names of the features the mode reads from a batch (checked before compiling)."""
+
+  @abc.abstractmethod
+  def loss_sums(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Summed loss statistics (see models.losses.cross_entropy_sums): `loss` and `weight`
+    at least; the trainer divides by the summed weight."""

@@ -1,0 +1,53 @@
+"""Pretraining: next-token (decoder), masked-token (encoder) or span (encoder-decoder) loss.
+
+Batches use T5X's feature names, produced by t5x_like.data's objectives.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from models.config import ModelConfig
+from models.losses import cross_entropy_sums
+from t5x_like.modes.base import TrainingMode
+
+FEATURES = {
+    "decoder": ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                "decoder_segment_ids", "decoder_positions"),
+    "encoder": ("encoder_input_tokens", "encoder_target_tokens", "encoder_loss_weights",
+                "encoder_segment_ids", "encoder_positions"),
+    "encoder_decoder": ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
+                        "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                        "decoder_segment_ids", "decoder_positions"),
+}
+
+
+class Pretrain(TrainingMode):
+  """Cross-entropy on the weighted target tokens of the model's own architecture."""
+
+  def __init__(self, z_loss: float = 0.0):
+    self.z_loss = z_loss
+
+  def batch_features(self, model_config: ModelConfig) -> tuple[str, ...]:
+    return FEATURES[model_config.arch]
+
+  def loss_sums(self, model: nnx.Module, batch):
+    arch = model.config.arch
+    if arch == "decoder":
+      logits = model(batch["decoder_input_tokens"], segment_ids=batch["decoder_segment_ids"],
+                     positions=batch["decoder_positions"],
+                     prefix_mask=batch.get("decoder_causal_attention"))
+      prefix = "decoder"
+    elif arch == "encoder":
+      logits = model(batch["encoder_input_tokens"], segment_ids=batch["encoder_segment_ids"],
+                     positions=batch["encoder_positions"])
+      prefix = "encoder"
+    else:
+      logits = model(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                     encoder_segment_ids=batch["encoder_segment_ids"],
+                     encoder_positions=batch["encoder_positions"],
+                     decoder_segment_ids=batch["decoder_segment_ids"],
+                     decoder_positions=batch["decoder_positions"])
+      prefix = "decoder"
+    return cross_entropy_sums(logits, batch[f"{prefix}_target_tokens"],
+                              batch[f"{prefix}_loss_weights"], self.z_loss)

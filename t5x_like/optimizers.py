@@ -1,0 +1,61 @@
+"""Optimizers and learning-rate schedules from the `train.optimizer` config, via optax."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+from models.config import ConfigError
+
+
+def default_optimizer_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name="adamw",            # adamw | adafactor
+      learning_rate=3e-3,
+      schedule="warmup_cosine",  # warmup_cosine | rsqrt | constant
+      warmup_steps=100,
+      end_learning_rate_fraction=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      grad_clip_norm=1.0,      # 0 disables clipping
+  ))
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup then cosine decay; T5's inverse square root; or constant."""
+  peak, warmup = config.learning_rate, config.warmup_steps
+  if config.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+        end_value=peak * config.end_learning_rate_fraction)
+  if config.schedule == "rsqrt":
+    # Raffel et al. 2020: lr = 1/sqrt(max(step, warmup)), scaled so it peaks at `peak`.
+    return lambda step: peak * jax.lax.rsqrt(jax.numpy.maximum(step, max(warmup, 1)) / max(warmup, 1))
+  if config.schedule == "constant":
+    return optax.constant_schedule(peak)
+  raise ConfigError(f"train.optimizer.schedule={config.schedule!r} is not one of "
+                    "('warmup_cosine', 'rsqrt', 'constant')")
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: norms' scales and biases (1-D) are not decayed."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+  """Returns (optax transformation, schedule)."""
+  schedule = make_schedule(config, total_steps)
+  if config.name == "adamw":
+    tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                     weight_decay=config.weight_decay, mask=decay_mask)
+  elif config.name == "adafactor":
+    tx = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
+                         weight_decay_mask=decay_mask)
+  else:
+    raise ConfigError(f"train.optimizer.name={config.name!r} is not one of ('adamw', 'adafactor')")
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx, schedule

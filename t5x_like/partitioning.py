@@ -1,0 +1,118 @@
+"""The device mesh and the logical-to-mesh axis rules: the only place that knows both.
+
+Models name their axes (`embed`, `mlp`, `heads`, ...); a rule list maps each name to a
+mesh axis (or None: replicated). Defaults follow T5X/MaxText: the batch is split over
+`data` and `fsdp`, weights are sharded along `embed` over `fsdp` (ZeRO-3 style) and
+along heads/mlp/vocab over `tensor` (Megatron style).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from models.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+DEFAULT_RULES = (
+    # Activations.
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_vocab", "tensor"),
+    # Parameters.
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("norm", None),
+    ("relpos_buckets", None),
+)
+
+
+def default_partitioning_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      # One entry per mesh axis; -1 takes the devices the others leave.
+      mesh_shape=(-1, 1, 1),
+      mesh_axes=MESH_AXES,
+      rules=DEFAULT_RULES,
+  ))
+
+
+def resolve_mesh_shape(mesh_shape, num_devices: int) -> tuple[int, ...]:
+  """Fills in the one -1 and checks the product equals the device count."""
+  shape = list(mesh_shape)
+  if shape.count(-1) > 1:
+    raise ConfigError(f"partitioning.mesh_shape={tuple(mesh_shape)} may contain at most one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if any(s == 0 or s < -1 for s in shape) or num_devices % known:
+    raise ConfigError(f"partitioning.mesh_shape={tuple(mesh_shape)} does not divide the "
+                      f"{num_devices} available devices")
+  shape = [num_devices // known if s == -1 else s for s in shape]
+  if math.prod(shape) != num_devices:
+    raise ConfigError(f"partitioning.mesh_shape={tuple(mesh_shape)} uses {math.prod(shape)} devices "
+                      f"but {num_devices} are available; use -1 for one axis to take the rest")
+  return tuple(shape)
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  if len(config.mesh_shape) != len(config.mesh_axes):
+    raise ConfigError(f"partitioning.mesh_shape={tuple(config.mesh_shape)} and "
+                      f"partitioning.mesh_axes={tuple(config.mesh_axes)} differ in length")
+  shape = resolve_mesh_shape(config.mesh_shape, len(devices))
+  # Auto axes: XLA propagates shardings from the annotated inputs and outputs.
+  return Mesh(np.asarray(devices).reshape(shape), tuple(config.mesh_axes),
+              axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def _rules(config) -> tuple:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.rules)
+
+
+def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.ConfigDict):
+  """NamedShardings for every Variable in `state` (abstract or concrete), by the rules."""
+  rules = dict(_rules(config))
+  mesh_axes = set(mesh.axis_names)
+
+  def sharding(variable):
+    names = variable.get_metadata().get("out_sharding") or ()
+    for name in names:
+      if name is not None and name not in rules:
+        raise ConfigError(f"logical axis {name!r} has no rule in partitioning.rules; add "
+                          f"('{name}', None) to replicate it or name a mesh axis")
+    spec = PartitionSpec(*(None if name is None else rules[name] for name in names))
+    for axes in spec:
+      for axis in (axes if isinstance(axes, tuple) else (axes,)):
+        if axis is not None and axis not in mesh_axes:
+          raise ConfigError(f"partitioning.rules map to mesh axis {axis!r}, which is not in "
+                            f"partitioning.mesh_axes={tuple(mesh.axis_names)}")
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch dimension split over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def activation_rules(config: ml_collections.ConfigDict):
+  """Context for tracing: logical activation constraints resolve through these rules."""
+  return nnx.logical_axis_rules(_rules(config))

@@ -1,0 +1,349 @@
+"""The one training loop: any architecture, any training mode, one device or a pod.
+
+The loop owns only what every mode shares: sharded initialisation, the jitted step
+with gradient accumulation, non-finite guards, checkpoints with the data position,
+metrics and evaluation. What is trained, on which batch features and with which loss
+comes from the mode (t5x_like.modes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from models.config import ConfigError, ModelConfig
+from models.model_size import train_flops_per_sequence
+from models.transformer import MODELS
+from t5x_like import partitioning
+from t5x_like.checkpoints import Checkpointer
+from t5x_like.hardware import peak_flops_per_device
+from t5x_like.metrics import MetricWriter
+from t5x_like.modes import TrainingMode, make_mode
+from t5x_like.optimizers import default_optimizer_config, make_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient became NaN or Inf; the message names the step."""
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      mode="pretrain",
+      steps=1000,
+      seed=0,
+      grad_accum_steps=1,
+      z_loss=0.0,
+      # 'stop': raise, naming the step (the last good checkpoint stays intact);
+      # 'skip': drop that update and go on.
+      nonfinite="stop",
+      log_every=10,
+      eval_every=250,
+      eval_steps=10,
+      checkpoint_every=250,
+      keep_checkpoints=3,
+      optimizer=default_optimizer_config(),
+  ))
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  train_loss: float
+  validation: dict[str, float]
+
+
+def _sequence_lengths(config: ml_collections.ConfigDict, model_config: ModelConfig) -> tuple[int, ...]:
+  """(input length, target length) for an encoder-decoder, (length,) otherwise."""
+  if model_config.arch == "encoder_decoder":
+    return config.data.input_len, config.data.target_len
+  return (config.data.seq_len,)
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
+  """Rejects configs that cannot work, before anything is compiled."""
+  model_config = ModelConfig.from_dict(config.model)
+  train = config.train
+  for name in ("steps", "log_every", "eval_every", "checkpoint_every", "grad_accum_steps",
+               "keep_checkpoints"):
+    if int(train[name]) <= 0:
+      raise ConfigError(f"train.{name}={train[name]} must be a positive integer")
+  if train.nonfinite not in ("stop", "skip"):
+    raise ConfigError(f"train.nonfinite={train.nonfinite!r} is not one of ('stop', 'skip')")
+  mesh_shape = partitioning.resolve_mesh_shape(config.partitioning.mesh_shape, num_devices)
+  shape = dict(zip(config.partitioning.mesh_axes, mesh_shape))
+  data_shards = math.prod(shape.get(a, 1) for a in partitioning.BATCH_AXES)
+  batch, accum = config.data.batch_size, train.grad_accum_steps
+  if batch % (data_shards * accum):
+    raise ConfigError(
+        f"data.batch_size={batch} does not divide over {data_shards} data shards "
+        f"(partitioning.mesh_shape={tuple(config.partitioning.mesh_shape)}) x "
+        f"train.grad_accum_steps={accum}")
+  if batch % jax.process_count():
+    raise ConfigError(f"data.batch_size={batch} does not divide over {jax.process_count()} processes")
+  if model_config.position == "learned":
+    longest = max(_sequence_lengths(config, model_config))
+    if longest > model_config.max_len:
+      raise ConfigError(f"data length {longest} exceeds model.max_len={model_config.max_len} "
+                        "of the learned position table")
+  tensor = shape.get("tensor", 1)
+  for name, size in (("num_heads", model_config.num_heads), ("num_kv_heads", model_config.kv_heads),
+                     ("mlp_dim", model_config.mlp_dim), ("vocab_size", model_config.vocab_size)):
+    if size % tensor:
+      raise ConfigError(f"model.{name}={size} does not divide over the tensor mesh axis of size {tensor}")
+  make_mode(train.mode, z_loss=train.z_loss)
+  return model_config
+
+
+class Trainer:
+  """Builds the sharded state and compiled steps for one config and runs the loop."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+               make_loader: Callable[..., Iterator] | None = None):
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self.model_config = validate_config(config, jax.device_count())
+    self.mode: TrainingMode = make_mode(config.train.mode, z_loss=config.train.z_loss)
+    if make_loader is None:
+      from t5x_like.data.loader import make_loader
+    self.make_loader = make_loader
+    self.mesh = partitioning.make_mesh(config.partitioning)
+    self.batch_sharding = partitioning.batch_sharding(self.mesh)
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.features = self.mode.batch_features(self.model_config)
+    self.tx, self.schedule = make_optimizer(config.train.optimizer, config.train.steps)
+    self._build_state()
+    self._compile_steps()
+
+  # State -------------------------------------------------------------------------
+
+  def _new_model(self) -> nnx.Module:
+    seed = self.config.train.seed
+    return MODELS[self.model_config.arch](
+        self.model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+  def _build_state(self) -> None:
+    """Abstract shapes first, then initialisation compiled straight into its shardings."""
+    abstract_model = nnx.eval_shape(self._new_model)
+    self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, self.mode.trainable, ...)
+    param_shardings = partitioning.logical_shardings(abstract_params, self.mesh, self.config.partitioning)
+    rest_shardings = partitioning.logical_shardings(abstract_rest, self.mesh, self.config.partitioning)
+    param_shardings, rest_shardings = nnx.as_pure(param_shardings), nnx.as_pure(rest_shardings)
+    abstract_opt = jax.eval_shape(self.tx.init, nnx.as_pure(abstract_params))
+    # Optimizer moments are sharded like their parameters; counters are replicated.
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+        transform_non_params=lambda _: self.replicated)
+    self.state_shardings = {"step": self.replicated, "params": param_shardings, "opt_state": opt_shardings}
+    self.rest_shardings = rest_shardings
+
+    def init():
+      _, params, rest = nnx.split(self._new_model(), self.mode.trainable, ...)
+      params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+      state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+      return state, rest
+
+    with jax.set_mesh(self.mesh):
+      self.state, self.rest = jax.jit(init, out_shardings=(self.state_shardings, rest_shardings))()
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_shardings)
+
+  def model_from(self, params, rest=None) -> nnx.Module:
+    return nnx.merge(self.graphdef, params, self.rest if rest is None else rest)
+
+  # Steps -------------------------------------------------------------------------
+
+  def _loss_sums(self, params, rest, batch, dropout_key, *, train: bool):
+    model = self.model_from(params, rest)
+    if train:
+      model.train()
+      nnx.reseed(model, dropout=dropout_key)
+    else:
+      model.eval()
+    return self.mode.loss_sums(model, batch)
+
+  def _train_step(self, state, rest, batch):
+    accum = self.config.train.grad_accum_steps
+    step_key = jax.random.fold_in(jax.random.key(self.config.train.seed), state["step"])
+
+    def micro_batches(x):
+      # Row k of every micro-batch comes from a different data shard, so each micro-batch
+      # stays spread over all devices.
+      x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(x, NamedSharding(
+          self.mesh, PartitionSpec(None, *self.batch_sharding.spec)))
+
+    def accumulate(carry, inputs):
+      index, micro = inputs
+      grad_fn = jax.grad(lambda p: _scalar_and_aux(self._loss_sums(
+          p, rest, micro, jax.random.fold_in(step_key, index), train=True)), has_aux=True)
+      grads, sums = grad_fn(state["params"])
+      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    batch = {k: micro_batches(v) for k, v in batch.items()}
+    zero_grads = jax.tree.map(jnp.zeros_like, state["params"])
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        lambda: self._loss_sums(state["params"], rest, {k: v[0] for k, v in batch.items()},
+                                step_key, train=False)))
+    (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
+                                    (jnp.arange(accum), batch))
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"])}
+    metrics = dict(sums, grad_norm=grad_norm, learning_rate=self.schedule(state["step"]),
+                   finite=finite)
+    return new_state, metrics
+
+  def _eval_step(self, params, rest, batch):
+    return self._loss_sums(params, rest, batch, None, train=False)
+
+  def _compile_steps(self) -> None:
+    batch_shardings = {f: self.batch_sharding for f in self.features}
+    self.train_step = jax.jit(
+        self._train_step, in_shardings=(self.state_shardings, self.rest_shardings, batch_shardings),
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    self.eval_step = jax.jit(
+        self._eval_step, in_shardings=(self.state_shardings["params"], self.rest_shardings, batch_shardings),
+        out_shardings=self.replicated)
+
+  # Data ---------------------------------------------------------------------------
+
+  def loader(self, split: str):
+    return self.make_loader(self.config.data, split, process_index=jax.process_index(),
+                            process_count=jax.process_count())
+
+  def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> one array per feature spanning every process's devices."""
+    missing = [f for f in self.features if f not in local_batch]
+    if missing:
+      raise ConfigError(f"the data pipeline's batches lack {missing}, which train.mode="
+                        f"{self.config.train.mode!r} needs for model.arch={self.model_config.arch!r}; "
+                        f"check data.objective")
+    return {f: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[f]))
+            for f in self.features}
+
+  # Loop ---------------------------------------------------------------------------
+
+  def evaluate(self, num_batches: int) -> dict[str, float]:
+    """Loss, token accuracy and perplexity over the first batches of the validation split."""
+    totals = None
+    loader = self.loader("validation")
+    with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
+      for _ in range(num_batches):
+        try:
+          batch = next(loader)
+        except StopIteration:
+          break
+        sums = self.eval_step(self.state["params"], self.rest, self.global_batch(batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    return _means(totals)
+
+  def train(self) -> TrainResult:
+    cfg = self.config.train
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
+    checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
+    train_loader = self.loader("train")
+    restored = checkpointer.restore_latest(self.abstract_state)
+    if restored is not None:
+      step, self.state, data_state = restored
+      if data_state:
+        train_loader.set_state(data_state)
+      logger.info("resumed from step %d", step)
+    writer = MetricWriter(self.workdir)
+    start_step = int(jax.device_get(self.state["step"]))
+
+    lengths = _sequence_lengths(self.config, self.model_config)
+    batch_size = self.config.data.batch_size
+    flops_per_step = batch_size * train_flops_per_sequence(self.model_config, *lengths)
+    tokens_per_step = batch_size * sum(lengths)
+    peak, peak_source = peak_flops_per_device()
+    logger.info("MFU relative to %s", peak_source)
+
+    pending: list[tuple[int, dict]] = []
+    interval_start = time.perf_counter()
+    last_loss = float("nan")
+    progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
+                    dynamic_ncols=True)
+    with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
+      for step in range(start_step, cfg.steps):
+        batch = self.global_batch(next(train_loader))
+        self.state, metrics = self.train_step(self.state, self.rest, batch)
+        pending.append((step + 1, metrics))
+        done = step + 1
+        save = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if done % cfg.log_every == 0 or save or done == cfg.steps:
+          elapsed = time.perf_counter() - interval_start
+          last_loss = self._log(pending, writer, elapsed, tokens_per_step, flops_per_step, peak)
+          progress.set_postfix(loss=f"{last_loss:.3f}")
+          pending, interval_start = [], time.perf_counter()
+        progress.update(1)
+        if save:
+          checkpointer.save(done, self.state, train_loader.get_state())
+        if done % cfg.eval_every == 0 and done != cfg.steps:
+          writer.write(done, "validation", self.evaluate(cfg.eval_steps))
+    progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+    validation = self.evaluate(cfg.eval_steps)
+    writer.write(cfg.steps, "validation", validation)
+    writer.close()
+    return TrainResult(step=cfg.steps, train_loss=last_loss, validation=validation)
+
+  def _log(self, pending, writer: MetricWriter, elapsed: float, tokens_per_step: int,
+           flops_per_step: float, peak: float) -> float:
+    """Fetches the interval's metrics, applies the non-finite policy, writes one row per step."""
+    rows = jax.device_get([m for _, m in pending])
+    for (step, _), row in zip(pending, rows):
+      if not row["finite"]:
+        if self.config.train.nonfinite == "stop":
+          raise NonFiniteLossError(
+              f"non-finite loss or gradient at step {step} (loss sum {row['loss']}, grad norm "
+              f"{row['grad_norm']}); the update was not applied and no checkpoint was written "
+              f"after it. Lower train.optimizer.learning_rate, enable train.z_loss, or set "
+              f"train.nonfinite='skip'")
+        logger.warning("skipped the update of step %d: non-finite loss or gradient", step)
+    steps_per_second = len(pending) / max(elapsed, 1e-9)
+    for (step, _), row in zip(pending, rows):
+      scalars = _means(row)
+      scalars.update(grad_norm=float(row["grad_norm"]), learning_rate=float(row["learning_rate"]),
+                     tokens_per_second=tokens_per_step * steps_per_second,
+                     model_flops_per_second=flops_per_step * steps_per_second,
+                     mfu=flops_per_step * steps_per_second / (peak * jax.device_count()))
+      writer.write(step, "train", scalars)
+    return _means(rows[-1])["loss"]
+
+
+def _scalar_and_aux(sums):
+  return sums["loss"], sums
+
+
+def _means(sums) -> dict[str, float]:
+  weight = max(float(sums["weight"]), 1.0)
+  loss = float(sums["cross_entropy"]) / weight
+  return {"loss": loss, "accuracy": float(sums["correct"]) / weight,
+          "perplexity": math.exp(min(loss, 700.0)), "z_loss": float(sums["z_loss"]) / weight,
+          "target_tokens": float(sums["weight"])}
