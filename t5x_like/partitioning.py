@@ -56,14 +56,16 @@ def resolve_mesh_shape(mesh_shape, num_devices: int) -> tuple[int, ...]:
   shape = list(mesh_shape)
   if shape.count(-1) > 1:
     raise ConfigError(f"partitioning.mesh_shape={tuple(mesh_shape)} may contain at most one -1")
+  if any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(f"partitioning.mesh_shape={tuple(mesh_shape)} has a size that is not positive")
   known = math.prod(s for s in shape if s != -1)
-  if any(s == 0 or s < -1 for s in shape) or num_devices % known:
+  if -1 not in shape and known != num_devices:
+    raise ConfigError(f"partitioning.mesh_shape={tuple(mesh_shape)} uses {known} devices but "
+                      f"{num_devices} are available; use -1 for one axis to take the rest")
+  if num_devices % known:
     raise ConfigError(f"partitioning.mesh_shape={tuple(mesh_shape)} does not divide the "
                       f"{num_devices} available devices")
   shape = [num_devices // known if s == -1 else s for s in shape]
-  if math.prod(shape) != num_devices:
-    raise ConfigError(f"partitioning.mesh_shape={tuple(mesh_shape)} uses {math.prod(shape)} devices "
-                      f"but {num_devices} are available; use -1 for one axis to take the rest")
   return tuple(shape)
 
 

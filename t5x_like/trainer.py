@@ -114,15 +114,16 @@ class Trainer:
   """Builds the sharded state and compiled steps for one config and runs the loop."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-               make_loader: Callable[..., Iterator] | None = None):
+               make_loader: Callable[..., Iterator] | None = None, devices=None):
     self.config = config
     self.workdir = pathlib.Path(workdir)
-    self.model_config = validate_config(config, jax.device_count())
+    devices = jax.devices() if devices is None else devices
+    self.model_config = validate_config(config, len(devices))
     self.mode: TrainingMode = make_mode(config.train.mode, z_loss=config.train.z_loss)
     if make_loader is None:
       from t5x_like.data.loader import make_loader
     self.make_loader = make_loader
-    self.mesh = partitioning.make_mesh(config.partitioning)
+    self.mesh = partitioning.make_mesh(config.partitioning, devices)
     self.batch_sharding = partitioning.batch_sharding(self.mesh)
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.features = self.mode.batch_features(self.model_config)
@@ -204,7 +205,7 @@ class Trainer:
                                     (jnp.arange(accum), batch))
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
@@ -288,29 +289,33 @@ class Trainer:
     last_loss = float("nan")
     progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
                     dynamic_ncols=True)
-    with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
-      for step in range(start_step, cfg.steps):
-        batch = self.global_batch(next(train_loader))
-        self.state, metrics = self.train_step(self.state, self.rest, batch)
-        pending.append((step + 1, metrics))
-        done = step + 1
-        save = done % cfg.checkpoint_every == 0 or done == cfg.steps
-        if done % cfg.log_every == 0 or save or done == cfg.steps:
-          elapsed = time.perf_counter() - interval_start
-          last_loss = self._log(pending, writer, elapsed, tokens_per_step, flops_per_step, peak)
-          progress.set_postfix(loss=f"{last_loss:.3f}")
-          pending, interval_start = [], time.perf_counter()
-        progress.update(1)
-        if save:
-          checkpointer.save(done, self.state, train_loader.get_state())
-        if done % cfg.eval_every == 0 and done != cfg.steps:
-          writer.write(done, "validation", self.evaluate(cfg.eval_steps))
-    progress.close()
-    checkpointer.wait()
-    checkpointer.close()
-    validation = self.evaluate(cfg.eval_steps)
-    writer.write(cfg.steps, "validation", validation)
-    writer.close()
+    try:
+      with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
+        for step in range(start_step, cfg.steps):
+          batch = self.global_batch(next(train_loader))
+          self.state, metrics = self.train_step(self.state, self.rest, batch)
+          pending.append((step + 1, metrics))
+          done = step + 1
+          save = done % cfg.checkpoint_every == 0 or done == cfg.steps
+          if done % cfg.log_every == 0 or save:
+            # Checked before every save, so a non-finite step is never checkpointed.
+            elapsed = time.perf_counter() - interval_start
+            last_loss = self._log(pending, writer, elapsed, tokens_per_step, flops_per_step, peak)
+            progress.set_postfix(loss=f"{last_loss:.3f}")
+            pending, interval_start = [], time.perf_counter()
+          progress.update(1)
+          if save:
+            checkpointer.save(done, self.state, train_loader.get_state())
+          if done % cfg.eval_every == 0 and done != cfg.steps:
+            writer.write(done, "validation", self.evaluate(cfg.eval_steps))
+      validation = self.evaluate(cfg.eval_steps)
+      writer.write(cfg.steps, "validation", validation)
+    finally:
+      # Finish the saves already started (they hold good states) even when stopping on an error.
+      progress.close()
+      checkpointer.wait()
+      checkpointer.close()
+      writer.close()
     return TrainResult(step=cfg.steps, train_loss=last_loss, validation=validation)
 
   def _log(self, pending, writer: MetricWriter, elapsed: float, tokens_per_step: int,
@@ -332,7 +337,7 @@ class Trainer:
       scalars.update(grad_norm=float(row["grad_norm"]), learning_rate=float(row["learning_rate"]),
                      tokens_per_second=tokens_per_step * steps_per_second,
                      model_flops_per_second=flops_per_step * steps_per_second,
-                     mfu=flops_per_step * steps_per_second / (peak * jax.device_count()))
+                     mfu=flops_per_step * steps_per_second / (peak * self.mesh.size))
       writer.write(step, "train", scalars)
     return _means(rows[-1])["loss"]
 

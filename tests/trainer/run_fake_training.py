@@ -1,0 +1,26 @@
+"""Runs the trainer on PatternLoader data in its own process (for kill/resume and
+multi-process tests): python run_fake_training.py WORKDIR CONFIG_JSON [PROCESS_ID NUM_PROCESSES PORT]."""
+
+import json
+import os
+import sys
+
+if len(sys.argv) > 3:
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+if len(sys.argv) > 3:
+  process_id, num_processes, port = map(int, sys.argv[3:6])
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+                             process_id=process_id, initialization_timeout=60)
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fake_data import PatternLoader  # noqa: E402
+from trainer_configs import tiny_config  # noqa: E402
+
+from t5x_like.trainer import Trainer  # noqa: E402
+
+overrides = json.loads(sys.argv[2])
+Trainer(tiny_config(**overrides), sys.argv[1], make_loader=PatternLoader).train()

@@ -1,0 +1,198 @@
+"""The trainer: losses fall, sharding follows the rules, runs resume exactly, guards hold."""
+
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+from jax.sharding import PartitionSpec
+
+from fake_data import PatternLoader
+from models.config import ConfigError
+from t5x_like.metrics import read_metrics
+from t5x_like.trainer import NonFiniteLossError, Trainer
+from trainer_configs import tiny_config
+
+HERE = pathlib.Path(__file__).parent
+ROOT = HERE.parents[1]
+
+
+def train(config, workdir, devices=None, loader=PatternLoader):
+  trainer = Trainer(config, workdir, make_loader=loader, devices=devices)
+  return trainer, trainer.train()
+
+
+def losses(workdir):
+  """Per-step training losses; a resumed run's re-logged steps override the earlier rows."""
+  return {row["step"]: row["loss"] for row in read_metrics(workdir, "train")}
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder", "encoder_decoder"])
+def test_each_architecture_lowers_its_loss(arch, tmp_path):
+  _, result = train(tiny_config(arch, steps=20), tmp_path)
+  per_step = losses(tmp_path)
+  assert per_step[20] < per_step[1] - 0.5
+  assert result.validation["loss"] < per_step[1] - 0.5
+  rows = read_metrics(tmp_path)
+  assert {"train", "validation"} == {r["split"] for r in rows}
+  for key in ("accuracy", "perplexity", "learning_rate", "grad_norm", "tokens_per_second", "mfu"):
+    assert key in rows[0]
+  assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
+
+
+def test_eight_devices_shard_by_the_rules_and_match_one_device(tmp_path):
+  config = tiny_config(mesh_shape=(2, 2, 2))
+  trainer, _ = train(config, tmp_path / "eight")
+  params = trainer.state["params"]
+  layer = params["decoder"]["layers"][0]
+  assert layer["mlp"]["wi"]["kernel"].sharding.spec == PartitionSpec("fsdp", "tensor")
+  assert layer["self_attention"]["query"]["kernel"].sharding.spec == PartitionSpec("fsdp", "tensor", None)
+  assert params["token_embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
+  assert layer["mlp_norm"]["scale"].sharding.spec == PartitionSpec(None)
+  adam_mu = trainer.state["opt_state"][1][0].mu["decoder"]["layers"][0]["mlp"]["wi"]["kernel"]
+  assert adam_mu.sharding.spec == PartitionSpec("fsdp", "tensor")
+
+  train(tiny_config(mesh_shape=(1, 1, 1)), tmp_path / "one", devices=jax.devices()[:1])
+  eight, one = losses(tmp_path / "eight"), losses(tmp_path / "one")
+  # Same math, different reduction orders: float32 agreement to 1e-4 relative.
+  np.testing.assert_allclose([eight[s] for s in sorted(eight)], [one[s] for s in sorted(one)], rtol=1e-4)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+  def config(**train_changes):
+    config = tiny_config(steps=6, **train_changes)
+    config.data.batch_size = 32
+    config.model.dropout_rate = 0.0  # dropout keys differ per micro-batch
+    return config
+  train(config(grad_accum_steps=4), tmp_path / "accum")
+  train(config(), tmp_path / "full")
+  accum, full = losses(tmp_path / "accum"), losses(tmp_path / "full")
+  np.testing.assert_allclose([accum[s] for s in range(1, 7)], [full[s] for s in range(1, 7)], rtol=2e-3)
+
+
+def _run(workdir, overrides, *extra):
+  return subprocess.Popen([sys.executable, str(HERE / "run_fake_training.py"), str(workdir),
+                           json.dumps(overrides), *map(str, extra)], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
+  overrides = dict(steps=24, checkpoint_every=4)
+  reference = _run(tmp_path / "reference", overrides)
+  victim = _run(tmp_path / "victim", overrides)
+  deadline = time.time() + 240
+  checkpoints = tmp_path / "victim" / "checkpoints"
+  while time.time() < deadline and not (checkpoints / "8").exists():
+    time.sleep(0.05)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  assert reference.wait(timeout=240) == 0, reference.stdout.read()
+  killed_at = max(losses(tmp_path / "victim"))
+  assert killed_at < 24, "the run finished before it was killed; nothing was tested"
+  resumed = _run(tmp_path / "victim", overrides)
+  assert resumed.wait(timeout=240) == 0, resumed.stdout.read()
+  assert losses(tmp_path / "victim") == losses(tmp_path / "reference")
+
+
+def test_two_processes_give_the_one_process_losses(tmp_path):
+  overrides = dict(steps=6, mesh_shape=[2, 2, 2])
+  port = portpicker.pick_unused_port()
+  workers = [_run(tmp_path / "two", overrides, pid, 2, port) for pid in range(2)]
+  for worker in workers:
+    assert worker.wait(timeout=300) == 0, worker.stdout.read()
+  train(tiny_config(steps=6, mesh_shape=(2, 2, 2)), tmp_path / "one")
+  two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+  np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], rtol=1e-5)
+
+
+def test_restore_onto_another_mesh_shape(tmp_path):
+  first, _ = train(tiny_config(steps=8, mesh_shape=(8, 1, 1)), tmp_path)
+  second = Trainer(tiny_config(steps=8, mesh_shape=(1, 2, 4)), tmp_path, make_loader=PatternLoader)
+  result = second.train()  # restores step 8 and has nothing left to train
+  assert second.state["params"]["token_embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
+  for a, b in zip(jax.tree.leaves(first.state["params"]), jax.tree.leaves(second.state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert result.validation["loss"] == pytest.approx(first.evaluate(2)["loss"], rel=1e-5)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+  train(tiny_config(steps=8), tmp_path)
+  newest = tmp_path / "checkpoints" / "8"
+  for file in (newest / "state").rglob("*"):
+    if file.is_file():
+      file.write_bytes(b"garbage")
+  with caplog.at_level(logging.WARNING):
+    trainer, _ = train(tiny_config(steps=8), tmp_path)
+  assert f"checkpoint {newest} is unreadable" in caplog.text
+  assert list((tmp_path / "corrupt").iterdir()), "the unreadable checkpoint must be kept, not deleted"
+  # The rerun resumed from step 4: steps 5..8 were trained (and logged) a second time.
+  logged = [row["step"] for row in read_metrics(tmp_path, "train")]
+  assert [logged.count(step) for step in range(1, 9)] == [1] * 4 + [2] * 4
+  assert int(trainer.state["step"]) == 8 and (newest / "state").exists()
+
+
+class NanAtStep(PatternLoader):
+  """Poisons the loss weights of one batch."""
+  bad_position = 6
+
+  def __next__(self):
+    batch = super().__next__()
+    if self.position == self.bad_position and self.split == "train":
+      batch = dict(batch, decoder_loss_weights=np.full_like(batch["decoder_loss_weights"], np.nan))
+    return batch
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+  with pytest.raises(NonFiniteLossError, match="at step 6"):
+    train(tiny_config(steps=12, checkpoint_every=4), tmp_path, loader=NanAtStep)
+  assert (tmp_path / "checkpoints" / "4").exists()
+  assert not (tmp_path / "checkpoints" / "8").exists()
+  resumed = Trainer(tiny_config(steps=4), tmp_path, make_loader=PatternLoader)
+  resumed.train()
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(resumed.state["params"]))
+
+
+def test_nonfinite_loss_can_skip_the_update(tmp_path, caplog):
+  with caplog.at_level(logging.WARNING):
+    trainer, _ = train(tiny_config(steps=8, nonfinite="skip"), tmp_path, loader=NanAtStep)
+  assert "skipped the update of step 6" in caplog.text
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.state["params"]))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(mesh_shape=(3, -1, 1)), r"partitioning.mesh_shape=\(3, -1, 1\) does not divide the 8"),
+    (dict(mesh_shape=(4, 4, 1)), r"uses 16 devices but 8 are available"),
+    (dict(mesh_shape=(2, 2, 1)), r"uses 4 devices but 8 are available"),
+    (dict(mesh_shape=(-1, -1, 1)), "at most one -1"),
+    (dict(grad_accum_steps=3), r"data.batch_size=8 does not divide over 8 data shards"),
+    (dict(mode="dpo"), "train.mode='dpo'"),
+    (dict(nonfinite="ignore"), "train.nonfinite='ignore'"),
+])
+def test_bad_configs_fail_before_compiling(changes, message, tmp_path):
+  mesh_shape = changes.pop("mesh_shape", (-1, 1, 1))
+  with pytest.raises(ConfigError, match=message):
+    Trainer(tiny_config(mesh_shape=mesh_shape, **changes), tmp_path, make_loader=PatternLoader)
+
+
+def test_bad_model_and_data_configs_name_the_fields(tmp_path):
+  config = tiny_config(mesh_shape=(1, 1, 8))
+  with pytest.raises(ConfigError, match="model.num_heads=4 does not divide over the tensor mesh axis of size 8"):
+    Trainer(config, tmp_path, make_loader=PatternLoader)
+  config = tiny_config()
+  config.model.num_heads = 5
+  with pytest.raises(ConfigError, match="model.num_heads=5 does not divide model.emb_dim=32"):
+    Trainer(config, tmp_path, make_loader=PatternLoader)
+  config = tiny_config()
+  config.model.position = "learned"
+  config.data.seq_len = 64
+  with pytest.raises(ConfigError, match="exceeds model.max_len=32"):
+    Trainer(config, tmp_path, make_loader=PatternLoader)
