@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+import jax
 
 from models.config import ConfigError, ModelConfig
 from models.model_size import model_size, train_flops_per_token
@@ -35,9 +38,38 @@ def _info(args, overrides) -> None:
   print(f"train FLOPs per token:  {flops:.4g} ({length_text}; 6N + attention, PaLM app. B)")
 
 
+def _train(args, overrides) -> None:
+  """Trains (or resumes) in the workdir, then reports validation loss and samples."""
+  from t5x_like import distributed
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  config = load_config(args.config)
+  apply_overrides(config, overrides)
+  from t5x_like.trainer import Trainer  # heavy imports only for the commands that need them
+  trainer = Trainer(config, args.workdir)
+  result = trainer.train()
+  if jax.process_index() != 0:
+    return
+  validation = result.validation
+  print(f"step {result.step}: validation loss {validation['loss']:.4f}, "
+        f"perplexity {validation['perplexity']:.2f}, token accuracy {validation['accuracy']:.3f}")
+  for prompt, completion in trainer.samples(args.sample_prompt or None):
+    print(f"--- {prompt!r}\n{completion}")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="t5x-like", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
+  train = commands.add_parser("train", help="train or resume a model in --workdir",
+                              epilog="Override fields with --config.FIELD=VALUE. Re-running the "
+                                     "same command resumes from the newest checkpoint.")
+  train.add_argument("--config", required=True, help="experiments/FILE.py or FILE.py:VARIANT")
+  train.add_argument("--workdir", required=True, help="checkpoints, metrics and the resolved config")
+  train.add_argument("--sample-prompt", action="append", default=[],
+                     help="a prompt to continue after training (repeatable)")
+  train.add_argument("--coordinator_address", help="host:port of process 0 in a multi-process run")
+  train.add_argument("--num_processes", type=int)
+  train.add_argument("--process_id", type=int)
+  train.set_defaults(run=_train)
   info = commands.add_parser("info", help="parameter count and FLOPs per token of a config",
                              epilog="Override fields with --config.FIELD=VALUE.")
   info.add_argument("--config", required=True, help="experiments/FILE.py or FILE.py:VARIANT")
@@ -45,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
   info.set_defaults(run=_info)
 
   args, overrides = parser.parse_known_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
   try:
     args.run(args, overrides)
   except ConfigError as error:

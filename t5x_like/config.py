@@ -14,9 +14,22 @@ from typing import Sequence
 
 import ml_collections
 
-from models.config import ConfigError
+from models.config import ConfigError, model_config_dict
 
 OVERRIDE_PREFIX = "--config."
+
+
+def base_config(**model_fields) -> ml_collections.ConfigDict:
+  """Every section with its defaults; experiment files start here and change what differs."""
+  from t5x_like.data.config import default_data_config
+  from t5x_like.partitioning import default_partitioning_config
+  from t5x_like.trainer import default_train_config
+  return ml_collections.ConfigDict(dict(
+      model=model_config_dict(**model_fields),
+      data=default_data_config(),
+      train=default_train_config(),
+      partitioning=default_partitioning_config(),
+  ))
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -1,0 +1,33 @@
+"""Joining a multi-process run: one process per host, all running the same command."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from models.config import ConfigError
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Calls jax.distributed.initialize when flags or the environment describe a multi-process run.
+
+  Flags win over the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID. With none of them set this is a single-process run, except on cluster
+  schedulers jax detects by itself (TPU pods, SLURM), where `auto` asks it to.
+  """
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if address == "auto":
+    jax.distributed.initialize()
+    return
+  if address is None:
+    return
+  num_processes = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
+  if num_processes is None or process_id is None:
+    raise ConfigError(f"coordinator address {address} given without --num_processes and --process_id "
+                      "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+  num_processes, process_id = int(num_processes), int(process_id)
+  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                             process_id=process_id)

@@ -1,0 +1,64 @@
+"""Schedules against their formulas; weight decay spares norms and biases; Adafactor steps."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.config import ConfigError
+from t5x_like.optimizers import default_optimizer_config, make_optimizer, make_schedule
+
+
+def config(**changes):
+  c = default_optimizer_config()
+  c.update(changes)
+  return c
+
+
+def test_warmup_then_cosine():
+  schedule = make_schedule(config(learning_rate=1.0, warmup_steps=10, end_learning_rate_fraction=0.1), 110)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  # Halfway through the cosine: 0.1 + 0.9 * (1 + cos(pi / 2)) / 2.
+  assert float(schedule(60)) == pytest.approx(0.55, abs=1e-6)
+  assert float(schedule(110)) == pytest.approx(0.1)
+
+
+def test_rsqrt_is_flat_during_warmup_then_decays_as_one_over_sqrt_step():
+  schedule = make_schedule(config(schedule="rsqrt", learning_rate=0.01, warmup_steps=100), 1000)
+  assert float(schedule(1)) == pytest.approx(0.01)
+  assert float(schedule(100)) == pytest.approx(0.01)
+  assert float(schedule(400)) == pytest.approx(0.01 * math.sqrt(100 / 400))
+
+
+def test_adamw_decays_matrices_but_not_norms_or_biases():
+  params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,)), "bias": jnp.ones((2,))}
+  tx, _ = make_optimizer(config(schedule="constant", learning_rate=0.1, weight_decay=0.5), 10)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_array_equal(updates["scale"], 0.0)
+  np.testing.assert_array_equal(updates["bias"], 0.0)
+
+
+def test_adafactor_lowers_a_quadratic():
+  params = {"w": jnp.full((4, 3), 2.0)}
+  tx, _ = make_optimizer(config(name="adafactor", schedule="constant", learning_rate=0.1), 10)
+  state = tx.init(params)
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+  before = float(loss(params))
+  for _ in range(5):
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    params = jax.tree.map(jnp.add, params, updates)
+  assert float(loss(params)) < before * 0.8
+
+
+def test_unknown_optimizer_and_schedule_name_the_field():
+  with pytest.raises(ConfigError, match="train.optimizer.name='sgd'"):
+    make_optimizer(config(name="sgd"), 10)
+  with pytest.raises(ConfigError, match="train.optimizer.schedule='linear'"):
+    make_optimizer(config(schedule="linear"), 10)
