@@ -1,40 +1,244 @@
-"""Greedy decoding over the KV cache, compiled as one loop (the decoding issue adds sampling
-and beam search on the same cache)."""
+"""Decoding from decoders and encoder-decoders over the KV cache, each a compiled loop.
+
+Prompts are left-padded so every row's next token lands in the same cache slot; the
+padding has segment id 0 (never attended) and positions count from each row's first
+real token, so a batch of prompts of different lengths decodes exactly as each prompt
+would alone.
+
+Strategies: greedy; sampling with temperature, top-k and top-p (Holtzman et al. 2020);
+beam search with a length penalty (Wu et al. 2016, eq. 14); all with an optional
+repetition penalty (Keskar et al. 2019, sec. 4.1).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+NEG_INF = -1e30
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens",))
-def greedy_decode(model, prompt: jax.Array, prompt_lengths: jax.Array, *, max_new_tokens: int,
-                  eos_id: int) -> jax.Array:
-  """Continues right-padded prompts [b, p] (true lengths [b]) by max_new_tokens tokens.
 
-  Each row is fed its own prompt; shorter rows are completed token by token while
-  longer ones still read their prompt, so one cache serves prompts of any length.
-  Returns [b, p + max_new_tokens]; tokens after a row's EOS are EOS.
-  """
-  batch, prompt_len = prompt.shape
-  total = prompt_len + max_new_tokens
-  tokens = jnp.pad(prompt, ((0, 0), (0, max_new_tokens)))
-  cache = model.init_cache(batch, total)
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  strategy: str = "greedy"  # greedy | sample | beam
+  max_new_tokens: int = 64
+  eos_id: int = 1
+  pad_id: int = 0
+  temperature: float = 1.0  # sample only
+  top_k: int = 0  # sample only; 0: no top-k filter
+  top_p: float = 1.0  # sample only; 1: no nucleus filter
+  repetition_penalty: float = 1.0  # greedy and sample; 1: none
+  num_beams: int = 4  # beam only
+  length_penalty: float = 0.6  # beam only: alpha
 
-  def step(i, carry):
-    tokens, cache, done = carry
-    logits, cache = model.decode(tokens[:, i:i + 1], cache)
-    next_token = jnp.argmax(logits[:, -1], axis=-1).astype(tokens.dtype)
-    in_prompt = i + 1 < prompt_lengths
-    prompt_token = jax.lax.dynamic_index_in_dim(tokens, i + 1, axis=1, keepdims=False)
-    next_token = jnp.where(in_prompt, prompt_token, next_token)
-    next_token = jnp.where(done, eos_id, next_token)
-    done = done | (~in_prompt & (next_token == eos_id))
-    tokens = jax.lax.dynamic_update_index_in_dim(tokens, next_token, i + 1, axis=1)
-    return tokens, cache, done
+  def validate(self) -> None:
+    from models.config import ConfigError
+    if self.strategy not in ("greedy", "sample", "beam"):
+      raise ConfigError(f"strategy={self.strategy!r} is not one of ('greedy', 'sample', 'beam')")
+    if self.max_new_tokens <= 0:
+      raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be positive")
+    if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ConfigError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1; got "
+                        f"{self.temperature}, {self.top_k}, {self.top_p}")
+    if self.repetition_penalty <= 0 or self.num_beams < 1:
+      raise ConfigError(f"need repetition_penalty > 0 and num_beams >= 1; got "
+                        f"{self.repetition_penalty}, {self.num_beams}")
 
-  tokens, _, _ = jax.lax.fori_loop(0, total - 1, step, (tokens, cache, jnp.zeros(batch, bool)))
-  return tokens
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> (left-padded [b, p] array, lengths [b])."""
+  width = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, width - len(prompt):] = prompt
+  return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
+# Logit filters -------------------------------------------------------------------------
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+  """Makes tokens already in the row less likely: positive logits / penalty, negative * penalty."""
+  penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+  return jnp.where(seen, penalised, logits)
+
+
+def filter_logits(logits: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """Scaled log-probabilities with everything outside top-k / the top-p nucleus at -inf."""
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass
+    # before it is still short of top_p.
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep = mass_before < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, NEG_INF, logits)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+# The model side: one function per architecture to prefill and to step ---------------------
+
+def _prefill(model, prompt, lengths, cache_len, encoder_inputs):
+  """Runs the prompt through the model; returns (last logits [b, v], cache)."""
+  b, p = prompt.shape
+  offset = p - lengths  # [b] pads before each prompt
+  if encoder_inputs is not None:
+    encoder_tokens, encoder_segment_ids = encoder_inputs
+    encoded = model.encode(encoder_tokens, segment_ids=encoder_segment_ids)
+    cache = model.init_cache(encoded, cache_len, encoded_segment_ids=encoder_segment_ids)
+  else:
+    cache = model.init_cache(b, cache_len)
+  slots = jnp.arange(p)[None, :]
+  segment_ids = (slots >= offset[:, None]).astype(jnp.int32)
+  positions = jnp.maximum(slots - offset[:, None], 0)
+  logits, cache = model.decode(prompt, cache, segment_ids=segment_ids, positions=positions)
+  return logits[:, -1], cache
+
+
+def _step(model, tokens, positions, cache):
+  """One token per row at the given positions -> (logits [b, v], cache)."""
+  logits, cache = model.decode(tokens[:, None], cache, segment_ids=jnp.ones_like(tokens[:, None]),
+                               positions=positions[:, None])
+  return logits[:, 0], cache
+
+
+# Greedy and sampling ---------------------------------------------------------------------
+
+@functools.partial(nnx.jit, static_argnames=("config",))
+def _sample_loop(model, prompt, lengths, rng, encoder_inputs, *, config: DecodeConfig):
+  b, p = prompt.shape
+  vocab = model.config.vocab_size
+  logits, cache = _prefill(model, prompt, lengths, p + config.max_new_tokens, encoder_inputs)
+  seen = jnp.zeros((b, vocab), bool)
+  if config.repetition_penalty != 1.0:
+    real = jnp.arange(p)[None, :] >= (p - lengths)[:, None]
+    seen = seen.at[jnp.arange(b)[:, None], prompt].max(real)
+  out = jnp.full((b, config.max_new_tokens), config.pad_id, jnp.int32)
+
+  def cond(carry):
+    i, _, _, _, done, _, _ = carry
+    return (i < config.max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, logits, cache, out, done, seen, rng = carry
+    if config.repetition_penalty != 1.0:
+      logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if config.strategy == "greedy":
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      rng, key = jax.random.split(rng)
+      scores = filter_logits(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+      token = jax.random.categorical(key, scores).astype(jnp.int32)
+    token = jnp.where(done, config.pad_id, token)
+    out = out.at[:, i].set(token)
+    seen = seen.at[jnp.arange(b), token].set(True)
+    done = done | (token == config.eos_id)
+    logits, cache = _step(model, token, lengths + i, cache)
+    return i + 1, logits, cache, out, done, seen, rng
+
+  carry = (jnp.zeros((), jnp.int32), logits, cache, out, jnp.zeros(b, bool), seen, rng)
+  return jax.lax.while_loop(cond, body, carry)[3]
+
+
+# Beam search ----------------------------------------------------------------------------
+
+def _length_penalty(length, alpha):
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+@functools.partial(nnx.jit, static_argnames=("config",))
+def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
+  """Keeps the num_beams best partial sequences per row; a finished sequence is scored
+  log p / ((5 + length) / 6)^alpha and kept aside while live beams may still beat it."""
+  b, p = prompt.shape
+  k, steps, vocab = config.num_beams, config.max_new_tokens, model.config.vocab_size
+  repeat = lambda x: jnp.repeat(x, k, axis=0)
+  encoder_inputs = None if encoder_inputs is None else jax.tree.map(repeat, encoder_inputs)
+  logits, cache = _prefill(model, repeat(prompt), repeat(lengths), p + steps, encoder_inputs)
+  # Only the first copy of each row is live at the start, so beams do not duplicate.
+  live_scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1))  # [b, k]
+  live_tokens = jnp.full((b, k, steps), config.pad_id, jnp.int32)
+  done_scores = jnp.full((b, k), NEG_INF)
+  done_tokens = jnp.full((b, k, steps), config.pad_id, jnp.int32)
+
+  def body(i, carry):
+    logits, cache, live_scores, live_tokens, done_scores, done_tokens = carry
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
+    candidates = (live_scores[..., None] + log_probs).reshape(b, k * vocab)
+    scores, flat = jax.lax.top_k(candidates, 2 * k)  # 2k: up to k of them may end here
+    beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+    tokens = jnp.take_along_axis(live_tokens, beam[..., None], axis=1).at[:, :, i].set(token)
+    ended = token == config.eos_id
+    # A candidate that ends counts as finished only if it is among the k best (as in
+    # Hugging Face's beam search), so that one beam is exactly greedy decoding.
+    finished = ended & (jnp.arange(2 * k) < k)[None, :]
+    # Finished: merge with earlier finished sequences, keep the k best by penalised score.
+    final = jnp.where(finished, scores / _length_penalty(i + 1.0, config.length_penalty), NEG_INF)
+    all_scores = jnp.concatenate([done_scores, final], axis=1)
+    all_tokens = jnp.concatenate([done_tokens, tokens], axis=1)
+    best = jax.lax.top_k(all_scores, k)[1]
+    done_scores = jnp.take_along_axis(all_scores, best, axis=1)
+    done_tokens = jnp.take_along_axis(all_tokens, best[..., None], axis=1)
+    # Live: the k best candidates that did not end.
+    live_rank = jax.lax.top_k(jnp.where(ended, NEG_INF, scores), k)[1]
+    new_scores = jnp.take_along_axis(scores, live_rank, axis=1)
+    live_scores = jnp.where(jnp.take_along_axis(ended, live_rank, axis=1), NEG_INF, new_scores)
+    live_tokens = jnp.take_along_axis(tokens, live_rank[..., None], axis=1)
+    source = (jnp.arange(b)[:, None] * k + jnp.take_along_axis(beam, live_rank, axis=1)).reshape(-1)
+    cache = _reorder_cache(cache, source)
+    next_token = live_tokens[:, :, i].reshape(-1)
+    logits, cache = _step(model, next_token, repeat(lengths) + i, cache)
+    return logits, cache, live_scores, live_tokens, done_scores, done_tokens
+
+  carry = (logits, cache, live_scores, live_tokens, done_scores, done_tokens)
+  _, _, live_scores, live_tokens, done_scores, done_tokens = jax.lax.fori_loop(0, steps, body, carry)
+  # Beams still live at max_new_tokens compete with the finished ones at full length.
+  live_final = live_scores / _length_penalty(float(steps), config.length_penalty)
+  all_scores = jnp.concatenate([done_scores, live_final], axis=1)
+  all_tokens = jnp.concatenate([done_tokens, live_tokens], axis=1)
+  return jnp.take_along_axis(all_tokens, jnp.argmax(all_scores, axis=1)[:, None, None], axis=1)[:, 0]
+
+
+def _reorder_cache(cache, source):
+  """Gathers every per-row cache entry from rows `source` (beams that survived)."""
+  def gather(x):
+    return x[source] if getattr(x, "ndim", 0) >= 1 else x
+  return jax.tree.map(gather, cache)
+
+
+# Entry point ---------------------------------------------------------------------------
+
+def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int = 0,
+             encoder_inputs: list[list[int]] | None = None) -> list[list[int]]:
+  """Continues each prompt (for an encoder-decoder: decodes each encoder input, starting from
+  the prompt, usually [pad_id]); returns the new tokens up to and including EOS."""
+  config.validate()
+  tokens, lengths = left_pad(prompts, config.pad_id)
+  encoder = None
+  if encoder_inputs is not None:
+    width = max(len(e) for e in encoder_inputs)
+    encoder_tokens = np.full((len(encoder_inputs), width), config.pad_id, np.int32)
+    for row, e in enumerate(encoder_inputs):
+      encoder_tokens[row, :len(e)] = e
+    real = np.arange(width)[None, :] < np.array([len(e) for e in encoder_inputs])[:, None]
+    encoder = (jnp.asarray(encoder_tokens), jnp.asarray(real, jnp.int32))
+  if config.strategy == "beam":
+    out = _beam_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), encoder, config=config)
+  else:
+    out = _sample_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), encoder,
+                       config=config)
+  results = []
+  for row in np.asarray(out).tolist():
+    if config.eos_id in row:
+      row = row[:row.index(config.eos_id) + 1]
+    results.append(row)
+  return results
