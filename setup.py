@@ -14,9 +14,10 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "grain==0.2.18",
     "numpy>=2.0,<3",
-    "scipy>=1.13,<2",
+    "scipy==1.17.1",
     "tqdm>=4.66,<5",
     "tensorboardX==2.6.5",
+    "matplotlib==3.11.2",
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,1 @@
+"""Scaling laws: sweeps of ordinary training runs, power-law fits, plots."""

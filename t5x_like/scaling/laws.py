@@ -1,0 +1,156 @@
+"""Fitting Kaplan et al. (2020) and Hoffmann et al. (2022) scaling laws to measured losses.
+
+- Kaplan: L(N) = (N_c / N)^alpha_N, L(D) = (D_c / D)^alpha_D (eqs. 1.1, 1.2), and jointly
+  L(N, D) = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D (eq. 1.5).
+- Chinchilla (Hoffmann et al., approach 3): L = E + A / N^alpha + B / D^beta, fitted by
+  minimising the Huber loss (delta = 1e-3) of log-space residuals with L-BFGS from a grid
+  of initial points; confidence intervals by bootstrap over runs; the compute-optimal
+  allocation for C = 6 N D follows in closed form (their eq. 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+from scipy import optimize, special, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerLaw:
+  """L(x) = (x_c / x)^alpha."""
+  scale: float
+  alpha: float
+
+  def __call__(self, x):
+    return (self.scale / np.asarray(x, float)) ** self.alpha
+
+
+def fit_power_law(x, loss) -> PowerLaw:
+  """Least squares in log-log space: log L = alpha log x_c - alpha log x."""
+  slope, intercept = np.polyfit(np.log(x), np.log(loss), 1)
+  alpha = -slope
+  return PowerLaw(scale=float(np.exp(intercept / alpha)), alpha=float(alpha))
+
+
+@dataclasses.dataclass(frozen=True)
+class KaplanJoint:
+  n_c: float
+  d_c: float
+  alpha_n: float
+  alpha_d: float
+
+  def __call__(self, n, d):
+    n, d = np.asarray(n, float), np.asarray(d, float)
+    return ((self.n_c / n) ** (self.alpha_n / self.alpha_d) + self.d_c / d) ** self.alpha_d
+
+
+def fit_kaplan_joint(n, d, loss) -> KaplanJoint:
+  """Nonlinear least squares on log L, started from the one-variable fits."""
+  n, d, loss = map(lambda a: np.asarray(a, float), (n, d, loss))
+  start_n, start_d = fit_power_law(n, loss), fit_power_law(d, loss)
+
+  def residuals(theta):
+    log_n_c, log_d_c, alpha_n, alpha_d = theta
+    inner = np.exp((alpha_n / alpha_d) * (log_n_c - np.log(n))) + np.exp(log_d_c - np.log(d))
+    return alpha_d * np.log(inner) - np.log(loss)
+
+  theta0 = [np.log(start_n.scale), np.log(start_d.scale), start_n.alpha, start_d.alpha]
+  result = optimize.least_squares(residuals, theta0, bounds=([-np.inf, -np.inf, 1e-3, 1e-3], np.inf))
+  log_n_c, log_d_c, alpha_n, alpha_d = result.x
+  return KaplanJoint(float(np.exp(log_n_c)), float(np.exp(log_d_c)), float(alpha_n), float(alpha_d))
+
+
+@dataclasses.dataclass(frozen=True)
+class Chinchilla:
+  e: float
+  a: float
+  b: float
+  alpha: float
+  beta: float
+
+  def __call__(self, n, d):
+    return self.e + self.a / np.asarray(n, float) ** self.alpha + self.b / np.asarray(d, float) ** self.beta
+
+  def optimal_allocation(self, compute):
+    """(N*, D*) minimising L subject to 6 N D = C (Hoffmann et al. eq. 4)."""
+    g = (self.alpha * self.a / (self.beta * self.b)) ** (1 / (self.alpha + self.beta))
+    c6 = np.asarray(compute, float) / 6
+    return g * c6 ** (self.beta / (self.alpha + self.beta)), c6 ** (self.alpha / (self.alpha + self.beta)) / g
+
+
+# Hoffmann et al.'s grid of initial values (their appendix D.2).
+CHINCHILLA_GRID = dict(alpha=np.arange(0.0, 2.01, 0.5), beta=np.arange(0.0, 2.01, 0.5),
+                       e=np.arange(-1.0, 1.51, 0.5), a=np.arange(0.0, 25.1, 5.0), b=np.arange(0.0, 25.1, 5.0))
+
+
+def _chinchilla_objective(theta, log_n, log_d, log_loss, delta):
+  """Huber loss of log-space residuals and its gradient in (log A, log B, log E, alpha, beta)."""
+  a, b, e, alpha, beta = theta
+  terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+  predicted = special.logsumexp(terms, axis=0)
+  residual = predicted - log_loss
+  weights = np.exp(terms - predicted)  # d predicted / d term
+  slope = np.clip(residual, -delta, delta)  # Huber's derivative
+  gradient = np.array([
+      np.sum(slope * weights[0]), np.sum(slope * weights[1]), np.sum(slope * weights[2]),
+      -np.sum(slope * weights[0] * log_n), -np.sum(slope * weights[1] * log_d)])
+  return np.sum(special.huber(delta, residual)), gradient
+
+
+def fit_chinchilla(n, d, loss, *, delta: float = 1e-3, grid: dict | None = None) -> Chinchilla:
+  """Huber loss on log L, L-BFGS from every grid point, best result kept."""
+  log_n, log_d, log_loss = np.log(np.asarray(n, float)), np.log(np.asarray(d, float)), np.log(loss)
+  grid = CHINCHILLA_GRID if grid is None else grid
+  best = None
+  for alpha, beta, e, a, b in itertools.product(grid["alpha"], grid["beta"], grid["e"], grid["a"], grid["b"]):
+    result = optimize.minimize(_chinchilla_objective, [a, b, e, alpha, beta],
+                               args=(log_n, log_d, log_loss, delta), method="L-BFGS-B", jac=True)
+    if best is None or result.fun < best.fun:
+      best = result
+  a, b, e, alpha, beta = best.x
+  return Chinchilla(e=float(np.exp(e)), a=float(np.exp(a)), b=float(np.exp(b)), alpha=float(alpha),
+                    beta=float(beta))
+
+
+def bootstrap_chinchilla(n, d, loss, fit: Chinchilla, *, samples: int = 200, seed: int = 0,
+                         level: float = 0.95) -> dict[str, tuple[float, float]]:
+  """Percentile confidence intervals from refits on runs resampled with replacement.
+
+  Each refit starts from the full fit (a one-point grid), which keeps this cheap.
+  """
+  n, d, loss = map(lambda x: np.asarray(x, float), (n, d, loss))
+  rng = np.random.default_rng(seed)
+  start = dict(alpha=[fit.alpha], beta=[fit.beta], e=[np.log(fit.e)], a=[np.log(fit.a)], b=[np.log(fit.b)])
+  draws = []
+  for _ in range(samples):
+    idx = rng.integers(0, len(n), len(n))
+    draws.append(dataclasses.astuple(fit_chinchilla(n[idx], d[idx], loss[idx], grid=start)))
+  draws = np.array(draws)
+  tail = (1 - level) / 2 * 100
+  names = [f.name for f in dataclasses.fields(Chinchilla)]
+  return {name: (float(np.percentile(draws[:, i], tail)), float(np.percentile(draws[:, i], 100 - tail)))
+          for i, name in enumerate(names)}
+
+
+def extrapolation_error(n, d, loss, *, holdout: int = 1, law: str = "chinchilla",
+                        grid: dict | None = None) -> dict:
+  """Fits without the `holdout` largest-compute runs and reports the error predicting them."""
+  n, d, loss = map(lambda x: np.asarray(x, float), (n, d, loss))
+  order = np.argsort(n * d)
+  train, test = order[:-holdout], order[-holdout:]
+  if law == "chinchilla":
+    fit = fit_chinchilla(n[train], d[train], loss[train], grid=grid)
+  else:
+    fit = fit_kaplan_joint(n[train], d[train], loss[train])
+  predicted = fit(n[test], d[test])
+  relative = (predicted - loss[test]) / loss[test]
+  return {"law": law, "held_out_runs": int(holdout), "predicted": predicted.tolist(),
+          "measured": loss[test].tolist(), "relative_error": relative.tolist(),
+          "max_abs_relative_error": float(np.max(np.abs(relative)))}
+
+
+def r_squared(predicted, measured) -> float:
+  """Fraction of the variance of log L the fit explains."""
+  return float(stats.pearsonr(np.log(predicted), np.log(measured))[0] ** 2)

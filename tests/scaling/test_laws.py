@@ -1,0 +1,95 @@
+"""The fitters recover planted parameters from synthetic losses with multiplicative noise.
+
+Tolerances: noise of 0.5% (sd of log L); exponents within 0.02 absolute, irreducible loss E
+within 3%; fitted losses within 3 noise standard deviations (scales trade off against
+the exponents, so they are checked through the losses they predict).
+"""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import optimize
+
+from t5x_like.scaling import laws
+from t5x_like.scaling.report import fit_report, plot
+
+NOISE = 0.005
+SMALL_GRID = dict(alpha=[0.2, 0.6], beta=[0.2, 0.6], e=[0.0, 1.0], a=[3.0, 7.0], b=[3.0, 7.0])
+
+
+def grid_runs(seed=0):
+  n = np.repeat(np.logspace(6, 9, 6), 5)
+  d = np.tile(np.logspace(8, 11, 5), 6)
+  return n, d, np.exp(np.random.default_rng(seed).normal(0.0, NOISE, n.size))
+
+
+def test_power_law_recovery():
+  n, _, noise = grid_runs()
+  truth = laws.PowerLaw(scale=8.8e13, alpha=0.076)
+  fit = laws.fit_power_law(n, truth(n) * noise)
+  assert fit.alpha == pytest.approx(truth.alpha, abs=0.02)
+  np.testing.assert_allclose(fit(n), truth(n), rtol=3 * NOISE)
+
+
+def test_kaplan_joint_recovery():
+  n, d, noise = grid_runs(1)
+  truth = laws.KaplanJoint(n_c=8.8e13, d_c=5.4e13, alpha_n=0.076, alpha_d=0.095)
+  fit = laws.fit_kaplan_joint(n, d, truth(n, d) * noise)
+  assert fit.alpha_n == pytest.approx(truth.alpha_n, abs=0.02)
+  assert fit.alpha_d == pytest.approx(truth.alpha_d, abs=0.02)
+  np.testing.assert_allclose(fit(n, d), truth(n, d), rtol=3 * NOISE)
+
+
+@pytest.fixture(scope="module")
+def chinchilla_data():
+  n, d, noise = grid_runs(2)
+  truth = laws.Chinchilla(e=1.69, a=406.4, b=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al.'s fit
+  return n, d, truth(n, d) * noise, truth
+
+
+def test_chinchilla_recovery(chinchilla_data):
+  n, d, loss, truth = chinchilla_data
+  fit = laws.fit_chinchilla(n, d, loss, grid=SMALL_GRID)
+  assert fit.alpha == pytest.approx(truth.alpha, abs=0.02)
+  assert fit.beta == pytest.approx(truth.beta, abs=0.02)
+  assert fit.e == pytest.approx(truth.e, rel=0.03)
+  np.testing.assert_allclose(fit(n, d), truth(n, d), rtol=3 * NOISE)
+
+
+def test_compute_optimal_allocation_minimises_loss_at_fixed_compute(chinchilla_data):
+  truth = chinchilla_data[3]
+  compute = 1e21
+  n_opt, d_opt = truth.optimal_allocation(compute)
+  assert 6 * n_opt * d_opt == pytest.approx(compute)
+  numeric = optimize.minimize_scalar(lambda log_n: truth(np.exp(log_n), compute / (6 * np.exp(log_n))),
+                                     bounds=(np.log(1e6), np.log(1e13)), method="bounded")
+  assert np.log(n_opt) == pytest.approx(numeric.x, abs=1e-3)
+
+
+def test_bootstrap_intervals_bracket_the_fit(chinchilla_data):
+  n, d, loss, _ = chinchilla_data
+  fit = laws.fit_chinchilla(n, d, loss, grid=SMALL_GRID)
+  intervals = laws.bootstrap_chinchilla(n, d, loss, fit, samples=40)
+  for name, (low, high) in intervals.items():
+    assert low <= getattr(fit, name) <= high and low < high
+
+
+def test_extrapolation_to_held_out_largest_runs(chinchilla_data):
+  n, d, loss, _ = chinchilla_data
+  check = laws.extrapolation_error(n, d, loss, holdout=3, grid=SMALL_GRID)
+  assert check["held_out_runs"] == 3 and check["max_abs_relative_error"] < 0.02
+
+
+def test_report_and_plots(chinchilla_data, tmp_path):
+  n, d, loss, _ = chinchilla_data
+  rows = [{"name": f"run{i}", "non_embedding_params": a, "total_params": a * 1.2, "tokens": b,
+           "flops": 6 * a * b, "train_loss": c, "validation_loss": c, "wall_seconds": 1.0}
+          for i, (a, b, c) in enumerate(zip(n, d, loss))]
+  report = fit_report(rows, bootstrap_samples=20, grid=SMALL_GRID)
+  assert report["chinchilla"]["alpha"] == pytest.approx(0.34, abs=0.02)
+  assert report["kaplan_n"]["alpha_n"] > 0 and report["kaplan_d"]["alpha_d"] > 0
+  assert report["extrapolation"]["max_abs_relative_error"] < 0.02
+  json.dumps(report)  # serialisable as the fit report file
+  for path in plot(rows, report, tmp_path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
