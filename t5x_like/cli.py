@@ -56,6 +56,42 @@ def _train(args, overrides) -> None:
     print(f"--- {prompt!r}\n{completion}")
 
 
+def _sweep(args, overrides) -> None:
+  """Runs (or continues) every point of a scaling sweep."""
+  from t5x_like.scaling.sweep import run_sweep
+  config = load_config(args.config)
+  apply_overrides(config, overrides)
+  rows = run_sweep(config, args.workdir)
+  print(f"{len(rows)} runs; results in {args.workdir}/results.csv and results.json")
+
+
+def _fit(args, overrides) -> None:
+  """Fits Kaplan and Chinchilla laws to a sweep's results; writes fit.json and plots."""
+  import json
+  import pathlib
+  from t5x_like.scaling.report import fit_report, load_results, plot
+  if overrides:
+    raise ConfigError(f"fit takes no config overrides, got {overrides}")
+  sweep_dir = pathlib.Path(args.sweep_dir)
+  rows = load_results(sweep_dir)
+  report = fit_report(rows, loss_key=args.loss, bootstrap_samples=args.bootstrap, holdout=args.holdout)
+  (sweep_dir / "fit.json").write_text(json.dumps(report, indent=1))
+  paths = plot(rows, report, sweep_dir / "plots", loss_key=args.loss)
+  chinchilla = report["chinchilla"]
+  ci = chinchilla["confidence_95"]
+  print(f"Chinchilla: L = {chinchilla['e']:.3f} + {chinchilla['a']:.4g}/N^{chinchilla['alpha']:.3f} "
+        f"+ {chinchilla['b']:.4g}/D^{chinchilla['beta']:.3f}  (R^2 {chinchilla['r_squared']:.3f})")
+  print(f"  95% bootstrap: alpha [{ci['alpha'][0]:.3f}, {ci['alpha'][1]:.3f}], "
+        f"beta [{ci['beta'][0]:.3f}, {ci['beta'][1]:.3f}], E [{ci['e'][0]:.3f}, {ci['e'][1]:.3f}]")
+  joint = report["kaplan_joint"]
+  print(f"Kaplan joint: alpha_N {joint['alpha_n']:.3f}, alpha_D {joint['alpha_d']:.3f} "
+        f"(R^2 {joint['r_squared']:.3f})")
+  if "extrapolation" in report:
+    print(f"extrapolation to the {report['extrapolation']['held_out_runs']} largest-compute run(s): "
+          f"max relative error {report['extrapolation']['max_abs_relative_error']:.2%}")
+  print(f"wrote {sweep_dir / 'fit.json'} and {', '.join(str(p) for p in paths)}")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="t5x-like", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +111,17 @@ def main(argv: list[str] | None = None) -> int:
   info.add_argument("--config", required=True, help="experiments/FILE.py or FILE.py:VARIANT")
   info.add_argument("--show-config", action="store_true", help="print the resolved config too")
   info.set_defaults(run=_info)
+
+  sweep = commands.add_parser("sweep", help="run or continue a scaling-law sweep")
+  sweep.add_argument("--config", required=True, help="experiments/scaling/FILE.py")
+  sweep.add_argument("--workdir", required=True, help="one subdirectory per point, plus results")
+  sweep.set_defaults(run=_sweep)
+  fit = commands.add_parser("fit", help="fit scaling laws to a sweep's results")
+  fit.add_argument("sweep_dir")
+  fit.add_argument("--loss", default="validation_loss", choices=("validation_loss", "train_loss"))
+  fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+  fit.add_argument("--holdout", type=int, default=1, help="largest-compute runs held out to test extrapolation")
+  fit.set_defaults(run=_fit)
 
   args, overrides = parser.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

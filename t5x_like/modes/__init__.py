@@ -4,6 +4,7 @@ The trainer runs any mode; a new one (SFT, reward model, DPO, LoRA, ...) is a ne
 module here registered in MODES, never a change to the loop.
 """
 
+from models.config import ConfigError
 from t5x_like.modes.base import TrainingMode
 from t5x_like.modes.pretrain import Pretrain
 
@@ -11,7 +12,6 @@ MODES = {"pretrain": Pretrain}
 
 
 def make_mode(name: str, **kwargs) -> TrainingMode:
-  from models.config import ConfigError
   if name not in MODES:
     raise ConfigError(f"train.mode={name!r} is not one of {sorted(MODES)}")
   return MODES[name](**kwargs)

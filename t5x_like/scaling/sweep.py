@@ -1,0 +1,154 @@
+"""N x D sweeps: every point an ordinary training run in its own workdir.
+
+Re-running a sweep skips points whose `result.json` exists and resumes interrupted ones
+from their checkpoints (the trainer resumes by itself), so the command is restartable.
+Model sizes follow one size parameter s at a fixed aspect ratio, as Kaplan et al. (2020,
+sec. 3.1) found shape matters little at fixed N: num_layers = s,
+emb_dim = aspect_ratio * s, num_heads = emb_dim / head_dim, mlp_dim = mlp_ratio * emb_dim.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import json
+import math
+import multiprocessing
+import pathlib
+import time
+
+import ml_collections
+from tqdm import tqdm
+
+from models.config import ConfigError, ModelConfig
+from models.model_size import model_size, train_flops_per_sequence
+from t5x_like.scaling.report import RESULT_FIELDS
+
+
+def default_sweep_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      sizes=(1, 2, 3, 4, 5),
+      aspect_ratio=64,
+      head_dim=32,
+      mlp_ratio=4,
+      token_budgets=(2**19, 2**20, 2**21, 2**22),
+      seeds=(0,),
+      # 'kaplan': LR(N) = 0.003239 - 0.0001395 ln N (Kaplan et al. eq. D.1); 'fixed': the base config's.
+      learning_rate_rule="kaplan",
+      executor="local",  # local | ray
+      workers=1,
+  ))
+
+
+def kaplan_learning_rate(non_embedding_params: int) -> float:
+  return 0.003239 - 0.0001395 * math.log(non_embedding_params)
+
+
+def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """(name, full training config) for every size x token budget x seed."""
+  sweep, base = config.sweep, config.base
+  if base.model.arch != "decoder":
+    raise ConfigError(f"sweeps size decoders; base.model.arch={base.model.arch!r}")
+  tokens_per_step = base.data.batch_size * base.data.seq_len
+  points = []
+  for size in sweep.sizes:
+    emb_dim = sweep.aspect_ratio * size
+    if emb_dim % sweep.head_dim:
+      raise ConfigError(f"sweep.aspect_ratio * size = {emb_dim} is not a multiple of sweep.head_dim="
+                        f"{sweep.head_dim}")
+    for tokens in sweep.token_budgets:
+      steps = tokens // tokens_per_step
+      if steps < 1:
+        raise ConfigError(f"sweep.token_budgets entry {tokens} is less than one batch "
+                          f"({tokens_per_step} tokens)")
+      for seed in sweep.seeds:
+        point = ml_collections.ConfigDict(base.to_dict())
+        point.model.update(num_layers=size, emb_dim=emb_dim, num_heads=emb_dim // sweep.head_dim,
+                           head_dim=None, num_kv_heads=None, mlp_dim=sweep.mlp_ratio * emb_dim)
+        point.train.update(steps=steps, seed=seed, checkpoint_every=max(steps // 4, 1),
+                           eval_every=steps, log_every=max(steps // 20, 1))
+        if sweep.learning_rate_rule == "kaplan":
+          n = model_size(ModelConfig.from_dict(point.model)).non_embedding_params
+          point.train.optimizer.learning_rate = kaplan_learning_rate(n)
+        elif sweep.learning_rate_rule != "fixed":
+          raise ConfigError(f"sweep.learning_rate_rule={sweep.learning_rate_rule!r} is not one of "
+                            "('kaplan', 'fixed')")
+        points.append((f"s{size}_tokens{tokens}_seed{seed}", point))
+  return points
+
+
+def train_point(config_json: str, workdir: str) -> dict:
+  """One point, in its own process: train (or resume), then write result.json."""
+  from t5x_like.trainer import Trainer
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  start = time.perf_counter()
+  result = Trainer(config, workdir).train()
+  model_config = ModelConfig.from_dict(config.model)
+  size = model_size(model_config)
+  steps, batch, seq_len = config.train.steps, config.data.batch_size, config.data.seq_len
+  row = {"name": pathlib.Path(workdir).name, "non_embedding_params": size.non_embedding_params,
+         "total_params": size.total_params, "tokens": steps * batch * seq_len,
+         "flops": steps * batch * train_flops_per_sequence(model_config, seq_len),
+         "train_loss": result.train_loss, "validation_loss": result.validation["loss"],
+         "wall_seconds": time.perf_counter() - start}
+  (pathlib.Path(workdir) / "result.json").write_text(json.dumps(row, indent=1))
+  return row
+
+
+def _ray_submit(points):
+  import ray
+  if not ray.is_initialized():
+    ray.init()
+  remote = ray.remote(train_point)
+  refs = {remote.remote(json.dumps(config.to_dict()), str(workdir)): name for name, config, workdir in points}
+  pending = list(refs)
+  while pending:
+    finished, pending = ray.wait(pending, num_returns=1)
+    yield refs[finished[0]], ray.get(finished[0])
+
+
+def _local_submit(points, workers: int):
+  # Spawned processes: each point gets a fresh JAX runtime.
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    futures = {pool.submit(train_point, json.dumps(config.to_dict()), str(workdir)): name
+               for name, config, workdir in points}
+    for future in concurrent.futures.as_completed(futures):
+      yield futures[future], future.result()
+
+
+def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> list[dict]:
+  """Runs every unfinished point; returns all results (also written as results.json/.csv)."""
+  sweep_dir = pathlib.Path(sweep_dir)
+  sweep_dir.mkdir(parents=True, exist_ok=True)
+  points = sweep_points(config)
+  results, todo = {}, []
+  for name, point in points:
+    done_file = sweep_dir / name / "result.json"
+    if done_file.exists():
+      results[name] = json.loads(done_file.read_text())
+    else:
+      todo.append((name, point, sweep_dir / name))
+  progress = tqdm(total=len(points), initial=len(results), desc="sweep points", unit="run")
+  if config.sweep.executor == "ray":
+    finished = _ray_submit(todo)
+  elif config.sweep.executor == "local":
+    finished = _local_submit(todo, config.sweep.workers)
+  else:
+    raise ConfigError(f"sweep.executor={config.sweep.executor!r} is not one of ('local', 'ray')")
+  for name, row in finished:
+    results[name] = row
+    write_results(sweep_dir, [results[n] for n, _ in points if n in results])
+    progress.update(1)
+  progress.close()
+  rows = [results[n] for n, _ in points]
+  write_results(sweep_dir, rows)
+  return rows
+
+
+def write_results(sweep_dir: pathlib.Path, rows: list[dict]) -> None:
+  (sweep_dir / "results.json").write_text(json.dumps(rows, indent=1))
+  with open(sweep_dir / "results.csv", "w", newline="") as file:
+    writer = csv.DictWriter(file, fieldnames=RESULT_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
