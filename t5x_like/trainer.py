@@ -9,12 +9,11 @@ comes from the mode (t5x_like.modes).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import pathlib
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,164 @@
+"""HF checkpoints: our logits match transformers' on tiny random models, and export round-trips.
+
+Nothing downloads: each HF model is built from a small config with a fixed seed, its
+1-D parameters (norm scales and biases, zero or one at init) perturbed so that they
+are actually checked.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from models.config import ModelConfig
+from models.huggingface import UnsupportedCheckpoint, config_from_hf, export_to_hf, import_from_hf
+from models.transformer import build_model
+
+VOCAB, LENGTH, PADDED_LENGTH = 128, 12, 7
+TOLERANCE = 1e-4
+SMALL = dict(vocab_size=VOCAB)
+# Wider than the default 0.02 so logits are O(1-10) and the tolerance means something.
+WIDE = dict(initializer_range=0.2)
+
+
+def perturb(hf_model):
+  """Norm scales to 1 + noise, biases to noise: init leaves them at one and zero."""
+  with torch.no_grad():
+    for param in hf_model.parameters():
+      if param.ndim == 1:
+        param.add_(0.1 * torch.randn_like(param))
+  return hf_model.eval()
+
+
+def gpt2():
+  config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                   eos_token_id=0, **SMALL, **WIDE)
+  return transformers.GPT2LMHeadModel(config)
+
+
+def llama(**overrides):
+  config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=128, num_hidden_layers=2, rms_norm_eps=1e-5,
+                                    rope_theta=500.0, **SMALL, **WIDE, **overrides)
+  return transformers.LlamaForCausalLM(config)
+
+
+def bert():
+  config = transformers.BertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                   num_hidden_layers=2, max_position_embeddings=64, **SMALL, **WIDE)
+  return transformers.BertForMaskedLM(config)
+
+
+def t5(feed_forward_proj="gated-gelu", untie=True):
+  """v1.1 (tie_word_embeddings=False: unscaled decoder outputs), d_kv * heads != d_model.
+
+  transformers 5 still ties lm_head to the shared table when built from a config, so
+  `untie` gives it its own, as v1.1 checkpoints have.
+  """
+  config = transformers.T5Config(d_model=64, d_kv=8, num_heads=4, d_ff=96, num_layers=2,
+                                 num_decoder_layers=3, feed_forward_proj=feed_forward_proj,
+                                 tie_word_embeddings=False, relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=16, **SMALL)
+  model = transformers.T5ForConditionalGeneration(config)
+  if untie:
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+  return model
+
+
+MODELS = {
+    "gpt2": gpt2,
+    "llama": llama,
+    "llama_tied_biases": lambda: llama(tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    "bert": bert,
+    "t5": t5,
+    "t5_tied_relu": lambda: t5("relu", untie=False),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def pair(request):
+  torch.manual_seed(0)
+  hf_model = perturb(MODELS[request.param]())
+  return hf_model, import_from_hf(hf_model)
+
+
+def inputs(seed, length):
+  """Random tokens [2, length] and an HF attention mask whose second row is right-padded."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, VOCAB, (2, length))
+  mask = np.ones((2, length), np.int64)
+  mask[1, PADDED_LENGTH:] = 0
+  return tokens, mask
+
+
+def test_logits_match_on_a_right_padded_batch(pair):
+  hf_model, model = pair
+  tokens, mask = inputs(1, LENGTH)
+  hf_kwargs = dict(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask))
+  if model.config.arch == "encoder_decoder":
+    targets, target_mask = inputs(2, LENGTH - 2)
+    hf_kwargs.update(decoder_input_ids=torch.from_numpy(targets),
+                     decoder_attention_mask=torch.from_numpy(target_mask))
+    ours = model(tokens, targets, encoder_segment_ids=mask, decoder_segment_ids=target_mask)
+    valid = target_mask.astype(bool)
+  elif model.config.arch == "encoder":
+    token_types = np.random.default_rng(3).integers(0, 2, tokens.shape)
+    hf_kwargs.update(token_type_ids=torch.from_numpy(token_types))
+    ours = model(tokens, segment_ids=mask, token_type_ids=token_types)
+    valid = mask.astype(bool)
+  else:
+    ours = model(tokens, segment_ids=mask)
+    valid = mask.astype(bool)
+  with torch.no_grad():
+    theirs = hf_model(**hf_kwargs).logits.numpy()
+  assert ours.shape == theirs.shape
+  error = np.max(np.abs(np.asarray(ours)[valid] - theirs[valid]))
+  assert error < TOLERANCE, f"max abs logit difference {error:.2e}"
+
+
+def test_export_reproduces_the_state_dict(pair):
+  hf_model, model = pair
+  reference = {name: value.numpy() for name, value in hf_model.state_dict().items()}
+  exported = export_to_hf(model)
+  assert list(exported) == list(reference)
+  for name, value in reference.items():
+    assert exported[name].dtype == value.dtype and exported[name].shape == value.shape, name
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+  hf_model.load_state_dict({name: torch.from_numpy(value) for name, value in exported.items()})
+
+
+def test_config_maps_eps_theta_activation_and_heads():
+  cfg = config_from_hf(transformers.LlamaConfig(hidden_size=64, num_attention_heads=4,
+                                                num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-5,
+                                                rope_theta=5e5, tie_word_embeddings=True))
+  assert (cfg.norm, cfg.norm_eps, cfg.rope_theta, cfg.mlp_activation, cfg.mlp_gated) == (
+      "rmsnorm", 1e-5, 5e5, "silu", True)
+  assert (cfg.kv_heads, cfg.dim_per_head, cfg.tie_embeddings) == (1, 32, True)
+  cfg = config_from_hf(transformers.BertConfig(hidden_act="gelu_new", layer_norm_eps=1e-7, type_vocab_size=3))
+  assert (cfg.norm_position, cfg.norm_eps, cfg.mlp_activation, cfg.num_token_types) == (
+      "post", 1e-7, "gelu_tanh", 3)
+  assert not config_from_hf(transformers.GPT2Config(scale_attn_weights=False)).scale_attn_logits
+
+
+@pytest.mark.parametrize("config_class, options, message", [
+    ("GPT2Config", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ("GPT2Config", {"activation_function": "gelu_fast"}, "activation_function='gelu_fast'"),
+    ("LlamaConfig", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
+     "RoPE scaling"),
+    ("LlamaConfig", {"attention_bias": True}, "attention_bias=True with mlp_bias=False"),
+    ("BertConfig", {"is_decoder": True}, "is_decoder"),
+    ("T5Config", {}, "scale_decoder_outputs=True"),  # original T5: tie_word_embeddings not False
+    ("RobertaConfig", {}, "model_type='roberta'"),
+])
+def test_unrepresentable_options_are_rejected(config_class, options, message):
+  hf_config = getattr(transformers, config_class)(**options)
+  with pytest.raises(UnsupportedCheckpoint, match=message):
+    config_from_hf(hf_config)
+
+
+def test_export_rejects_a_config_no_family_has():
+  model = build_model(ModelConfig(arch="decoder", position="sinusoidal", vocab_size=16, emb_dim=8,
+                                  num_heads=2, mlp_dim=16, num_layers=1, max_len=8))
+  with pytest.raises(UnsupportedCheckpoint, match="matches no Hugging Face family"):
+    export_to_hf(model)
