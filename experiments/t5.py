@@ -5,7 +5,7 @@ Variants: `t5.py:small` (77M), `t5.py:base` (248M).
 
 import ml_collections
 
-from models.config import model_config_dict
+from t5x_like.config import base_config
 
 SIZES = {
     "small": dict(emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024, num_layers=8),
@@ -16,10 +16,10 @@ SIZES = {
 def get_config(size: str = "small") -> ml_collections.ConfigDict:
   if size not in SIZES:
     raise ValueError(f"t5.py variant {size!r} is not one of {sorted(SIZES)}")
-  config = ml_collections.ConfigDict()
-  config.model = model_config_dict(
+  config = base_config(
       arch="encoder_decoder", vocab_size=32128, norm="rmsnorm", position="relative",
       mlp_activation="gelu_tanh", mlp_gated=True, tie_embeddings=False, scale_attn_logits=False,
       **SIZES[size])
-  config.data = ml_collections.ConfigDict(dict(input_len=512, target_len=114))
+  config.data.update(objective="span_corruption", input_len=512, target_len=114, batch_size=128)
+  config.partitioning.mesh_shape = (1, -1, 1)  # FSDP over every device
   return config

@@ -52,8 +52,12 @@ def _train(args, overrides) -> None:
   validation = result.validation
   print(f"step {result.step}: validation loss {validation['loss']:.4f}, "
         f"perplexity {validation['perplexity']:.2f}, token accuracy {validation['accuracy']:.3f}")
-  for prompt, completion in trainer.samples(args.sample_prompt or None):
-    print(f"--- {prompt!r}\n{completion}")
+  from t5x_like.data.tokenizer import load_tokenizer
+  from t5x_like.samples import sample_texts
+  model = trainer.model_from(trainer.state["params"])
+  model.eval()
+  for prompt, text in sample_texts(model, load_tokenizer(config.data.tokenizer), args.sample_prompt):
+    print(f"--- {prompt!r}\n{text}")
 
 
 def _sweep(args, overrides) -> None:

@@ -105,6 +105,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
                      ("mlp_dim", model_config.mlp_dim), ("vocab_size", model_config.vocab_size)):
     if size % tensor:
       raise ConfigError(f"model.{name}={size} does not divide over the tensor mesh axis of size {tensor}")
+  if "tokenizer" in config.data:
+    from t5x_like.data.tokenizer import load_tokenizer
+    vocab = load_tokenizer(config.data.tokenizer).vocab_size
+    if vocab > model_config.vocab_size:
+      raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} has {vocab} ids but model.vocab_size="
+                        f"{model_config.vocab_size}; make model.vocab_size at least {vocab}")
   make_mode(train.mode, z_loss=train.z_loss)
   return model_config
 
