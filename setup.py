@@ -28,6 +28,7 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers==5.24.0",
         "portpicker>=1.6,<2",
+        "ray==2.60.0",
     ],
 }
 

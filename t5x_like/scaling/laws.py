@@ -85,6 +85,10 @@ CHINCHILLA_GRID = dict(alpha=np.arange(0.0, 2.01, 0.5), beta=np.arange(0.0, 2.01
                        e=np.arange(-1.0, 1.51, 0.5), a=np.arange(0.0, 25.1, 5.0), b=np.arange(0.0, 25.1, 5.0))
 
 
+# Two starts per parameter: 32 fits instead of 5400, for quick looks and tests.
+COARSE_GRID = dict(alpha=[0.2, 0.6], beta=[0.2, 0.6], e=[0.0, 1.0], a=[3.0, 7.0], b=[3.0, 7.0])
+
+
 def _chinchilla_objective(theta, log_n, log_d, log_loss, delta):
   """Huber loss of log-space residuals and its gradient in (log A, log B, log E, alpha, beta)."""
   a, b, e, alpha, beta = theta

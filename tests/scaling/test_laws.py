@@ -15,7 +15,7 @@ from t5x_like.scaling import laws
 from t5x_like.scaling.report import fit_report, plot
 
 NOISE = 0.005
-SMALL_GRID = dict(alpha=[0.2, 0.6], beta=[0.2, 0.6], e=[0.0, 1.0], a=[3.0, 7.0], b=[3.0, 7.0])
+SMALL_GRID = laws.COARSE_GRID
 
 
 def grid_runs(seed=0):

@@ -1,0 +1,62 @@
+"""A tiny sweep end to end through the CLI: table, fit, plots; re-running skips finished
+points; the Ray executor against a real local Ray instance."""
+
+import json
+import pathlib
+
+import pytest
+
+from t5x_like.cli import main
+
+CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "scaling" / "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("sweep")
+  assert main(["sweep", "--config", CONFIG, "--workdir", str(directory)]) == 0
+  return directory
+
+
+def test_sweep_writes_one_row_per_point(sweep_dir):
+  rows = json.loads((sweep_dir / "results.json").read_text())
+  assert [r["name"] for r in rows] == ["s1_tokens2048_seed0", "s1_tokens4096_seed0",
+                                       "s2_tokens2048_seed0", "s2_tokens4096_seed0"]
+  for row in rows:
+    assert row["tokens"] in (2048, 4096) and row["flops"] > 6 * row["non_embedding_params"] * row["tokens"]
+    assert row["validation_loss"] > 0 and row["wall_seconds"] > 0
+  # More data lowers the loss at each size.
+  assert rows[1]["train_loss"] < rows[0]["train_loss"] and rows[3]["train_loss"] < rows[2]["train_loss"]
+  assert (sweep_dir / "results.csv").read_text().count("\n") == 5
+
+
+def test_fit_writes_report_and_plots(sweep_dir, capsys):
+  assert main(["fit", str(sweep_dir), "--bootstrap", "5", "--coarse-grid"]) == 0
+  report = json.loads((sweep_dir / "fit.json").read_text())
+  assert {"chinchilla", "kaplan_joint", "kaplan_n", "kaplan_d", "compute_optimal"} <= set(report)
+  for name in ("loss_vs_n.png", "loss_vs_d.png", "loss_vs_compute.png"):
+    assert (sweep_dir / "plots" / name).stat().st_size > 10_000
+  assert "Chinchilla: L =" in capsys.readouterr().out
+
+
+def test_rerun_skips_finished_points_and_runs_the_missing_one(sweep_dir):
+  finished = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/result.json")}
+  missing = sweep_dir / "s2_tokens4096_seed0" / "result.json"
+  missing.unlink()
+  assert main(["sweep", "--config", CONFIG, "--workdir", str(sweep_dir)]) == 0
+  assert missing.exists()
+  for path, mtime in finished.items():
+    if path != missing:
+      assert path.stat().st_mtime_ns == mtime, f"{path.parent.name} was run again"
+
+
+def test_ray_executor_runs_points_as_ray_tasks(tmp_path):
+  import ray
+  ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+  try:
+    assert main(["sweep", "--config", CONFIG, "--workdir", str(tmp_path), "--config.sweep.executor=ray",
+                 "--config.sweep.token_budgets=(2048,)", "--config.sweep.sizes=(1,)"]) == 0
+  finally:
+    ray.shutdown()
+  rows = json.loads((tmp_path / "results.json").read_text())
+  assert [r["name"] for r in rows] == ["s1_tokens2048_seed0"]
