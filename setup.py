@@ -40,6 +40,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["t5x_like", "t5x_like.*", "models", "models.*"]),
+    # The bundled corpora and tokenizer, so the main job needs no download.
+    package_data={"t5x_like.data": ["corpora/README.md", "corpora/*/*.txt", "corpora/*/*.jsonl",
+                                    "tokenizers/*.model"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["t5x-like=t5x_like.cli:main"]},

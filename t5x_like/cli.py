@@ -60,6 +60,98 @@ def _train(args, overrides) -> None:
     print(f"--- {prompt!r}\n{text}")
 
 
+def _load(args, overrides):
+  """(trainer with the newest checkpoint, tokenizer) for the inference commands."""
+  from t5x_like.data.tokenizer import load_tokenizer
+  from t5x_like.trainer import Trainer
+  if overrides:
+    raise ConfigError(f"{args.command} reads the run's saved config; unexpected arguments {overrides}")
+  trainer = Trainer.from_workdir(args.workdir)
+  return trainer, load_tokenizer(trainer.config.data.tokenizer)
+
+
+def _decode(args, overrides) -> None:
+  """Continues prompts (a decoder) or decodes inputs (an encoder-decoder) from a trained run."""
+  import json
+  from t5x_like.decoding import DecodeConfig, generate
+  trainer, tokenizer = _load(args, overrides)
+  if trainer.model_config.arch == "encoder":
+    raise ConfigError("decode needs a decoder or an encoder-decoder; this run trained an encoder")
+  prompts = list(args.prompt)
+  if args.input:
+    with open(args.input, encoding="utf-8") as file:
+      prompts += [json.loads(line)["prompt"] for line in file if line.strip()]
+  if not prompts:
+    raise ConfigError("give --prompt TEXT (repeatable) or --input prompts.jsonl")
+  config = DecodeConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                        length_penalty=args.length_penalty)
+  model = trainer.model_from(trainer.state["params"])
+  model.eval()
+  ids = [tokenizer.encode(p).tolist() for p in prompts]
+  with jax.set_mesh(trainer.mesh):
+    if trainer.model_config.arch == "encoder_decoder":
+      outputs = generate(model, [[0]] * len(ids), config, seed=args.seed, encoder_inputs=[i + [1] for i in ids])
+    else:
+      outputs = generate(model, ids, config, seed=args.seed)
+  rows = [{"prompt": p, "completion": tokenizer.decode(o)} for p, o in zip(prompts, outputs)]
+  if args.output:
+    with open(args.output, "w", encoding="utf-8") as file:
+      file.writelines(json.dumps(row) + "\n" for row in rows)
+  else:
+    for row in rows:
+      print(f"--- {row['prompt']!r}\n{row['prompt'] if trainer.model_config.arch == 'decoder' else ''}"
+            f"{row['completion']}")
+
+
+def _eval(args, overrides) -> None:
+  """Loss, perplexity, token accuracy and bits per byte on a split or a text file."""
+  from t5x_like import evaluation
+  trainer, tokenizer = _load(args, overrides)
+  if args.text_file:
+    from t5x_like.data.documents import read_utf8
+    result = evaluation.evaluate_text(trainer, tokenizer, read_utf8(args.text_file))
+    where = args.text_file
+  else:
+    result = evaluation.evaluate_split(trainer, tokenizer, args.split, args.batches)
+    where = f"{args.split} split ({args.batches} batches)"
+  print(f"{where}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+        f"bits per byte {result['bits_per_byte']:.4f}, token accuracy {result['token_accuracy']:.3f} "
+        f"({int(result['tokens'])} tokens, {result['bytes']} bytes)")
+
+
+def _score(args, overrides) -> None:
+  """Few-shot rank scoring on a multiple-choice JSONL task; writes a JSON report."""
+  import json
+  from t5x_like import evaluation
+  trainer, tokenizer = _load(args, overrides)
+  if args.task == "austen_next_sentence":
+    from t5x_like.data import sources
+    source = sources.open_split("austen", "validation", ("text",), trainer.config.data.data_dir)
+    paragraphs = [source[i]["text"].decode("utf-8") for i in range(len(source))]
+    items = evaluation.next_sentence_task(paragraphs, size=args.items, seed=args.seed)
+  else:
+    items = evaluation.read_task(args.task)[:args.items]
+  model = trainer.model_from(trainer.state["params"])
+  model.eval()
+  with jax.set_mesh(trainer.mesh):
+    report = evaluation.few_shot_score(model, tokenizer, items, shots=args.shots, seed=args.seed)
+  report.update(task=args.task, workdir=str(args.workdir))
+  if args.output:
+    with open(args.output, "w", encoding="utf-8") as file:
+      json.dump(report, file, indent=1)
+  print(f"{args.task}, {args.shots}-shot, {report['items']} items: accuracy {report['accuracy']:.3f} "
+        f"(per-token mean {report['accuracy_per_token']:.3f}; chance {report['chance']:.3f})")
+
+
+def _tokenizer(args, overrides) -> None:
+  from t5x_like.data import tokenizer
+  if overrides:
+    raise ConfigError(f"tokenizer: unexpected arguments {overrides}")
+  tokenizer.run(args)
+
+
 def _sweep(args, overrides) -> None:
   """Runs (or continues) every point of a scaling sweep."""
   from t5x_like.scaling.sweep import run_sweep
@@ -118,6 +210,40 @@ def main(argv: list[str] | None = None) -> int:
   info.add_argument("--show-config", action="store_true", help="print the resolved config too")
   info.set_defaults(run=_info)
 
+  decode = commands.add_parser("decode", help="generate from a trained run")
+  decode.add_argument("--workdir", required=True)
+  decode.add_argument("--prompt", action="append", default=[], help="repeatable")
+  decode.add_argument("--input", help="JSONL with a 'prompt' field per line")
+  decode.add_argument("--output", help="JSONL to write {prompt, completion} rows to (default: print)")
+  decode.add_argument("--strategy", default="greedy", choices=("greedy", "sample", "beam"))
+  decode.add_argument("--max-new-tokens", type=int, default=64)
+  decode.add_argument("--temperature", type=float, default=1.0)
+  decode.add_argument("--top-k", type=int, default=0)
+  decode.add_argument("--top-p", type=float, default=1.0)
+  decode.add_argument("--repetition-penalty", type=float, default=1.0)
+  decode.add_argument("--num-beams", type=int, default=4)
+  decode.add_argument("--length-penalty", type=float, default=0.6)
+  decode.add_argument("--seed", type=int, default=0)
+  decode.set_defaults(run=_decode)
+  evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a trained run")
+  evaluate.add_argument("--workdir", required=True)
+  evaluate.add_argument("--split", default="validation", choices=("train", "validation"))
+  evaluate.add_argument("--batches", type=int, default=20)
+  evaluate.add_argument("--text-file", help="evaluate on this UTF-8 text instead of a split (decoders)")
+  evaluate.set_defaults(run=_eval)
+  score = commands.add_parser("score", help="few-shot rank scoring on a multiple-choice task")
+  score.add_argument("--workdir", required=True)
+  score.add_argument("--task", default="austen_next_sentence",
+                     help="JSONL of {context, options, answer}, or austen_next_sentence (built in)")
+  score.add_argument("--shots", type=int, default=0)
+  score.add_argument("--items", type=int, default=200)
+  score.add_argument("--seed", type=int, default=0)
+  score.add_argument("--output", help="JSON report path")
+  score.set_defaults(run=_score)
+  tokenizer = commands.add_parser("tokenizer", help="train SentencePiece tokenizers")
+  from t5x_like.data import tokenizer as tokenizer_module
+  tokenizer_module.add_arguments(tokenizer)
+  tokenizer.set_defaults(run=_tokenizer)
   sweep = commands.add_parser("sweep", help="run or continue a scaling-law sweep")
   sweep.add_argument("--config", required=True, help="experiments/scaling/FILE.py")
   sweep.add_argument("--workdir", required=True, help="one subdirectory per point, plus results")

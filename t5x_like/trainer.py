@@ -9,6 +9,7 @@ comes from the mode (t5x_like.modes).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import pathlib
@@ -131,7 +132,7 @@ class Trainer:
     self.mesh = partitioning.make_mesh(config.partitioning, devices)
     self.batch_sharding = partitioning.batch_sharding(self.mesh)
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
-    self.features = self.mode.batch_features(self.model_config)
+    self.features = self.mode.batch_features(self.model_config, config.data.get("objective"))
     self.tx, self.schedule = make_optimizer(config.train.optimizer, config.train.steps)
     self._build_state()
     self._compile_steps()
@@ -168,6 +169,30 @@ class Trainer:
       self.state, self.rest = jax.jit(init, out_shardings=(self.state_shardings, rest_shardings))()
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_shardings)
+
+  def restore(self, checkpointer: Checkpointer | None = None) -> dict | None:
+    """Loads the newest readable checkpoint in the workdir; returns its data-loader position
+    (None when there is no checkpoint)."""
+    if checkpointer is None:
+      checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=self.config.train.keep_checkpoints)
+    restored = checkpointer.restore_latest(self.abstract_state)
+    if restored is None:
+      return None
+    step, self.state, data_state = restored
+    logger.info("restored step %d from %s", step, self.workdir)
+    return data_state
+
+  @classmethod
+  def from_workdir(cls, workdir: str | pathlib.Path) -> "Trainer":
+    """The trainer of a finished or running run, with its newest checkpoint loaded."""
+    workdir = pathlib.Path(workdir)
+    config_file = workdir / "config.json"
+    if not config_file.exists():
+      raise ConfigError(f"{workdir} holds no config.json; is it a t5x-like train --workdir?")
+    trainer = cls(ml_collections.ConfigDict(json.loads(config_file.read_text())), workdir)
+    if trainer.restore() is None:
+      raise ConfigError(f"{workdir}/checkpoints holds no readable checkpoint")
+    return trainer
 
   def model_from(self, params, rest=None) -> nnx.Module:
     return nnx.merge(self.graphdef, params, self.rest if rest is None else rest)
@@ -273,12 +298,9 @@ class Trainer:
       (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
     checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     train_loader = self.loader("train")
-    restored = checkpointer.restore_latest(self.abstract_state)
-    if restored is not None:
-      step, self.state, data_state = restored
-      if data_state:
-        train_loader.set_state(data_state)
-      logger.info("resumed from step %d", step)
+    data_state = self.restore(checkpointer)
+    if data_state:
+      train_loader.set_state(data_state)
     writer = MetricWriter(self.workdir)
     start_step = int(jax.device_get(self.state["step"]))
 

@@ -18,8 +18,9 @@ class TrainingMode(abc.ABC):
   trainable = nnx.Param
 
   @abc.abstractmethod
-  def batch_features(self, model_config: ModelConfig) -> tuple[str, ...]:
-    """Names of the features the mode reads from a batch (checked before compiling)."""
+  def batch_features(self, model_config: ModelConfig, objective: str | None) -> tuple[str, ...]:
+    """Names of the features the mode reads from a batch made by the data objective
+    (checked before compiling)."""
 
   @abc.abstractmethod
   def loss_sums(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

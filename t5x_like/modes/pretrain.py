@@ -28,7 +28,9 @@ class Pretrain(TrainingMode):
   def __init__(self, z_loss: float = 0.0):
     self.z_loss = z_loss
 
-  def batch_features(self, model_config: ModelConfig) -> tuple[str, ...]:
+  def batch_features(self, model_config: ModelConfig, objective: str | None) -> tuple[str, ...]:
+    if objective == "prefix_lm":  # the inputs part attends bidirectionally
+      return FEATURES[model_config.arch] + ("decoder_causal_attention",)
     return FEATURES[model_config.arch]
 
   def loss_sums(self, model: nnx.Module, batch):

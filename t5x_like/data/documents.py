@@ -1,0 +1,110 @@
+"""Local files as documents: paragraphs of text files, records of JSON-lines files.
+
+A file named `*.jsonl` holds one JSON object per line; any other file is plain UTF-8 text.
+In a text file a blank line ends a paragraph and each paragraph is one document. Inside a
+paragraph the line breaks are the printer's layout (the bundled novels keep one printed
+line per line), so its lines are stripped and joined with single spaces; paragraphs of
+only whitespace are no documents. Text whose line breaks matter (verse, code) belongs in
+the `text` field of a JSONL file, where it is kept exactly.
+
+Every problem with a file is a DataError naming the file, the line and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Iterator, Mapping, Sequence
+
+from models.config import ConfigError
+
+
+class DataError(ConfigError):
+  """A data file that cannot be used; the message names the file, the line and the fix."""
+
+
+def is_jsonl(path: str | pathlib.Path) -> bool:
+  return pathlib.Path(path).suffix == ".jsonl"
+
+
+def read_utf8(path: str | pathlib.Path) -> str:
+  """The file's text; an empty file or bytes that are not UTF-8 are errors naming the line."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: no such file")
+  data = path.read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as error:
+    line = data.count(b"\n", 0, error.start) + 1
+    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+    raise DataError(
+        f"{path}, line {line}, column {column}: byte 0x{data[error.start]:02x} is not UTF-8; "
+        f"convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+  if not text.strip():
+    raise DataError(f"{path} is empty; remove it from the data files")
+  return text.replace("\r\n", "\n")
+
+
+def paragraphs(path: str | pathlib.Path) -> Iterator[tuple[int, str]]:
+  """(line number where it starts, text) for each paragraph of a text file."""
+  start, lines = 0, []
+  for number, line in enumerate(read_utf8(path).split("\n"), start=1):
+    if line.strip():
+      start = start or number
+      lines.append(line.strip())
+    elif lines:
+      yield start, " ".join(lines)
+      start, lines = 0, []
+  if lines:
+    yield start, " ".join(lines)
+
+
+def jsonl_records(path: str | pathlib.Path, fields: Sequence[str] | None = None,
+                  aliases: Mapping[str, str] | None = None) -> Iterator[tuple[int, dict[str, str]]]:
+  """(line number, {field: text}) for each record of a JSONL file.
+
+  `fields` are the string fields to read (all string fields when None); `aliases` reads a
+  field under another key (the bundled HHH pairs serve `response` from `chosen`).
+  """
+  aliases = dict(aliases or {})
+  found = False
+  for number, line in enumerate(read_utf8(path).split("\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise DataError(f"{path}, line {number}: not valid JSON ({error.msg} at column "
+                      f"{error.colno}); write one JSON object per line") from None
+    if not isinstance(record, dict):
+      raise DataError(f"{path}, line {number}: a JSONL record must be a JSON object, "
+                      f"got {type(record).__name__}")
+    if fields is None:
+      yield number, {k: v for k, v in record.items() if isinstance(v, str)}
+      found = True
+      continue
+    values = {}
+    for field in fields:
+      key = aliases.get(field, field)
+      if key not in record:
+        raise DataError(f"{path}, line {number}: no field {key!r} (the record has "
+                        f"{sorted(record)}); every record needs {sorted(aliases.get(f, f) for f in fields)}")
+      if not isinstance(record[key], str):
+        raise DataError(f"{path}, line {number}: field {key!r} must be a string, "
+                        f"got {type(record[key]).__name__}")
+      values[field] = record[key]
+    found = True
+    yield number, values
+  if not found:
+    raise DataError(f"{path} has no records; remove it from the data files")
+
+
+def texts(path: str | pathlib.Path) -> Iterator[str]:
+  """Every text of a file, for training a tokenizer: paragraphs, or a record's string fields."""
+  if is_jsonl(path):
+    for _, record in jsonl_records(path):
+      yield from (value for value in record.values() if value)
+  else:
+    for _, text in paragraphs(path):
+      yield text

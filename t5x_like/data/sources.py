@@ -1,0 +1,71 @@
+"""`data.dataset` -> the records of one split, as a random-access source grain can read.
+
+  'austen', 'moby_dick', 'hhh'      the bundled corpora (corpora/README.md)
+  'notes/*.txt,more/a.jsonl'        local files: comma-separated paths or globs
+  'tfds:NAME[/CONFIG][:VERSION]'    a TFDS catalog dataset already prepared in array_record
+                                    format under data.data_dir (see tfds_text.catalog_source)
+
+Local files, the bundled ones included, are built into data.data_dir on first use
+(tfds_text.prepare); records are dicts of UTF-8 bytes, one entry per field read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import pathlib
+from typing import Sequence
+
+from models.config import ConfigError
+from t5x_like.data import tfds_text
+
+CORPORA = pathlib.Path(__file__).parent / "corpora"
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundled:
+  files: tuple[pathlib.Path, ...]
+  aliases: dict[str, str] = dataclasses.field(default_factory=dict)  # field -> JSON key
+
+
+BUNDLED = {
+    "austen": Bundled(tuple(sorted((CORPORA / "austen").glob("*.txt")))),
+    "moby_dick": Bundled((CORPORA / "heldout" / "moby_dick.txt",)),
+    # Supervised fine-tuning on the pairs learns the preferred answer.
+    "hhh": Bundled((CORPORA / "preference" / "hhh_alignment_pairs.jsonl",), {"response": "chosen"}),
+}
+CATALOG_PREFIX = "tfds:"
+
+
+def local_files(spec: str) -> list[str]:
+  """The files a comma-separated list of paths or globs names, in a stable order."""
+  files = []
+  for pattern in filter(None, (part.strip() for part in spec.split(","))):
+    matches = sorted(glob.glob(str(pathlib.Path(pattern).expanduser())))
+    if not matches:
+      raise ConfigError(
+          f"data.dataset={spec!r}: no file matches {pattern!r}; give a bundled corpus "
+          f"({', '.join(BUNDLED)}), comma-separated files or globs, or {CATALOG_PREFIX}NAME")
+    files.extend(matches)
+  if not files:
+    raise ConfigError(f"data.dataset={spec!r} names no dataset")
+  return files
+
+
+def open_split(dataset: str, split: str, fields: Sequence[str], data_dir: str):
+  """The records of `split` ('train' or 'validation'), reading `fields`."""
+  if dataset.startswith(CATALOG_PREFIX):
+    return tfds_text.catalog_source(dataset[len(CATALOG_PREFIX):], split, data_dir)
+  if split not in tfds_text.SPLITS:
+    raise ConfigError(f"split {split!r} is not one of {tfds_text.SPLITS}")
+  if dataset in BUNDLED:
+    bundled = BUNDLED[dataset]
+    files, label = bundled.files, dataset
+    aliases = {field: key for field, key in bundled.aliases.items() if field in fields}
+  else:
+    files, label, aliases = local_files(dataset), "files", {}
+  builder = tfds_text.prepare(files, fields, data_dir, label=label, aliases=aliases)
+  if split not in builder.info.splits:
+    raise ConfigError(f"data.dataset={dataset!r} has no {split} records ({tfds_text.VALIDATION_PERCENT}% "
+                      f"of records fall in validation, by a hash of their text); add data")
+  return builder.as_data_source(split)

@@ -1,0 +1,138 @@
+"""Local text and JSONL files as TFDS datasets in array_record format, read without TensorFlow.
+
+`prepare(files, fields, data_dir)` builds a dataset once, into
+`data_dir/local_files/{label}_{fingerprint}/1.0.0/`, and later calls reuse it. The
+fingerprint covers the files' paths, sizes and modification times, the fields read and
+the split rule, so an edited file is rebuilt rather than read stale. A file lock lets the
+processes of one host share a data_dir: one builds, the others wait and reuse.
+
+Split: a record is in `validation` when crc32 of its first field (the text, or the prompt)
+mod 100 is below VALIDATION_PERCENT, else in `train`. The rule is deterministic, ignores
+file order, and keeps equal texts (repeated chapter headings, pairs sharing a prompt) in
+one split, so validation never shares a prompt with training. A split no record falls in
+is not written (TFDS cannot write empty splits); reading it is an error naming the dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import pathlib
+import zlib
+from typing import Mapping, Sequence
+
+import tensorflow_datasets as tfds
+
+from t5x_like.data import documents
+
+VALIDATION_PERCENT = 5
+SPLITS = ("train", "validation")
+
+
+def split_of(key: str) -> str:
+  return "validation" if zlib.crc32(key.encode("utf-8")) % 100 < VALIDATION_PERCENT else "train"
+
+
+@dataclasses.dataclass
+class LocalFilesConfig(tfds.core.BuilderConfig):
+  files: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # tfds logs the repr
+  fields: tuple[str, ...] = ("text",)
+  aliases: tuple[tuple[str, str], ...] = ()  # (field, JSON key it is read from)
+
+
+class LocalFiles(tfds.core.GeneratorBasedBuilder):
+  """Documents of local files, one string feature per field (see documents.py)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  # No code directory to look up: nothing is downloaded, so there is no checksums file
+  # (and tfds 4.9.10 would need the undeclared importlib_resources to look).
+  code_path = None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {field: tfds.features.Text() for field in self.builder_config.fields}
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                 description="Local text/JSONL files (t5x_like.data.tfds_text).")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing is downloaded
+    # TFDS cannot write an empty split, and a few records may all hash into one.
+    present = set()
+    for _, record in self._keyed_records():
+      present.add(split_of(record[self.builder_config.fields[0]]))
+      if len(present) == len(SPLITS):
+        break
+    return {split: self._generate_examples(split) for split in SPLITS if split in present}
+
+  def _generate_examples(self, split: str):
+    for key, record in self._keyed_records():
+      if split_of(record[self.builder_config.fields[0]]) == split:
+        yield key, record
+
+  def _keyed_records(self):
+    config = self.builder_config
+    for index, path in enumerate(config.files):
+      for line, record in _records(path, config.fields, dict(config.aliases)):
+        yield f"{index}:{line}", record
+
+
+def _records(path: str, fields: Sequence[str], aliases: Mapping[str, str]):
+  if documents.is_jsonl(path):
+    yield from documents.jsonl_records(path, fields, aliases)
+  elif tuple(fields) == ("text",):
+    for line, text in documents.paragraphs(path):
+      yield line, {"text": text}
+  else:
+    raise documents.DataError(f"{path} is a text file, which has only a `text` field, but "
+                              f"{sorted(fields)} are needed; use a .jsonl file with these fields")
+
+
+def _fingerprint(files: Sequence[str], fields: Sequence[str], aliases: Mapping[str, str]) -> str:
+  digest = hashlib.sha256(repr((tuple(fields), sorted(aliases.items()), VALIDATION_PERCENT,
+                                str(LocalFiles.VERSION))).encode())
+  for path in files:
+    stat = pathlib.Path(path).stat()
+    digest.update(repr((path, stat.st_size, stat.st_mtime_ns)).encode())
+  return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _host_lock(path: pathlib.Path):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def prepare(files: Sequence[str | pathlib.Path], fields: Sequence[str], data_dir: str | pathlib.Path,
+            *, label: str = "files", aliases: Mapping[str, str] | None = None) -> LocalFiles:
+  """The built dataset of these files (built now if missing); read it with `.as_data_source(split)`."""
+  aliases = dict(aliases or {})
+  files = [str(pathlib.Path(f).expanduser().resolve()) for f in files]
+  for path in files:
+    if not pathlib.Path(path).is_file():
+      raise documents.DataError(f"{path}: no such file")
+  data_dir = pathlib.Path(data_dir).expanduser()
+  name = f"{label}_{_fingerprint(files, fields, aliases)}"
+  config = LocalFilesConfig(name=name, files=tuple(files), fields=tuple(fields),
+                            aliases=tuple(sorted(aliases.items())),
+                            description=f"{label}: {len(files)} file(s), fields {list(fields)}")
+  with _host_lock(data_dir / f".{name}.lock"):
+    # Made under the lock: a builder reads the dataset's info when made, so it must see
+    # a build another process has just finished.
+    builder = LocalFiles(config=config, data_dir=str(data_dir), file_format="array_record")
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+  return builder
+
+
+def catalog_source(name: str, split: str, data_dir: str | pathlib.Path):
+  """A TFDS catalog dataset the user prepared in array_record format, e.g. after
+  `tfds build wikipedia/20230601.en --file_format=array_record --data_dir=DIR` (building
+  catalog datasets needs TensorFlow; reading them here does not). Its features must carry
+  the names the objective reads (`text`; `prompt`, `response`, ...)."""
+  return tfds.data_source(name, split=split, data_dir=str(pathlib.Path(data_dir).expanduser()))

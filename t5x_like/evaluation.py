@@ -1,0 +1,167 @@
+"""Evaluation of a trained run: loss, perplexity and bits per byte; few-shot rank scoring.
+
+Bits per byte (Gao et al. 2020, The Pile, sec. 4) divide the summed loss in nats by
+ln 2 times the UTF-8 bytes of the text scored, so models with different tokenizers compare.
+Few-shot rank scoring (Brown et al. 2020, sec. 2.4): each option's log-likelihood after a
+prompt of k solved examples; the highest wins. Both the summed and the per-token mean
+log-likelihood are reported, since the sum favours short options.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import random
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ConfigError
+from t5x_like import partitioning
+from t5x_like.data.tokenizer import EOS_ID, PAD_ID
+
+
+def _summary(nats: float, tokens: float, correct: float, num_bytes: int) -> dict[str, float]:
+  loss = nats / max(tokens, 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": correct / max(tokens, 1.0),
+          "bits_per_byte": nats / math.log(2) / max(num_bytes, 1), "tokens": tokens, "bytes": num_bytes}
+
+
+def _target_bytes(tokenizer, batch: dict[str, np.ndarray], prefix: str) -> int:
+  """UTF-8 bytes of the scored targets, document by document (EOS has none)."""
+  total = 0
+  targets, weights = batch[f"{prefix}_target_tokens"], batch[f"{prefix}_loss_weights"]
+  segments = batch[f"{prefix}_segment_ids"]
+  for row in range(targets.shape[0]):
+    for segment in np.unique(segments[row][segments[row] > 0]):
+      ids = targets[row][(segments[row] == segment) & (weights[row] > 0)]
+      total += len(tokenizer.decode(ids[ids != EOS_ID]).encode("utf-8"))
+  return total
+
+
+def evaluate_split(trainer, tokenizer, split: str, num_batches: int) -> dict[str, float]:
+  """Loss, perplexity, token accuracy and bits per byte over the first batches of a split."""
+  prefix = "encoder" if trainer.model_config.arch == "encoder" else "decoder"
+  loader = trainer.loader(split)
+  nats = tokens = correct = 0.0
+  num_bytes = 0
+  with jax.set_mesh(trainer.mesh), partitioning.activation_rules(trainer.config.partitioning):
+    for _ in range(num_batches):
+      batch = next(loader)
+      sums = jax.device_get(trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
+      nats += float(sums["cross_entropy"])
+      tokens += float(sums["weight"])
+      correct += float(sums["correct"])
+      num_bytes += _target_bytes(tokenizer, batch, prefix)
+  return _summary(nats, tokens, correct, num_bytes)
+
+
+def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
+  """The same figures for a decoder on one text, cut into consecutive rows of data.seq_len."""
+  if trainer.model_config.arch != "decoder":
+    raise ConfigError("evaluating a text file needs a decoder; use --split for other architectures")
+  ids = np.concatenate([tokenizer.encode(text), [EOS_ID]]).astype(np.int32)
+  length, batch_size = trainer.config.data.seq_len, trainer.config.data.batch_size
+  # Row r predicts ids[r*length + 1 : (r+1)*length + 1] from the ids before them.
+  rows = -(-(len(ids) - 1) // length)
+  rows = -(-rows // batch_size) * batch_size
+  padded = np.full(rows * length + 1, PAD_ID, np.int32)
+  padded[:len(ids)] = ids
+  weights = (np.arange(1, rows * length + 1) < len(ids)).astype(np.float32).reshape(rows, length)
+  inputs = padded[:-1].reshape(rows, length)
+  targets = padded[1:].reshape(rows, length)
+  nats = tokens = correct = 0.0
+  with jax.set_mesh(trainer.mesh), partitioning.activation_rules(trainer.config.partitioning):
+    for start in range(0, rows, batch_size):
+      part = slice(start, start + batch_size)
+      batch = {"decoder_input_tokens": inputs[part], "decoder_target_tokens": targets[part],
+               "decoder_loss_weights": weights[part], "decoder_segment_ids": np.ones_like(inputs[part]),
+               "decoder_positions": np.broadcast_to(np.arange(length, dtype=np.int32), inputs[part].shape)}
+      sums = jax.device_get(trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
+      nats += float(sums["cross_entropy"])
+      tokens += float(sums["weight"])
+      correct += float(sums["correct"])
+  return _summary(nats, tokens, correct, len(text.encode("utf-8")))
+
+
+# Few-shot rank scoring ------------------------------------------------------------------
+
+def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str]) -> list[tuple[float, int]]:
+  """(sum of log p(option tokens | prompt), number of option tokens) for each option."""
+  prompt_ids = tokenizer.encode(prompt).tolist()
+  sequences = [prompt_ids + tokenizer.encode(option).tolist() for option in options]
+  width = max(len(s) for s in sequences)
+  tokens = np.zeros((len(sequences), width), np.int32)
+  segments = np.zeros_like(tokens)
+  for row, sequence in enumerate(sequences):
+    tokens[row, :len(sequence)] = sequence
+    segments[row, :len(sequence)] = 1
+  log_probs = jax.nn.log_softmax(model(jnp.asarray(tokens), segment_ids=jnp.asarray(segments)), axis=-1)
+  log_probs = np.asarray(log_probs)
+  results = []
+  for row, sequence in enumerate(sequences):
+    positions = range(len(prompt_ids), len(sequence))
+    total = sum(float(log_probs[row, t - 1, sequence[t]]) for t in positions)
+    results.append((total, len(positions)))
+  return results
+
+
+def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int = 0) -> dict:
+  """Accuracy of rank scoring on multiple-choice items {context, options, answer}; each item's
+  examples are `shots` other items with their answers, separated by blank lines."""
+  if model.config.arch != "decoder":
+    raise ConfigError("few-shot scoring needs a decoder")
+  rng = random.Random(seed)
+  correct_sum = correct_mean = 0
+  for index, item in enumerate(items):
+    others = [other for j, other in enumerate(items) if j != index]
+    examples = rng.sample(others, min(shots, len(others)))
+    prompt = "".join(f"{e['context']}{e['options'][e['answer']]}\n\n" for e in examples) + item["context"]
+    scores = option_log_likelihoods(model, tokenizer, prompt, item["options"])
+    correct_sum += int(np.argmax([s for s, _ in scores]) == item["answer"])
+    correct_mean += int(np.argmax([s / max(n, 1) for s, n in scores]) == item["answer"])
+  chance = float(np.mean([1 / len(item["options"]) for item in items]))
+  return {"items": len(items), "shots": shots, "accuracy": correct_sum / len(items),
+          "accuracy_per_token": correct_mean / len(items), "chance": chance}
+
+
+def read_task(path: str | pathlib.Path) -> list[dict]:
+  """Multiple-choice JSONL: {"context": str, "options": [str, ...], "answer": index} per line."""
+  items = []
+  for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    item = json.loads(line)
+    missing = {"context", "options", "answer"} - set(item)
+    if missing:
+      raise ConfigError(f"{path}, line {number}: missing field(s) {sorted(missing)}")
+    if not 0 <= item["answer"] < len(item["options"]):
+      raise ConfigError(f"{path}, line {number}: answer {item['answer']} is not an index of the options")
+    items.append(item)
+  return items
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+def next_sentence_task(paragraphs: list[str], *, size: int = 200, options: int = 4, seed: int = 0) -> list[dict]:
+  """Which of `options` sentences really follows this one? Distractors are sentences that
+  follow other sentences in the same texts, so every option is fluent prose."""
+  pairs = []
+  for paragraph in paragraphs:
+    sentences = [s.strip() for s in SENTENCE_END.split(paragraph) if len(s.split()) >= 4]
+    pairs += [(a, b) for a, b in zip(sentences, sentences[1:])]
+  rng = random.Random(seed)
+  rng.shuffle(pairs)
+  if len(pairs) < size + options:
+    raise ConfigError(f"only {len(pairs)} sentence pairs for a task of {size} items")
+  items = []
+  for context, continuation in pairs[:size]:
+    distractors = rng.sample([b for _, b in pairs[size:]], options - 1)
+    choices = distractors + [continuation]
+    rng.shuffle(choices)
+    items.append({"context": context + " ", "options": choices, "answer": choices.index(continuation)})
+  return items

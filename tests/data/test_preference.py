@@ -1,0 +1,41 @@
+"""Preference pairs: chosen and rejected sequences side by side; the bundled HHH pairs load."""
+
+import numpy as np
+import pytest
+
+from models.config import ConfigError
+from t5x_like.data.config import default_data_config
+from t5x_like.data.loader import make_loader
+from t5x_like.data.objectives.preference import PreferencePairs
+from t5x_like.data.objectives.features import pad_example
+
+
+def test_pair_features(tokenizer):
+  objective = PreferencePairs(tokenizer, 32)
+  record = {"prompt": "Human: Is Bath far?\n\nAssistant:", "chosen": " A day's drive.",
+            "rejected": " Who knows."}
+  (example,) = objective.examples(record, np.random.default_rng(0))
+  features = objective.features(pad_example(example, objective.lengths))
+  prompt_length = len(tokenizer.encode(record["prompt"]))
+  for side in ("chosen", "rejected"):
+    targets, weights = features[f"{side}_decoder_target_tokens"], features[f"{side}_decoder_loss_weights"]
+    assert tokenizer.decode(targets) == record["prompt"] + record[side]
+    assert weights[:prompt_length].sum() == 0
+    assert tokenizer.decode(targets[weights > 0]) == record[side]
+    assert features[f"{side}_decoder_input_tokens"][0] == 0
+    assert (features[f"{side}_decoder_segment_ids"] <= 1).all()
+
+
+def test_bundled_hhh_pairs_batch_unpacked(data_dir):
+  config = default_data_config()
+  config.update(dataset="hhh", objective="preference", pack=False, seq_len=128, batch_size=4,
+                data_dir=data_dir)
+  loader = make_loader(config, "train")
+  batch = next(loader)
+  for side in ("chosen", "rejected"):
+    assert batch[f"{side}_decoder_target_tokens"].shape == (4, 128)
+    assert (batch[f"{side}_decoder_loss_weights"].sum(axis=1) > 0).all()
+  validation = make_loader(config, "validation")
+  assert loader.num_records + validation.num_records == 221
+  with pytest.raises(ConfigError, match=r"data.pack=True: preference pairs are never packed"):
+    make_loader(dict(config, pack=True), "train")

@@ -1,0 +1,52 @@
+"""`data.dataset` values: bundled corpora, file lists and globs, and their errors."""
+
+import json
+import time
+
+import pytest
+
+from models.config import ConfigError
+from t5x_like.data import documents, sources
+
+
+def test_bundled_austen_builds_in_seconds_with_a_five_percent_validation_split(data_dir):
+  start = time.perf_counter()
+  train = sources.open_split("austen", "train", ("text",), data_dir)
+  validation = sources.open_split("austen", "validation", ("text",), data_dir)
+  assert time.perf_counter() - start < 20
+  paragraphs = sum(1 for path in sources.BUNDLED["austen"].files for _ in documents.paragraphs(path))
+  assert len(sources.BUNDLED["austen"].files) == 6 and len(train) + len(validation) == paragraphs == 10298
+  assert 0.03 < len(validation) / paragraphs < 0.07
+
+
+def test_bundled_hhh_pairs_load_all_221(data_dir):
+  fields = ("prompt", "chosen", "rejected")
+  splits = [sources.open_split("hhh", split, fields, data_dir) for split in ("train", "validation")]
+  assert sum(len(s) for s in splits) == 221
+  record = splits[0][0]
+  assert set(record) == set(fields) and all(isinstance(v, bytes) and v for v in record.values())
+  # As SFT data the pairs serve their preferred answer as the response.
+  sft = sources.open_split("hhh", "train", ("prompt", "response"), data_dir)
+  lines = [json.loads(line) for line in sources.BUNDLED["hhh"].files[0].read_text().splitlines()]
+  chosen = {(r["prompt"], r["chosen"]) for r in lines}
+  assert all((sft[i]["prompt"].decode(), sft[i]["response"].decode()) in chosen for i in range(len(sft)))
+
+
+def test_files_and_globs(tmp_path):
+  for name in ("b.txt", "a.txt", "c.md"):
+    (tmp_path / name).write_text(f"Text of {name}.\n", encoding="utf-8")
+  assert sources.local_files(f"{tmp_path}/*.txt, {tmp_path}/c.md") == [
+      str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), str(tmp_path / "c.md")]
+  with pytest.raises(ConfigError, match=r"data.dataset=.*: no file matches '.*/\*\.json'; give a bundled"):
+    sources.local_files(f"{tmp_path}/*.txt,{tmp_path}/*.json")
+  with pytest.raises(ConfigError, match=r"data.dataset=' , ' names no dataset"):
+    sources.local_files(" , ")
+
+
+def test_a_split_no_record_falls_in_is_an_error(tmp_path):
+  (tmp_path / "one.txt").write_text("A single paragraph.\n", encoding="utf-8")
+  present = "train" if sources.tfds_text.split_of("A single paragraph.") == "train" else "validation"
+  missing = "validation" if present == "train" else "train"
+  assert len(sources.open_split(str(tmp_path / "one.txt"), present, ("text",), tmp_path / "tfds")) == 1
+  with pytest.raises(ConfigError, match=rf"one\.txt' has no {missing} records"):
+    sources.open_split(str(tmp_path / "one.txt"), missing, ("text",), tmp_path / "tfds")

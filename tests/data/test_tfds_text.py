@@ -1,0 +1,80 @@
+"""Local files built as array_record TFDS datasets: splits, reuse, rebuilds and bad files."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from t5x_like.data import documents, tfds_text
+from t5x_like.data.documents import DataError
+
+
+def _texts(source) -> list[str]:
+  return [source[i]["text"].decode("utf-8") for i in range(len(source))]
+
+
+def _all_texts(builder) -> list[str]:
+  """Texts of every split written (a split no record falls in is not)."""
+  return sorted(text for split in builder.info.splits for text in _texts(builder.as_data_source(split)))
+
+
+def test_every_paragraph_lands_in_exactly_the_split_its_hash_picks(small_corpus, tmp_path):
+  builder = tfds_text.prepare([small_corpus], ("text",), tmp_path / "tfds")
+  train, validation = (_texts(builder.as_data_source(split)) for split in tfds_text.SPLITS)
+  paragraphs = [text for _, text in documents.paragraphs(small_corpus)]
+  assert sorted(train + validation) == sorted(paragraphs)
+  assert validation and all(tfds_text.split_of(text) == "validation" for text in validation)
+  assert all(tfds_text.split_of(text) == "train" for text in train)
+
+
+def test_prepare_reuses_a_build_and_rebuilds_an_edited_file(small_corpus, tmp_path):
+  first = tfds_text.prepare([small_corpus], ("text",), tmp_path / "tfds")
+  again = tfds_text.prepare([small_corpus], ("text",), tmp_path / "tfds")
+  assert again.data_dir == first.data_dir
+  small_corpus.write_text("One new paragraph.\n", encoding="utf-8")
+  os.utime(small_corpus, ns=(time.time_ns(), time.time_ns() + 10**9))
+  edited = tfds_text.prepare([small_corpus], ("text",), tmp_path / "tfds")
+  assert edited.data_dir != first.data_dir
+  assert _all_texts(edited) == ["One new paragraph."]
+
+
+def test_text_and_jsonl_files_mix_when_only_text_is_read(tmp_path):
+  (tmp_path / "a.txt").write_text("From a text file.\n", encoding="utf-8")
+  (tmp_path / "b.jsonl").write_text(json.dumps({"text": "Verse\n  keeps its lines.", "id": 7}) + "\n",
+                                    encoding="utf-8")
+  builder = tfds_text.prepare([tmp_path / "a.txt", tmp_path / "b.jsonl"], ("text",), tmp_path / "tfds")
+  assert _all_texts(builder) == ["From a text file.", "Verse\n  keeps its lines."]
+
+
+def test_bad_files_fail_the_build_with_file_and_line(tmp_path):
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"fine\n\nbroken \xff byte\n")
+  with pytest.raises(DataError, match=r"bad\.txt, line 3, column 8: byte 0xff is not UTF-8"):
+    tfds_text.prepare([bad], ("text",), tmp_path / "tfds")
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text('{"prompt": "Q", "chosen": "A"}\n', encoding="utf-8")
+  with pytest.raises(DataError, match=r"pairs\.jsonl, line 1: no field 'rejected'"):
+    tfds_text.prepare([pairs], ("prompt", "chosen", "rejected"), tmp_path / "tfds")
+  with pytest.raises(DataError, match=r"bad\.txt is a text file, which has only a `text` field"):
+    tfds_text.prepare([bad], ("prompt", "response"), tmp_path / "tfds")
+  with pytest.raises(DataError, match=r"missing\.txt: no such file"):
+    tfds_text.prepare([tmp_path / "missing.txt"], ("text",), tmp_path / "tfds")
+
+
+def test_processes_of_one_host_share_a_data_dir(small_corpus, tmp_path):
+  """Two processes prepare the same dataset at once: one builds, the other waits and reads it."""
+  root = pathlib.Path(__file__).resolve().parents[2]
+  script = ("import sys; from t5x_like.data import tfds_text; "
+            "b = tfds_text.prepare([sys.argv[1]], ('text',), sys.argv[2]); "
+            "print(sum(len(b.as_data_source(s)) for s in b.info.splits))")
+  env = dict(os.environ, PYTHONPATH=str(root))
+  runs = [subprocess.Popen([sys.executable, "-c", script, str(small_corpus), str(tmp_path / "tfds")],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+          for _ in range(2)]
+  outputs = [run.communicate(timeout=120)[0].split() for run in runs]
+  assert [run.returncode for run in runs] == [0, 0]
+  assert [out[-1] for out in outputs] == [str(len(list(documents.paragraphs(small_corpus))))] * 2

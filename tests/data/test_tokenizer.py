@@ -1,0 +1,113 @@
+"""The fixed id layout, exact round trips, loading foreign models, training and its CLI."""
+
+import pathlib
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from models.config import ConfigError
+from t5x_like.data import tokenizer as tokenizer_lib
+from t5x_like.data.documents import DataError
+from t5x_like.data.tokenizer import EOS_ID, NUM_SENTINELS, PAD_ID, UNK_ID, Tokenizer
+
+ROUND_TRIP = ["It is a truth universally acknowledged.", "  two  leading spaces, tab\there\nnewline ",
+              "café, naïve, ☃ and 日本語 🙂", "", " ", "\n\n", "Mr. Darcy's £10,000 a year!"]
+
+
+def test_shipped_tokenizer_layout(tokenizer):
+  assert tokenizer.vocab_size == 8192  # fits experiments/*_tiny.py
+  sp = tokenizer._sp
+  assert [sp.id_to_piece(i) for i in (PAD_ID, EOS_ID, UNK_ID)] == ["<pad>", "</s>", "<unk>"]
+  assert tokenizer.mask_id == 8192 - 1 - NUM_SENTINELS == sp.get_piece_size()
+  assert tokenizer.sentinel_id(0) == 8191 and tokenizer.sentinel_id(NUM_SENTINELS - 1) == 8092
+  with pytest.raises(ValueError, match="sentinel 100 out of range"):
+    tokenizer.sentinel_id(NUM_SENTINELS)
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_exact_round_trip(tokenizer, text):
+  ids = tokenizer.encode(text)
+  assert ids.dtype == np.int32 and (ids >= 3).all() and (ids < tokenizer.mask_id).all()
+  assert tokenizer.decode(ids) == text
+
+
+def test_concatenated_encodings_decode_to_concatenated_text(tokenizer):
+  prompt, response = "\n\nHuman: Who is Emma?\n\nAssistant:", " A heroine of Austen's."
+  ids = np.concatenate([tokenizer.encode(prompt), tokenizer.encode(response)])
+  assert tokenizer.decode(ids) == prompt + response
+
+
+def test_decode_stops_at_eos_skips_pad_and_names_specials(tokenizer):
+  a, b = tokenizer.encode("Emma"), tokenizer.encode(" wept")
+  ids = [*a, tokenizer.sentinel_id(0), PAD_ID, *b, tokenizer.mask_id, tokenizer.sentinel_id(7), EOS_ID, *a]
+  assert tokenizer.decode(ids) == "Emma<extra_id_0> wept<mask><extra_id_7>"
+  with pytest.raises(ValueError, match=r"id 8192 is outside the 8192 ids of tokenizer .*austen_bpe_8k\.model"):
+    tokenizer.decode([5, 8192])
+
+
+def test_a_model_with_other_special_ids_is_remapped(tmp_path):
+  """SentencePiece's defaults (unk=0, bos=1, eos=2, no pad), as in most models trained elsewhere."""
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(["the cat sat on the mat"] * 50 + ["a dog ran"] * 50),
+                                 model_prefix=str(tmp_path / "foreign"), vocab_size=18, minloglevel=2)
+  foreign = Tokenizer(tmp_path / "foreign.model")
+  sp = foreign._sp
+  assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+  assert foreign.vocab_size == 3 + 16 + 1 + NUM_SENTINELS  # its unk and eos take ids 2 and 1, bos is ordinary
+  np.testing.assert_array_equal(foreign._to_id[[0, 2]], [UNK_ID, EOS_ID])
+  ids = foreign.encode("the cat ran")
+  assert (ids >= 3).all() and foreign.decode(ids) == "the cat ran"
+  assert foreign.decode([*ids, EOS_ID, *ids]) == "the cat ran"
+  assert UNK_ID in foreign.encode("zebra")  # its unknown piece (no byte fallback) maps to ours
+
+
+def test_missing_and_broken_model_files(tmp_path):
+  with pytest.raises(DataError, match=r"neither a shipped tokenizer \(austen_bpe_8k\) nor an existing"):
+    tokenizer_lib.load_tokenizer(str(tmp_path / "none.model"))
+  junk = tmp_path / "junk.model"
+  junk.write_bytes(b"not a protobuf")
+  with pytest.raises(DataError, match=r"junk\.model is not a SentencePiece model"):
+    Tokenizer(junk)
+
+
+def _small_text(tmp_path) -> pathlib.Path:
+  path = tmp_path / "small.txt"
+  path.write_text("\n\n".join(f"Paragraph {i} says the quick brown fox jumps over {i % 7} lazy dogs."
+                              for i in range(200)), encoding="utf-8")
+  return path
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_train_tiny_tokenizer(tmp_path, model_type):
+  path = tokenizer_lib.train_tokenizer([_small_text(tmp_path)], 410, tmp_path / "tiny", model_type)
+  assert path == tmp_path / "tiny.model"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt", "tiny.model"]
+  tiny = Tokenizer(path)
+  assert tiny.vocab_size == 410
+  text = "The quick fox, naïvely: 42 dogs!"
+  assert tiny.decode(tiny.encode(text)) == text  # byte fallback covers unseen characters
+
+
+def test_vocabulary_smaller_than_the_special_ids_is_an_error(tmp_path):
+  smallest = tokenizer_lib.min_vocab_size()
+  assert smallest == 3 + 256 + 1 + NUM_SENTINELS + 1
+  with pytest.raises(ConfigError, match=rf"--vocab-size 300 is too small: the special ids need "
+                                        rf"{smallest - 1} \(pad, eos, unk, 256 byte-fallback "
+                                        rf"pieces, the mask and 100 sentinels\)"):
+    tokenizer_lib.train_tokenizer([_small_text(tmp_path)], 300, tmp_path / "tiny")
+
+
+def test_sentencepiece_failure_names_the_files(tmp_path):
+  with pytest.raises(DataError, match=r"could not train 20000 ids on 1 file\(s\) \(.*small\.txt\)"
+                                      r".*smaller --vocab-size"):
+    tokenizer_lib.train_tokenizer([_small_text(tmp_path)], 20000, tmp_path / "tiny", "unigram")
+
+
+def test_cli_main_trains_and_reports_errors(tmp_path, capsys):
+  corpus = _small_text(tmp_path)
+  assert tokenizer_lib.main(["train", "--input", str(corpus), "--vocab-size", "400",
+                             "--output", str(tmp_path / "cli")]) == 0
+  assert "cli.model: 400 ids (mask 299, sentinels 300..399)" in capsys.readouterr().out
+  assert tokenizer_lib.main(["train", "--input", str(corpus), "--vocab-size", "10",
+                             "--output", str(tmp_path / "cli")]) == 2
+  assert "tokenizer train: error: --vocab-size 10 is too small" in capsys.readouterr().err
