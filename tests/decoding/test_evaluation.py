@@ -1,0 +1,117 @@
+"""The inference commands on a tiny run trained through the CLI: train, decode, eval, score."""
+
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from models.config import ConfigError
+from t5x_like import evaluation
+from t5x_like.cli import main
+from t5x_like.data.tokenizer import load_tokenizer
+from t5x_like.trainer import Trainer
+
+EXPERIMENT = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "decoder_tiny.py")
+TINY = ["--config.model.emb_dim=32", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+        "--config.model.mlp_dim=64", "--config.model.num_layers=2", "--config.data.seq_len=32",
+        "--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_steps=1",
+        "--config.train.checkpoint_every=4", "--config.data.worker_threads=0"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  assert main(["train", "--config", EXPERIMENT, "--workdir", str(workdir), *TINY,
+               "--sample-prompt", "Emma"]) == 0
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def trained(run_dir):
+  trainer = Trainer.from_workdir(run_dir)
+  model = trainer.model_from(trainer.state["params"])
+  model.eval()
+  return trainer, model, load_tokenizer(trainer.config.data.tokenizer)
+
+
+def test_train_command_reports_and_samples(run_dir, capsys):
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+  assert (run_dir / "checkpoints" / "4").exists()
+
+
+def test_decode_command_writes_jsonl(run_dir, tmp_path):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "Emma was"}\n{"prompt": "Mr. Knightley"}\n')
+  out = tmp_path / "out.jsonl"
+  assert main(["decode", "--workdir", str(run_dir), "--input", str(prompts), "--output", str(out),
+               "--strategy", "sample", "--top-p", "0.9", "--max-new-tokens", "5"]) == 0
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["prompt"] for r in rows] == ["Emma was", "Mr. Knightley"]
+  assert all(isinstance(r["completion"], str) for r in rows)
+
+
+def test_text_file_loss_matches_a_direct_computation(trained, tmp_path):
+  trainer, model, tokenizer = trained
+  text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 3
+  result = evaluation.evaluate_text(trainer, tokenizer, text)
+  ids = np.concatenate([tokenizer.encode(text), [1]])
+  length = trainer.config.data.seq_len
+  nats = 0.0
+  for start in range(0, len(ids) - 1, length):
+    chunk = ids[start:start + length + 1]
+    log_probs = np.asarray(jax.nn.log_softmax(model(chunk[None, :-1].astype(np.int32)), axis=-1))[0]
+    nats -= sum(log_probs[t, chunk[t + 1]] for t in range(len(chunk) - 1))
+  assert result["tokens"] == len(ids) - 1
+  assert result["loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-4)
+  assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-4)
+
+
+def test_eval_command_on_split_and_held_out_text(run_dir, capsys):
+  assert main(["eval", "--workdir", str(run_dir), "--batches", "1"]) == 0
+  assert main(["eval", "--workdir", str(run_dir), "--text-file",
+               str(pathlib.Path(evaluation.__file__).parent / "data" / "corpora" / "austen" / "persuasion.txt")]) == 0
+  out = capsys.readouterr().out
+  assert out.count("bits per byte") == 2
+
+
+def test_option_log_likelihoods_match_single_sequences(trained):
+  _, model, tokenizer = trained
+  prompt, options = "She was", [" very happy.", " not", " gone to Bath with Anne and her father."]
+  scores = evaluation.option_log_likelihoods(model, tokenizer, prompt, options)
+  prompt_ids = tokenizer.encode(prompt).tolist()
+  for (total, count), option in zip(scores, options):
+    sequence = prompt_ids + tokenizer.encode(option).tolist()
+    log_probs = np.asarray(jax.nn.log_softmax(model(np.array([sequence], np.int32)), axis=-1))[0]
+    expected = sum(log_probs[t - 1, sequence[t]] for t in range(len(prompt_ids), len(sequence)))
+    assert count == len(sequence) - len(prompt_ids)
+    assert total == pytest.approx(expected, abs=1e-4)
+
+
+def test_next_sentence_task_and_score_command(run_dir, tmp_path):
+  paragraphs = ["One two three four. Five six seven eight. Nine ten eleven twelve."] * 3 + [
+      f"Sentence number {i} is here. And its follower {i} is there." for i in range(20)]
+  items = evaluation.next_sentence_task(paragraphs, size=10, seed=1)
+  assert items == evaluation.next_sentence_task(paragraphs, size=10, seed=1)
+  for item in items:
+    assert len(item["options"]) == 4 and 0 <= item["answer"] < 4
+  task = tmp_path / "task.jsonl"
+  task.write_text("".join(json.dumps(item) + "\n" for item in items))
+  report_file = tmp_path / "report.json"
+  assert main(["score", "--workdir", str(run_dir), "--task", str(task), "--shots", "1",
+               "--output", str(report_file)]) == 0
+  report = json.loads(report_file.read_text())
+  assert report["items"] == 10 and report["chance"] == 0.25 and 0 <= report["accuracy"] <= 1
+
+
+def test_bad_task_files_name_the_line(tmp_path):
+  task = tmp_path / "task.jsonl"
+  task.write_text('{"context": "a", "options": ["b", "c"], "answer": 1}\n{"context": "a", "options": ["b"]}\n')
+  with pytest.raises(ConfigError, match="line 2: missing field"):
+    evaluation.read_task(task)
+  task.write_text('{"context": "a", "options": ["b"], "answer": 3}\n')
+  with pytest.raises(ConfigError, match="line 1: answer 3"):
+    evaluation.read_task(task)
