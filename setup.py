@@ -29,6 +29,9 @@ EXTRAS_REQUIRE = {
         "transformers==5.24.0",
         "portpicker>=1.6,<2",
         "ray==2.60.0",
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
     ],
 }
 
