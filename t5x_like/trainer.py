@@ -112,7 +112,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
     if vocab > model_config.vocab_size:
       raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} has {vocab} ids but model.vocab_size="
                         f"{model_config.vocab_size}; make model.vocab_size at least {vocab}")
-  make_mode(train.mode, z_loss=train.z_loss)
   return model_config
 
 

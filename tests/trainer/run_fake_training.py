@@ -9,12 +9,11 @@ if len(sys.argv) > 3:
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+from t5x_like import distributed  # noqa: E402
 
 if len(sys.argv) > 3:
   process_id, num_processes, port = map(int, sys.argv[3:6])
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
-                             process_id=process_id, initialization_timeout=60)
+  distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fake_data import PatternLoader  # noqa: E402
