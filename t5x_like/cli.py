@@ -93,8 +93,8 @@ def _decode(args, overrides) -> None:
   with jax.set_mesh(trainer.mesh):
     if trainer.model_config.arch == "encoder_decoder":
       outputs = generate(model, [[0]] * len(ids), config, seed=args.seed, encoder_inputs=[i + [1] for i in ids])
-    else:
-      outputs = generate(model, ids, config, seed=args.seed)
+    else:  # a decoder's documents start with the start token (pad), as in training
+      outputs = generate(model, [[0] + i for i in ids], config, seed=args.seed)
   rows = [{"prompt": p, "completion": tokenizer.decode(o)} for p, o in zip(prompts, outputs)]
   if args.output:
     with open(args.output, "w", encoding="utf-8") as file:
@@ -126,11 +126,11 @@ def _score(args, overrides) -> None:
   import json
   from t5x_like import evaluation
   trainer, tokenizer = _load(args, overrides)
-  if args.task == "austen_next_sentence":
+  if args.task == "austen_sentence_completion":
     from t5x_like.data import sources
     source = sources.open_split("austen", "validation", ("text",), trainer.config.data.data_dir)
     paragraphs = [source[i]["text"].decode("utf-8") for i in range(len(source))]
-    items = evaluation.next_sentence_task(paragraphs, size=args.items, seed=args.seed)
+    items = evaluation.sentence_completion_task(paragraphs, size=args.items, seed=args.seed)
   else:
     items = evaluation.read_task(args.task)[:args.items]
   model = trainer.model_from(trainer.state["params"])
@@ -142,7 +142,8 @@ def _score(args, overrides) -> None:
     with open(args.output, "w", encoding="utf-8") as file:
       json.dump(report, file, indent=1)
   print(f"{args.task}, {args.shots}-shot, {report['items']} items: accuracy {report['accuracy']:.3f} "
-        f"(per-token mean {report['accuracy_per_token']:.3f}; chance {report['chance']:.3f})")
+        f"(per-token mean {report['accuracy_per_token']:.3f}, calibrated {report['accuracy_calibrated']:.3f}; "
+        f"chance {report['chance']:.3f})")
 
 
 def _tokenizer(args, overrides) -> None:
@@ -233,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
   evaluate.set_defaults(run=_eval)
   score = commands.add_parser("score", help="few-shot rank scoring on a multiple-choice task")
   score.add_argument("--workdir", required=True)
-  score.add_argument("--task", default="austen_next_sentence",
-                     help="JSONL of {context, options, answer}, or austen_next_sentence (built in)")
+  score.add_argument("--task", default="austen_sentence_completion",
+                     help="JSONL of {context, options, answer}, or austen_sentence_completion (built "
+                          "in: Austen's validation sentences, which ending fits)")
   score.add_argument("--shots", type=int, default=0)
   score.add_argument("--items", type=int, default=200)
   score.add_argument("--seed", type=int, default=0)

@@ -3,8 +3,9 @@
 Bits per byte (Gao et al. 2020, The Pile, sec. 4) divide the summed loss in nats by
 ln 2 times the UTF-8 bytes of the text scored, so models with different tokenizers compare.
 Few-shot rank scoring (Brown et al. 2020, sec. 2.4): each option's log-likelihood after a
-prompt of k solved examples; the highest wins. Both the summed and the per-token mean
-log-likelihood are reported, since the sum favours short options.
+prompt of k solved examples; the highest wins. The summed, the per-token mean and the
+calibrated (minus the option's unconditional log-likelihood) scores are all reported: the
+sum favours short options, and the calibrated score asks only how much the prompt helps.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
   """The same figures for a decoder on one text, cut into consecutive rows of data.seq_len."""
   if trainer.model_config.arch != "decoder":
     raise ConfigError("evaluating a text file needs a decoder; use --split for other architectures")
-  ids = np.concatenate([tokenizer.encode(text), [EOS_ID]]).astype(np.int32)
+  # The start token, the text, eos: every token of the text is scored, as in training.
+  ids = np.concatenate([[PAD_ID], tokenizer.encode(text), [EOS_ID]]).astype(np.int32)
   length, batch_size = trainer.config.data.seq_len, trainer.config.data.batch_size
   # Row r predicts ids[r*length + 1 : (r+1)*length + 1] from the ids before them.
   rows = -(-(len(ids) - 1) // length)
@@ -90,8 +92,10 @@ def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
 # Few-shot rank scoring ------------------------------------------------------------------
 
 def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str]) -> list[tuple[float, int]]:
-  """(sum of log p(option tokens | prompt), number of option tokens) for each option."""
-  prompt_ids = tokenizer.encode(prompt).tolist()
+  """(sum of log p(option tokens | prompt), number of option tokens) for each option; the
+  prompt follows the start token, as documents do in training (an empty prompt scores the
+  options unconditionally)."""
+  prompt_ids = [PAD_ID] + tokenizer.encode(prompt).tolist()
   sequences = [prompt_ids + tokenizer.encode(option).tolist() for option in options]
   width = max(len(s) for s in sequences)
   tokens = np.zeros((len(sequences), width), np.int32)
@@ -115,17 +119,23 @@ def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int
   if model.config.arch != "decoder":
     raise ConfigError("few-shot scoring needs a decoder")
   rng = random.Random(seed)
-  correct_sum = correct_mean = 0
+  correct = {"sum": 0, "per_token": 0, "calibrated": 0}
   for index, item in enumerate(items):
     others = [other for j, other in enumerate(items) if j != index]
     examples = rng.sample(others, min(shots, len(others)))
     prompt = "".join(f"{e['context']}{e['options'][e['answer']]}\n\n" for e in examples) + item["context"]
     scores = option_log_likelihoods(model, tokenizer, prompt, item["options"])
-    correct_sum += int(np.argmax([s for s, _ in scores]) == item["answer"])
-    correct_mean += int(np.argmax([s / max(n, 1) for s, n in scores]) == item["answer"])
+    # Calibrated: log p(option | prompt) - log p(option), which removes the options' own
+    # likelihood (Holtzman et al. 2021, "surface form competition"; Brown et al. 2020 sec. 2.4).
+    priors = option_log_likelihoods(model, tokenizer, "", item["options"])
+    choices = {"sum": [s for s, _ in scores], "per_token": [s / max(n, 1) for s, n in scores],
+               "calibrated": [s - p for (s, _), (p, _) in zip(scores, priors)]}
+    for name, values in choices.items():
+      correct[name] += int(np.argmax(values) == item["answer"])
   chance = float(np.mean([1 / len(item["options"]) for item in items]))
-  return {"items": len(items), "shots": shots, "accuracy": correct_sum / len(items),
-          "accuracy_per_token": correct_mean / len(items), "chance": chance}
+  return {"items": len(items), "shots": shots, "accuracy": correct["sum"] / len(items),
+          "accuracy_per_token": correct["per_token"] / len(items),
+          "accuracy_calibrated": correct["calibrated"] / len(items), "chance": chance}
 
 
 def read_task(path: str | pathlib.Path) -> list[dict]:
@@ -147,21 +157,26 @@ def read_task(path: str | pathlib.Path) -> list[dict]:
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
 
-def next_sentence_task(paragraphs: list[str], *, size: int = 200, options: int = 4, seed: int = 0) -> list[dict]:
-  """Which of `options` sentences really follows this one? Distractors are sentences that
-  follow other sentences in the same texts, so every option is fluent prose."""
-  pairs = []
+def sentence_completion_task(paragraphs: list[str], *, size: int = 200, options: int = 4,
+                             seed: int = 0) -> list[dict]:
+  """Which of `options` endings completes this half sentence? Sentences of 8 or more words
+  are cut in the middle; the distractors are the second halves of other sentences from the
+  same texts, so every option is fluent prose and only the fit to the context tells."""
+  halves = []
   for paragraph in paragraphs:
-    sentences = [s.strip() for s in SENTENCE_END.split(paragraph) if len(s.split()) >= 4]
-    pairs += [(a, b) for a, b in zip(sentences, sentences[1:])]
+    for sentence in SENTENCE_END.split(paragraph):
+      words = sentence.split()
+      if len(words) >= 8:
+        cut = len(words) // 2
+        halves.append((" ".join(words[:cut]) + " ", " ".join(words[cut:])))
   rng = random.Random(seed)
-  rng.shuffle(pairs)
-  if len(pairs) < size + options:
-    raise ConfigError(f"only {len(pairs)} sentence pairs for a task of {size} items")
+  rng.shuffle(halves)
+  if len(halves) < size + options:
+    raise ConfigError(f"only {len(halves)} sentences for a task of {size} items")
   items = []
-  for context, continuation in pairs[:size]:
-    distractors = rng.sample([b for _, b in pairs[size:]], options - 1)
-    choices = distractors + [continuation]
+  for context, ending in halves[:size]:
+    distractors = rng.sample([b for _, b in halves[size:]], options - 1)
+    choices = distractors + [ending]
     rng.shuffle(choices)
-    items.append({"context": context + " ", "options": choices, "answer": choices.index(continuation)})
+    items.append({"context": context, "options": choices, "answer": choices.index(ending)})
   return items

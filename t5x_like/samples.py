@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from t5x_like.data.tokenizer import PAD_ID
 from t5x_like.decoding import DecodeConfig, generate
 
 DEFAULT_PROMPTS = ("It is a truth universally acknowledged", "Mr. Darcy", "She was")
@@ -19,7 +20,8 @@ def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = 40) ->
   # Greedy, with a mild repetition penalty: small models otherwise loop on "and, and, ...".
   config = DecodeConfig(max_new_tokens=max_new_tokens, eos_id=1, pad_id=0, repetition_penalty=1.2)
   if arch == "decoder":
-    outputs = generate(model, ids, config)
+    # Training rows start each document with the start token (PAD_ID), so prompts do too.
+    outputs = generate(model, [[PAD_ID] + i for i in ids], config)
     return [(p, p + tokenizer.decode(o)) for p, o in zip(prompts, outputs)]
   if arch == "encoder_decoder":
     inputs = [i + [tokenizer.sentinel_id(0), 1] for i in ids]

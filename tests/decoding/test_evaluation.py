@@ -58,7 +58,7 @@ def test_text_file_loss_matches_a_direct_computation(trained, tmp_path):
   trainer, model, tokenizer = trained
   text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 3
   result = evaluation.evaluate_text(trainer, tokenizer, text)
-  ids = np.concatenate([tokenizer.encode(text), [1]])
+  ids = np.concatenate([[0], tokenizer.encode(text), [1]])  # start token, text, eos
   length = trainer.config.data.seq_len
   nats = 0.0
   for start in range(0, len(ids) - 1, length):
@@ -82,7 +82,7 @@ def test_option_log_likelihoods_match_single_sequences(trained):
   _, model, tokenizer = trained
   prompt, options = "She was", [" very happy.", " not", " gone to Bath with Anne and her father."]
   scores = evaluation.option_log_likelihoods(model, tokenizer, prompt, options)
-  prompt_ids = tokenizer.encode(prompt).tolist()
+  prompt_ids = [0] + tokenizer.encode(prompt).tolist()
   for (total, count), option in zip(scores, options):
     sequence = prompt_ids + tokenizer.encode(option).tolist()
     log_probs = np.asarray(jax.nn.log_softmax(model(np.array([sequence], np.int32)), axis=-1))[0]
@@ -91,13 +91,15 @@ def test_option_log_likelihoods_match_single_sequences(trained):
     assert total == pytest.approx(expected, abs=1e-4)
 
 
-def test_next_sentence_task_and_score_command(run_dir, tmp_path):
-  paragraphs = ["One two three four. Five six seven eight. Nine ten eleven twelve."] * 3 + [
-      f"Sentence number {i} is here. And its follower {i} is there." for i in range(20)]
-  items = evaluation.next_sentence_task(paragraphs, size=10, seed=1)
-  assert items == evaluation.next_sentence_task(paragraphs, size=10, seed=1)
+def test_sentence_completion_task_and_score_command(run_dir, tmp_path):
+  paragraphs = [f"Sentence number {i} is here and it goes on for a while. Short one." for i in range(20)]
+  items = evaluation.sentence_completion_task(paragraphs, size=10, seed=1)
+  assert items == evaluation.sentence_completion_task(paragraphs, size=10, seed=1)
   for item in items:
     assert len(item["options"]) == 4 and 0 <= item["answer"] < 4
+    number = item["context"].split()[2]
+    assert item["context"] == f"Sentence number {number} is here and "
+    assert item["options"][item["answer"]] == "it goes on for a while."
   task = tmp_path / "task.jsonl"
   task.write_text("".join(json.dumps(item) + "\n" for item in items))
   report_file = tmp_path / "report.json"
