@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.config import ConfigError
+
 NEG_INF = -1e30
 
 
@@ -37,7 +39,6 @@ class DecodeConfig:
   length_penalty: float = 0.6  # beam only: alpha
 
   def validate(self) -> None:
-    from models.config import ConfigError
     if self.strategy not in ("greedy", "sample", "beam"):
       raise ConfigError(f"strategy={self.strategy!r} is not one of ('greedy', 'sample', 'beam')")
     if self.max_new_tokens <= 0:
