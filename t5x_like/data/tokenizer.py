@@ -20,7 +20,7 @@ prompt/response pairs rely on) and byte fallback for characters outside the voca
 The shipped tokenizer was trained, in under a second on 2 cores, with
   t5x-like tokenizer train --input t5x_like/data/corpora/austen/*.txt --vocab-size 8192 \
       --output t5x_like/data/tokenizers/austen_bpe_8k
-(or `python -m t5x_like.data.tokenizer train ...`); retraining reproduces it byte for byte.
+(the `t5x-like` command's subcommand); retraining reproduces it byte for byte.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import argparse
 import io
 import os
 import pathlib
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -175,18 +174,3 @@ def run(args: argparse.Namespace) -> None:
   print(f"wrote {path}: {tokenizer.vocab_size} ids (mask {tokenizer.mask_id}, "
         f"sentinels {tokenizer.sentinel_id(NUM_SENTINELS - 1)}..{tokenizer.sentinel_id(0)})")
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="tokenizer", description="SentencePiece tokenizers.")
-  add_arguments(parser)
-  args = parser.parse_args(argv)
-  try:
-    run(args)
-  except ConfigError as error:
-    print(f"tokenizer {args.tokenizer_command}: error: {error}", file=sys.stderr)
-    return 2
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -7,6 +7,7 @@ import pytest
 import sentencepiece as spm
 
 from models.config import ConfigError
+from t5x_like import cli
 from t5x_like.data import tokenizer as tokenizer_lib
 from t5x_like.data.documents import DataError
 from t5x_like.data.tokenizer import EOS_ID, NUM_SENTINELS, PAD_ID, UNK_ID, Tokenizer
@@ -105,9 +106,9 @@ def test_sentencepiece_failure_names_the_files(tmp_path):
 
 def test_cli_main_trains_and_reports_errors(tmp_path, capsys):
   corpus = _small_text(tmp_path)
-  assert tokenizer_lib.main(["train", "--input", str(corpus), "--vocab-size", "400",
-                             "--output", str(tmp_path / "cli")]) == 0
+  assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400",
+                   "--output", str(tmp_path / "cli")]) == 0
   assert "cli.model: 400 ids (mask 299, sentinels 300..399)" in capsys.readouterr().out
-  assert tokenizer_lib.main(["train", "--input", str(corpus), "--vocab-size", "10",
-                             "--output", str(tmp_path / "cli")]) == 2
-  assert "tokenizer train: error: --vocab-size 10 is too small" in capsys.readouterr().err
+  assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "10",
+                   "--output", str(tmp_path / "cli")]) == 2
+  assert "t5x-like tokenizer: error: --vocab-size 10 is too small" in capsys.readouterr().err

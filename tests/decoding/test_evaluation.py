@@ -92,14 +92,14 @@ def test_option_log_likelihoods_match_single_sequences(trained):
 
 
 def test_sentence_completion_task_and_score_command(run_dir, tmp_path):
-  paragraphs = [f"Sentence number {i} is here and it goes on for a while. Short one." for i in range(20)]
+  paragraphs = [f"Sentence number {i} is here and ending {i} goes on a while. Short one." for i in range(20)]
   items = evaluation.sentence_completion_task(paragraphs, size=10, seed=1)
   assert items == evaluation.sentence_completion_task(paragraphs, size=10, seed=1)
   for item in items:
-    assert len(item["options"]) == 4 and 0 <= item["answer"] < 4
     number = item["context"].split()[2]
     assert item["context"] == f"Sentence number {number} is here and "
-    assert item["options"][item["answer"]] == "it goes on for a while."
+    assert item["options"][item["answer"]] == f"ending {number} goes on a while."
+    assert len(set(item["options"])) == 4, "distractors are other sentences' endings"
   task = tmp_path / "task.jsonl"
   task.write_text("".join(json.dumps(item) + "\n" for item in items))
   report_file = tmp_path / "report.json"
