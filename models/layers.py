@@ -64,13 +64,17 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...].astype(self.dtype)
-    x = x.astype(self.dtype)
-    contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+    batch_shape, in_shape = x.shape[:x.ndim - self.num_in], x.shape[x.ndim - self.num_in:]
+    out_shape = kernel.shape[self.num_in:]
+    # One 2-D matmul [tokens, in] x [in, out]: with 3-D operands XLA:CPU transposes the
+    # activations of the backward pass through slow fused copies.
+    x = x.reshape(math.prod(batch_shape), math.prod(in_shape)).astype(self.dtype)
+    kernel = kernel.reshape(math.prod(in_shape), math.prod(out_shape))
     # Accumulate in float32 even for bf16 inputs (fast on CPU and GPU, and accurate).
-    y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
+    y = jnp.dot(x, kernel, preferred_element_type=jnp.float32)
     if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+      y = y + self.bias[...].astype(jnp.float32).reshape(-1)
+    return y.reshape(*batch_shape, *out_shape).astype(self.dtype)
 
 
 class Embed(nnx.Module):
@@ -87,8 +91,10 @@ class Embed(nnx.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """[b, t, d] -> [b, t, v] logits against the table, accumulated in float32."""
     table = self.embedding[...].astype(self.dtype)
-    return jnp.einsum("btd,vd->btv", x.astype(self.dtype), table,
-                      preferred_element_type=jnp.float32)
+    tokens = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # 2-D, as in Dense
+    logits = jax.lax.dot_general(tokens, table, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    return logits.reshape(*x.shape[:-1], -1)
 
 
 class Norm(nnx.Module):

@@ -210,6 +210,15 @@ class Trainer:
   def _train_step(self, state, rest, batch):
     accum = self.config.train.grad_accum_steps
     step_key = jax.random.fold_in(jax.random.key(self.config.train.seed), state["step"])
+    if accum == 1:
+      grads, sums = jax.grad(lambda p: _scalar_and_aux(self._loss_sums(
+          p, rest, batch, step_key, train=True)), has_aux=True)(state["params"])
+    else:
+      grads, sums = self._accumulated_grads(state, rest, batch, step_key)
+    return self._apply_gradients(state, grads, sums)
+
+  def _accumulated_grads(self, state, rest, batch, step_key):
+    accum = self.config.train.grad_accum_steps
 
     def micro_batches(x):
       # Row k of every micro-batch comes from a different data shard, so each micro-batch
@@ -232,6 +241,9 @@ class Trainer:
                                 step_key, train=False)))
     (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
                                     (jnp.arange(accum), batch))
+    return grads, sums
+
+  def _apply_gradients(self, state, grads, sums):
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     grad_norm = optax.tree.norm(grads)
