@@ -28,6 +28,35 @@ from t5x_like.data.loader import make_loader  # noqa: E402
 WARMUP_BATCHES = 20
 
 
+def measure(objective: str = "causal_lm", batches: int = 300, seq_len: int = 256, batch_size: int = 8,
+            worker_threads: int = 0, pack: bool = True) -> dict:
+  config = default_data_config()
+  config.update(objective=objective, seq_len=seq_len, batch_size=batch_size,
+                worker_threads=worker_threads, pack=pack)
+  with tempfile.TemporaryDirectory() as data_dir:
+    config.data_dir = data_dir
+    loader = make_loader(config, "train")
+    for _ in range(WARMUP_BATCHES):
+      next(loader)
+    row_tokens = real_tokens = 0
+    start = time.perf_counter()
+    for _ in range(batches):
+      batch = next(loader)
+      segment_ids = [v for k, v in batch.items() if k.endswith("segment_ids")]
+      row_tokens += sum(s.size for s in segment_ids)
+      real_tokens += sum(int(np.count_nonzero(s)) for s in segment_ids)
+    seconds = time.perf_counter() - start
+    stats = loader.stats()
+    loader.close()
+  lengths = (f"input_len {config.input_len}, target_len {config.target_len}"
+             if objective == "span_corruption" else f"seq_len {seq_len}")
+  return {"setting": f"{objective}, {lengths}, batch {batch_size}, {'packed' if pack else 'padded'}, "
+                     f"{worker_threads} worker threads",
+          "batches": batches, "seconds": seconds, "row_tokens_per_second": row_tokens / seconds,
+          "real_tokens_per_second": real_tokens / seconds, "padding": 1 - real_tokens / row_tokens,
+          "documents": stats.get("documents", 0), "split_documents": stats.get("split_documents", 0)}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--objective", default="causal_lm")
@@ -37,34 +66,13 @@ def main() -> None:
   parser.add_argument("--worker-threads", type=int, default=0)
   parser.add_argument("--no-pack", action="store_true")
   args = parser.parse_args()
-
-  config = default_data_config()
-  config.update(objective=args.objective, seq_len=args.seq_len, batch_size=args.batch_size,
-                worker_threads=args.worker_threads, pack=not args.no_pack)
-  with tempfile.TemporaryDirectory() as data_dir:
-    config.data_dir = data_dir
-    loader = make_loader(config, "train")
-    for _ in range(WARMUP_BATCHES):
-      next(loader)
-    row_tokens = real_tokens = 0
-    start = time.perf_counter()
-    for _ in range(args.batches):
-      batch = next(loader)
-      segment_ids = [v for k, v in batch.items() if k.endswith("segment_ids")]
-      row_tokens += sum(s.size for s in segment_ids)
-      real_tokens += sum(int(np.count_nonzero(s)) for s in segment_ids)
-    seconds = time.perf_counter() - start
-    stats = loader.stats()
-    loader.close()
-  lengths = (f"input_len {config.input_len}, target_len {config.target_len}"
-             if args.objective == "span_corruption" else f"seq_len {args.seq_len}")
-  print(f"{args.objective}, {lengths}, batch {args.batch_size}, "
-        f"{'packed' if config.pack else 'padded'}, {args.worker_threads} worker threads: "
-        f"{args.batches} batches in {seconds:.2f} s")
-  print(f"  {row_tokens / seconds:,.0f} row tokens/s, {real_tokens / seconds:,.0f} real tokens/s "
-        f"({1 - real_tokens / row_tokens:.1%} padding)")
-  print(f"  documents read {stats.get('documents', 0)}, split into chunks "
-        f"{stats.get('split_documents', 0)} (read ahead of the timed batches included)")
+  r = measure(args.objective, args.batches, args.seq_len, args.batch_size, args.worker_threads,
+              not args.no_pack)
+  print(f"{r['setting']}: {r['batches']} batches in {r['seconds']:.2f} s")
+  print(f"  {r['row_tokens_per_second']:,.0f} row tokens/s, {r['real_tokens_per_second']:,.0f} real tokens/s "
+        f"({r['padding']:.1%} padding)")
+  print(f"  documents read {r['documents']}, split into chunks {r['split_documents']} "
+        "(read ahead of the timed batches included)")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
-"""Decode tokens/s with and without the KV cache, 256 new tokens, greedy, written to docs/benchmarks.md.
+"""Decode tokens/s with and without the KV cache (tiny decoder, greedy), as one JSON line.
 
-    python bench/decode_throughput.py [--batch 8] [--new-tokens 256]
+    python bench/decode_throughput.py [--batch 8] [--prompt-len 16] [--new-tokens 256]
 
 Without the cache every step reruns the full forward pass over the whole buffer (what
 decoding costs without incremental state); both loops are compiled `lax` loops.
+`bench/run.py` runs this and writes the figures to docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import pathlib
 import sys
 import time
@@ -50,41 +52,29 @@ def timed(fn, repeats: int = 3) -> float:
   return best
 
 
+def measure(batch: int, prompt_len: int, new_tokens: int) -> dict:
+  """Best of 3 after compilation, for each loop."""
+  cfg = ModelConfig(arch="decoder", vocab_size=8192, emb_dim=256, num_heads=4, mlp_dim=1024, num_layers=4,
+                    max_len=prompt_len + new_tokens)
+  model = build_model(cfg)
+  model.eval()
+  prompts = np.random.default_rng(0).integers(3, 8192, (batch, prompt_len)).tolist()
+  config = DecodeConfig(max_new_tokens=new_tokens, eos_id=-1)  # never stop early
+  cached = timed(lambda: generate(model, prompts, config))
+  uncached = timed(lambda: greedy_without_cache(model, jnp.asarray(prompts, jnp.int32),
+                                                new_tokens=new_tokens).block_until_ready())
+  return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+          "cached_tokens_per_second": batch * new_tokens / cached,
+          "uncached_tokens_per_second": batch * new_tokens / uncached}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--prompt-len", type=int, default=16)
   parser.add_argument("--new-tokens", type=int, default=256)
-  parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
   args = parser.parse_args()
-  cfg = ModelConfig(arch="decoder", vocab_size=8192, emb_dim=256, num_heads=4, mlp_dim=1024, num_layers=4,
-                    max_len=args.prompt_len + args.new_tokens)
-  model = build_model(cfg)
-  model.eval()
-  prompts = np.random.default_rng(0).integers(3, 8192, (args.batch, args.prompt_len)).tolist()
-  config = DecodeConfig(max_new_tokens=args.new_tokens, eos_id=-1)  # never stop early
-  cached = timed(lambda: generate(model, prompts, config))
-  uncached = timed(lambda: greedy_without_cache(model, jnp.asarray(prompts, jnp.int32),
-                                                new_tokens=args.new_tokens).block_until_ready())
-  tokens = args.batch * args.new_tokens
-  lines = [
-      "",
-      "# Decoding throughput",
-      "",
-      f"Command: `python bench/decode_throughput.py --batch {args.batch} --prompt-len {args.prompt_len} "
-      f"--new-tokens {args.new_tokens}`; tiny decoder (d_model 256, 4 layers, vocab 8192), greedy, "
-      "best of 3 after compilation, on one device.",
-      "",
-      "| loop | new tokens/s | ratio |",
-      "|---|---|---|",
-      f"| KV cache (`t5x_like.decoding.generate`) | {tokens / cached:.0f} | {uncached / cached:.1f}x |",
-      f"| no cache (full forward per step) | {tokens / uncached:.0f} | 1.0x |",
-  ]
-  print("\n".join(lines))
-  output = pathlib.Path(args.output)
-  with open(output, "a", encoding="utf-8") as file:
-    file.write("\n".join(lines) + "\n")
-  print(f"appended to {output}")
+  print(json.dumps(measure(args.batch, args.prompt_len, args.new_tokens)))
 
 
 if __name__ == "__main__":
