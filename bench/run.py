@@ -5,7 +5,7 @@ and against the peer codebases side by side, decoding and data-pipeline throughp
                         [--rounds 2] [--peers maxtext,easydel,hf_flax_gpt2] [--baselines REV,REV]
 
 Every training figure comes from a fresh process (bench/train_throughput.py for us, in
-our default and LLaMA architectures, with our XLA:CPU flags and with XLA's own, and for
+our default, GPT-2 and LLaMA architectures, with our XLA:CPU flags and with XLA's own, and for
 each --baselines revision of us checked out into a temporary git worktree; bench/peers.py
 for the peers, each in its own virtual environment), all in this one run. The runners of
 a shape take turns for --rounds rounds and each keeps its fastest round, so a slow spell
@@ -108,6 +108,7 @@ def main() -> None:
       for shape in shapes:
         for dtype in ("float32", "bfloat16") if shape in bf16_shapes else ("float32",):
           runners = [("t5x_like", lambda: ours(shape, dtype, args.steps)),
+                     ("t5x_like", lambda: ours(shape, dtype, args.steps, "gpt2")),
                      ("t5x_like", lambda: ours(shape, dtype, args.steps, "llama")),
                      ("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, args.steps, env=XLA_OWN_FLAGS))]
           runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
@@ -155,29 +156,35 @@ def render(rows, peak, decode, data, shapes, command, rounds) -> str:
       "(vocabulary projection included) + 12 x layers x context x attention width, per token; "
       "recomputation not counted. Median step time after compilation, each runner in a fresh process. "
       "`of f32 peak` divides model FLOP/s by the f32 matmul peak above; `vs best peer` divides by the "
-      "fastest peer's model FLOP/s on the same shape (any dtype). Each runner's fastest of "
+      "fastest peer's model FLOP/s on the same shape (any dtype), `vs same-architecture peer` by the "
+      "fastest peer running the same block (gpt2 or llama). Each runner's fastest of "
       f"{rounds} rounds taken in turns.",
   ]
   for shape in shapes:
     s = SHAPES[shape]
     lines += ["", f"### {shape}: d_model {s['emb_dim']}, {s['num_layers']} layers, {s['num_heads']} heads, "
               f"ffn {s['mlp_dim']}, seq {s['seq_len']}, batch {s['batch_size']}, vocab {VOCAB}", "",
-              "| runner | architecture | dtype | ms/step | tokens/s | GFLOP/s | of f32 peak | vs best peer |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| runner | architecture | dtype | ms/step | tokens/s | GFLOP/s | of f32 peak | vs best peer "
+              "| vs same-architecture peer |",
+              "|---|---|---|---|---|---|---|---|---|"]
     shape_rows = [(runner, r) for sh, runner, r in rows if sh == shape]
     peer_flops = [r["model_flops_per_second"] for runner, r in shape_rows
                   if not runner.startswith("t5x_like") and "error" not in r]
     best_peer = max(peer_flops, default=None)
     for runner, r in shape_rows:
       if "error" in r:
-        lines.append(f"| {runner} | | {r['dtype']} | failed: {r['error']} | | | | |")
+        lines.append(f"| {runner} | | {r['dtype']} | failed: {r['error']} | | | | | |")
         continue
       versus = f"{r['model_flops_per_second'] / best_peer:.2f}x" if best_peer else "n/a"
+      same = [p["model_flops_per_second"] for name, p in shape_rows if not name.startswith("t5x_like")
+              and "error" not in p and p["arch"].split(":")[0] == r.get("arch", "").split(":")[0]]
+      versus_same = (f"{r['model_flops_per_second'] / max(same):.2f}x"
+                     if same and runner.startswith("t5x_like") else "")
       if "version" in r:
         runner = f"{runner} {r['version']} (jax {r['jax']})"
       lines.append(f"| {runner} | {r.get('arch', '')} | {r['dtype']} | {r['step_seconds'] * 1e3:.0f} | "
                    f"{r['tokens_per_second']:,.0f} | {r['model_flops_per_second'] / 1e9:.0f} | "
-                   f"{r['model_flops_per_second'] / peak['float32']:.0%} | {versus} |")
+                   f"{r['model_flops_per_second'] / peak['float32']:.0%} | {versus} | {versus_same} |")
   fastest = max(r["tokens_per_second"] for _, runner, r in rows if runner.startswith("t5x_like") and "error" not in r)
   lines += [
       "",

@@ -42,9 +42,12 @@ SHAPES = {
     "large": dict(emb_dim=1024, num_layers=8, num_heads=16, mlp_dim=4096, seq_len=512, batch_size=4),
 }
 VOCAB = 8192
-# Our default decoder, and the LLaMA block MaxText and EasyDeL run (SwiGLU, untied output).
+# Our default decoder, GPT-2's block (what the Hugging Face peer runs) and the LLaMA block
+# MaxText and EasyDeL run, so each peer can be compared with the same architecture.
 ARCHS = {
     "default": ("RoPE, RMSNorm, GELU, tied", {}),
+    "gpt2": ("gpt2: LayerNorm, learned positions, GELU (tanh), biases, tied",
+             dict(norm="layernorm", position="learned", mlp_activation="gelu_tanh", use_bias=True)),
     "llama": ("llama: RoPE, RMSNorm, SwiGLU, untied", dict(mlp_activation="silu", mlp_gated=True,
                                                           tie_embeddings=False)),
 }
