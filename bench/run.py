@@ -27,6 +27,9 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Importing t5x_like here must not put its XLA:CPU flags into the environment every runner
+# inherits: each runner process chooses its own (see run_json).
+os.environ["T5X_LIKE_XLA_DEFAULTS"] = "0"
 sys.path.insert(0, str(ROOT / "bench"))
 
 import jax  # noqa: E402
@@ -41,7 +44,7 @@ XLA_OWN_FLAGS = {"T5X_LIKE_XLA_DEFAULTS": "0"}
 def run_json(command: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
   """Runs a bench worker and returns the JSON line it prints last."""
   result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=ROOT)
+                          env={**os.environ, "T5X_LIKE_XLA_DEFAULTS": "1", **(env or {})}, cwd=ROOT)
   if result.returncode:
     raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr[-2000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])

@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.config import ModelConfig, model_config_dict  # noqa: E402
+from models.config import model_config_dict  # noqa: E402
 from models.model_size import train_flops_per_sequence  # noqa: E402
 from t5x_like.partitioning import default_partitioning_config  # noqa: E402
 from t5x_like.trainer import Trainer, default_train_config  # noqa: E402
@@ -75,10 +75,9 @@ class RandomTokens:
     pass
 
 
-def measure(shape_name: str, dtype: str, steps: int, arch: str = "default") -> dict:
-  """Median step time over `steps` steps after compilation, on one device."""
-  description, options = ARCHS[arch]
-  shape = dict(SHAPES[shape_name], **options)
+def build(shape_name: str, dtype: str, arch: str = "default") -> tuple[Trainer, dict]:
+  """A one-device trainer for the shape and one batch for it."""
+  shape = dict(SHAPES[shape_name], **ARCHS[arch][1])
   seq_len, batch_size = shape.pop("seq_len"), shape.pop("batch_size")
   config = ml_collections.ConfigDict()
   config.model = model_config_dict(arch="decoder", vocab_size=VOCAB, max_len=seq_len, dtype=dtype, **shape)
@@ -86,10 +85,15 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default") -> d
   config.train = default_train_config()
   config.partitioning = default_partitioning_config()
   config.partitioning.mesh_shape = (1, 1, 1)
-  with tempfile.TemporaryDirectory() as workdir:
+  with tempfile.TemporaryDirectory() as workdir:  # nothing is written before train()
     trainer = Trainer(config, workdir, make_loader=RandomTokens, devices=jax.devices()[:1])
   loader = RandomTokens(config.data, "train", process_index=0, process_count=1)
-  batch = trainer.global_batch(next(loader))
+  return trainer, trainer.global_batch(next(loader))
+
+
+def measure(shape_name: str, dtype: str, steps: int, arch: str = "default") -> dict:
+  """Median step time over `steps` steps after compilation, on one device."""
+  trainer, batch = build(shape_name, dtype, arch)
   state, times = trainer.state, []
   with jax.set_mesh(trainer.mesh):
     for step in range(steps + 1):  # the first call compiles
@@ -99,8 +103,9 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default") -> d
       if step:
         times.append(time.perf_counter() - start)
   step_seconds = statistics.median(times)
-  flops_per_step = batch_size * train_flops_per_sequence(ModelConfig.from_dict(config.model), seq_len)
-  return {"dtype": dtype, "arch": description, "step_seconds": step_seconds,
+  seq_len, batch_size = SHAPES[shape_name]["seq_len"], SHAPES[shape_name]["batch_size"]
+  flops_per_step = batch_size * train_flops_per_sequence(trainer.model_config, seq_len)
+  return {"dtype": dtype, "arch": ARCHS[arch][0], "step_seconds": step_seconds,
           "tokens_per_second": batch_size * seq_len / step_seconds, "flops_per_step": flops_per_step,
           "model_flops_per_second": flops_per_step / step_seconds}
 

@@ -1,0 +1,76 @@
+"""Where a training step's time goes: XLA ops ranked by time, with their shapes and source.
+
+    python bench/profile_step.py [--shape tiny] [--dtype float32] [--arch default] [--top 30]
+
+Traces a few compiled train steps with jax.profiler, sums each XLA op's time over the
+trace (both CPU threads), and names it with its output shape and the jax op it came from,
+read from the compiled HLO. docs/performance.md was worked out with this. On CPU, Eigen's
+matmuls run outside the traced thunks: the untraced remainder of the step is matmul time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import re
+import tempfile
+import time
+
+import jax
+
+import train_throughput
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shape", default="tiny", choices=sorted(train_throughput.SHAPES))
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--arch", default="default", choices=sorted(train_throughput.ARCHS))
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--top", type=int, default=30)
+  args = parser.parse_args()
+
+  trainer, batch = train_throughput.build(args.shape, args.dtype, args.arch)
+  state = trainer.state
+  with jax.set_mesh(trainer.mesh), tempfile.TemporaryDirectory() as trace_dir:
+    hlo = trainer.train_step.lower(state, trainer.rest, batch).compile().as_text()
+    for _ in range(2):  # compile and warm up
+      state, metrics = trainer.train_step(state, trainer.rest, batch)
+      jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+      for _ in range(args.steps):
+        state, metrics = trainer.train_step(state, trainer.rest, batch)
+        jax.block_until_ready(metrics)
+    wall = (time.perf_counter() - start) / args.steps
+    profile = jax.profiler.ProfileData.from_file(str(next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))))
+
+  op_seconds = collections.Counter()
+  for plane in profile.planes:
+    for line in plane.lines:
+      if "Eigen" in line.name:  # XLA:CPU's worker threads; other lines are bookkeeping
+        for event in line.events:
+          if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool", "end:")):
+            op_seconds[event.name] += event.duration_ns / 1e9 / args.steps
+  described = {}
+  for line in hlo.splitlines():
+    match = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = (\S+) ", line)
+    if match:
+      source = re.search(r'op_name="([^"]*)"', line)
+      described[match.group(1)] = f"{match.group(2):32s} {source.group(1)[-70:] if source else ''}"
+  by_kind = collections.Counter()
+  for name, seconds in op_seconds.items():
+    by_kind[re.sub(r"\.\d+$", "", name)] += seconds
+  print(f"{args.shape} {args.arch} {args.dtype}: {wall * 1e3:.0f} ms/step wall, "
+        f"{sum(op_seconds.values()) * 1e3:.0f} ms traced in XLA ops (summed over threads)")
+  print("\nby kind (ms/step):")
+  for kind, seconds in by_kind.most_common(12):
+    print(f"  {seconds * 1e3:8.1f}  {kind}")
+  print(f"\ntop {args.top} ops (ms/step):")
+  for name, seconds in op_seconds.most_common(args.top):
+    print(f"  {seconds * 1e3:8.1f}  {name:30s} {described.get(name, '')}")
+
+
+if __name__ == "__main__":
+  main()
