@@ -160,8 +160,9 @@ def render(rows, peak, decode, data, shapes, command, rounds) -> str:
       "recomputation not counted. Median step time after compilation, each runner in a fresh process. "
       "`of f32 peak` divides model FLOP/s by the f32 matmul peak above; `vs best peer` divides by the "
       "fastest peer's model FLOP/s on the same shape (any dtype), `vs same-architecture peer` by the "
-      "fastest peer running the same block (gpt2 or llama). Each runner's fastest of "
-      f"{rounds} rounds taken in turns.",
+      "fastest peer running the same block (gpt2 or llama). "
+      + (f"Each runner's fastest of {rounds} rounds taken in turns." if rounds > 1 else
+         "Each runner ran once, in turn."),
   ]
   for shape in shapes:
     s = SHAPES[shape]
