@@ -1,0 +1,41 @@
+"""The peers in bench/ are credited with model FLOPs by the same count as our trainer.
+
+bench/peers/protocol.py recomputes PaLM's count from a peer's shape with the standard
+library only (it runs under each peer's own Python); it must agree with
+models.model_size, whose count the model tests check against the compiled gradient.
+"""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from models.config import ModelConfig
+from models.model_size import train_flops_per_sequence
+
+PROTOCOL = pathlib.Path(__file__).resolve().parents[2] / "bench" / "peers" / "protocol.py"
+
+
+def load_protocol():
+  spec = importlib.util.spec_from_file_location("peer_protocol", PROTOCOL)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("options, gated", [
+    (dict(mlp_activation="gelu_tanh", norm="layernorm", position="learned", use_bias=True), False),  # GPT-2
+    (dict(mlp_activation="silu", mlp_gated=True, tie_embeddings=False), True),  # LLaMA
+])
+@pytest.mark.parametrize("shape", [
+    dict(emb_dim=256, num_layers=4, num_heads=4, mlp_dim=1024, seq=256, batch=8),
+    dict(emb_dim=1024, num_layers=8, num_heads=16, mlp_dim=4096, seq=512, batch=4),
+])
+def test_peer_flops_match_our_count(options, gated, shape):
+  shape = dict(shape)
+  seq, batch = shape.pop("seq"), shape.pop("batch")
+  cfg = ModelConfig(arch="decoder", vocab_size=8192, max_len=seq, **shape, **options)
+  peer = load_protocol().train_flops_per_step(
+      emb_dim=cfg.emb_dim, layers=cfg.num_layers, heads=cfg.num_heads, head_dim=cfg.dim_per_head,
+      mlp_dim=cfg.mlp_dim, seq=seq, batch=batch, vocab=cfg.vocab_size, gated=gated)
+  assert peer == batch * train_flops_per_sequence(cfg, seq)
