@@ -23,8 +23,8 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   nll = log_z - target_logit
   z_term = z_loss * jnp.square(log_z)
-  # The target is the argmax when it reaches the row maximum; this reuses the max
-  # that logsumexp needs instead of a second pass over [b, t, v] for argmax.
+  # Correct when the target reaches the row maximum (a tie for the top counts as
+  # correct); this reuses logsumexp's max instead of a second pass over [b, t, v].
   correct = (target_logit >= max_logit).astype(jnp.float32)
   return {
       "loss": jnp.sum((nll + z_term) * weights),

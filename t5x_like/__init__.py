@@ -13,5 +13,7 @@ through YNNPACK.
 import os
 
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
-if os.environ.get("T5X_LIKE_XLA_DEFAULTS", "1") != "0":
-  os.environ["XLA_FLAGS"] = f"{CPU_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+_flags = os.environ.get("XLA_FLAGS", "")
+if os.environ.get("T5X_LIKE_XLA_DEFAULTS", "1") != "0" and CPU_XLA_FLAGS not in _flags:
+  # Child processes (sweep workers, bench runners) inherit it already set.
+  os.environ["XLA_FLAGS"] = f"{CPU_XLA_FLAGS} {_flags}".strip()

@@ -74,6 +74,7 @@ def _decode(args, overrides) -> None:
   """Continues prompts (a decoder) or decodes inputs (an encoder-decoder) from a trained run."""
   import json
   from t5x_like.decoding import DecodeConfig, generate
+  from t5x_like.samples import generation_inputs
   trainer, tokenizer = _load(args, overrides)
   if trainer.model_config.arch == "encoder":
     raise ConfigError("decode needs a decoder or an encoder-decoder; this run trained an encoder")
@@ -89,12 +90,10 @@ def _decode(args, overrides) -> None:
                         length_penalty=args.length_penalty)
   model = trainer.model_from(trainer.state["params"])
   model.eval()
-  ids = [tokenizer.encode(p).tolist() for p in prompts]
+  decoder_prompts, encoder_inputs = generation_inputs(
+      trainer.model_config.arch, [tokenizer.encode(p).tolist() for p in prompts])
   with jax.set_mesh(trainer.mesh):
-    if trainer.model_config.arch == "encoder_decoder":
-      outputs = generate(model, [[0]] * len(ids), config, seed=args.seed, encoder_inputs=[i + [1] for i in ids])
-    else:  # a decoder's documents start with the start token (pad), as in training
-      outputs = generate(model, [[0] + i for i in ids], config, seed=args.seed)
+    outputs = generate(model, decoder_prompts, config, seed=args.seed, encoder_inputs=encoder_inputs)
   rows = [{"prompt": p, "completion": tokenizer.decode(o)} for p, o in zip(prompts, outputs)]
   if args.output:
     with open(args.output, "w", encoding="utf-8") as file:
@@ -117,7 +116,7 @@ def _eval(args, overrides) -> None:
     result = evaluation.evaluate_split(trainer, tokenizer, args.split, args.batches)
     where = f"{args.split} split ({args.batches} batches)"
   print(f"{where}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-        f"bits per byte {result['bits_per_byte']:.4f}, token accuracy {result['token_accuracy']:.3f} "
+        f"bits per byte {result['bits_per_byte']:.4f}, token accuracy {result['accuracy']:.3f} "
         f"({int(result['tokens'])} tokens, {result['bytes']} bytes)")
 
 

@@ -23,12 +23,18 @@ import numpy as np
 from models.config import ConfigError
 from t5x_like import partitioning
 from t5x_like.data.tokenizer import EOS_ID, PAD_ID
+from t5x_like.trainer import loss_means
 
 
-def _summary(nats: float, tokens: float, correct: float, num_bytes: int) -> dict[str, float]:
-  loss = nats / max(tokens, 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": correct / max(tokens, 1.0),
-          "bits_per_byte": nats / math.log(2) / max(num_bytes, 1), "tokens": tokens, "bytes": num_bytes}
+def _summary(totals, num_bytes: int) -> dict[str, float]:
+  """The trainer's per-token figures for the summed loss terms, plus bits per byte."""
+  totals = jax.device_get(totals)
+  return {**loss_means(totals), "bits_per_byte": float(totals["cross_entropy"]) / math.log(2) / max(num_bytes, 1),
+          "tokens": float(totals["weight"]), "bytes": num_bytes}
+
+
+def _add(totals, sums):
+  return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
 
 
 def _target_bytes(tokenizer, batch: dict[str, np.ndarray], prefix: str) -> int:
@@ -47,17 +53,13 @@ def evaluate_split(trainer, tokenizer, split: str, num_batches: int) -> dict[str
   """Loss, perplexity, token accuracy and bits per byte over the first batches of a split."""
   prefix = "encoder" if trainer.model_config.arch == "encoder" else "decoder"
   loader = trainer.loader(split)
-  nats = tokens = correct = 0.0
-  num_bytes = 0
+  totals, num_bytes = None, 0
   with jax.set_mesh(trainer.mesh), partitioning.activation_rules(trainer.config.partitioning):
     for _ in range(num_batches):
       batch = next(loader)
-      sums = jax.device_get(trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
-      nats += float(sums["cross_entropy"])
-      tokens += float(sums["weight"])
-      correct += float(sums["correct"])
+      totals = _add(totals, trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
       num_bytes += _target_bytes(tokenizer, batch, prefix)
-  return _summary(nats, tokens, correct, num_bytes)
+  return _summary(totals, num_bytes)
 
 
 def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
@@ -75,18 +77,18 @@ def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
   weights = (np.arange(1, rows * length + 1) < len(ids)).astype(np.float32).reshape(rows, length)
   inputs = padded[:-1].reshape(rows, length)
   targets = padded[1:].reshape(rows, length)
-  nats = tokens = correct = 0.0
+  totals = None
   with jax.set_mesh(trainer.mesh), partitioning.activation_rules(trainer.config.partitioning):
     for start in range(0, rows, batch_size):
       part = slice(start, start + batch_size)
       batch = {"decoder_input_tokens": inputs[part], "decoder_target_tokens": targets[part],
                "decoder_loss_weights": weights[part], "decoder_segment_ids": np.ones_like(inputs[part]),
-               "decoder_positions": np.broadcast_to(np.arange(length, dtype=np.int32), inputs[part].shape)}
-      sums = jax.device_get(trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
-      nats += float(sums["cross_entropy"])
-      tokens += float(sums["weight"])
-      correct += float(sums["correct"])
-  return _summary(nats, tokens, correct, len(text.encode("utf-8")))
+               "decoder_positions": np.broadcast_to(np.arange(length, dtype=np.int32), inputs[part].shape),
+               # A prefix LM's run reads this too: plain text has no prefix, all of it is continued.
+               "decoder_causal_attention": np.zeros(inputs[part].shape, bool)}
+      batch = {feature: batch[feature] for feature in trainer.features}
+      totals = _add(totals, trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
+  return _summary(totals, len(text.encode("utf-8")))
 
 
 # Few-shot rank scoring ------------------------------------------------------------------

@@ -207,17 +207,21 @@ class Trainer:
       model.eval()
     return self.mode.loss_sums(model, batch)
 
+  def _grads(self, params, rest, batch, dropout_key):
+    """Gradients of the summed loss, and the sums themselves."""
+    return jax.grad(lambda p: _scalar_and_aux(self._loss_sums(
+        p, rest, batch, dropout_key, train=True)), has_aux=True)(params)
+
   def _train_step(self, state, rest, batch):
-    accum = self.config.train.grad_accum_steps
     step_key = jax.random.fold_in(jax.random.key(self.config.train.seed), state["step"])
-    if accum == 1:
-      grads, sums = jax.grad(lambda p: _scalar_and_aux(self._loss_sums(
-          p, rest, batch, step_key, train=True)), has_aux=True)(state["params"])
+    if self.config.train.grad_accum_steps == 1:  # no scan: it would keep the step inside a loop
+      grads, sums = self._grads(state["params"], rest, batch, jax.random.fold_in(step_key, 0))
     else:
       grads, sums = self._accumulated_grads(state, rest, batch, step_key)
     return self._apply_gradients(state, grads, sums)
 
   def _accumulated_grads(self, state, rest, batch, step_key):
+    """Sums over micro-batches; micro-batch i draws dropout from fold_in(step_key, i)."""
     accum = self.config.train.grad_accum_steps
 
     def micro_batches(x):
@@ -229,10 +233,8 @@ class Trainer:
 
     def accumulate(carry, inputs):
       index, micro = inputs
-      grad_fn = jax.grad(lambda p: _scalar_and_aux(self._loss_sums(
-          p, rest, micro, jax.random.fold_in(step_key, index), train=True)), has_aux=True)
-      grads, sums = grad_fn(state["params"])
-      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+      grads_and_sums = self._grads(state["params"], rest, micro, jax.random.fold_in(step_key, index))
+      return jax.tree.map(jnp.add, carry, grads_and_sums), None
 
     batch = {k: micro_batches(v) for k, v in batch.items()}
     zero_grads = jax.tree.map(jnp.zeros_like, state["params"])
@@ -300,7 +302,7 @@ class Trainer:
         sums = self.eval_step(self.state["params"], self.rest, self.global_batch(batch))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
-    return _means(totals)
+    return loss_means(totals)
 
   def train(self) -> TrainResult:
     cfg = self.config.train
@@ -371,20 +373,21 @@ class Trainer:
         logger.warning("skipped the update of step %d: non-finite loss or gradient", step)
     steps_per_second = len(pending) / max(elapsed, 1e-9)
     for (step, _), row in zip(pending, rows):
-      scalars = _means(row)
+      scalars = loss_means(row)
       scalars.update(grad_norm=float(row["grad_norm"]), learning_rate=float(row["learning_rate"]),
                      tokens_per_second=tokens_per_step * steps_per_second,
                      model_flops_per_second=flops_per_step * steps_per_second,
                      mfu=flops_per_step * steps_per_second / (peak * self.mesh.size))
       writer.write(step, "train", scalars)
-    return _means(rows[-1])["loss"]
+    return loss_means(rows[-1])["loss"]
 
 
 def _scalar_and_aux(sums):
   return sums["loss"], sums
 
 
-def _means(sums) -> dict[str, float]:
+def loss_means(sums) -> dict[str, float]:
+  """Per-token loss, accuracy, perplexity and z-loss from summed loss terms."""
   weight = max(float(sums["weight"]), 1.0)
   loss = float(sums["cross_entropy"]) / weight
   return {"loss": loss, "accuracy": float(sums["correct"]) / weight,

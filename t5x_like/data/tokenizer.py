@@ -26,6 +26,7 @@ The shipped tokenizer was trained, in under a second on 2 cores, with
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import pathlib
@@ -108,10 +109,18 @@ def tokenizer_path(spec: str) -> pathlib.Path | None:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
+  """The tokenizer a spec names. Config checks, loaders and the CLI all ask for it, so a
+  file is read once per process until it changes on disk."""
   path = tokenizer_path(spec)
   if path is None:
     raise DataError(f"tokenizer {spec!r} is neither a shipped tokenizer ({', '.join(SHIPPED)}) "
                     "nor an existing .model file")
+  return _read_tokenizer(path.resolve(), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_tokenizer(path: pathlib.Path, mtime_ns: int) -> Tokenizer:
+  del mtime_ns  # part of the cache key only
   return Tokenizer(path)
 
 

@@ -1,5 +1,7 @@
 """The inference commands on a tiny run trained through the CLI: train, decode, eval, score."""
 
+import contextlib
+import io
 import json
 import math
 import pathlib
@@ -22,11 +24,19 @@ TINY = ["--config.model.emb_dim=32", "--config.model.num_heads=2", "--config.mod
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def train_run(tmp_path_factory):
+  """(workdir, what the train command printed)."""
   workdir = tmp_path_factory.mktemp("run")
-  assert main(["train", "--config", EXPERIMENT, "--workdir", str(workdir), *TINY,
-               "--sample-prompt", "Emma"]) == 0
-  return workdir
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    assert main(["train", "--config", EXPERIMENT, "--workdir", str(workdir), *TINY,
+                 "--sample-prompt", "Emma"]) == 0
+  return workdir, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run_dir(train_run):
+  return train_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +47,24 @@ def trained(run_dir):
   return trainer, model, load_tokenizer(trainer.config.data.tokenizer)
 
 
-def test_train_command_reports_and_samples(run_dir, capsys):
+def test_train_command_reports_and_samples(train_run):
+  run_dir, printed = train_run
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
   assert (run_dir / "checkpoints" / "4").exists()
+  validation = [r for r in rows if r["split"] == "validation"][-1]
+  assert f"step 4: validation loss {validation['loss']:.4f}" in printed
+  assert "--- 'Emma'\nEmma" in printed  # the sample continues its prompt
+
+
+def test_text_file_loss_of_a_prefix_lm_run(trained):
+  trainer, _, tokenizer = trained
+  config = trainer.config.copy_and_resolve_references()
+  config.data.objective = "prefix_lm"  # its batches carry decoder_causal_attention
+  prefix_lm = Trainer(config, trainer.workdir / "prefix_lm", make_loader=trainer.make_loader)
+  assert "decoder_causal_attention" in prefix_lm.features
+  result = evaluation.evaluate_text(prefix_lm, tokenizer, "Emma was handsome, clever, and rich.")
+  assert result["tokens"] == len(tokenizer.encode("Emma was handsome, clever, and rich.")) + 1
 
 
 def test_decode_command_writes_jsonl(run_dir, tmp_path):

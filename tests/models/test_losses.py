@@ -24,3 +24,10 @@ def test_sums_match_numpy_reference():
 def test_uniform_logits_give_log_vocab():
   sums = cross_entropy_sums(np.zeros((1, 3, 10), np.float32), np.zeros((1, 3), int), np.ones((1, 3)))
   assert float(sums["cross_entropy"]) / 3 == pytest.approx(np.log(10))
+
+
+def test_correct_counts_the_target_at_the_row_maximum_ties_included():
+  logits = np.array([[[0.0, 2.0, 1.0], [3.0, 3.0, 0.0], [1.0, 0.0, 5.0]]], np.float32)
+  targets = np.array([[1, 1, 0]])  # the top; tied for the top; below the top
+  sums = cross_entropy_sums(logits, targets, np.ones((1, 3), np.float32))
+  assert float(sums["correct"]) == 2.0
