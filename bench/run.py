@@ -50,9 +50,11 @@ def run_json(command: list[str], env: dict | None = None, timeout: float = 1800)
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def ours(shape: str, dtype: str, steps: int, arch: str = "default", env: dict | None = None) -> dict:
+def ours(shape: str, dtype: str, steps: int, arch: str = "default", env: dict | None = None,
+         attention_kernel: str | None = None) -> dict:
+  kernel = ["--attention-kernel", attention_kernel] if attention_kernel else []
   return run_json([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--shape", shape,
-                   "--dtype", dtype, "--steps", str(steps), "--arch", arch], env=env)
+                   "--dtype", dtype, "--steps", str(steps), "--arch", arch, *kernel], env=env)
 
 
 def seconds(result: dict) -> float:
@@ -113,7 +115,9 @@ def main() -> None:
           runners = [("t5x_like", lambda: ours(shape, dtype, args.steps)),
                      ("t5x_like", lambda: ours(shape, dtype, args.steps, "gpt2")),
                      ("t5x_like", lambda: ours(shape, dtype, args.steps, "llama")),
-                     ("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, args.steps, env=XLA_OWN_FLAGS))]
+                     ("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, args.steps, env=XLA_OWN_FLAGS)),
+                     ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, args.steps,
+                                                                    attention_kernel="xla"))]
           runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
               shape, dtype, args.steps, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
           runners += [(name, lambda name=name: peers.run_peer(

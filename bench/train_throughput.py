@@ -75,9 +75,12 @@ class RandomTokens:
     pass
 
 
-def build(shape_name: str, dtype: str, arch: str = "default") -> tuple[Trainer, dict]:
-  """A one-device trainer for the shape and one batch for it."""
+def build(shape_name: str, dtype: str, arch: str = "default",
+          attention_kernel: str | None = None) -> tuple[Trainer, dict]:
+  """A one-device trainer for the shape and one batch for it; kernel None: the model default."""
   shape = dict(SHAPES[shape_name], **ARCHS[arch][1])
+  if attention_kernel is not None:  # older trees (baselines) have no such field
+    shape["attention_kernel"] = attention_kernel
   seq_len, batch_size = shape.pop("seq_len"), shape.pop("batch_size")
   config = ml_collections.ConfigDict()
   config.model = model_config_dict(arch="decoder", vocab_size=VOCAB, max_len=seq_len, dtype=dtype, **shape)
@@ -91,9 +94,10 @@ def build(shape_name: str, dtype: str, arch: str = "default") -> tuple[Trainer, 
   return trainer, trainer.global_batch(next(loader))
 
 
-def measure(shape_name: str, dtype: str, steps: int, arch: str = "default") -> dict:
+def measure(shape_name: str, dtype: str, steps: int, arch: str = "default",
+            attention_kernel: str | None = None) -> dict:
   """Median step time over `steps` steps after compilation, on one device."""
-  trainer, batch = build(shape_name, dtype, arch)
+  trainer, batch = build(shape_name, dtype, arch, attention_kernel)
   state, times = trainer.state, []
   with jax.set_mesh(trainer.mesh):
     for step in range(steps + 1):  # the first call compiles
@@ -116,8 +120,9 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--steps", type=int, default=9)
   parser.add_argument("--arch", default="default", choices=sorted(ARCHS))
+  parser.add_argument("--attention-kernel", choices=("xla", "blocked"), default=None)
   args = parser.parse_args()
-  print(json.dumps(measure(args.shape, args.dtype, args.steps, args.arch)))
+  print(json.dumps(measure(args.shape, args.dtype, args.steps, args.arch, args.attention_kernel)))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.blocked_attention import QUERY_BLOCK, blocked_attention
 from models.config import ModelConfig
 from models.layers import Dense, apply_rope, constrain
 
@@ -36,11 +37,15 @@ def attention_mask(query_segments: jax.Array, key_segments: jax.Array, *,
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-                          bias: jax.Array | None, *, scale: float) -> jax.Array:
+                          bias: jax.Array | None, *, scale: float, kernel: str = "xla",
+                          causal: bool = False) -> jax.Array:
   """Softmax(q k^T * scale + bias) v with logits and softmax in float32.
 
   query [b, t, h, e]; key, value [b, s, k, e] with h a multiple of k (GQA: each kv head
   serves g = h / k query heads, MQA when k = 1); mask [b, 1, t, s]; bias [b|1, h, t, s].
+  kernel "xla" materialises all scores at once; "blocked" (models/blocked_attention.py)
+  loops over cache-sized blocks and takes no bias. `causal` promises the mask is purely
+  causal, which lets the blocked kernel skip hidden keys.
   """
   b, t, h, e = query.shape
   kv_heads = key.shape[2]
@@ -48,6 +53,11 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   # batch and head dims inside the einsums costs XLA:CPU twice the time in transposes.
   query = query.reshape(b, t, kv_heads, h // kv_heads, e).transpose(0, 2, 3, 1, 4)  # [b, k, g, t, e]
   key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [b, k, s, e]
+  if kernel == "blocked":
+    if bias is not None:
+      raise ValueError("the blocked attention kernel takes no bias; use kernel='xla'")
+    out = blocked_attention(query, key, value, mask, scale, causal)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(value.dtype)
   logits = jnp.einsum("bkgte,bkse->bkgts", query, key, preferred_element_type=jnp.float32)
   logits = logits * scale
   if bias is not None:
@@ -66,6 +76,7 @@ class Attention(nnx.Module):
     heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     self.rope_theta = cfg.rope_theta if rope else None
     self.scale = head_dim ** -0.5 if cfg.scale_attn_logits else 1.0
+    self.kernel = cfg.attention_kernel
     bias = cfg.use_bias
     self.query = Dense(cfg.emb_dim, (heads, head_dim), ("embed", "heads", "kv"), cfg, use_bias=bias, rngs=rngs)
     self.key = Dense(cfg.emb_dim, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), cfg, use_bias=bias, rngs=rngs)
@@ -82,13 +93,14 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, *, mask: jax.Array, bias: jax.Array | None = None,
                positions: jax.Array | None = None, kv_inputs: jax.Array | None = None,
                kv_positions: jax.Array | None = None, cache: dict | None = None,
-               cache_index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+               cache_index: jax.Array | None = None, causal: bool = False) -> tuple[jax.Array, dict | None]:
     """Attends from x [b, t, d]; returns ([b, t, d], updated cache).
 
     Self-attention uses x for keys too; cross-attention passes kv_inputs, or a cache
     whose `k`/`v` were computed once from the encoder output. For cached
     self-attention, this call's keys are written at cache_index and the whole cache is
-    attended (the mask says which slots are valid).
+    attended (the mask says which slots are valid). `causal` promises a purely causal
+    mask (no prefix, no cache), which the blocked kernel uses to skip hidden keys.
     """
     query = self.query(x)  # [b, t, h, e]
     if self.rope_theta is not None:
@@ -103,5 +115,16 @@ class Attention(nnx.Module):
         key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), cache_index, axis=1)
         value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), cache_index, axis=1)
         cache = {"k": key, "v": value}
-    out = dot_product_attention(query, key, value, mask, bias, scale=self.scale)
+    out = dot_product_attention(query, key, value, mask, bias, scale=self.scale,
+                                kernel=self._kernel(bias, cache, key.shape[1]), causal=causal)
     return self.out(out), cache
+
+  def _kernel(self, bias: jax.Array | None, cache: dict | None, keys: int) -> str:
+    if bias is not None or cache is not None:
+      return "xla"
+    if self.kernel == "auto":
+      # Short attention fits in cache anyway; on a multi-device mesh the pair loop would
+      # gather the batch onto every device.
+      one_device = jax.sharding.get_abstract_mesh().size <= 1
+      return "blocked" if jax.default_backend() == "cpu" and one_device and keys > QUERY_BLOCK else "xla"
+    return self.kernel

@@ -20,6 +20,7 @@ NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "none")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_KERNELS = ("auto", "xla", "blocked")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,12 @@ class ModelConfig:
   num_token_types: int = 0
   # BERT's masked-LM head: dense + activation + norm before the vocabulary projection.
   mlm_head_transform: bool = True
+
+  # "xla": all scores at once; "blocked": cache-sized blocks (models/blocked_attention.py,
+  # 2-3x faster on CPU, no relative bias); "auto": blocked on one CPU device past 128
+  # keys, else xla.
+  # Decoding with a KV cache and T5's relative bias always use xla.
+  attention_kernel: str = "auto"
 
   dropout_rate: float = 0.0
   param_dtype: str = "float32"
@@ -137,6 +144,7 @@ class ModelConfig:
     choice("position", POSITIONS)
     choice("param_dtype", DTYPES)
     choice("dtype", DTYPES)
+    choice("attention_kernel", ATTENTION_KERNELS)
     for name in ("vocab_size", "emb_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                  "num_layers", "num_decoder_layers", "max_len", "relative_num_buckets",
                  "relative_max_distance"):
@@ -153,6 +161,9 @@ class ModelConfig:
       raise ConfigError(f"model.position='rope' needs an even head dimension, got {self.dim_per_head}")
     if self.position == "sinusoidal" and self.emb_dim % 2:
       raise ConfigError(f"model.position='sinusoidal' needs an even model.emb_dim, got {self.emb_dim}")
+    if self.attention_kernel == "blocked" and self.position == "relative":
+      raise ConfigError("model.attention_kernel='blocked' takes no attention bias, which "
+                        "model.position='relative' needs; use attention_kernel='auto' or 'xla'")
     if self.num_decoder_layers is not None and self.arch != "encoder_decoder":
       raise ConfigError("model.num_decoder_layers applies only to model.arch='encoder_decoder'")
     if not 0.0 <= self.dropout_rate < 1.0:

@@ -48,10 +48,11 @@ class Block(nnx.Module):
     return norm(x + self.dropout(out)), aux
 
   def __call__(self, x, *, mask, bias, positions, encoded=None, cross_mask=None,
-               cache=None, cache_index=None):
+               cache=None, cache_index=None, causal=False):
     cache = cache or {}
     x, self_cache = self._residual(x, self.self_attention_norm, lambda h: self.self_attention(
-        h, mask=mask, bias=bias, positions=positions, cache=cache.get("self"), cache_index=cache_index))
+        h, mask=mask, bias=bias, positions=positions, cache=cache.get("self"), cache_index=cache_index,
+        causal=causal))
     cross_cache = None
     if self.cross_attention is not None:
       x, cross_cache = self._residual(x, self.cross_attention_norm, lambda h: self.cross_attention(
@@ -121,11 +122,12 @@ class Stack(nnx.Module):
     if encoded_segment_ids is not None:
       cross_mask = attention_mask(segment_ids, encoded_segment_ids, causal=False)
 
+    purely_causal = self.causal and prefix_mask is None and cache is None
     new_layers = []
     for i, layer in enumerate(self.layers):
       x, layer_cache = layer(x, mask=mask, bias=bias, positions=positions, encoded=encoded,
                              cross_mask=cross_mask, cache=None if cache is None else cache["layers"][i],
-                             cache_index=cache_index)
+                             cache_index=cache_index, causal=purely_causal)
       new_layers.append(layer_cache)
     if self.final_norm is not None:
       x = self.final_norm(x)

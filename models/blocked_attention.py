@@ -1,0 +1,112 @@
+"""Softmax attention one (batch, kv head) slice and one query block at a time, for CPUs.
+
+XLA:CPU runs each elementwise step of attention (scale, mask, max, exp, sum, and their
+gradients) as its own pass over memory. At 512 tokens the float32 scores of a batch are
+64 MB per layer, and those passes cost more than the matmuls. Here a loop over
+(batch, kv head) pairs keeps one query block's scores (at most 128 x keys per head, well
+inside L2) in cache. The backward pass recomputes them from the saved log-sum-exp rather
+than storing them, as FlashAttention does. When the caller knows the mask is causal, a
+query block skips the keys after its last query: half of the work at long lengths.
+Under a multi-device mesh (Auto axes) the loop gathers the batch, so it is meant for
+one device; models/attention.py's "auto" choice only picks it there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+QUERY_BLOCK = 128
+PAIRS_PER_STEP = 2  # (batch, kv head) pairs per loop step: measured best on 2 cores
+_MASKED = jnp.finfo(jnp.float32).min  # finite, so fully masked rows stay free of NaNs
+
+
+def _query_blocks(queries: int, keys: int, causal: bool) -> list[tuple[int, int, int]]:
+  """(first query, end query, end key) per block; causal blocks end their keys at their queries."""
+  return [(start, min(start + QUERY_BLOCK, queries), min(start + QUERY_BLOCK, keys) if causal else keys)
+          for start in range(0, queries, QUERY_BLOCK)]
+
+
+def _logits(q, k, mask, scale):
+  """Masked, scaled float32 logits [g, tq, s] for q [g, tq, e], k [s, e], mask [tq, s]."""
+  logits = jnp.einsum("gte,se->gts", q, k, preferred_element_type=jnp.float32) * scale
+  return jnp.where(mask[None], logits, _MASKED)
+
+
+def _forward_pair(q, k, v, mask, *, scale, causal):
+  """One pair: q [g, t, e], k and v [s, e], mask [t, s] -> (out [g, t, e] f32, lse [g, t])."""
+  outs, lses = [], []
+  for start, end, keys in _query_blocks(q.shape[1], k.shape[0], causal):
+    logits = _logits(q[:, start:end], k[:keys], mask[start:end, :keys], scale)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    weights = jnp.exp(logits - row_max)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("gts,se->gte", weights.astype(v.dtype), v[:keys], preferred_element_type=jnp.float32)
+    outs.append(out / total)
+    lses.append((row_max + jnp.log(total))[..., 0])
+  return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
+
+
+def _backward_pair(q, k, v, mask, out, lse, d_out, *, scale, causal):
+  """Gradients (dq, dk, dv) of one pair, recomputing the softmax weights block by block."""
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  d_out = d_out.astype(jnp.float32)
+  row_dots = jnp.sum(d_out * out, axis=-1)  # [g, t]: sum_s weights * d_weights, per row
+  dqs, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
+  for start, end, keys in _query_blocks(q.shape[1], k.shape[0], causal):
+    rows = slice(start, end)
+    weights = jnp.exp(_logits(q[:, rows], k[:keys], mask[rows, :keys], scale) - lse[:, rows, None])
+    dv = dv.at[:keys].add(jnp.einsum("gts,gte->se", weights, d_out[:, rows]))
+    d_weights = jnp.einsum("gte,se->gts", d_out[:, rows], v[:keys])
+    d_logits = weights * (d_weights - row_dots[:, rows, None]) * scale
+    dqs.append(jnp.einsum("gts,se->gte", d_logits, k[:keys]))
+    dk = dk.at[:keys].add(jnp.einsum("gts,gte->se", d_logits, q[:, rows]))
+  return jnp.concatenate(dqs, axis=1), dk, dv
+
+
+def _pairs(x: jax.Array) -> jax.Array:
+  """Merges the leading (batch, kv head) dims into one dim to loop over."""
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def _pair_masks(mask: jax.Array, kv_heads: int) -> jax.Array:
+  return _pairs(jnp.broadcast_to(mask, (mask.shape[0], kv_heads) + mask.shape[2:]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def blocked_attention(query, key, value, mask, scale: float, causal: bool):
+  """Softmax(q k^T * scale) v in float32 for heads-first inputs.
+
+  query [b, k, g, t, e]; key, value [b, k, s, e]; mask [b, 1, t, s], True where a query
+  may see a key. `causal` promises that the mask hides every key after the query's own
+  position (so t == s); only then are those keys skipped.
+  """
+  return _forward(query, key, value, mask, scale, causal)[0]
+
+
+def _forward(query, key, value, mask, scale, causal):
+  if causal and query.shape[3] != key.shape[2]:
+    raise ValueError(f"causal blocked attention needs as many queries as keys, got "
+                     f"{query.shape[3]} and {key.shape[2]}")
+  step = functools.partial(_forward_pair, scale=scale, causal=causal)
+  out, lse = jax.lax.map(lambda pair: step(*pair),
+                         (_pairs(query), _pairs(key), _pairs(value), _pair_masks(mask, key.shape[1])),
+                         batch_size=PAIRS_PER_STEP)
+  out = out.reshape(query.shape)
+  return out, (query, key, value, mask, out, lse)
+
+
+def _backward(scale, causal, saved, d_out):
+  query, key, value, mask, out, lse = saved
+  step = functools.partial(_backward_pair, scale=scale, causal=causal)
+  dq, dk, dv = jax.lax.map(lambda pair: step(*pair),
+                           (_pairs(query), _pairs(key), _pairs(value), _pair_masks(mask, key.shape[1]),
+                            _pairs(out), lse, _pairs(d_out)),
+                           batch_size=PAIRS_PER_STEP)
+  return (dq.reshape(query.shape).astype(query.dtype), dk.reshape(key.shape).astype(key.dtype),
+          dv.reshape(value.shape).astype(value.dtype), None)
+
+
+blocked_attention.defvjp(_forward, _backward)
