@@ -49,15 +49,16 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   """
   b, t, h, e = query.shape
   kv_heads = key.shape[2]
+  if kernel == "blocked":
+    if bias is not None:
+      raise ValueError("the blocked attention kernel takes no bias; use kernel='xla'")
+    query = query.reshape(b, t, kv_heads, h // kv_heads, e)
+    out = blocked_attention(query, key, value, mask, scale, causal)
+    return out.reshape(b, t, h, e).astype(value.dtype)
   # Heads-first layouts make both products plain batched matmuls over (b, k); mixing
   # batch and head dims inside the einsums costs XLA:CPU twice the time in transposes.
   query = query.reshape(b, t, kv_heads, h // kv_heads, e).transpose(0, 2, 3, 1, 4)  # [b, k, g, t, e]
   key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [b, k, s, e]
-  if kernel == "blocked":
-    if bias is not None:
-      raise ValueError("the blocked attention kernel takes no bias; use kernel='xla'")
-    out = blocked_attention(query, key, value, mask, scale, causal)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(value.dtype)
   logits = jnp.einsum("bkgte,bkse->bkgts", query, key, preferred_element_type=jnp.float32)
   logits = logits * scale
   if bias is not None:

@@ -2,12 +2,12 @@
 
 XLA:CPU runs each elementwise step of attention (scale, mask, max, exp, sum, and their
 gradients) as its own pass over memory. At 512 tokens the float32 scores of a batch are
-64 MB per layer, and those passes cost more than the matmuls. Here a loop over
-(batch, kv head) pairs keeps one query block's scores (at most 128 x keys per head, well
-inside L2) in cache. The backward pass recomputes them from the saved log-sum-exp rather
+64 MB per layer, and those passes cost more than the matmuls. Here a loop over the batch,
+then over kv heads and query blocks, keeps one block's scores (at most 128 x keys per
+head, well inside L2) in cache. The backward pass recomputes them from the saved log-sum-exp rather
 than storing them, as FlashAttention does. When the caller knows the mask is causal, a
 query block skips the keys after its last query: half of the work at long lengths.
-Under a multi-device mesh (Auto axes) the loop gathers the batch, so it is meant for
+Under a multi-device mesh (Auto axes) the batch loop gathers the batch, so it is meant for
 one device; models/attention.py's "auto" choice only picks it there.
 """
 
@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 QUERY_BLOCK = 128
-PAIRS_PER_STEP = 2  # (batch, kv head) pairs per loop step: measured best on 2 cores
 _MASKED = jnp.finfo(jnp.float32).min  # finite, so fully masked rows stay free of NaNs
 
 
@@ -66,47 +65,52 @@ def _backward_pair(q, k, v, mask, out, lse, d_out, *, scale, causal):
   return jnp.concatenate(dqs, axis=1), dk, dv
 
 
-def _pairs(x: jax.Array) -> jax.Array:
-  """Merges the leading (batch, kv head) dims into one dim to loop over."""
-  return x.reshape((-1,) + x.shape[2:])
+def _forward_item(q, k, v, mask, *, scale, causal):
+  """One batch element in the projections' own layout: q [t, k, g, e], k and v [s, k, e].
+
+  Slicing heads here, in cache, replaces transposing whole [b, t, h, e] arrays to
+  heads-first, which XLA:CPU does at well under 1 GB/s.
+  """
+  pairs = [_forward_pair(q[:, j].swapaxes(0, 1), k[:, j], v[:, j], mask, scale=scale, causal=causal)
+           for j in range(k.shape[1])]
+  return (jnp.stack([out.swapaxes(0, 1) for out, _ in pairs], axis=1),  # [t, k, g, e]
+          jnp.stack([lse for _, lse in pairs]))  # [k, g, t]
 
 
-def _pair_masks(mask: jax.Array, kv_heads: int) -> jax.Array:
-  return _pairs(jnp.broadcast_to(mask, (mask.shape[0], kv_heads) + mask.shape[2:]))
+def _backward_item(q, k, v, mask, out, lse, d_out, *, scale, causal):
+  heads_first = lambda x, j: x[:, j].swapaxes(0, 1)  # noqa: E731
+  grads = [_backward_pair(heads_first(q, j), k[:, j], v[:, j], mask, heads_first(out, j), lse[j],
+                          heads_first(d_out, j), scale=scale, causal=causal)
+           for j in range(k.shape[1])]
+  dq, dk, dv = zip(*grads)
+  return (jnp.stack([g.swapaxes(0, 1) for g in dq], axis=1), jnp.stack(dk, axis=1), jnp.stack(dv, axis=1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def blocked_attention(query, key, value, mask, scale: float, causal: bool):
-  """Softmax(q k^T * scale) v in float32 for heads-first inputs.
+  """Softmax(q k^T * scale) v in float32.
 
-  query [b, k, g, t, e]; key, value [b, k, s, e]; mask [b, 1, t, s], True where a query
-  may see a key. `causal` promises that the mask hides every key after the query's own
-  position (so t == s); only then are those keys skipped.
+  query [b, t, k, g, e] (g query heads per kv head); key, value [b, s, k, e]; mask
+  [b, 1, t, s], True where a query may see a key. `causal` promises that the mask hides
+  every key after the query's own position (so t == s); only then are those keys skipped.
   """
   return _forward(query, key, value, mask, scale, causal)[0]
 
 
 def _forward(query, key, value, mask, scale, causal):
-  if causal and query.shape[3] != key.shape[2]:
+  if causal and query.shape[1] != key.shape[1]:
     raise ValueError(f"causal blocked attention needs as many queries as keys, got "
-                     f"{query.shape[3]} and {key.shape[2]}")
-  step = functools.partial(_forward_pair, scale=scale, causal=causal)
-  out, lse = jax.lax.map(lambda pair: step(*pair),
-                         (_pairs(query), _pairs(key), _pairs(value), _pair_masks(mask, key.shape[1])),
-                         batch_size=PAIRS_PER_STEP)
-  out = out.reshape(query.shape)
+                     f"{query.shape[1]} and {key.shape[1]}")
+  step = functools.partial(_forward_item, scale=scale, causal=causal)
+  out, lse = jax.lax.map(lambda item: step(*item), (query, key, value, mask[:, 0]))
   return out, (query, key, value, mask, out, lse)
 
 
 def _backward(scale, causal, saved, d_out):
   query, key, value, mask, out, lse = saved
-  step = functools.partial(_backward_pair, scale=scale, causal=causal)
-  dq, dk, dv = jax.lax.map(lambda pair: step(*pair),
-                           (_pairs(query), _pairs(key), _pairs(value), _pair_masks(mask, key.shape[1]),
-                            _pairs(out), lse, _pairs(d_out)),
-                           batch_size=PAIRS_PER_STEP)
-  return (dq.reshape(query.shape).astype(query.dtype), dk.reshape(key.shape).astype(key.dtype),
-          dv.reshape(value.shape).astype(value.dtype), None)
+  step = functools.partial(_backward_item, scale=scale, causal=causal)
+  dq, dk, dv = jax.lax.map(lambda item: step(*item), (query, key, value, mask[:, 0], out, lse, d_out))
+  return dq.astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype), None
 
 
 blocked_attention.defvjp(_forward, _backward)
