@@ -5,8 +5,9 @@ and against the peer codebases side by side, decoding and data-pipeline throughp
                         [--rounds 2] [--peers maxtext,easydel,hf_flax_gpt2] [--baselines REV,REV]
 
 Every training figure comes from a fresh process (bench/train_throughput.py for us, in
-our default, GPT-2 and LLaMA architectures, with our XLA:CPU flags and with XLA's own, and for
-each --baselines revision of us checked out into a temporary git worktree; bench/peers.py
+our default, GPT-2 and LLaMA architectures, with bf16 matmul inputs, with XLA's own CPU
+flags, with the xla attention kernel, and for each --baselines revision of us checked out
+into a temporary git worktree; bench/peers.py
 for the peers, each in its own virtual environment), all in this one run. The runners of
 a shape take turns for --rounds rounds and each keeps its fastest round, so a slow spell
 of a shared machine does not land on one runner only. Writes the tables to
@@ -51,10 +52,11 @@ def run_json(command: list[str], env: dict | None = None, timeout: float = 1800)
 
 
 def ours(shape: str, dtype: str, steps: int, arch: str = "default", env: dict | None = None,
-         attention_kernel: str | None = None) -> dict:
-  kernel = ["--attention-kernel", attention_kernel] if attention_kernel else []
+         attention_kernel: str | None = None, bf16_matmul_inputs: bool = False) -> dict:
+  options = ["--attention-kernel", attention_kernel] if attention_kernel else []
+  options += ["--bf16-matmul-inputs"] if bf16_matmul_inputs else []
   return run_json([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--shape", shape,
-                   "--dtype", dtype, "--steps", str(steps), "--arch", arch, *kernel], env=env)
+                   "--dtype", dtype, "--steps", str(steps), "--arch", arch, *options], env=env)
 
 
 def seconds(result: dict) -> float:
@@ -112,14 +114,16 @@ def main() -> None:
     try:
       for shape in shapes:
         for dtype in ("float32", "bfloat16") if shape in bf16_shapes else ("float32",):
-          runners = [("t5x_like", lambda: ours(shape, dtype, args.steps)),
-                     ("t5x_like", lambda: ours(shape, dtype, args.steps, "gpt2")),
-                     ("t5x_like", lambda: ours(shape, dtype, args.steps, "llama")),
-                     ("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, args.steps, env=XLA_OWN_FLAGS)),
-                     ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, args.steps,
-                                                                    attention_kernel="xla"))]
-          runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
-              shape, dtype, args.steps, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
+          runners = [("t5x_like", lambda arch=arch: ours(shape, dtype, args.steps, arch))
+                     for arch in ("default", "gpt2", "llama")]
+          if dtype == "float32":  # the variants and baselines, against the float32 rows
+            runners += [("t5x_like", lambda arch=arch: ours(shape, dtype, args.steps, arch, bf16_matmul_inputs=True))
+                        for arch in ("gpt2", "llama")]
+            runners += [("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, args.steps, env=XLA_OWN_FLAGS)),
+                        ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, args.steps,
+                                                                       attention_kernel="xla"))]
+            runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
+                shape, dtype, args.steps, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
           runners += [(name, lambda name=name: peers.run_peer(
               name, SHAPES[shape], VOCAB, dtype, args.steps, args.venvs)) for name in peer_names]
           best: list[dict | None] = [None] * len(runners)
@@ -145,6 +149,14 @@ def main() -> None:
   print(text)
 
 
+def share_of_peak(result: dict, peak: dict) -> str:
+  """Model FLOP/s over the f32 matmul peak; rows with bf16 matmuls also over the bf16 peak."""
+  f32 = f"{result['model_flops_per_second'] / peak['float32']:.0%}"
+  if "bf" not in result["dtype"]:
+    return f32
+  return f"{f32} f32, {result['model_flops_per_second'] / peak['bfloat16']:.0%} bf16"
+
+
 def render(rows, peak, decode, data, shapes, command, rounds) -> str:
   lines = [
       "# Benchmarks",
@@ -162,7 +174,8 @@ def render(rows, peak, decode, data, shapes, command, rounds) -> str:
       "Model FLOPs by PaLM's count (app. B) for each runner's own architecture: 6 x matmul parameters "
       "(vocabulary projection included) + 12 x layers x context x attention width, per token; "
       "recomputation not counted. Median step time after compilation, each runner in a fresh process. "
-      "`of f32 peak` divides model FLOP/s by the f32 matmul peak above; `vs best peer` divides by the "
+      "`of peak` divides model FLOP/s by the f32 matmul peak above, and rows whose matmuls take bf16 "
+      "inputs also by the bf16 peak; `vs best peer` divides by the "
       "fastest peer's model FLOP/s on the same shape (any dtype), `vs same-architecture peer` by the "
       "fastest peer running the same block (gpt2 or llama). "
       + (f"Each runner's fastest of {rounds} rounds taken in turns." if rounds > 1 else
@@ -172,7 +185,7 @@ def render(rows, peak, decode, data, shapes, command, rounds) -> str:
     s = SHAPES[shape]
     lines += ["", f"### {shape}: d_model {s['emb_dim']}, {s['num_layers']} layers, {s['num_heads']} heads, "
               f"ffn {s['mlp_dim']}, seq {s['seq_len']}, batch {s['batch_size']}, vocab {VOCAB}", "",
-              "| runner | architecture | dtype | ms/step | tokens/s | GFLOP/s | of f32 peak | vs best peer "
+              "| runner | architecture | dtype | ms/step | tokens/s | GFLOP/s | of peak | vs best peer "
               "| vs same-architecture peer |",
               "|---|---|---|---|---|---|---|---|---|"]
     shape_rows = [(runner, r) for sh, runner, r in rows if sh == shape]
@@ -192,7 +205,7 @@ def render(rows, peak, decode, data, shapes, command, rounds) -> str:
         runner = f"{runner} {r['version']} (jax {r['jax']})"
       lines.append(f"| {runner} | {r.get('arch', '')} | {r['dtype']} | {r['step_seconds'] * 1e3:.0f} | "
                    f"{r['tokens_per_second']:,.0f} | {r['model_flops_per_second'] / 1e9:.0f} | "
-                   f"{r['model_flops_per_second'] / peak['float32']:.0%} | {versus} | {versus_same} |")
+                   f"{share_of_peak(r, peak)} | {versus} | {versus_same} |")
   fastest = max(r["tokens_per_second"] for _, runner, r in rows if runner.startswith("t5x_like") and "error" not in r)
   lines += [
       "",

@@ -75,12 +75,13 @@ class RandomTokens:
     pass
 
 
-def build(shape_name: str, dtype: str, arch: str = "default",
-          attention_kernel: str | None = None) -> tuple[Trainer, dict]:
-  """A one-device trainer for the shape and one batch for it; kernel None: the model default."""
+def build(shape_name: str, dtype: str, arch: str = "default", **model_overrides) -> tuple[Trainer, dict]:
+  """A one-device trainer for the shape and one batch for it.
+
+  model_overrides set only what is given (not None): baseline trees lack newer fields.
+  """
   shape = dict(SHAPES[shape_name], **ARCHS[arch][1])
-  if attention_kernel is not None:  # older trees (baselines) have no such field
-    shape["attention_kernel"] = attention_kernel
+  shape.update({name: value for name, value in model_overrides.items() if value is not None})
   seq_len, batch_size = shape.pop("seq_len"), shape.pop("batch_size")
   config = ml_collections.ConfigDict()
   config.model = model_config_dict(arch="decoder", vocab_size=VOCAB, max_len=seq_len, dtype=dtype, **shape)
@@ -94,10 +95,9 @@ def build(shape_name: str, dtype: str, arch: str = "default",
   return trainer, trainer.global_batch(next(loader))
 
 
-def measure(shape_name: str, dtype: str, steps: int, arch: str = "default",
-            attention_kernel: str | None = None) -> dict:
+def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", **model_overrides) -> dict:
   """Median step time over `steps` steps after compilation, on one device."""
-  trainer, batch = build(shape_name, dtype, arch, attention_kernel)
+  trainer, batch = build(shape_name, dtype, arch, **model_overrides)
   state, times = trainer.state, []
   with jax.set_mesh(trainer.mesh):
     for step in range(steps + 1):  # the first call compiles
@@ -109,6 +109,8 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default",
   step_seconds = statistics.median(times)
   seq_len, batch_size = SHAPES[shape_name]["seq_len"], SHAPES[shape_name]["batch_size"]
   flops_per_step = batch_size * train_flops_per_sequence(trainer.model_config, seq_len)
+  if model_overrides.get("bf16_matmul_inputs"):
+    dtype += ", bf16 matmul inputs"
   return {"dtype": dtype, "arch": ARCHS[arch][0], "step_seconds": step_seconds,
           "tokens_per_second": batch_size * seq_len / step_seconds, "flops_per_step": flops_per_step,
           "model_flops_per_second": flops_per_step / step_seconds}
@@ -121,8 +123,10 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=9)
   parser.add_argument("--arch", default="default", choices=sorted(ARCHS))
   parser.add_argument("--attention-kernel", choices=("xla", "blocked"), default=None)
+  parser.add_argument("--bf16-matmul-inputs", action="store_true", default=None)
   args = parser.parse_args()
-  print(json.dumps(measure(args.shape, args.dtype, args.steps, args.arch, args.attention_kernel)))
+  print(json.dumps(measure(args.shape, args.dtype, args.steps, args.arch, attention_kernel=args.attention_kernel,
+                           bf16_matmul_inputs=args.bf16_matmul_inputs)))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,11 @@ class ModelConfig:
   # Decoding with a KV cache and T5's relative bias always use xla.
   attention_kernel: str = "auto"
 
+  # Round the inputs of projection matmuls (forward and input gradient) to bfloat16,
+  # accumulating in float32, as TPUs do by default; weight gradients keep `dtype`.
+  # About 1.3x faster float32 training on CPUs with AVX512-BF16 (docs/performance.md).
+  bf16_matmul_inputs: bool = False
+
   dropout_rate: float = 0.0
   param_dtype: str = "float32"
   dtype: str = "float32"

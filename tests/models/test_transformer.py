@@ -8,7 +8,7 @@ from flax import nnx
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig
-from models.layers import apply_rope, relative_position_bucket, sinusoidal_embedding
+from models.layers import apply_rope, project, relative_position_bucket, sinusoidal_embedding
 from models.transformer import build_model
 
 VOCAB, LENGTH = 64, 10
@@ -255,6 +255,34 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
   assert b.dtype == jnp.float32
   np.testing.assert_allclose(a, b, atol=0.1)
   assert float(jnp.mean(jnp.abs(a - b))) < 0.02
+
+
+@pytest.mark.parametrize("kernel_in_dim", [0, 1])
+def test_bf16_matmul_inputs_round_forward_and_input_gradient_only(kernel_in_dim):
+  """Against numpy in float64: rounded inputs for y and dx, exact float32 inputs for dW."""
+  parts = jax.random.split(jax.random.key(16), 3)
+  x = jax.random.normal(parts[0], (6, 5))
+  kernel = jax.random.normal(parts[1], (5, 3) if kernel_in_dim == 0 else (3, 5))
+  d_out = jax.random.normal(parts[2], (6, 3))
+  y, pullback = jax.vjp(lambda x, w: project(x, w, kernel_in_dim=kernel_in_dim, bf16_inputs=True), x, kernel)
+  d_x, d_kernel = pullback(d_out)
+
+  rounded = lambda a: np.asarray(a.astype(jnp.bfloat16), np.float64)  # noqa: E731
+  w = rounded(kernel) if kernel_in_dim == 0 else rounded(kernel).T
+  np.testing.assert_allclose(y, rounded(x) @ w, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_x, rounded(d_out) @ w.T, rtol=1e-5, atol=1e-5)
+  exact = np.asarray(x, np.float64).T @ np.asarray(d_out, np.float64)
+  np.testing.assert_allclose(d_kernel, exact if kernel_in_dim == 0 else exact.T, rtol=1e-5, atol=1e-5)
+  # Rounding x would have moved dW by far more than that tolerance.
+  assert np.max(np.abs(rounded(x).T @ np.asarray(d_out, np.float64) - exact)) > 1e-3
+
+
+def test_bf16_matmul_inputs_track_fp32_logits():
+  tokens = random_tokens(17)
+  a = build_model(small())(tokens)
+  b = build_model(small(bf16_matmul_inputs=True))(tokens)
+  np.testing.assert_allclose(a, b, atol=0.1)
+  assert 0 < float(jnp.mean(jnp.abs(a - b))) < 0.02
 
 
 def test_dropout_is_active_in_training_and_off_in_eval():
