@@ -3,6 +3,7 @@
 bench/peers/protocol.py recomputes PaLM's count from a peer's shape with the standard
 library only (it runs under each peer's own Python); it must agree with
 models.model_size, whose count the model tests check against the compiled gradient.
+bench/matmul_floor.py must hold exactly the matmuls that count credits.
 """
 
 import importlib.util
@@ -13,14 +14,18 @@ import pytest
 from models.config import ModelConfig
 from models.model_size import train_flops_per_sequence
 
-PROTOCOL = pathlib.Path(__file__).resolve().parents[2] / "bench" / "peers" / "protocol.py"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def load_protocol():
-  spec = importlib.util.spec_from_file_location("peer_protocol", PROTOCOL)
+def load(path: pathlib.Path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_protocol():
+  return load(ROOT / "bench" / "peers" / "protocol.py")
 
 
 @pytest.mark.parametrize("options, gated", [
@@ -39,3 +44,18 @@ def test_peer_flops_match_our_count(options, gated, shape):
       emb_dim=cfg.emb_dim, layers=cfg.num_layers, heads=cfg.num_heads, head_dim=cfg.dim_per_head,
       mlp_dim=cfg.mlp_dim, seq=seq, batch=batch, vocab=cfg.vocab_size, gated=gated)
   assert peer == batch * train_flops_per_sequence(cfg, seq)
+
+
+def test_matmul_floor_holds_exactly_the_counted_matmuls():
+  import sys
+
+  import jax
+  import jax.numpy as jnp
+
+  dot_flops = load(ROOT / "tests" / "models" / "test_model_size.py").dot_flops
+  sys.path.insert(0, str(ROOT / "bench"))  # matmul_floor imports its sibling train_throughput
+  step_matmuls = load(ROOT / "bench" / "matmul_floor.py").step_matmuls
+
+  shape = dict(emb_dim=32, num_layers=2, num_heads=4, mlp_dim=64, seq_len=16, batch_size=3)
+  grad, params, x, flops = step_matmuls(shape, jnp.float32)
+  assert dot_flops(jax.make_jaxpr(grad)(params, x).jaxpr) == flops
