@@ -4,11 +4,11 @@ XLA:CPU runs each elementwise step of attention (scale, mask, max, exp, sum, and
 gradients) as its own pass over memory. At 512 tokens the float32 scores of a batch are
 64 MB per layer, and those passes cost more than the matmuls. Here a loop over the batch,
 then over kv heads and query blocks, keeps one block's scores (at most 128 x keys per
-head, well inside L2) in cache. The backward pass recomputes them from the saved log-sum-exp rather
-than storing them, as FlashAttention does. When the caller knows the mask is causal, a
-query block skips the keys after its last query: half of the work at long lengths.
-Under a multi-device mesh (Auto axes) the batch loop gathers the batch, so it is meant for
-one device; models/attention.py's "auto" choice only picks it there.
+head, well inside L2) in cache. The backward pass recomputes them from the saved
+log-sum-exp rather than storing them, as FlashAttention does. When the caller knows the
+mask is causal, a query block skips the keys after its last query: half of the work at
+long lengths. Under a multi-device mesh (Auto axes) the batch loop gathers the batch, so
+it is meant for one device; models/attention.py's "auto" choice only picks it there.
 """
 
 from __future__ import annotations

@@ -71,10 +71,9 @@ class ModelConfig:
   # BERT's masked-LM head: dense + activation + norm before the vocabulary projection.
   mlm_head_transform: bool = True
 
-  # "xla": all scores at once; "blocked": cache-sized blocks (models/blocked_attention.py,
-  # 2-3x faster on CPU, no relative bias); "auto": blocked on one CPU device past 128
-  # keys, else xla.
-  # Decoding with a KV cache and T5's relative bias always use xla.
+  # "xla": all scores at once; "blocked": cache-sized blocks (models/blocked_attention.py:
+  # about twice as fast on CPU, no relative bias); "auto": blocked on one CPU device past
+  # 128 keys, else xla. Decoding with a KV cache and T5's relative bias always use xla.
   attention_kernel: str = "auto"
 
   # Round the inputs of projection matmuls (forward and input gradient) to bfloat16,
