@@ -5,8 +5,10 @@ import io
 import json
 import math
 import pathlib
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -131,6 +133,45 @@ def test_sentence_completion_task_and_score_command(run_dir, tmp_path):
                "--output", str(report_file)]) == 0
   report = json.loads(report_file.read_text())
   assert report["items"] == 10 and report["chance"] == 0.25 and 0 <= report["accuracy"] <= 1
+
+
+class ContextFreeModel:
+  """A stub decoder whose next-token distribution ignores the context: log p(v) = w[v] - lse(w)."""
+
+  config = types.SimpleNamespace(arch="decoder")
+
+  def __init__(self, vocab_size: int):
+    self.weights = -(np.arange(vocab_size) % 7).astype(np.float32)
+
+  def __call__(self, tokens, segment_ids=None):
+    return jnp.broadcast_to(self.weights, tokens.shape + self.weights.shape)
+
+
+def test_few_shot_score_ranks_options_by_each_rule(trained):
+  """Against a hand count: with context-free log-probs, the sum and per-token rules follow the
+  options' own token log-probs, and calibration cancels them exactly, leaving option 0."""
+  _, _, tokenizer = trained
+  endings = [" Anne.", " a long walk to Uppercross with Mary and Charles.", " yes.", " Bath, in the rain.",
+             " Captain Wentworth and the Musgroves.", " no.", " Lady Russell, who said nothing at all."]
+  rng = np.random.default_rng(0)
+  model = ContextFreeModel(tokenizer.vocab_size)
+  log_p = np.asarray(jax.nn.log_softmax(model.weights)).tolist()  # float32 values, as scored
+  items = []
+  for i in range(12):  # the first half answered by the sum rule, so the three rules score apart
+    options = [endings[j] for j in rng.choice(len(endings), 3, replace=False)]
+    sums = [sum(log_p[token] for token in tokenizer.encode(option)) for option in options]
+    items.append({"context": f"Item {i} was", "options": options,
+                  "answer": int(np.argmax(sums)) if i < 6 else i % 3})
+  expected = {"accuracy": 0, "accuracy_per_token": 0, "accuracy_calibrated": 0}
+  for item in items:
+    option_log_ps = [[log_p[token] for token in tokenizer.encode(option)] for option in item["options"]]
+    expected["accuracy"] += np.argmax([sum(lp) for lp in option_log_ps]) == item["answer"]
+    expected["accuracy_per_token"] += np.argmax([sum(lp) / len(lp) for lp in option_log_ps]) == item["answer"]
+    expected["accuracy_calibrated"] += item["answer"] == 0
+  report = evaluation.few_shot_score(model, tokenizer, items, shots=1)
+  for name, count in expected.items():
+    assert report[name] == count / len(items), name
+  assert len({report[name] for name in expected}) == 3, "the items should tell the rules apart"
 
 
 def test_bad_task_files_name_the_line(tmp_path):
