@@ -4,14 +4,13 @@ and against the peer codebases side by side, decoding and data-pipeline throughp
     python bench/run.py [--shapes tiny,medium,large] [--bf16-shapes tiny] [--steps 9]
                         [--rounds 2] [--peers maxtext,easydel,hf_flax_gpt2] [--baselines REV,REV]
 
-Every training figure comes from a fresh process (bench/train_throughput.py for us, in
-our default, GPT-2 and LLaMA architectures, with bf16 matmul inputs, with XLA's own CPU
-flags, with the xla attention kernel, and for each --baselines revision of us checked out
-into a temporary git worktree; bench/peers.py
-for the peers, each in its own virtual environment), all in this one run. The runners of
-a shape take turns for --rounds rounds and each keeps its fastest round, so a slow spell
-of a shared machine does not land on one runner only. Writes the tables to
-docs/benchmarks.md (--output) with the command that made them.
+Every training figure comes from a fresh process, all in this one run: bench/train_throughput.py
+for us (our default, GPT-2 and LLaMA architectures; with bf16 matmul inputs; with XLA's own
+CPU flags; with the xla attention kernel; and each --baselines revision of us, checked out
+into a temporary git worktree), bench/peers.py for the peers, each in its own virtual
+environment. The runners of a shape take turns for --rounds rounds and each keeps its
+fastest round, so a slow spell of a shared machine does not land on one runner only.
+Writes the tables to docs/benchmarks.md (--output) with the command that made them.
 """
 
 from __future__ import annotations
