@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.blocked_attention import QUERY_BLOCK, blocked_attention
+from models.blocked_attention import MASKED_LOGIT, QUERY_BLOCK, blocked_attention
 from models.config import ModelConfig
 from models.layers import Dense, apply_rope, constrain
 
@@ -63,8 +63,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   logits = logits * scale
   if bias is not None:
     logits = logits + bias.reshape(bias.shape[0], kv_heads, h // kv_heads, t, -1)
-  # A large finite negative keeps fully masked rows (padding queries) free of NaNs.
-  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  logits = jnp.where(mask[:, :, None], logits, MASKED_LOGIT)
   weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
   out = jnp.einsum("bkgts,bkse->bkgte", weights, value, preferred_element_type=jnp.float32)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(value.dtype)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 QUERY_BLOCK = 128
-_MASKED = jnp.finfo(jnp.float32).min  # finite, so fully masked rows stay free of NaNs
+MASKED_LOGIT = jnp.finfo(jnp.float32).min  # finite, so fully masked rows stay free of NaNs
 
 
 def _query_blocks(queries: int, keys: int, causal: bool) -> list[tuple[int, int, int]]:
@@ -31,7 +31,7 @@ def _query_blocks(queries: int, keys: int, causal: bool) -> list[tuple[int, int,
 def _logits(q, k, mask, scale):
   """Masked, scaled float32 logits [g, tq, s] for q [g, tq, e], k [s, e], mask [tq, s]."""
   logits = jnp.einsum("gte,se->gts", q, k, preferred_element_type=jnp.float32) * scale
-  return jnp.where(mask[None], logits, _MASKED)
+  return jnp.where(mask[None], logits, MASKED_LOGIT)
 
 
 def _forward_pair(q, k, v, mask, *, scale, causal):

@@ -23,7 +23,7 @@ import numpy as np
 from models.config import ConfigError
 from t5x_like import partitioning
 from t5x_like.data.tokenizer import EOS_ID, PAD_ID
-from t5x_like.trainer import loss_means
+from t5x_like.trainer import add_sums, loss_means
 
 
 def _summary(totals, num_bytes: int) -> dict[str, float]:
@@ -31,10 +31,6 @@ def _summary(totals, num_bytes: int) -> dict[str, float]:
   totals = jax.device_get(totals)
   return {**loss_means(totals), "bits_per_byte": float(totals["cross_entropy"]) / math.log(2) / max(num_bytes, 1),
           "tokens": float(totals["weight"]), "bytes": num_bytes}
-
-
-def _add(totals, sums):
-  return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
 
 
 def _target_bytes(tokenizer, batch: dict[str, np.ndarray], prefix: str) -> int:
@@ -57,7 +53,7 @@ def evaluate_split(trainer, tokenizer, split: str, num_batches: int) -> dict[str
   with jax.set_mesh(trainer.mesh), partitioning.activation_rules(trainer.config.partitioning):
     for _ in range(num_batches):
       batch = next(loader)
-      totals = _add(totals, trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
+      totals = add_sums(totals, trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
       num_bytes += _target_bytes(tokenizer, batch, prefix)
   return _summary(totals, num_bytes)
 
@@ -87,7 +83,7 @@ def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
                # A prefix LM's run reads this too: plain text has no prefix, all of it is continued.
                "decoder_causal_attention": np.zeros(inputs[part].shape, bool)}
       batch = {feature: batch[feature] for feature in trainer.features}
-      totals = _add(totals, trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
+      totals = add_sums(totals, trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
   return _summary(totals, len(text.encode("utf-8")))
 
 

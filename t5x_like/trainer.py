@@ -300,7 +300,7 @@ class Trainer:
         except StopIteration:
           break
         sums = self.eval_step(self.state["params"], self.rest, self.global_batch(batch))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = add_sums(totals, sums)
     totals = jax.device_get(totals)
     return loss_means(totals)
 
@@ -384,6 +384,11 @@ class Trainer:
 
 def _scalar_and_aux(sums):
   return sums["loss"], sums
+
+
+def add_sums(totals, sums):
+  """A running total of per-batch loss sums, kept on the device; None starts it."""
+  return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
 
 
 def loss_means(sums) -> dict[str, float]:
