@@ -6,7 +6,7 @@ and against the peer codebases side by side, decoding and data-pipeline throughp
 
 Every training figure comes from a fresh process, all in this one run: bench/train_throughput.py
 for us (our default, GPT-2 and LLaMA architectures; with bf16 matmul inputs; with XLA's own
-CPU flags; with the xla attention kernel; and each --baselines revision of us, checked out
+CPU flags; with the xla attention or loss kernel; and each --baselines revision of us, checked out
 into a temporary git worktree), bench/peers.py for the peers, each in its own virtual
 environment. The runners of a shape take turns for --rounds rounds and each keeps its
 fastest round, so a slow spell of a shared machine does not land on one runner only.
@@ -51,8 +51,10 @@ def run_json(command: list[str], env: dict | None = None, timeout: float = 1800)
 
 
 def ours(shape: str, dtype: str, steps: int, arch: str = "default", env: dict | None = None,
-         attention_kernel: str | None = None, bf16_matmul_inputs: bool = False) -> dict:
+         attention_kernel: str | None = None, loss_kernel: str | None = None,
+         bf16_matmul_inputs: bool = False) -> dict:
   options = ["--attention-kernel", attention_kernel] if attention_kernel else []
+  options += ["--loss-kernel", loss_kernel] if loss_kernel else []
   options += ["--bf16-matmul-inputs"] if bf16_matmul_inputs else []
   return run_json([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--shape", shape,
                    "--dtype", dtype, "--steps", str(steps), "--arch", arch, *options], env=env)
@@ -120,7 +122,8 @@ def main() -> None:
                         for arch in ("gpt2", "llama")]
             runners += [("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, args.steps, env=XLA_OWN_FLAGS)),
                         ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, args.steps,
-                                                                       attention_kernel="xla"))]
+                                                                       attention_kernel="xla")),
+                        ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, args.steps, loss_kernel="xla"))]
             runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
                 shape, dtype, args.steps, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
           runners += [(name, lambda name=name: peers.run_peer(

@@ -123,10 +123,11 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=9)
   parser.add_argument("--arch", default="default", choices=sorted(ARCHS))
   parser.add_argument("--attention-kernel", choices=("xla", "blocked"), default=None)
+  parser.add_argument("--loss-kernel", choices=("xla", "chunked"), default=None)
   parser.add_argument("--bf16-matmul-inputs", action="store_true", default=None)
   args = parser.parse_args()
   print(json.dumps(measure(args.shape, args.dtype, args.steps, args.arch, attention_kernel=args.attention_kernel,
-                           bf16_matmul_inputs=args.bf16_matmul_inputs)))
+                           loss_kernel=args.loss_kernel, bf16_matmul_inputs=args.bf16_matmul_inputs)))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("auto", "xla", "blocked")
+LOSS_KERNELS = ("auto", "xla", "chunked")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,11 @@ class ModelConfig:
   # about twice as fast on CPU, no relative bias); "auto": blocked on one CPU device past
   # 128 keys, else xla. Decoding with a KV cache and T5's relative bias always use xla.
   attention_kernel: str = "auto"
+  # The training loss's vocabulary projection. "xla": all [b, t, v] logits at once;
+  # "chunked": about 512 tokens at a time, with the gradient in the same pass
+  # (models.losses.chunked_cross_entropy_sums: faster on CPU, less memory); "auto":
+  # chunked on CPU, else xla.
+  loss_kernel: str = "auto"
 
   # Round the inputs of projection matmuls (forward and input gradient) to bfloat16,
   # accumulating in float32, as TPUs do by default; weight gradients keep `dtype`.
@@ -149,6 +155,7 @@ class ModelConfig:
     choice("param_dtype", DTYPES)
     choice("dtype", DTYPES)
     choice("attention_kernel", ATTENTION_KERNELS)
+    choice("loss_kernel", LOSS_KERNELS)
     for name in ("vocab_size", "emb_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                  "num_layers", "num_decoder_layers", "max_len", "relative_num_buckets",
                  "relative_max_distance"):

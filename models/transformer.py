@@ -19,6 +19,7 @@ from models.attention import Attention, attention_mask
 from models.config import ModelConfig
 from models.layers import (Dense, Embed, Mlp, Norm, RelativePositionBias, activation, constrain,
                            param, sinusoidal_embedding)
+from models.losses import chunked_cross_entropy_sums, cross_entropy_sums
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
@@ -170,7 +171,7 @@ def _defaults(tokens, segment_ids, positions, offset=0):
 
 
 class _LanguageModel(nnx.Module):
-  """Shared by the three models: the token table and the vocabulary projection."""
+  """Shared by the three models: the token table, the vocabulary projection and its loss."""
 
   def _init_embeddings(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.config = cfg
@@ -178,6 +179,7 @@ class _LanguageModel(nnx.Module):
     self.lm_head = nnx.data(None)
     if not cfg.tie_embeddings:
       self.lm_head = Dense(cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), cfg, use_bias=False, rngs=rngs)
+    self.output_bias = nnx.data(None)
 
   def _logits(self, hidden: jax.Array) -> jax.Array:
     """[b, t, d] -> float32 logits [b, t, v]."""
@@ -186,7 +188,25 @@ class _LanguageModel(nnx.Module):
     else:
       logits = self.lm_head(hidden)
     logits = logits.astype(jnp.float32)
+    if self.output_bias is not None:
+      logits = logits + self.output_bias[...].astype(jnp.float32)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+  def loss_sums(self, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
+                z_loss: float = 0.0) -> dict[str, jax.Array]:
+    """Cross-entropy sums (models.losses) of the logits of `hidden` [b, t, d] against targets [b, t]."""
+    cfg = self.config
+    chunked = cfg.loss_kernel == "chunked" or (cfg.loss_kernel == "auto" and jax.default_backend() == "cpu")
+    if not chunked:
+      return cross_entropy_sums(self._logits(hidden), targets, weights, z_loss)
+    if self.lm_head is None:
+      table, table_in_dim = self.token_embed.embedding[...], 1
+    else:
+      table, table_in_dim = self.lm_head.kernel[...], 0
+    bias = None if self.output_bias is None else self.output_bias[...].astype(jnp.float32)
+    return chunked_cross_entropy_sums(hidden.astype(cfg.compute_dtype), table.astype(cfg.compute_dtype),
+                                      targets, weights, z_loss, table_in_dim=table_in_dim, bias=bias,
+                                      bf16_inputs=cfg.bf16_matmul_inputs)
 
 
 class DecoderLM(_LanguageModel):
@@ -199,10 +219,16 @@ class DecoderLM(_LanguageModel):
   def __call__(self, tokens, *, segment_ids=None, positions=None, prefix_mask=None,
                token_type_ids=None) -> jax.Array:
     """tokens [b, t] -> logits [b, t, v]; prefix_mask [b, t] marks bidirectional inputs."""
+    return self._logits(self.hidden(tokens, segment_ids=segment_ids, positions=positions,
+                                    prefix_mask=prefix_mask, token_type_ids=token_type_ids))
+
+  def hidden(self, tokens, *, segment_ids=None, positions=None, prefix_mask=None,
+             token_type_ids=None) -> jax.Array:
+    """tokens [b, t] -> the final hidden states [b, t, d] that the logits project."""
     segment_ids, positions = _defaults(tokens, segment_ids, positions)
     hidden, _ = self.decoder(self.token_embed(tokens), segment_ids=segment_ids, positions=positions,
                              prefix_mask=prefix_mask, token_type_ids=token_type_ids)
-    return self._logits(hidden)
+    return hidden
 
   def init_cache(self, batch_size: int, max_len: int) -> dict:
     return self.decoder.init_cache(batch_size, max_len)
@@ -226,7 +252,6 @@ class EncoderMLM(_LanguageModel):
       self.mlm_act = activation(cfg.mlp_activation)
       self.mlm_dense = Dense(cfg.emb_dim, cfg.emb_dim, ("embed", "mlp"), cfg, use_bias=cfg.use_bias, rngs=rngs)
       self.mlm_norm = Norm(cfg.emb_dim, cfg, rngs=rngs)
-    self.output_bias = nnx.data(None)
     if cfg.use_bias:
       self.output_bias = param(nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",), cfg, rngs)
 
@@ -238,14 +263,17 @@ class EncoderMLM(_LanguageModel):
     return hidden
 
   def __call__(self, tokens, *, segment_ids=None, positions=None, token_type_ids=None) -> jax.Array:
+    """tokens [b, t] -> masked-LM logits [b, t, v]."""
+    return self._logits(self.hidden(tokens, segment_ids=segment_ids, positions=positions,
+                                    token_type_ids=token_type_ids))
+
+  def hidden(self, tokens, *, segment_ids=None, positions=None, token_type_ids=None) -> jax.Array:
+    """tokens [b, t] -> the masked-LM head's hidden states [b, t, d] that the logits project."""
     hidden = self.encode(tokens, segment_ids=segment_ids, positions=positions,
                          token_type_ids=token_type_ids)
     if self.mlm_dense is not None:
       hidden = self.mlm_norm(self.mlm_act(self.mlm_dense(hidden)))
-    logits = self._logits(hidden)
-    if self.output_bias is not None:
-      logits = logits + self.output_bias[...].astype(jnp.float32)
-    return logits
+    return hidden
 
 
 class EncoderDecoder(_LanguageModel):
@@ -264,13 +292,20 @@ class EncoderDecoder(_LanguageModel):
   def __call__(self, encoder_tokens, decoder_tokens, *, encoder_segment_ids=None,
                encoder_positions=None, decoder_segment_ids=None, decoder_positions=None) -> jax.Array:
     """Teacher-forced logits [b, t, v] for decoder_tokens (the targets shifted right)."""
+    return self._logits(self.hidden(encoder_tokens, decoder_tokens, encoder_segment_ids=encoder_segment_ids,
+                                    encoder_positions=encoder_positions, decoder_segment_ids=decoder_segment_ids,
+                                    decoder_positions=decoder_positions))
+
+  def hidden(self, encoder_tokens, decoder_tokens, *, encoder_segment_ids=None,
+             encoder_positions=None, decoder_segment_ids=None, decoder_positions=None) -> jax.Array:
+    """The decoder's final hidden states [b, t, d] that the logits project."""
     encoder_segment_ids, encoder_positions = _defaults(encoder_tokens, encoder_segment_ids, encoder_positions)
     encoded = self.encode(encoder_tokens, segment_ids=encoder_segment_ids, positions=encoder_positions)
     decoder_segment_ids, decoder_positions = _defaults(decoder_tokens, decoder_segment_ids, decoder_positions)
     hidden, _ = self.decoder(self.token_embed(decoder_tokens), segment_ids=decoder_segment_ids,
                              positions=decoder_positions, encoded=encoded,
                              encoded_segment_ids=encoder_segment_ids)
-    return self._logits(hidden)
+    return hidden
 
   def init_cache(self, encoded, max_len: int, encoded_segment_ids=None) -> dict:
     """Decoder cache for `encoded` [b, s, d]; cross-attention keys computed here, once."""

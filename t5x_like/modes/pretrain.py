@@ -8,7 +8,6 @@ from __future__ import annotations
 from flax import nnx
 
 from models.config import ModelConfig
-from models.losses import cross_entropy_sums
 from t5x_like.modes.base import TrainingMode
 
 FEATURES = {
@@ -36,20 +35,20 @@ class Pretrain(TrainingMode):
   def loss_sums(self, model: nnx.Module, batch):
     arch = model.config.arch
     if arch == "decoder":
-      logits = model(batch["decoder_input_tokens"], segment_ids=batch["decoder_segment_ids"],
-                     positions=batch["decoder_positions"],
-                     prefix_mask=batch.get("decoder_causal_attention"))
+      hidden = model.hidden(batch["decoder_input_tokens"], segment_ids=batch["decoder_segment_ids"],
+                            positions=batch["decoder_positions"],
+                            prefix_mask=batch.get("decoder_causal_attention"))
       prefix = "decoder"
     elif arch == "encoder":
-      logits = model(batch["encoder_input_tokens"], segment_ids=batch["encoder_segment_ids"],
-                     positions=batch["encoder_positions"])
+      hidden = model.hidden(batch["encoder_input_tokens"], segment_ids=batch["encoder_segment_ids"],
+                            positions=batch["encoder_positions"])
       prefix = "encoder"
     else:
-      logits = model(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                     encoder_segment_ids=batch["encoder_segment_ids"],
-                     encoder_positions=batch["encoder_positions"],
-                     decoder_segment_ids=batch["decoder_segment_ids"],
-                     decoder_positions=batch["decoder_positions"])
+      hidden = model.hidden(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                            encoder_segment_ids=batch["encoder_segment_ids"],
+                            encoder_positions=batch["encoder_positions"],
+                            decoder_segment_ids=batch["decoder_segment_ids"],
+                            decoder_positions=batch["decoder_positions"])
       prefix = "decoder"
-    return cross_entropy_sums(logits, batch[f"{prefix}_target_tokens"],
-                              batch[f"{prefix}_loss_weights"], self.z_loss)
+    return model.loss_sums(hidden, batch[f"{prefix}_target_tokens"], batch[f"{prefix}_loss_weights"],
+                           self.z_loss)

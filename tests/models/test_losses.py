@@ -1,9 +1,13 @@
-"""Cross-entropy sums against a numpy reference, z-loss included."""
+"""Cross-entropy sums against a numpy reference, z-loss included; the chunked kernel against
+explicit logits."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.losses import cross_entropy_sums
+from models.layers import project
+from models.losses import chunked_cross_entropy_sums, cross_entropy_sums
 
 
 def test_sums_match_numpy_reference():
@@ -31,3 +35,60 @@ def test_correct_counts_the_target_at_the_row_maximum_ties_included():
   targets = np.array([[1, 1, 0]])  # the top; tied for the top; below the top
   sums = cross_entropy_sums(logits, targets, np.ones((1, 3), np.float32))
   assert float(sums["correct"]) == 2.0
+
+
+def _projection_case(table_in_dim, length=11, vocab=37, dim=16):
+  keys = jax.random.split(jax.random.key(table_in_dim), 5)
+  hidden = jax.random.normal(keys[0], (3, length, dim))
+  table = jax.random.normal(keys[1], (vocab, dim) if table_in_dim == 1 else (dim, vocab)) * 0.5
+  bias = jax.random.normal(keys[2], (vocab,))
+  targets = jax.random.randint(keys[3], (3, length), 0, vocab)
+  weights = (jax.random.uniform(keys[4], (3, length)) > 0.25).astype(jnp.float32)
+  return hidden, table, bias, targets, weights
+
+
+def _logits(hidden, table, bias, table_in_dim, bf16_inputs=False):
+  flat = hidden.reshape(-1, hidden.shape[-1])
+  logits = project(flat, table, kernel_in_dim=table_in_dim, bf16_inputs=bf16_inputs) + bias
+  return logits.reshape(*hidden.shape[:2], -1)
+
+
+@pytest.mark.parametrize("table_in_dim", [0, 1])
+def test_chunked_loss_and_gradients_match_the_logits_path(table_in_dim):
+  # Five chunks of two positions, the last one padded (11 positions): the sums and the
+  # gradients of `loss` must equal those of cross_entropy_sums over explicit logits.
+  hidden, table, bias, targets, weights = _projection_case(table_in_dim)
+  z_loss = 0.05
+
+  def reference(hidden, table, bias):
+    return cross_entropy_sums(_logits(hidden, table, bias, table_in_dim), targets, weights, z_loss)
+
+  def chunked(hidden, table, bias):
+    return chunked_cross_entropy_sums(hidden, table, targets, weights, z_loss, table_in_dim=table_in_dim,
+                                      bias=bias, chunk_tokens=6)
+
+  expected, got = jax.jit(reference)(hidden, table, bias), jax.jit(chunked)(hidden, table, bias)
+  for name in expected:
+    np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, err_msg=name)
+  loss = lambda f: jax.jit(jax.grad(lambda *a: f(*a)["loss"], argnums=(0, 1, 2)))  # noqa: E731
+  for got_grad, expected_grad in zip(loss(chunked)(hidden, table, bias), loss(reference)(hidden, table, bias)):
+    np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_loss_rounds_matmul_inputs_as_the_bf16_projection_does():
+  hidden, table, bias, targets, weights = _projection_case(1, vocab=512, dim=64)
+
+  def reference(hidden, table):
+    return cross_entropy_sums(_logits(hidden, table, 0.0, 1, bf16_inputs=True), targets, weights)["loss"]
+
+  def chunked(hidden, table):
+    return chunked_cross_entropy_sums(hidden, table, targets, weights, table_in_dim=1, bf16_inputs=True,
+                                      chunk_tokens=9)["loss"]
+
+  exact = cross_entropy_sums(_logits(hidden, table, 0.0, 1), targets, weights)["loss"]
+  got, expected = jax.jit(chunked)(hidden, table), jax.jit(reference)(hidden, table)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert abs(float(expected - exact)) > 100 * abs(float(got - expected))  # the rounding is visible
+  gradients = jax.grad(chunked, (0, 1))(hidden, table), jax.grad(reference, (0, 1))(hidden, table)
+  for got_grad, expected_grad in zip(*gradients):
+    np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-3, atol=1e-5)

@@ -285,6 +285,36 @@ def test_bf16_matmul_inputs_track_fp32_logits():
   assert 0 < float(jnp.mean(jnp.abs(a - b))) < 0.02
 
 
+@pytest.mark.parametrize("arch,overrides", [
+    ("decoder", dict(tie_embeddings=False)),
+    ("encoder", dict(use_bias=True)),  # the masked-LM head's output bias
+    ("encoder_decoder", {}),
+])
+def test_chunked_loss_kernel_matches_the_logits_path(arch, overrides):
+  # The same parameters under both loss kernels: equal sums and equal gradients for
+  # every parameter, through the model's own hidden states and output projection.
+  tokens, targets = random_tokens(21, (2, 12)), random_tokens(22, (2, 12))
+  weights = (jax.random.uniform(jax.random.key(23), (2, 12)) > 0.2).astype(jnp.float32)
+
+  def sums_and_grads(kernel):
+    model = build_model(small(arch=arch, loss_kernel=kernel, **overrides))
+
+    def loss(model):
+      hidden = model.hidden(tokens, tokens) if arch == "encoder_decoder" else model.hidden(tokens)
+      sums = model.loss_sums(hidden, targets, weights, z_loss=1e-2)
+      return sums["loss"], sums
+
+    grads, sums = nnx.jit(nnx.grad(loss, has_aux=True))(model)
+    return sums, jax.tree.leaves(nnx.state(grads))
+
+  (xla_sums, xla_grads), (chunked_sums, chunked_grads) = sums_and_grads("xla"), sums_and_grads("chunked")
+  for name in xla_sums:
+    np.testing.assert_allclose(chunked_sums[name], xla_sums[name], rtol=1e-5, err_msg=name)
+  assert len(chunked_grads) == len(xla_grads)
+  for chunked, expected in zip(chunked_grads, xla_grads):
+    np.testing.assert_allclose(chunked, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_dropout_is_active_in_training_and_off_in_eval():
   model = build_model(small(dropout_rate=0.3))
   tokens = random_tokens(15)
