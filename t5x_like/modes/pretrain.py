@@ -8,6 +8,7 @@ from __future__ import annotations
 from flax import nnx
 
 from models.config import ModelConfig
+from t5x_like.data.objectives import objective_model_inputs
 from t5x_like.modes.base import TrainingMode
 
 FEATURES = {
@@ -28,9 +29,7 @@ class Pretrain(TrainingMode):
     self.z_loss = z_loss
 
   def batch_features(self, model_config: ModelConfig, objective: str | None) -> tuple[str, ...]:
-    if objective == "prefix_lm":  # the inputs part attends bidirectionally
-      return FEATURES[model_config.arch] + ("decoder_causal_attention",)
-    return FEATURES[model_config.arch]
+    return FEATURES[model_config.arch] + objective_model_inputs(objective)
 
   def loss_sums(self, model: nnx.Module, batch):
     arch = model.config.arch

@@ -13,7 +13,14 @@ from t5x_like.data.objectives.sft import SupervisedFineTuning
 from t5x_like.data.objectives.span_corruption import SpanCorruption
 from t5x_like.data.tokenizer import Tokenizer
 
-OBJECTIVES = ("causal_lm", "prefix_lm", "mlm", "span_corruption", "sft", "preference")
+OBJECTIVE_CLASSES = {"causal_lm": CausalLM, "prefix_lm": PrefixLM, "mlm": MaskedLM,
+                     "span_corruption": SpanCorruption, "sft": SupervisedFineTuning, "preference": PreferencePairs}
+OBJECTIVES = tuple(OBJECTIVE_CLASSES)
+
+
+def objective_model_inputs(name: str | None) -> tuple[str, ...]:
+  """The features beyond its architecture's own that objective `name` feeds the model."""
+  return OBJECTIVE_CLASSES[name].model_inputs if name in OBJECTIVE_CLASSES else ()
 
 
 def make_objective(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Objective:

@@ -30,6 +30,8 @@ def split_prefix(piece: np.ndarray, split: int) -> Example:
 
 class PrefixLM(Objective):
 
+  model_inputs = ("decoder_causal_attention",)
+
   def __init__(self, tokenizer: Tokenizer, seq_len: int):
     super().__init__(tokenizer)
     self.lengths = {"targets": seq_len, "loss_weights": seq_len, "causal_attention": seq_len}
