@@ -55,7 +55,7 @@ def _logits(hidden, table, bias, table_in_dim, bf16_inputs=False):
 
 @pytest.mark.parametrize("table_in_dim", [0, 1])
 def test_chunked_loss_and_gradients_match_the_logits_path(table_in_dim):
-  # Five chunks of two positions, the last one padded (11 positions): the sums and the
+  # Six chunks of two positions, the last one padded (11 positions): the sums and the
   # gradients of `loss` must equal those of cross_entropy_sums over explicit logits.
   hidden, table, bias, targets, weights = _projection_case(table_in_dim)
   z_loss = 0.05
