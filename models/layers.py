@@ -74,14 +74,22 @@ def _bf16_input_matmul_backward(kernel_in_dim, saved, d_out):
   kernel_out_dim = 1 - kernel_in_dim
   d_x = jax.lax.dot_general(d_out.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
                             (((1,), (kernel_out_dim,)), ((), ())), preferred_element_type=jnp.float32)
-  tokens = (((0,), (0,)), ((), ()))
-  d_kernel = (jax.lax.dot_general(x, d_out.astype(x.dtype), tokens, preferred_element_type=jnp.float32)
-              if kernel_in_dim == 0 else
-              jax.lax.dot_general(d_out.astype(x.dtype), x, tokens, preferred_element_type=jnp.float32))
-  return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
+  return d_x.astype(x.dtype), kernel_gradient(x, d_out, kernel_in_dim).astype(kernel.dtype)
 
 
 _bf16_input_matmul.defvjp(_bf16_input_matmul_forward, _bf16_input_matmul_backward)
+
+
+def kernel_gradient(x: jax.Array, d_out: jax.Array, kernel_in_dim: int) -> jax.Array:
+  """The gradient of `project`'s kernel, in its layout, from x [n, in] and d_out [n, out].
+
+  A sum over every token, so its inputs keep x's dtype even under bf16 inputs.
+  """
+  tokens = (((0,), (0,)), ((), ()))
+  d_out = d_out.astype(x.dtype)
+  if kernel_in_dim == 0:
+    return jax.lax.dot_general(x, d_out, tokens, preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(d_out, x, tokens, preferred_element_type=jnp.float32)
 
 
 class Dense(nnx.Module):

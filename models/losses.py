@@ -7,6 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from models.layers import kernel_gradient, project
+
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
                        z_loss: float = 0.0) -> dict[str, jax.Array]:
@@ -89,8 +91,6 @@ def _chunked_pass(hidden, table, bias, targets, weights, z_loss, table_in_dim, b
                   with_gradient):
   """One loop over sequence chunks: the sums, and (with_gradient) d loss / d (hidden, table, bias)."""
   batch, length, dim = hidden.shape
-  matmul_dtype = jnp.bfloat16 if bf16_inputs else table.dtype
-  table_in = table.astype(matmul_dtype)
   vocab_dim = 1 - table_in_dim
   zeros = {name: jnp.zeros((), jnp.float32) for name in ("loss", "cross_entropy", "z_loss", "correct", "weight")}
 
@@ -99,8 +99,7 @@ def _chunked_pass(hidden, table, bias, targets, weights, z_loss, table_in_dim, b
     rows = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)  # noqa: E731
     x = rows(hidden).reshape(batch * chunk, dim)
     chunk_targets, chunk_weights = rows(targets).reshape(-1), rows(weights).reshape(-1)
-    logits = jax.lax.dot_general(x.astype(matmul_dtype), table_in, (((1,), (table_in_dim,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
+    logits = project(x, table, kernel_in_dim=table_in_dim, bf16_inputs=bf16_inputs)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
     max_logit = jnp.max(logits, axis=-1)
@@ -114,13 +113,9 @@ def _chunked_pass(hidden, table, bias, targets, weights, z_loss, table_in_dim, b
     # d loss / d logits = w * (softmax - onehot) + w * 2 z log_z * softmax.
     scale = chunk_weights * (1.0 + 2.0 * z_loss * log_z) / total
     d_logits = exp * scale[:, None] - jax.nn.one_hot(chunk_targets, logits.shape[-1]) * chunk_weights[:, None]
-    d_x = jax.lax.dot_general(d_logits.astype(matmul_dtype), table_in, (((1,), (vocab_dim,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-    # The table's gradient sums over every token: its inputs keep their own dtype.
-    by_token = (((0,), (0,)), ((), ()))
-    d_table = d_table + (jax.lax.dot_general(x, d_logits.astype(x.dtype), by_token, preferred_element_type=jnp.float32)
-                         if table_in_dim == 0 else
-                         jax.lax.dot_general(d_logits.astype(x.dtype), x, by_token, preferred_element_type=jnp.float32))
+    # The same products as the projection's own backward pass (models.layers).
+    d_x = project(d_logits.astype(table.dtype), table, kernel_in_dim=vocab_dim, bf16_inputs=bf16_inputs)
+    d_table = d_table + kernel_gradient(x, d_logits, table_in_dim)
     if d_bias is not None:
       d_bias = d_bias + jnp.sum(d_logits, axis=0)
     d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, d_x.reshape(batch, chunk, dim).astype(d_hidden.dtype),
