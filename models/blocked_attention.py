@@ -48,21 +48,32 @@ def _forward_pair(q, k, v, mask, *, scale, causal):
   return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
 
 
-def _backward_pair(q, k, v, mask, out, lse, d_out, *, scale, causal):
-  """Gradients (dq, dk, dv) of one pair, recomputing the softmax weights block by block."""
+def _backward_pair(q, k, v, mask_t, out, lse, d_out, *, scale, causal):
+  """Gradients (dq, dk, dv) of one pair, recomputing the softmax weights block by block.
+
+  The scores are recomputed transposed, [keys, g * block queries], so that dk and dv are
+  plain matmuls, and dq is one against the keys transposed once per pair: XLA:CPU copies
+  a transposed operand before a matmul that contracts its leading dim, and the score
+  blocks are the largest arrays here (docs/performance.md, item 13). mask_t is [s, t].
+  """
+  g, e = q.shape[0], q.shape[2]
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   d_out = d_out.astype(jnp.float32)
   row_dots = jnp.sum(d_out * out, axis=-1)  # [g, t]: sum_s weights * d_weights, per row
-  dqs, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
+  k_t = k.T  # [e, s]
+  dq_t, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
   for start, end, keys in _query_blocks(q.shape[1], k.shape[0], causal):
-    rows = slice(start, end)
-    weights = jnp.exp(_logits(q[:, rows], k[:keys], mask[rows, :keys], scale) - lse[:, rows, None])
-    dv = dv.at[:keys].add(jnp.einsum("gts,gte->se", weights, d_out[:, rows]))
-    d_weights = jnp.einsum("gte,se->gts", d_out[:, rows], v[:keys])
-    d_logits = weights * (d_weights - row_dots[:, rows, None]) * scale
-    dqs.append(jnp.einsum("gts,se->gte", d_logits, k[:keys]))
-    dk = dk.at[:keys].add(jnp.einsum("gts,gte->se", d_logits, q[:, rows]))
-  return jnp.concatenate(dqs, axis=1), dk, dv
+    rows, n = slice(start, end), g * (end - start)
+    q_b, d_out_b = q[:, rows].reshape(n, e), d_out[:, rows].reshape(n, e)
+    logits = jnp.einsum("se,ne->sn", k[:keys], q_b).reshape(keys, g, end - start) * scale
+    logits = jnp.where(mask_t[:keys, None, rows], logits, MASKED_LOGIT)
+    weights = jnp.exp(logits - lse[None, :, rows]).reshape(keys, n)
+    dv = dv.at[:keys].add(weights @ d_out_b)
+    d_weights = jnp.einsum("se,ne->sn", v[:keys], d_out_b)
+    d_logits = weights * (d_weights - row_dots[:, rows].reshape(1, n)) * scale
+    dk = dk.at[:keys].add(d_logits @ q_b)
+    dq_t.append((k_t[:, :keys] @ d_logits).reshape(e, g, end - start))
+  return jnp.concatenate(dq_t, axis=2).transpose(1, 2, 0), dk, dv
 
 
 def _forward_item(q, k, v, mask, *, scale, causal):
@@ -79,7 +90,8 @@ def _forward_item(q, k, v, mask, *, scale, causal):
 
 def _backward_item(q, k, v, mask, out, lse, d_out, *, scale, causal):
   heads_first = lambda x, j: x[:, j].swapaxes(0, 1)  # noqa: E731
-  grads = [_backward_pair(heads_first(q, j), k[:, j], v[:, j], mask, heads_first(out, j), lse[j],
+  mask_t = mask.T
+  grads = [_backward_pair(heads_first(q, j), k[:, j], v[:, j], mask_t, heads_first(out, j), lse[j],
                           heads_first(d_out, j), scale=scale, causal=causal)
            for j in range(k.shape[1])]
   dq, dk, dv = zip(*grads)
