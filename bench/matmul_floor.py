@@ -1,13 +1,16 @@
 """The ceiling a training step can reach here: its own matmuls alone, forward and backward.
 
-    python bench/matmul_floor.py [--shape tiny] [--bf16-inputs]
+    python bench/matmul_floor.py [--shape tiny] [--bf16-matmul-inputs]
 
 Chains exactly the matmuls of one step of our decoder at a bench shape (q, k, v, o and
 the MLP per layer, both attention products, the vocabulary projection) with nothing
 between them but residual adds, differentiates the sum of the logits, and reports
-model FLOP/s by the same count as bench/train_throughput.py. No implementation whose
-matmuls go through XLA:CPU can beat this figure; the gap to a real step is everything
-else (norms, softmax, activations, loss, optimizer, layout copies). Prints one JSON line.
+model FLOP/s by the same count as bench/train_throughput.py. The projections go through
+`models.layers.project`, as the model's do, so --bf16-matmul-inputs rounds the same
+products the model option does; attention products stay float32, as in the model. No
+implementation whose matmuls go through XLA:CPU can beat this figure; the gap to a real
+step is everything else (norms, softmax, activations, loss, optimizer, layout copies).
+bench/run.py adds it to each shape's table. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -27,23 +30,25 @@ import jax.numpy as jnp  # noqa: E402
 from train_throughput import SHAPES, VOCAB  # noqa: E402
 
 from models.config import ModelConfig  # noqa: E402
+from models.layers import project  # noqa: E402
 from models.model_size import train_flops_per_sequence  # noqa: E402
 
 
-def step_matmuls(shape: dict, dtype) -> tuple:
+def step_matmuls(shape: dict, bf16_inputs: bool = False) -> tuple:
   b, t, d, f = shape["batch_size"], shape["seq_len"], shape["emb_dim"], shape["mlp_dim"]
   h, layers = shape["num_heads"], shape["num_layers"]
   e = d // h
+  dense = lambda x, w: project(x, w, kernel_in_dim=0, bf16_inputs=bf16_inputs)  # noqa: E731
 
   def loss(params, x):
     for layer in params["layers"]:
-      heads = lambda w: (x @ w.astype(dtype)).reshape(b, t, h, e)  # noqa: E731
+      heads = lambda w: dense(x, w).reshape(b, t, h, e)  # noqa: E731
       q, k, v = heads(layer["q"]), heads(layer["k"]), heads(layer["v"])
-      scores = jnp.einsum("bthe,bshe->bhts", q, k, preferred_element_type=jnp.float32)
-      out = jnp.einsum("bhts,bshe->bthe", scores.astype(dtype), v).reshape(b * t, d)
-      x = x + out @ layer["o"].astype(dtype)
-      x = x + (x @ layer["w1"].astype(dtype)) @ layer["w2"].astype(dtype)
-    return jnp.sum((x @ params["embed"].T.astype(dtype)).astype(jnp.float32))
+      scores = jnp.einsum("bthe,bshe->bhts", q, k)
+      out = jnp.einsum("bhts,bshe->bthe", scores, v).reshape(b * t, d)
+      x = x + dense(out, layer["o"])
+      x = x + dense(dense(x, layer["w1"]), layer["w2"])
+    return jnp.sum(project(x, params["embed"], kernel_in_dim=1, bf16_inputs=bf16_inputs))
 
   keys = iter(jax.random.split(jax.random.key(0), 6 * layers + 2))
   init = lambda *dims: jax.random.normal(next(keys), dims) * 0.02  # noqa: E731
@@ -53,16 +58,17 @@ def step_matmuls(shape: dict, dtype) -> tuple:
   flops = b * train_flops_per_sequence(config, t)  # our default block: the same matmuls
   # Differentiating the input too keeps the first layer's input-gradient matmuls, as the
   # embeddings do in a real step.
-  return jax.jit(jax.grad(loss, argnums=(0, 1))), params, init(b * t, d).astype(dtype), flops
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), params, init(b * t, d), flops
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
-  parser.add_argument("--bf16-inputs", action="store_true", help="activations in bf16 (weights cast per use)")
+  parser.add_argument("--bf16-matmul-inputs", action="store_true", help="as the model option of that name")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
-  grad, params, x, flops = step_matmuls(SHAPES[args.shape], jnp.bfloat16 if args.bf16_inputs else jnp.float32)
+  shape = SHAPES[args.shape]
+  grad, params, x, flops = step_matmuls(shape, args.bf16_matmul_inputs)
   jax.block_until_ready(grad(params, x))
   times = []
   for _ in range(args.repeats):
@@ -70,7 +76,9 @@ def main() -> None:
     jax.block_until_ready(grad(params, x))
     times.append(time.perf_counter() - start)
   seconds = statistics.median(times)
-  print(json.dumps({"shape": args.shape, "bf16_inputs": args.bf16_inputs, "step_seconds": seconds,
+  print(json.dumps({"shape": args.shape, "dtype": "float32, bf16 matmul inputs" if args.bf16_matmul_inputs
+                    else "float32", "step_seconds": seconds,
+                    "tokens_per_second": shape["batch_size"] * shape["seq_len"] / seconds,
                     "model_flops_per_second": flops / seconds}))
 
 

@@ -7,8 +7,8 @@ and against the peer codebases side by side, decoding and data-pipeline throughp
 Every training figure comes from a fresh process, all in this one run: bench/train_throughput.py
 for us (our default, GPT-2 and LLaMA architectures; with bf16 matmul inputs; with XLA's own
 CPU flags; with the xla attention or loss kernel; and each --baselines revision of us, checked out
-into a temporary git worktree), bench/peers.py for the peers, each in its own virtual
-environment. The runners of a shape take turns for --rounds rounds and each keeps its
+into a temporary git worktree), bench/matmul_floor.py for the ceiling of our step (its
+matmuls alone), bench/peers.py for the peers, each in its own virtual environment. The runners of a shape take turns for --rounds rounds and each keeps its
 fastest round, so a slow spell of a shared machine does not land on one runner only.
 Writes the tables to docs/benchmarks.md (--output) with the command that made them.
 """
@@ -58,6 +58,13 @@ def ours(shape: str, dtype: str, steps: int, arch: str = "default", env: dict | 
   options += ["--bf16-matmul-inputs"] if bf16_matmul_inputs else []
   return run_json([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--shape", shape,
                    "--dtype", dtype, "--steps", str(steps), "--arch", arch, *options], env=env)
+
+
+def matmul_floor(shape: str, steps: int, bf16_matmul_inputs: bool) -> dict:
+  options = ["--bf16-matmul-inputs"] if bf16_matmul_inputs else []
+  result = run_json([sys.executable, str(ROOT / "bench" / "matmul_floor.py"), "--shape", shape,
+                     "--repeats", str(steps), *options])
+  return {**result, "arch": "our default block's matmuls, nothing else"}
 
 
 def seconds(result: dict) -> float:
@@ -126,6 +133,8 @@ def main() -> None:
                         ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, args.steps, loss_kernel="xla"))]
             runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
                 shape, dtype, args.steps, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
+            runners += [("matmul floor", lambda bf16=bf16: matmul_floor(shape, args.steps, bf16))
+                        for bf16 in (False, True)]
           runners += [(name, lambda name=name: peers.run_peer(
               name, SHAPES[shape], VOCAB, dtype, args.steps, args.venvs)) for name in peer_names]
           best: list[dict | None] = [None] * len(runners)
@@ -179,7 +188,9 @@ def render(rows, peak, decode, data, shapes, command, rounds) -> str:
       "`of peak` divides model FLOP/s by the f32 matmul peak above, and rows whose matmuls take bf16 "
       "inputs also by the bf16 peak; `vs best peer` divides by the "
       "fastest peer's model FLOP/s on the same shape (any dtype), `vs same-architecture peer` by the "
-      "fastest peer running the same block (gpt2 or llama). "
+      "fastest peer running the same block (gpt2 or llama). The `matmul floor` rows time only the "
+      "matmuls of our default block's step (bench/matmul_floor.py): no step of that block whose matmuls "
+      "go through XLA can beat them. "
       + (f"Each runner's fastest of {rounds} rounds taken in turns." if rounds > 1 else
          "Each runner ran once, in turn."),
   ]
@@ -192,14 +203,14 @@ def render(rows, peak, decode, data, shapes, command, rounds) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     shape_rows = [(runner, r) for sh, runner, r in rows if sh == shape]
     peer_flops = [r["model_flops_per_second"] for runner, r in shape_rows
-                  if not runner.startswith("t5x_like") and "error" not in r]
+                  if runner in peers.PEERS and "error" not in r]
     best_peer = max(peer_flops, default=None)
     for runner, r in shape_rows:
       if "error" in r:
         lines.append(f"| {runner} | | {r['dtype']} | failed: {r['error']} | | | | | |")
         continue
       versus = f"{r['model_flops_per_second'] / best_peer:.2f}x" if best_peer else "n/a"
-      same = [p["model_flops_per_second"] for name, p in shape_rows if not name.startswith("t5x_like")
+      same = [p["model_flops_per_second"] for name, p in shape_rows if name in peers.PEERS
               and "error" not in p and p["arch"].split(":")[0] == r.get("arch", "").split(":")[0]]
       versus_same = (f"{r['model_flops_per_second'] / max(same):.2f}x"
                      if same and runner.startswith("t5x_like") else "")

@@ -50,12 +50,11 @@ def test_matmul_floor_holds_exactly_the_counted_matmuls():
   import sys
 
   import jax
-  import jax.numpy as jnp
 
   dot_flops = load(ROOT / "tests" / "models" / "test_model_size.py").dot_flops
   sys.path.insert(0, str(ROOT / "bench"))  # matmul_floor imports its sibling train_throughput
   step_matmuls = load(ROOT / "bench" / "matmul_floor.py").step_matmuls
 
   shape = dict(emb_dim=32, num_layers=2, num_heads=4, mlp_dim=64, seq_len=16, batch_size=3)
-  grad, params, x, flops = step_matmuls(shape, jnp.float32)
+  grad, params, x, flops = step_matmuls(shape)
   assert dot_flops(jax.make_jaxpr(grad)(params, x).jaxpr) == flops
