@@ -84,7 +84,7 @@ class ModelConfig:
 
   # Round the inputs of projection matmuls (forward and input gradient) to bfloat16,
   # accumulating in float32, as TPUs do by default; weight gradients keep `dtype`.
-  # About 1.3x faster float32 training on CPUs with AVX512-BF16 (docs/performance.md).
+  # 1.1x to 1.2x faster float32 training on CPUs with AVX512-BF16 (docs/benchmarks.md).
   bf16_matmul_inputs: bool = False
 
   dropout_rate: float = 0.0
