@@ -8,8 +8,9 @@ Every training figure comes from a fresh process, all in this one run: bench/tra
 for us (our default, GPT-2 and LLaMA architectures; with bf16 matmul inputs; with XLA's own
 CPU flags; with the xla attention or loss kernel; and each --baselines revision of us, checked out
 into a temporary git worktree), bench/matmul_floor.py for the ceiling of our step (its
-matmuls alone), bench/peers.py for the peers, each in its own virtual environment. The runners of a shape take turns for --rounds rounds and each keeps its
-fastest round, so a slow spell of a shared machine does not land on one runner only.
+matmuls alone), bench/peers.py for the peers, each in its own virtual environment. The
+runners of a shape take turns for --rounds rounds and each keeps its fastest round, so a
+slow spell of a shared machine does not land on one runner only.
 Writes the tables to docs/benchmarks.md (--output) with the command that made them.
 """
 
