@@ -46,7 +46,8 @@ def test_peer_flops_match_our_count(options, gated, shape):
   assert peer == batch * train_flops_per_sequence(cfg, seq)
 
 
-def test_matmul_floor_holds_exactly_the_counted_matmuls():
+@pytest.mark.parametrize("bf16_inputs", [False, True])
+def test_matmul_floor_holds_exactly_the_counted_matmuls(bf16_inputs):
   import sys
 
   import jax
@@ -56,5 +57,5 @@ def test_matmul_floor_holds_exactly_the_counted_matmuls():
   step_matmuls = load(ROOT / "bench" / "matmul_floor.py").step_matmuls
 
   shape = dict(emb_dim=32, num_layers=2, num_heads=4, mlp_dim=64, seq_len=16, batch_size=3)
-  grad, params, x, flops = step_matmuls(shape)
+  grad, params, x, flops = step_matmuls(shape, bf16_inputs)
   assert dot_flops(jax.make_jaxpr(grad)(params, x).jaxpr) == flops
