@@ -20,11 +20,17 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   Dividing by the summed weight gives means; sums let gradient accumulation and
   data-parallel shards add up to the same result as one large batch.
   """
-  logits = logits.astype(jnp.float32)
-  max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1))  # [b, t]
-  log_z = max_logit + jnp.log(jnp.sum(jnp.exp(logits - max_logit[..., None]), axis=-1))
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  max_logit, _, _, log_z, target_logit = _token_statistics(logits.astype(jnp.float32), targets)
   return _sums(log_z, target_logit, max_logit, weights.astype(jnp.float32), z_loss)
+
+
+def _token_statistics(logits, targets):
+  """Per token of logits [..., v]: max, exp(logits - max), their sum, log Z, the target's logit."""
+  max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  exp = jnp.exp(logits - max_logit[..., None])
+  total = jnp.sum(exp, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return max_logit, exp, total, max_logit + jnp.log(total), target_logit
 
 
 def _sums(log_z, target_logit, max_logit, weights, z_loss):
@@ -102,11 +108,7 @@ def _chunked_pass(hidden, table, bias, targets, weights, z_loss, table_in_dim, b
     logits = project(x, table, kernel_in_dim=table_in_dim, bf16_inputs=bf16_inputs)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
-    max_logit = jnp.max(logits, axis=-1)
-    exp = jnp.exp(logits - max_logit[:, None])
-    total = jnp.sum(exp, axis=-1)
-    log_z = max_logit + jnp.log(total)
-    target_logit = jnp.take_along_axis(logits, chunk_targets[:, None], axis=-1)[:, 0]
+    max_logit, exp, total, log_z, target_logit = _token_statistics(logits, chunk_targets)
     sums = jax.tree.map(jnp.add, sums, _sums(log_z, target_logit, max_logit, chunk_weights, z_loss))
     if not with_gradient:
       return (sums, d_table, d_bias, d_hidden), None
