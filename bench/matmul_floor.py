@@ -7,7 +7,8 @@ the MLP per layer, both attention products, the vocabulary projection) with noth
 between them but residual adds, differentiates the sum of the logits, and reports
 model FLOP/s by the same count as bench/train_throughput.py. The projections go through
 `models.layers.project`, as the model's do, so --bf16-matmul-inputs rounds the same
-products the model option does; attention products stay float32, as in the model. No
+products the model option does; attention products stay float32, as in the model; the
+table's gradient is taken as the chunked loss takes it (`tokens_contracted`). No
 implementation whose matmuls go through XLA:CPU can beat this figure; the gap to a real
 step is everything else (norms, softmax, activations, loss, optimizer, layout copies).
 bench/run.py adds it to each shape's table. Prints one JSON line.
@@ -30,8 +31,27 @@ import jax.numpy as jnp  # noqa: E402
 from train_throughput import SHAPES, VOCAB  # noqa: E402
 
 from models.config import ModelConfig  # noqa: E402
-from models.layers import project  # noqa: E402
+from models.layers import project, tokens_contracted  # noqa: E402
 from models.model_size import train_flops_per_sequence  # noqa: E402
+
+
+def vocabulary_logits(bf16_inputs: bool):
+  """x [n, d] against the table [v, d], differentiated with the chunked loss's products."""
+
+  @jax.custom_vjp
+  def logits(x, table):
+    return project(x, table, kernel_in_dim=1, bf16_inputs=bf16_inputs)
+
+  def forward(x, table):
+    return logits(x, table), (x, table)
+
+  def backward(saved, d_logits):
+    x, table = saved
+    d_x = project(d_logits, table, kernel_in_dim=0, bf16_inputs=bf16_inputs)
+    return d_x, tokens_contracted(x, d_logits).T
+
+  logits.defvjp(forward, backward)
+  return logits
 
 
 def step_matmuls(shape: dict, bf16_inputs: bool = False) -> tuple:
@@ -39,6 +59,7 @@ def step_matmuls(shape: dict, bf16_inputs: bool = False) -> tuple:
   h, layers = shape["num_heads"], shape["num_layers"]
   e = d // h
   dense = lambda x, w: project(x, w, kernel_in_dim=0, bf16_inputs=bf16_inputs)  # noqa: E731
+  logits = vocabulary_logits(bf16_inputs)
 
   def loss(params, x):
     for layer in params["layers"]:
@@ -48,7 +69,7 @@ def step_matmuls(shape: dict, bf16_inputs: bool = False) -> tuple:
       out = jnp.einsum("bhts,bshe->bthe", scores, v).reshape(b * t, d)
       x = x + dense(out, layer["o"])
       x = x + dense(dense(x, layer["w1"]), layer["w2"])
-    return jnp.sum(project(x, params["embed"], kernel_in_dim=1, bf16_inputs=bf16_inputs))
+    return jnp.sum(logits(x, params["embed"]))
 
   keys = iter(jax.random.split(jax.random.key(0), 6 * layers + 2))
   init = lambda *dims: jax.random.normal(next(keys), dims) * 0.02  # noqa: E731

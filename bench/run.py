@@ -92,10 +92,42 @@ def baseline_trees(revisions: list[str], parent: pathlib.Path) -> dict[str, path
 
 
 def cpu_name() -> str:
-  for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-    if line.startswith("model name"):
-      return line.split(":", 1)[1].strip()
-  return platform.processor() or platform.machine()
+  """The CPU's model name and the vector extensions that set its matmul speed.
+
+  Virtual machines often report a bare "AMD EPYC"; the extensions tell an AVX2 Zen 3 from an
+  AVX-512 Zen 5 with bf16 dot products, whose figures differ fourfold.
+  """
+  info = {}
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else ():
+    if not line.strip():
+      break  # the first processor describes them all
+    key, _, value = line.partition(":")
+    info[key.strip()] = value.strip()
+  name = info.get("model name") or platform.processor() or platform.machine()
+  flags = set(info.get("flags", "").split())
+  extensions = [label for flag, label in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+                                          ("amx_tile", "AMX")) if flag in flags]
+  if "cpu family" in info:
+    name += f", family {info['cpu family']} model {info.get('model', '?')}"
+  return f"{name}; {', '.join(extensions)}" if extensions else name
+
+
+def cpu_times() -> list[int]:
+  """The machine's CPU time counters (/proc/stat), empty where there are none."""
+  stat = pathlib.Path("/proc/stat")
+  return [int(value) for value in stat.read_text().split("\n", 1)[0].split()[1:9]] if stat.exists() else []
+
+
+def steal_share(before: list[int], after: list[int]) -> float | None:
+  """The share of CPU time the hypervisor gave other guests between two cpu_times() readings.
+
+  On a shared VM this is the noise under every figure of the run, so the table states it.
+  """
+  if not before or not after:
+    return None
+  deltas = [b - a for a, b in zip(before, after)]
+  return deltas[7] / sum(deltas) if sum(deltas) else None
 
 
 def main() -> None:
@@ -113,6 +145,7 @@ def main() -> None:
   peer_names = [p for p in args.peers.split(",") if p]
   revisions = [r for r in args.baselines.split(",") if r]
 
+  start_times = cpu_times()
   peak = matmul_peaks()
   print(f"matmul peak: f32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 inputs + f32 accumulation "
         f"{peak['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
@@ -156,7 +189,8 @@ def main() -> None:
   decode = run_json([sys.executable, str(ROOT / "bench" / "decode_throughput.py")])
   data = data_pipeline.measure()
   command = " ".join(["python", "bench/run.py", *sys.argv[1:]])
-  text = render(rows, peak, decode, data, shapes, command, args.rounds)
+  steal = steal_share(start_times, cpu_times())
+  text = render(rows, peak, decode, data, shapes, command, args.rounds, steal)
   pathlib.Path(args.output).write_text(text)
   print(text)
 
@@ -169,7 +203,7 @@ def share_of_peak(result: dict, peak: dict) -> str:
   return f"{f32} f32, {result['model_flops_per_second'] / peak['bfloat16']:.0%} bf16"
 
 
-def render(rows, peak, decode, data, shapes, command, rounds) -> str:
+def render(rows, peak, decode, data, shapes, command, rounds, steal=None) -> str:
   lines = [
       "# Benchmarks",
       "",
@@ -179,7 +213,9 @@ def render(rows, peak, decode, data, shapes, command, rounds) -> str:
       f"    {command}",
       "",
       f"Matmul peak (2048^3, best of 9): **f32 {peak['float32'] / 1e9:.0f} GFLOP/s**; bf16 inputs with f32 "
-      f"accumulation {peak['bfloat16'] / 1e9:.0f} GFLOP/s.",
+      f"accumulation {peak['bfloat16'] / 1e9:.0f} GFLOP/s."
+      + (f" The hypervisor took {steal:.0%} of the CPU time during the run (steal, /proc/stat)."
+         if steal is not None else ""),
       "",
       "## Training throughput, side by side",
       "",

@@ -92,6 +92,18 @@ def kernel_gradient(x: jax.Array, d_out: jax.Array, kernel_in_dim: int) -> jax.A
   return jax.lax.dot_general(d_out, x, tokens, preferred_element_type=jnp.float32)
 
 
+def tokens_contracted(x: jax.Array, d_out: jax.Array) -> jax.Array:
+  """x [n, in] and d_out [n, out] contracted over tokens, as [in, out], from x transposed first.
+
+  XLA:CPU hands a product that contracts both operands' first dims to Eigen, at about half
+  the speed of the same product with x transposed first (docs/performance.md, item 15);
+  the barrier keeps XLA from folding the transpose back. Worth it where x is small and
+  nothing can fuse the transpose into x's producer: the chunked loss's table gradient.
+  """
+  x_t = jax.lax.optimization_barrier(x.T)
+  return jnp.matmul(x_t, d_out.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
 class Dense(nnx.Module):
   """A projection contracting the trailing `in_shape` dims of x into `out_shape`.
 

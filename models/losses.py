@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models.layers import project
+from models.layers import project, tokens_contracted
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -93,17 +93,6 @@ def _chunked_backward(z_loss, table_in_dim, bf16_inputs, chunk, gradients, d_sum
 _chunked_cross_entropy.defvjp(_chunked_forward, _chunked_backward)
 
 
-def _tokens_contracted(x, d_logits):
-  """x [n, d] and d_logits [n, v] contracted over tokens: the table's gradient as [d, v].
-
-  XLA:CPU hands a product that contracts both operands' first dims to Eigen, at about half
-  the speed YNNPACK multiplies [d, n] @ [n, v]; the barrier keeps XLA from folding the
-  small transpose of x back into the product (docs/performance.md, item 15).
-  """
-  x_t = jax.lax.optimization_barrier(x.T)
-  return jnp.matmul(x_t, d_logits.astype(x.dtype), preferred_element_type=jnp.float32)
-
-
 def _chunked_pass(hidden, table, bias, targets, weights, z_loss, table_in_dim, bf16_inputs, chunk, *,
                   with_gradient):
   """One loop over sequence chunks: the sums, and (with_gradient) d loss / d (hidden, table, bias)."""
@@ -128,14 +117,14 @@ def _chunked_pass(hidden, table, bias, targets, weights, z_loss, table_in_dim, b
     d_logits = exp * scale[:, None] - jax.nn.one_hot(chunk_targets, logits.shape[-1]) * chunk_weights[:, None]
     # The input gradient is the projection's own backward product (models.layers).
     d_x = project(d_logits.astype(table.dtype), table, kernel_in_dim=vocab_dim, bf16_inputs=bf16_inputs)
-    d_kernel = d_kernel + _tokens_contracted(x, d_logits)
+    d_kernel = d_kernel + tokens_contracted(x, d_logits)
     if d_bias is not None:
       d_bias = d_bias + jnp.sum(d_logits, axis=0)
     d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, d_x.reshape(batch, chunk, dim).astype(d_hidden.dtype),
                                                    start, axis=1)
     return (sums, d_kernel, d_bias, d_hidden), None
 
-  # The table's gradient accumulates as [d, v] whatever the table's layout: see _tokens_contracted.
+  # The table's gradient accumulates as [d, v] whatever the table's layout: see models.layers.tokens_contracted.
   d_kernel = jnp.zeros((dim, table.shape[vocab_dim]), jnp.float32) if with_gradient else None
   d_bias = jnp.zeros(bias.shape, jnp.float32) if with_gradient and bias is not None else None
   d_hidden = jnp.zeros(hidden.shape, hidden.dtype) if with_gradient else None

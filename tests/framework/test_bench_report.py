@@ -1,0 +1,38 @@
+"""bench/run.py states what its figures ran on: the CPU's vector extensions and the steal."""
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_run(monkeypatch):
+  # run.py sets T5X_LIKE_XLA_DEFAULTS for its own children; monkeypatch undoes it after the test.
+  monkeypatch.setenv("T5X_LIKE_XLA_DEFAULTS", "1")
+  monkeypatch.syspath_prepend(str(ROOT / "bench"))
+  spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_steal_share_is_the_steal_counter_over_all_time(monkeypatch):
+  run = load_run(monkeypatch)
+  # /proc/stat order: user nice system idle iowait irq softirq steal.
+  before = [1000, 0, 300, 5000, 10, 0, 5, 200]
+  after = [1300, 0, 350, 5100, 10, 0, 5, 300]  # +300 user, +50 system, +100 idle, +100 steal
+  assert run.steal_share(before, after) == 100 / 550
+  assert run.steal_share([], after) is None
+
+
+def test_cpu_name_lists_this_machines_vector_extensions(monkeypatch):
+  run = load_run(monkeypatch)
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  if not cpuinfo.exists():
+    assert run.cpu_name()
+    return
+  flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+  name = run.cpu_name()
+  assert ("AVX2" in name) == ("avx2" in flags)
+  assert ("AVX-512" in name) == ("avx512f" in flags)
+  assert ("AVX512-BF16" in name) == ("avx512_bf16" in flags)
