@@ -1,0 +1,72 @@
+"""How fast XLA multiplies a step's matmul shapes in each operand layout, on this machine.
+
+    python bench/matmul_layouts.py [--shape tiny] [--repeats 20]
+
+For each projection of a bench shape, x [n, in] times a kernel to [n, out], in float32:
+- `forward`: x @ w, w stored [in, out] (Dense);
+- `forward, [out, in]`: x against w stored [out, in] (the tied output projection);
+- `weight gradient`: x and dy [n, out] contracted over the tokens, both operands' first dims;
+- `same, x transposed first`: x.T materialised, then a plain matmul (`tokens_contracted`).
+XLA:CPU hands the weight-gradient layout to a different library than plain products, so
+its speed differs by CPU; docs/performance.md (items 15 and 16) reads these figures.
+Prints GFLOP/s per shape and layout, the fastest of --repeats calls each, as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import t5x_like  # noqa: E402,F401  (the package's XLA:CPU defaults, as in a training run)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from train_throughput import SHAPES, VOCAB  # noqa: E402
+
+from models.layers import tokens_contracted  # noqa: E402
+
+TOKENS = (((0,), (0,)), ((), ()))
+LAYOUTS = {
+    "forward": lambda x, w, w_t, dy: x @ w,
+    "forward, [out, in]": lambda x, w, w_t, dy: jax.lax.dot_general(x, w_t, (((1,), (1,)), ((), ()))),
+    "weight gradient": lambda x, w, w_t, dy: jax.lax.dot_general(x, dy, TOKENS),
+    "same, x transposed first": lambda x, w, w_t, dy: tokens_contracted(x, dy),
+}
+
+
+def fastest_seconds(fn, args, repeats: int) -> float:
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+  parser.add_argument("--repeats", type=int, default=20)
+  args = parser.parse_args()
+  shape = SHAPES[args.shape]
+  n, d, f = shape["batch_size"] * shape["seq_len"], shape["emb_dim"], shape["mlp_dim"]
+  # The layers' projections at every token; the vocabulary projection at the chunked loss's 512.
+  for tokens, d_in, d_out in ((n, d, d), (n, d, f), (n, f, d), (512, d, VOCAB), (512, VOCAB, d)):
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (tokens, d_in))
+    w = jax.random.normal(keys[1], (d_in, d_out))
+    dy = jax.random.normal(keys[2], (tokens, d_out))
+    flops = 2 * tokens * d_in * d_out
+    figures = {name: round(flops / fastest_seconds(fn, (x, w, w.T.copy(), dy), args.repeats) / 1e9)
+               for name, fn in LAYOUTS.items()}
+    print(json.dumps({"tokens": tokens, "in": d_in, "out": d_out, "gflops": figures}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
