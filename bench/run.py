@@ -122,7 +122,8 @@ def cpu_times() -> list[int]:
 def steal_share(before: list[int], after: list[int]) -> float | None:
   """The share of CPU time the hypervisor gave other guests between two cpu_times() readings.
 
-  On a shared VM this is the noise under every figure of the run, so the table states it.
+  On a shared VM stolen time slows whichever runners it lands on, so the table states it (it is
+  not all the noise: a run with 0% steal still saw rounds differ by a fifth, performance.md item 16).
   """
   if not before or not after:
     return None
