@@ -24,16 +24,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import t5x_like  # noqa: E402,F401  (the package's XLA:CPU defaults, as in a training run)
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from train_throughput import SHAPES, VOCAB  # noqa: E402
 
-from models.layers import tokens_contracted  # noqa: E402
+from models.layers import kernel_gradient, project, tokens_contracted  # noqa: E402
 
-TOKENS = (((0,), (0,)), ((), ()))
+# The model's own products (models.layers), float32 inputs.
 LAYOUTS = {
-    "forward": lambda x, w, w_t, dy: x @ w,
-    "forward, [out, in]": lambda x, w, w_t, dy: jax.lax.dot_general(x, w_t, (((1,), (1,)), ((), ()))),
-    "weight gradient": lambda x, w, w_t, dy: jax.lax.dot_general(x, dy, TOKENS),
+    "forward": lambda x, w, w_t, dy: project(x, w, kernel_in_dim=0, bf16_inputs=False),
+    "forward, [out, in]": lambda x, w, w_t, dy: project(x, w_t, kernel_in_dim=1, bf16_inputs=False),
+    "weight gradient": lambda x, w, w_t, dy: kernel_gradient(x, dy, kernel_in_dim=0),
     "same, x transposed first": lambda x, w, w_t, dy: tokens_contracted(x, dy),
 }
 
@@ -57,8 +56,8 @@ def main() -> None:
   shape = SHAPES[args.shape]
   n, d, f = shape["batch_size"] * shape["seq_len"], shape["emb_dim"], shape["mlp_dim"]
   # The layers' projections at every token; the vocabulary projection at the chunked loss's 512.
+  keys = jax.random.split(jax.random.key(0), 3)
   for tokens, d_in, d_out in ((n, d, d), (n, d, f), (n, f, d), (512, d, VOCAB), (512, VOCAB, d)):
-    keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (tokens, d_in))
     w = jax.random.normal(keys[1], (d_in, d_out))
     dy = jax.random.normal(keys[2], (tokens, d_out))
