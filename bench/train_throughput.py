@@ -9,7 +9,12 @@ measures a baseline revision with the same script.
 
 Model FLOPs by PaLM's count (app. B): 6 x matmul parameters including the vocabulary
 projection, plus 12 x layers x context x attention width, per token; recomputation
-is not counted.
+is not counted. `mfu` divides them by t5x_like.hardware's peak for the device: the data
+sheet's dense bf16 figure on a GPU or TPU, so on a GPU the target's figure comes from
+
+    python bench/train_throughput.py --shape 1b --dtype bfloat16 --steps 10
+
+and a measured float32 matmul on a CPU (bench/run.py divides by its own peak instead).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from models.config import model_config_dict  # noqa: E402
 from models.model_size import train_flops_per_sequence  # noqa: E402
+from t5x_like.hardware import peak_flops_per_device  # noqa: E402
 from t5x_like.partitioning import default_partitioning_config  # noqa: E402
 from t5x_like.trainer import Trainer, default_train_config  # noqa: E402
 
@@ -40,6 +46,8 @@ SHAPES = {
     "tiny": dict(emb_dim=256, num_layers=4, num_heads=4, mlp_dim=1024, seq_len=256, batch_size=8),
     "medium": dict(emb_dim=512, num_layers=8, num_heads=8, mlp_dim=2048, seq_len=512, batch_size=8),
     "large": dict(emb_dim=1024, num_layers=8, num_heads=16, mlp_dim=4096, seq_len=512, batch_size=4),
+    # The GPU target's ~1B decoder (1.02B matmul parameters); for accelerators, not CPU runs.
+    "1b": dict(emb_dim=2048, num_layers=20, num_heads=16, mlp_dim=8192, seq_len=2048, batch_size=8),
 }
 VOCAB = 8192
 # Our default decoder, GPT-2's block (what the Hugging Face peer runs) and the LLaMA block
@@ -111,9 +119,11 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", **mo
   flops_per_step = batch_size * train_flops_per_sequence(trainer.model_config, seq_len)
   if model_overrides.get("bf16_matmul_inputs"):
     dtype += ", bf16 matmul inputs"
+  peak, peak_source = peak_flops_per_device()
   return {"dtype": dtype, "arch": ARCHS[arch][0], "step_seconds": step_seconds,
           "tokens_per_second": batch_size * seq_len / step_seconds, "flops_per_step": flops_per_step,
-          "model_flops_per_second": flops_per_step / step_seconds}
+          "model_flops_per_second": flops_per_step / step_seconds,
+          "mfu": flops_per_step / step_seconds / peak, "peak": peak_source}
 
 
 def main() -> None:

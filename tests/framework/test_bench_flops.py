@@ -59,3 +59,21 @@ def test_matmul_floor_holds_exactly_the_counted_matmuls(bf16_inputs):
   shape = dict(emb_dim=32, num_layers=2, num_heads=4, mlp_dim=64, seq_len=16, batch_size=3)
   grad, params, x, flops = step_matmuls(shape, bf16_inputs)
   assert dot_flops(jax.make_jaxpr(grad)(params, x).jaxpr) == flops
+
+
+def test_gpu_target_shape_is_a_1b_decoder():
+  """The issue's GPU target is MFU on a ~1B decoder: count its matmul weights by hand."""
+  import sys
+
+  from models.model_size import model_size
+
+  sys.path.insert(0, str(ROOT / "bench"))
+  bench = load(ROOT / "bench" / "train_throughput.py")
+  shape = dict(bench.SHAPES["1b"])
+  seq = shape.pop("seq_len")
+  shape.pop("batch_size")
+  cfg = ModelConfig(arch="decoder", vocab_size=bench.VOCAB, max_len=seq, **shape)
+  d, f, layers = cfg.emb_dim, cfg.mlp_dim, cfg.num_layers
+  by_hand = layers * (4 * d * d + 2 * d * f) + bench.VOCAB * d  # q, k, v, out; wi, wo; tied table
+  assert model_size(cfg).matmul_params == by_hand
+  assert 0.95e9 < by_hand < 1.05e9
