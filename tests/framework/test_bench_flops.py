@@ -63,11 +63,8 @@ def test_matmul_floor_holds_exactly_the_counted_matmuls(bf16_inputs):
 
 def test_gpu_target_shape_is_a_1b_decoder():
   """The issue's GPU target is MFU on a ~1B decoder: count its matmul weights by hand."""
-  import sys
-
   from models.model_size import model_size
 
-  sys.path.insert(0, str(ROOT / "bench"))
   bench = load(ROOT / "bench" / "train_throughput.py")
   shape = dict(bench.SHAPES["1b"])
   seq = shape.pop("seq_len")
