@@ -8,7 +8,7 @@ For each projection of a bench shape, x [n, in] times a kernel to [n, out], in f
 - `weight gradient`: x and dy [n, out] contracted over the tokens, both operands' first dims;
 - `same, x transposed first`: x.T materialised, then a plain matmul (`tokens_contracted`).
 XLA:CPU hands the weight-gradient layout to a different library than plain products, so
-its speed differs by CPU; docs/performance.md (items 15 and 16) reads these figures.
+its speed differs by CPU; docs/performance.md (items 15 to 17) reads these figures.
 Prints GFLOP/s per shape and layout, the fastest of --repeats calls each, as JSON lines.
 """
 

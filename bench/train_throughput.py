@@ -9,12 +9,12 @@ measures a baseline revision with the same script.
 
 Model FLOPs by PaLM's count (app. B): 6 x matmul parameters including the vocabulary
 projection, plus 12 x layers x context x attention width, per token; recomputation
-is not counted. `mfu` divides them by t5x_like.hardware's peak for the device: the data
-sheet's dense bf16 figure on a GPU or TPU, so on a GPU the target's figure comes from
+is not counted. On a GPU or TPU, `mfu` divides them by the data sheet's dense bf16 peak
+(t5x_like.hardware), so the GPU target's figure comes from
 
     python bench/train_throughput.py --shape 1b --dtype bfloat16 --steps 10
 
-and a measured float32 matmul on a CPU (bench/run.py divides by its own peak instead).
+On a CPU there is no data sheet figure: bench/run.py divides by the peak it measures once.
 """
 
 from __future__ import annotations
@@ -119,11 +119,9 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", **mo
   flops_per_step = batch_size * train_flops_per_sequence(trainer.model_config, seq_len)
   if model_overrides.get("bf16_matmul_inputs"):
     dtype += ", bf16 matmul inputs"
-  peak, peak_source = peak_flops_per_device()
   return {"dtype": dtype, "arch": ARCHS[arch][0], "step_seconds": step_seconds,
           "tokens_per_second": batch_size * seq_len / step_seconds, "flops_per_step": flops_per_step,
-          "model_flops_per_second": flops_per_step / step_seconds,
-          "mfu": flops_per_step / step_seconds / peak, "peak": peak_source}
+          "model_flops_per_second": flops_per_step / step_seconds}
 
 
 def main() -> None:
@@ -136,8 +134,12 @@ def main() -> None:
   parser.add_argument("--loss-kernel", choices=("xla", "chunked"), default=None)
   parser.add_argument("--bf16-matmul-inputs", action="store_true", default=None)
   args = parser.parse_args()
-  print(json.dumps(measure(args.shape, args.dtype, args.steps, args.arch, attention_kernel=args.attention_kernel,
-                           loss_kernel=args.loss_kernel, bf16_matmul_inputs=args.bf16_matmul_inputs)))
+  result = measure(args.shape, args.dtype, args.steps, args.arch, attention_kernel=args.attention_kernel,
+                   loss_kernel=args.loss_kernel, bf16_matmul_inputs=args.bf16_matmul_inputs)
+  if jax.default_backend() != "cpu":  # a CPU's peak would be a second matmul measurement per runner
+    peak, result["peak"] = peak_flops_per_device()
+    result["mfu"] = result["model_flops_per_second"] / peak
+  print(json.dumps(result))
 
 
 if __name__ == "__main__":
