@@ -48,7 +48,7 @@ def vocabulary_logits(bf16_inputs: bool):
   def backward(saved, d_logits):
     x, table = saved
     d_x = project(d_logits, table, kernel_in_dim=0, bf16_inputs=bf16_inputs)
-    return d_x, tokens_contracted(x, d_logits).T
+    return d_x, tokens_contracted(x, d_logits, bf16_inputs=bf16_inputs).T
 
   logits.defvjp(forward, backward)
   return logits

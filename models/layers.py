@@ -43,10 +43,12 @@ def project(x: jax.Array, kernel: jax.Array, *, kernel_in_dim: int, bf16_inputs:
   """x [n, in] times a 2-D kernel ([in, out] or, with kernel_in_dim=1, [out, in]), in float32.
 
   One 2-D matmul: with 3-D operands XLA:CPU transposes the activations of the backward
-  pass through slow fused copies. Accumulation is float32 even for bf16 inputs.
+  pass through slow fused copies. Accumulation is float32 even for bf16 inputs, and
+  bfloat16 operands (bf16_inputs, or a bfloat16 compute dtype) take `_bf16_matmul`'s
+  backward pass.
   """
-  if bf16_inputs:
-    return _bf16_input_matmul(x, kernel, kernel_in_dim)
+  if bf16_inputs or x.dtype == jnp.bfloat16:
+    return _bf16_matmul(x, kernel, kernel_in_dim)
   return _matmul(x, kernel, kernel_in_dim)
 
 
@@ -55,35 +57,41 @@ def _matmul(x, kernel, kernel_in_dim):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _bf16_input_matmul(x, kernel, kernel_in_dim):
+def _bf16_matmul(x, kernel, kernel_in_dim):
   """The matmul with both inputs rounded to bfloat16, as TPUs do by default for float32.
 
-  Forward and input-gradient products round their inputs; the weight gradient, a sum
-  over every token of the batch, keeps the callers' dtype. On CPUs with AVX512-BF16 the
-  rounded products run about twice as fast (docs/performance.md).
+  All three products (forward, input gradient, weight gradient) round their inputs and
+  accumulate in float32. The custom VJP exists for the weight gradient, which contracts
+  over the tokens: left to autodiff, XLA:CPU runs it in float32 through Eigen; here it
+  goes to YNNPACK's bf16 kernels (`tokens_contracted`), 2 to 4 times faster on CPUs with
+  AMX or AVX512-BF16 (docs/performance.md, item 18).
   """
   return _matmul(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), kernel_in_dim)
 
 
-def _bf16_input_matmul_forward(x, kernel, kernel_in_dim):
-  return _bf16_input_matmul(x, kernel, kernel_in_dim), (x, kernel)
+def _bf16_matmul_forward(x, kernel, kernel_in_dim):
+  return _bf16_matmul(x, kernel, kernel_in_dim), (x, kernel)
 
 
-def _bf16_input_matmul_backward(kernel_in_dim, saved, d_out):
+def _bf16_matmul_backward(kernel_in_dim, saved, d_out):
   x, kernel = saved
   kernel_out_dim = 1 - kernel_in_dim
   d_x = jax.lax.dot_general(d_out.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
                             (((1,), (kernel_out_dim,)), ((), ())), preferred_element_type=jnp.float32)
-  return d_x.astype(x.dtype), kernel_gradient(x, d_out, kernel_in_dim).astype(kernel.dtype)
+  if kernel_in_dim == 0:
+    d_kernel = tokens_contracted(x, d_out, bf16_inputs=True)
+  else:
+    d_kernel = tokens_contracted(d_out, x, bf16_inputs=True)
+  return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
-_bf16_input_matmul.defvjp(_bf16_input_matmul_forward, _bf16_input_matmul_backward)
+_bf16_matmul.defvjp(_bf16_matmul_forward, _bf16_matmul_backward)
 
 
 def kernel_gradient(x: jax.Array, d_out: jax.Array, kernel_in_dim: int) -> jax.Array:
-  """The gradient of `project`'s kernel, in its layout, from x [n, in] and d_out [n, out].
+  """The gradient of a float32 `project`'s kernel, in its layout, from x [n, in] and d_out [n, out].
 
-  A sum over every token, so its inputs keep x's dtype even under bf16 inputs.
+  What autodiff computes, one dot_general contracting both operands' first dims.
   """
   tokens = (((0,), (0,)), ((), ()))
   d_out = d_out.astype(x.dtype)
@@ -92,16 +100,28 @@ def kernel_gradient(x: jax.Array, d_out: jax.Array, kernel_in_dim: int) -> jax.A
   return jax.lax.dot_general(d_out, x, tokens, preferred_element_type=jnp.float32)
 
 
-def tokens_contracted(x: jax.Array, d_out: jax.Array) -> jax.Array:
+def tokens_contracted(x: jax.Array, d_out: jax.Array, *, bf16_inputs: bool = False) -> jax.Array:
   """x [n, in] and d_out [n, out] contracted over tokens, as [in, out], from x transposed first.
 
-  XLA:CPU hands a product that contracts both operands' first dims to Eigen, at about half
-  the speed of the same product with x transposed first (docs/performance.md, item 15);
-  the barrier keeps XLA from folding the transpose back. Worth it where x is small and
-  nothing can fuse the transpose into x's producer: the chunked loss's table gradient.
+  XLA:CPU hands a product that contracts both operands' first dims to Eigen: in float32 at
+  about half the speed of the same product with x transposed first (docs/performance.md,
+  item 15), and in bfloat16 slower still. The barrier keeps XLA from folding the transpose
+  back into the product. With bf16_inputs both operands are rounded to bfloat16 and x is
+  transposed in blocks: a plain bf16 transpose becomes a column-major operand, which
+  YNNPACK refuses, and XLA then runs the product in float32 (item 18).
   """
-  x_t = jax.lax.optimization_barrier(x.T)
-  return jnp.matmul(x_t, d_out.astype(x.dtype), preferred_element_type=jnp.float32)
+  if not bf16_inputs:
+    x_t = jax.lax.optimization_barrier(x.T)
+    return jnp.matmul(x_t, d_out.astype(x.dtype), preferred_element_type=jnp.float32)
+  x_t = jax.lax.optimization_barrier(_transposed_in_blocks(x.astype(jnp.bfloat16)))
+  return jnp.matmul(x_t, d_out.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _transposed_in_blocks(x: jax.Array, block: int = 32) -> jax.Array:
+  """x [n, m] transposed as a 4-D transpose of block x block tiles, which XLA writes out row-major."""
+  n, m = x.shape
+  block = math.gcd(block, n, m)
+  return x.reshape(n // block, block, m // block, block).transpose(2, 3, 0, 1).reshape(m, n)
 
 
 class Dense(nnx.Module):

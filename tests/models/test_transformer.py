@@ -258,8 +258,8 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
 
 
 @pytest.mark.parametrize("kernel_in_dim", [0, 1])
-def test_bf16_matmul_inputs_round_forward_and_input_gradient_only(kernel_in_dim):
-  """Against numpy in float64: rounded inputs for y and dx, exact float32 inputs for dW."""
+def test_bf16_matmul_inputs_round_every_product(kernel_in_dim):
+  """Against numpy in float64: y, dx and dW are products of bf16-rounded inputs."""
   parts = jax.random.split(jax.random.key(16), 3)
   x = jax.random.normal(parts[0], (6, 5))
   kernel = jax.random.normal(parts[1], (5, 3) if kernel_in_dim == 0 else (3, 5))
@@ -271,10 +271,26 @@ def test_bf16_matmul_inputs_round_forward_and_input_gradient_only(kernel_in_dim)
   w = rounded(kernel) if kernel_in_dim == 0 else rounded(kernel).T
   np.testing.assert_allclose(y, rounded(x) @ w, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(d_x, rounded(d_out) @ w.T, rtol=1e-5, atol=1e-5)
+  d_w = rounded(x).T @ rounded(d_out)
+  np.testing.assert_allclose(d_kernel, d_w if kernel_in_dim == 0 else d_w.T, rtol=1e-5, atol=1e-5)
+  # Exact float32 inputs would have moved dW by far more than that tolerance.
   exact = np.asarray(x, np.float64).T @ np.asarray(d_out, np.float64)
-  np.testing.assert_allclose(d_kernel, exact if kernel_in_dim == 0 else exact.T, rtol=1e-5, atol=1e-5)
-  # Rounding x would have moved dW by far more than that tolerance.
-  assert np.max(np.abs(rounded(x).T @ np.asarray(d_out, np.float64) - exact)) > 1e-3
+  assert np.max(np.abs(d_w - exact)) > 1e-3
+
+
+@pytest.mark.parametrize("kernel_in_dim", [0, 1])
+def test_bf16_matmul_products_all_run_in_bf16_on_ynnpack(kernel_in_dim):
+  """The weight gradient too: XLA:CPU runs a bf16 product it cannot give YNNPACK in float32."""
+  x = jax.random.normal(jax.random.key(18), (64, 32))
+  kernel = jnp.ones((32, 48) if kernel_in_dim == 0 else (48, 32))
+  d_out = jnp.ones((64, 48))
+
+  def forward_and_backward(x, kernel, d_out):
+    y, pullback = jax.vjp(lambda x, w: project(x, w, kernel_in_dim=kernel_in_dim, bf16_inputs=True), x, kernel)
+    return y, pullback(d_out)
+
+  hlo = jax.jit(forward_and_backward).lower(x, kernel, d_out).compile().as_text()
+  assert hlo.count('"kind":"__ynn_fusion"') == 3
 
 
 def test_bf16_matmul_inputs_track_fp32_logits():
