@@ -166,10 +166,10 @@ def main() -> None:
                         ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, args.steps,
                                                                        attention_kernel="xla")),
                         ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, args.steps, loss_kernel="xla"))]
-            runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
-                shape, dtype, args.steps, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
             runners += [("matmul floor", lambda bf16=bf16: matmul_floor(shape, args.steps, bf16))
                         for bf16 in (False, True)]
+          runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
+              shape, dtype, args.steps, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
           runners += [(name, lambda name=name: peers.run_peer(
               name, SHAPES[shape], VOCAB, dtype, args.steps, args.venvs)) for name in peer_names]
           best: list[dict | None] = [None] * len(runners)
