@@ -114,7 +114,10 @@ def tokens_contracted(x: jax.Array, d_out: jax.Array, *, bf16_inputs: bool = Fal
     x_t = jax.lax.optimization_barrier(x.T)
     return jnp.matmul(x_t, d_out.astype(x.dtype), preferred_element_type=jnp.float32)
   x_t = jax.lax.optimization_barrier(_transposed_in_blocks(x.astype(jnp.bfloat16)))
-  return jnp.matmul(x_t, d_out.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+  # A second barrier keeps a consumer's transpose out of the product as well: XLA folds it in
+  # by swapping the operands after its pass that upcasts the bf16 products YNNPACK refuses,
+  # which leaves Eigen a bf16 x bf16 product it cannot run.
+  return jax.lax.optimization_barrier(jnp.matmul(x_t, d_out.astype(jnp.bfloat16), preferred_element_type=jnp.float32))
 
 
 def _transposed_in_blocks(x: jax.Array, block: int = 32) -> jax.Array:

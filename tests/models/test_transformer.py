@@ -8,7 +8,7 @@ from flax import nnx
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig
-from models.layers import apply_rope, project, relative_position_bucket, sinusoidal_embedding
+from models.layers import apply_rope, project, relative_position_bucket, sinusoidal_embedding, tokens_contracted
 from models.transformer import build_model
 
 VOCAB, LENGTH = 64, 10
@@ -291,6 +291,14 @@ def test_bf16_matmul_products_all_run_in_bf16_on_ynnpack(kernel_in_dim):
 
   hlo = jax.jit(forward_and_backward).lower(x, kernel, d_out).compile().as_text()
   assert hlo.count('"kind":"__ynn_fusion"') == 3
+
+
+def test_bf16_weight_gradient_runs_under_a_transposing_consumer():
+  """Regression: XLA folded a consumer's .T into the bf16 product, which Eigen cannot run."""
+  x = jax.random.normal(jax.random.key(19), (64, 32))
+  got = jax.jit(lambda x: tokens_contracted(x, jnp.ones((64, 48)), bf16_inputs=True).T)(x)
+  rounded_x = np.asarray(x.astype(jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(got, (rounded_x.T @ np.ones((64, 48))).T, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_matmul_inputs_track_fp32_logits():
