@@ -82,10 +82,10 @@ class ModelConfig:
   # chunked on CPU, else xla.
   loss_kernel: str = "auto"
 
-  # Round the inputs of projection matmuls (forward and input gradient) to bfloat16,
-  # accumulating in float32, as TPUs do by default; weight gradients keep `dtype`.
-  # 1.1x to 1.2x faster float32 training on CPUs with AVX512-BF16 (docs/benchmarks.md);
-  # about 0.8x as fast on CPUs without it (docs/benchmarks_avx2.md).
+  # Round the inputs of every projection matmul (forward, input gradient and weight
+  # gradient) to bfloat16, accumulating in float32, as TPUs do by default for float32.
+  # Faster float32 training on CPUs with bf16 matmul units (AVX512-BF16: docs/benchmarks.md;
+  # AMX: docs/benchmarks_amx.md); about 0.8x as fast on CPUs without (docs/benchmarks_avx2.md).
   bf16_matmul_inputs: bool = False
 
   dropout_rate: float = 0.0
