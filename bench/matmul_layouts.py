@@ -1,14 +1,17 @@
 """How fast XLA multiplies a step's matmul shapes in each operand layout, on this machine.
 
-    python bench/matmul_layouts.py [--shape tiny] [--repeats 20]
+    python bench/matmul_layouts.py [--shape tiny] [--repeats 20] [--bf16-matmul-inputs]
 
 For each projection of a bench shape, x [n, in] times a kernel to [n, out], in float32:
 - `forward`: x @ w, w stored [in, out] (Dense);
 - `forward, [out, in]`: x against w stored [out, in] (the tied output projection);
 - `weight gradient`: x and dy [n, out] contracted over the tokens, both operands' first dims;
 - `same, x transposed first`: x.T materialised, then a plain matmul (`tokens_contracted`).
+With --bf16-matmul-inputs every product rounds its inputs to bfloat16 (float32 accumulation)
+and a fifth layout is timed, `same, transposed in blocks`: the weight gradient as
+`tokens_contracted(..., bf16_inputs=True)` takes it.
 XLA:CPU hands the weight-gradient layout to a different library than plain products, so
-its speed differs by CPU; docs/performance.md (items 15 to 17) reads these figures.
+its speed differs by CPU; docs/performance.md (items 15 to 18) reads these figures.
 Prints GFLOP/s per shape and layout, the fastest of --repeats calls each, as JSON lines.
 """
 
@@ -24,17 +27,24 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import t5x_like  # noqa: E402,F401  (the package's XLA:CPU defaults, as in a training run)
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from train_throughput import SHAPES, VOCAB  # noqa: E402
 
 from models.layers import kernel_gradient, project, tokens_contracted  # noqa: E402
 
-# The model's own products (models.layers), float32 inputs.
-LAYOUTS = {
-    "forward": lambda x, w, w_t, dy: project(x, w, kernel_in_dim=0, bf16_inputs=False),
-    "forward, [out, in]": lambda x, w, w_t, dy: project(x, w_t, kernel_in_dim=1, bf16_inputs=False),
-    "weight gradient": lambda x, w, w_t, dy: kernel_gradient(x, dy, kernel_in_dim=0),
-    "same, x transposed first": lambda x, w, w_t, dy: tokens_contracted(x, dy),
-}
+
+def layouts(bf16: bool) -> dict:
+  """The model's own products (models.layers); with bf16, what autodiff and a plain transpose would do too."""
+  rounded = (lambda a: a.astype(jnp.bfloat16)) if bf16 else (lambda a: a)  # noqa: E731
+  timed = {
+      "forward": lambda x, w, w_t, dy: project(x, w, kernel_in_dim=0, bf16_inputs=bf16),
+      "forward, [out, in]": lambda x, w, w_t, dy: project(x, w_t, kernel_in_dim=1, bf16_inputs=bf16),
+      "weight gradient": lambda x, w, w_t, dy: kernel_gradient(rounded(x), dy, kernel_in_dim=0),
+      "same, x transposed first": lambda x, w, w_t, dy: tokens_contracted(rounded(x), dy),
+  }
+  if bf16:
+    timed["same, transposed in blocks"] = lambda x, w, w_t, dy: tokens_contracted(x, dy, bf16_inputs=True)
+  return timed
 
 
 def fastest_seconds(fn, args, repeats: int) -> float:
@@ -52,6 +62,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--bf16-matmul-inputs", action="store_true", help="round every product's inputs to bfloat16")
   args = parser.parse_args()
   shape = SHAPES[args.shape]
   n, d, f = shape["batch_size"] * shape["seq_len"], shape["emb_dim"], shape["mlp_dim"]
@@ -63,7 +74,7 @@ def main() -> None:
     dy = jax.random.normal(keys[2], (tokens, d_out))
     flops = 2 * tokens * d_in * d_out
     figures = {name: round(flops / fastest_seconds(fn, (x, w, w.T.copy(), dy), args.repeats) / 1e9)
-               for name, fn in LAYOUTS.items()}
+               for name, fn in layouts(args.bf16_matmul_inputs).items()}
     print(json.dumps({"tokens": tokens, "in": d_in, "out": d_out, "gflops": figures}), flush=True)
 
 
