@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from models.layers import row_major_transpose
+
 QUERY_BLOCK = 128
 MASKED_LOGIT = jnp.finfo(jnp.float32).min  # finite, so fully masked rows stay free of NaNs
 
@@ -55,25 +57,35 @@ def _backward_pair(q, k, v, mask_t, out, lse, d_out, *, scale, causal):
   plain matmuls, and dq is one against the keys transposed once per pair: XLA:CPU copies
   a transposed operand before a matmul that contracts its leading dim, and the score
   blocks are the largest arrays here (docs/performance.md, item 13). mask_t is [s, t].
+
+  The products take their inputs in q's dtype, as the forward pass does, and accumulate in
+  float32: with bfloat16 q, k and v they run on bf16 matmul units (item 19).
   """
-  g, e = q.shape[0], q.shape[2]
-  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  g, t, e, dtype = *q.shape, q.dtype
+  matmul = lambda a, b: jnp.matmul(a.astype(dtype), b, preferred_element_type=jnp.float32)  # noqa: E731
   d_out = d_out.astype(jnp.float32)
   row_dots = jnp.sum(d_out * out, axis=-1)  # [g, t]: sum_s weights * d_weights, per row
-  k_t = k.T  # [e, s]
-  dq_t, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
-  for start, end, keys in _query_blocks(q.shape[1], k.shape[0], causal):
+  d_out = d_out.astype(dtype)
+  k_t = _transposed(k)  # [e, s]
+  q_t, d_out_t = (_transposed(x.reshape(g * t, e)).reshape(e, g, t) for x in (q, d_out))
+  dq_t, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  for start, end, keys in _query_blocks(t, k.shape[0], causal):
     rows, n = slice(start, end), g * (end - start)
     q_b, d_out_b = q[:, rows].reshape(n, e), d_out[:, rows].reshape(n, e)
-    logits = jnp.einsum("se,ne->sn", k[:keys], q_b).reshape(keys, g, end - start) * scale
+    logits = matmul(k[:keys], q_t[:, :, rows].reshape(e, n)).reshape(keys, g, end - start) * scale
     logits = jnp.where(mask_t[:keys, None, rows], logits, MASKED_LOGIT)
     weights = jnp.exp(logits - lse[None, :, rows]).reshape(keys, n)
-    dv = dv.at[:keys].add(weights @ d_out_b)
-    d_weights = jnp.einsum("se,ne->sn", v[:keys], d_out_b)
+    dv = dv.at[:keys].add(matmul(weights, d_out_b))
+    d_weights = matmul(v[:keys], d_out_t[:, :, rows].reshape(e, n))
     d_logits = weights * (d_weights - row_dots[:, rows].reshape(1, n)) * scale
-    dk = dk.at[:keys].add(d_logits @ q_b)
-    dq_t.append((k_t[:, :keys] @ d_logits).reshape(e, g, end - start))
+    dk = dk.at[:keys].add(matmul(d_logits, q_b))
+    dq_t.append(matmul(k_t[:, :keys], d_logits.astype(dtype)).reshape(e, g, end - start))
   return jnp.concatenate(dq_t, axis=2).transpose(1, 2, 0), dk, dv
+
+
+def _transposed(x):
+  """x.T for a product's operand; in bfloat16 one YNNPACK can take (models.layers.row_major_transpose)."""
+  return row_major_transpose(x) if x.dtype == jnp.bfloat16 else x.T
 
 
 def _forward_item(q, k, v, mask, *, scale, causal):

@@ -63,8 +63,8 @@ def _bf16_matmul(x, kernel, kernel_in_dim):
   All three products (forward, input gradient, weight gradient) round their inputs and
   accumulate in float32. The custom VJP exists for the weight gradient, which contracts
   over the tokens: left to autodiff, XLA:CPU runs it in float32 through Eigen; here it
-  goes to YNNPACK's bf16 kernels (`tokens_contracted`), 2 to 4 times faster on CPUs with
-  AMX or AVX512-BF16 (docs/performance.md, item 18).
+  goes to YNNPACK's bf16 kernels (`tokens_contracted`), 2.3 to 4.9 times faster on a CPU
+  with AMX (docs/performance.md, item 18).
   """
   return _matmul(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), kernel_in_dim)
 
@@ -88,18 +88,6 @@ def _bf16_matmul_backward(kernel_in_dim, saved, d_out):
 _bf16_matmul.defvjp(_bf16_matmul_forward, _bf16_matmul_backward)
 
 
-def kernel_gradient(x: jax.Array, d_out: jax.Array, kernel_in_dim: int) -> jax.Array:
-  """The gradient of a float32 `project`'s kernel, in its layout, from x [n, in] and d_out [n, out].
-
-  What autodiff computes, one dot_general contracting both operands' first dims.
-  """
-  tokens = (((0,), (0,)), ((), ()))
-  d_out = d_out.astype(x.dtype)
-  if kernel_in_dim == 0:
-    return jax.lax.dot_general(x, d_out, tokens, preferred_element_type=jnp.float32)
-  return jax.lax.dot_general(d_out, x, tokens, preferred_element_type=jnp.float32)
-
-
 def tokens_contracted(x: jax.Array, d_out: jax.Array, *, bf16_inputs: bool = False) -> jax.Array:
   """x [n, in] and d_out [n, out] contracted over tokens, as [in, out], from x transposed first.
 
@@ -113,18 +101,23 @@ def tokens_contracted(x: jax.Array, d_out: jax.Array, *, bf16_inputs: bool = Fal
   if not bf16_inputs:
     x_t = jax.lax.optimization_barrier(x.T)
     return jnp.matmul(x_t, d_out.astype(x.dtype), preferred_element_type=jnp.float32)
-  x_t = jax.lax.optimization_barrier(_transposed_in_blocks(x.astype(jnp.bfloat16)))
+  x_t = row_major_transpose(x.astype(jnp.bfloat16))
   # A second barrier keeps a consumer's transpose out of the product as well: XLA folds it in
   # by swapping the operands after its pass that upcasts the bf16 products YNNPACK refuses,
   # which leaves Eigen a bf16 x bf16 product it cannot run.
   return jax.lax.optimization_barrier(jnp.matmul(x_t, d_out.astype(jnp.bfloat16), preferred_element_type=jnp.float32))
 
 
-def _transposed_in_blocks(x: jax.Array, block: int = 32) -> jax.Array:
-  """x [n, m] transposed as a 4-D transpose of block x block tiles, which XLA writes out row-major."""
+def row_major_transpose(x: jax.Array, block: int = 32) -> jax.Array:
+  """x [n, m] transposed into a new row-major [m, n] array, for a bf16 product to take.
+
+  Written as a 4-D transpose of block x block tiles behind a barrier: XLA turns a plain
+  transpose into a column-major layout of the same data, which YNNPACK refuses.
+  """
   n, m = x.shape
   block = math.gcd(block, n, m)
-  return x.reshape(n // block, block, m // block, block).transpose(2, 3, 0, 1).reshape(m, n)
+  tiles = x.reshape(n // block, block, m // block, block).transpose(2, 3, 0, 1).reshape(m, n)
+  return jax.lax.optimization_barrier(tiles)
 
 
 class Dense(nnx.Module):

@@ -6,6 +6,8 @@ some finite average for them, and training masks them out of the loss, so the
 comparisons weight outputs by the real-token mask, as the loss does.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +55,28 @@ def test_values_and_gradients_match_the_xla_kernel(causal):
   got = jax.jit(weighted_loss("blocked", mask, real, cotangent, causal=causal))(q, k, v)
   for ours, reference in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(ours, reference, rtol=2e-4, atol=2e-4)
+
+
+def dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+  """(lhs, rhs) element types of every dot in compiled HLO text; instruction names are module-unique."""
+  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+  return [(types[a], types[b]) for a, b in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
+
+
+def test_bf16_values_and_gradients_track_float32_with_every_product_in_bf16():
+  # XLA:CPU runs a bf16 product YNNPACK refuses (a transposed operand) in float32.
+  q, k, v, cotangent = inputs(7)
+  segments = packed_segments(LENGTH)
+  mask, real = attention_mask(segments, segments, causal=True), segments != 0
+  loss = jax.jit(weighted_loss("blocked", mask, real, cotangent, causal=True))
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  expected, got = loss(q, k, v), loss(*bf16)
+  for ours, reference in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    assert ours.dtype == jnp.bfloat16 or ours.ndim == 0
+    error = np.linalg.norm(np.asarray(ours, np.float32) - reference) / np.linalg.norm(reference)
+    assert error < 0.02
+  types = dot_operand_types(loss.lower(*bf16).compile().as_text())
+  assert types and set(types) == {("bf16", "bf16")}
 
 
 def test_gradients_with_the_batch_sharded_over_eight_devices():
