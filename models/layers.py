@@ -43,11 +43,11 @@ def project(x: jax.Array, kernel: jax.Array, *, kernel_in_dim: int, bf16_inputs:
   """x [n, in] times a 2-D kernel ([in, out] or, with kernel_in_dim=1, [out, in]), in float32.
 
   One 2-D matmul: with 3-D operands XLA:CPU transposes the activations of the backward
-  pass through slow fused copies. Accumulation is float32 even for bf16 inputs, and
-  bfloat16 operands (bf16_inputs, or a bfloat16 compute dtype) take `_bf16_matmul`'s
-  backward pass.
+  pass through slow fused copies. Accumulation is float32 even for bf16 inputs. bf16_inputs,
+  and bfloat16 operands on CPU, take `_bf16_matmul`'s backward pass; GPUs and TPUs take
+  transposed bf16 operands natively, so they keep autodiff's.
   """
-  if bf16_inputs or x.dtype == jnp.bfloat16:
+  if bf16_inputs or (x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"):
     return _bf16_matmul(x, kernel, kernel_in_dim)
   return _matmul(x, kernel, kernel_in_dim)
 
