@@ -47,9 +47,14 @@ def project(x: jax.Array, kernel: jax.Array, *, kernel_in_dim: int, bf16_inputs:
   and bfloat16 operands on CPU, take `_bf16_matmul`'s backward pass; GPUs and TPUs take
   transposed bf16 operands natively, so they keep autodiff's.
   """
-  if bf16_inputs or (x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"):
+  if rounds_to_bf16(x, bf16_inputs):
     return _bf16_matmul(x, kernel, kernel_in_dim)
   return _matmul(x, kernel, kernel_in_dim)
+
+
+def rounds_to_bf16(x: jax.Array, bf16_inputs: bool) -> bool:
+  """Whether a product of x takes the bf16 path: asked for, or bfloat16 operands on a CPU."""
+  return bf16_inputs or (x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu")
 
 
 def _matmul(x, kernel, kernel_in_dim):
