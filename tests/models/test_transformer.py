@@ -8,7 +8,8 @@ from flax import nnx
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig
-from models.layers import apply_rope, project, relative_position_bucket, sinusoidal_embedding, tokens_contracted
+from models.layers import (apply_rope, project, relative_position_bucket, rounds_to_bf16, sinusoidal_embedding,
+                           tokens_contracted)
 from models.transformer import build_model
 
 VOCAB, LENGTH = 64, 10
@@ -291,6 +292,17 @@ def test_bf16_matmul_products_all_run_in_bf16_on_ynnpack(kernel_in_dim):
 
   hlo = jax.jit(forward_and_backward).lower(x, kernel, d_out).compile().as_text()
   assert hlo.count('"kind":"__ynn_fusion"') == 3
+
+
+def test_bf16_operands_take_the_bf16_products_on_cpu_only(monkeypatch):
+  """GPUs and TPUs take transposed bf16 operands natively: there only bf16_inputs asks for the custom VJP."""
+  x = jnp.ones((4, 8), jnp.bfloat16)
+  assert jax.default_backend() == "cpu"
+  assert rounds_to_bf16(x, False) and rounds_to_bf16(x.astype(jnp.float32), True)
+  assert not rounds_to_bf16(x.astype(jnp.float32), False)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not rounds_to_bf16(x, False)
+  assert rounds_to_bf16(x, True)
 
 
 def test_bf16_weight_gradient_runs_under_a_transposing_consumer():
