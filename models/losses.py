@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models.layers import project, rounds_to_bf16, tokens_contracted
+from models.layers import project, rounds_to_bf16, token_sum, tokens_contracted
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -119,7 +119,7 @@ def _chunked_pass(hidden, table, bias, targets, weights, z_loss, table_in_dim, b
     d_x = project(d_logits.astype(table.dtype), table, kernel_in_dim=vocab_dim, bf16_inputs=bf16_inputs)
     d_kernel = d_kernel + tokens_contracted(x, d_logits, bf16_inputs=rounds_to_bf16(x, bf16_inputs))
     if d_bias is not None:
-      d_bias = d_bias + jnp.sum(d_logits, axis=0)
+      d_bias = d_bias + token_sum(d_logits)
     d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, d_x.reshape(batch, chunk, dim).astype(d_hidden.dtype),
                                                    start, axis=1)
     return (sums, d_kernel, d_bias, d_hidden), None

@@ -37,10 +37,13 @@ def small(**overrides) -> ModelConfig:
 
 
 def dot_flops(jaxpr) -> int:
-  """2 * output size * contracted size, summed over every dot_general, sub-jaxprs included."""
+  """2 * output size * contracted size, summed over every dot_general, sub-jaxprs included.
+
+  models.layers.token_sum's products are sums over tokens written as matmuls: not counted.
+  """
   total = 0
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
+    if eqn.primitive.name == "dot_general" and "token_sum" not in str(eqn.source_info.name_stack):
       (lhs_contract, _), _ = eqn.params["dimension_numbers"]
       lhs_shape = eqn.invars[0].aval.shape
       total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contract)

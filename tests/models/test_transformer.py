@@ -8,8 +8,8 @@ from flax import nnx
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig
-from models.layers import (apply_rope, project, relative_position_bucket, rounds_to_bf16, sinusoidal_embedding,
-                           tokens_contracted)
+from models.layers import (add_bias, apply_rope, project, relative_position_bucket, rounds_to_bf16, scale_and_shift,
+                           sinusoidal_embedding, token_sum, tokens_contracted)
 from models.transformer import build_model
 
 VOCAB, LENGTH = 64, 10
@@ -292,6 +292,34 @@ def test_bf16_matmul_products_all_run_in_bf16_on_ynnpack(kernel_in_dim):
 
   hlo = jax.jit(forward_and_backward).lower(x, kernel, d_out).compile().as_text()
   assert hlo.count('"kind":"__ynn_fusion"') == 3
+
+
+def test_token_sum_is_the_column_sum():
+  x = jax.random.normal(jax.random.key(20), (37, 6))
+  np.testing.assert_allclose(token_sum(x), np.asarray(x, np.float64).sum(axis=0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_parameter_gradients_summed_by_product_match_autodiff(with_bias):
+  """add_bias and scale_and_shift sum their parameters' gradients over tokens with token_sum."""
+  parts = jax.random.split(jax.random.key(21), 4)
+  x, d_y = jax.random.normal(parts[0], (3, 5, 8)), jax.random.normal(parts[1], (3, 5, 8))
+  scale = jax.random.normal(parts[2], (8,))
+  bias = jax.random.normal(parts[3], (8,)) if with_bias else None
+  plain = lambda x, scale, bias: x * scale if bias is None else x * scale + bias  # noqa: E731
+  (y, pullback), (expected_y, expected_pullback) = (jax.vjp(f, x, scale, bias) for f in (scale_and_shift, plain))
+  np.testing.assert_allclose(y, expected_y, rtol=1e-6)
+  got, expected = pullback(d_y), expected_pullback(d_y)
+  assert (got[2] is None) == (expected[2] is None) == (bias is None)
+  for got_grad, expected_grad in zip(got[:2 + with_bias], expected[:2 + with_bias]):
+    np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5, atol=1e-5)
+  if with_bias:
+    rows = x.reshape(15, 8)
+    y, pullback = jax.vjp(add_bias, rows, bias)
+    d_rows, d_bias = pullback(d_y.reshape(15, 8))
+    np.testing.assert_allclose(y, rows + bias, rtol=1e-6)
+    np.testing.assert_allclose(d_rows, d_y.reshape(15, 8))
+    np.testing.assert_allclose(d_bias, np.asarray(d_y, np.float64).sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_operands_take_the_bf16_products_on_cpu_only(monkeypatch):
