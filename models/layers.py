@@ -143,12 +143,15 @@ add_bias.defvjp(_add_bias_forward, _add_bias_backward)
 
 
 def token_sum(x: jax.Array) -> jax.Array:
-  """x [n, m] summed over its n rows, in float32, as a product with a row of ones.
+  """x [n, m] summed over its n rows, in float32; on a CPU as a product with a row of ones.
 
   XLA:CPU turns a sum over the leading dim into a reduce-window over strided rows: a bias
   gradient of [4096, 2048] took 23 ms at the medium shape, about 1.4 GB/s
   (docs/performance.md, item 21). As a matrix-vector product it is read at matmul speed.
+  GPUs and TPUs reduce columns well and fuse the sum with its producer, so they keep it.
   """
+  if jax.default_backend() != "cpu":
+    return jnp.sum(x, axis=0, dtype=jnp.float32)
   with jax.named_scope("token_sum"):  # a reduction, not a model FLOP (tests/models/test_model_size.py)
     ones = jnp.ones((1, x.shape[0]), x.dtype)
     return jnp.matmul(ones, x, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)[0]

@@ -294,9 +294,15 @@ def test_bf16_matmul_products_all_run_in_bf16_on_ynnpack(kernel_in_dim):
   assert hlo.count('"kind":"__ynn_fusion"') == 3
 
 
-def test_token_sum_is_the_column_sum():
+@pytest.mark.parametrize("backend, primitive", [("cpu", "dot_general"), ("gpu", "reduce_sum")])
+def test_token_sum_is_the_column_sum(monkeypatch, backend, primitive):
+  """A product with ones on a CPU (XLA:CPU's column sums are slow), a plain sum elsewhere."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   x = jax.random.normal(jax.random.key(20), (37, 6))
   np.testing.assert_allclose(token_sum(x), np.asarray(x, np.float64).sum(axis=0), rtol=1e-6, atol=1e-6)
+  # A fresh function each time: make_jaxpr caches traces by function, and the backend is not in the key.
+  primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: token_sum(x))(x).jaxpr.eqns}
+  assert primitive in primitives and not {"dot_general", "reduce_sum"} - {primitive} & primitives
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
