@@ -134,7 +134,7 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--steps", type=int, default=9)
   parser.add_argument("--arch", default="default", choices=sorted(ARCHS))
-  parser.add_argument("--attention-kernel", choices=("xla", "blocked"), default=None)
+  parser.add_argument("--attention-kernel", choices=("xla", "blocked", "cudnn"), default=None)
   parser.add_argument("--loss-kernel", choices=("xla", "chunked"), default=None)
   parser.add_argument("--bf16-matmul-inputs", action="store_true", default=None)
   args = parser.parse_args()

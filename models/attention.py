@@ -49,6 +49,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   """
   b, t, h, e = query.shape
   kv_heads = key.shape[2]
+  if kernel == "cudnn":
+    if bias is not None:
+      raise ValueError("the cudnn attention kernel takes no bias here; use kernel='xla'")
+    return fused_attention(query, key, value, mask, scale=scale, causal=causal)
   if kernel == "blocked":
     if bias is not None:
       raise ValueError("the blocked attention kernel takes no bias; use kernel='xla'")
@@ -67,6 +71,22 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
   out = jnp.einsum("bkgts,bkse->bkgte", weights, value, preferred_element_type=jnp.float32)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(value.dtype)
+
+
+def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *,
+                    scale: float, causal: bool, implementation: str = "cudnn") -> jax.Array:
+  """jax.nn.dot_product_attention in our layouts; "cudnn" is cuDNN's flash attention.
+
+  Our [b, t, h, e] is jax's BTNH, and jax groups query heads per kv head as we do. cuDNN
+  takes bf16/fp16 operands (ModelConfig.validate checks), turns the boolean mask into an
+  additive bias and, with `causal`, skips the hidden blocks too. CI has no GPU, so the
+  tests run this with implementation="xla": the same call, jax's reference kernel.
+  """
+  if implementation == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention_kernel='cudnn' runs on NVIDIA GPUs only, and this backend "
+                     f"is {jax.default_backend()!r}; use attention_kernel='auto'")
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, is_causal=causal,
+                                      implementation=implementation)
 
 
 class Attention(nnx.Module):

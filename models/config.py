@@ -20,7 +20,7 @@ NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "none")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_KERNELS = ("auto", "xla", "blocked")
+ATTENTION_KERNELS = ("auto", "xla", "blocked", "cudnn")
 LOSS_KERNELS = ("auto", "xla", "chunked")
 
 
@@ -74,7 +74,8 @@ class ModelConfig:
 
   # "xla": all scores at once; "blocked": cache-sized blocks (models/blocked_attention.py:
   # about twice as fast on CPU, no relative bias); "auto": blocked on one CPU device past
-  # 128 keys, else xla. Decoding with a KV cache and T5's relative bias always use xla.
+  # 128 keys, else xla; "cudnn": cuDNN's flash attention (NVIDIA GPUs, bf16/fp16). Decoding
+  # with a KV cache and T5's relative bias always use xla.
   attention_kernel: str = "auto"
   # The training loss's vocabulary projection. "xla": all [b, t, v] logits at once;
   # "chunked": about 512 tokens at a time, with the gradient in the same pass
@@ -173,9 +174,15 @@ class ModelConfig:
       raise ConfigError(f"model.position='rope' needs an even head dimension, got {self.dim_per_head}")
     if self.position == "sinusoidal" and self.emb_dim % 2:
       raise ConfigError(f"model.position='sinusoidal' needs an even model.emb_dim, got {self.emb_dim}")
-    if self.attention_kernel == "blocked" and self.position == "relative":
-      raise ConfigError("model.attention_kernel='blocked' takes no attention bias, which "
-                        "model.position='relative' needs; use attention_kernel='auto' or 'xla'")
+    if self.attention_kernel in ("blocked", "cudnn") and self.position == "relative":
+      raise ConfigError(f"model.attention_kernel={self.attention_kernel!r} takes no attention bias, "
+                        "which model.position='relative' needs; use attention_kernel='auto' or 'xla'")
+    if self.attention_kernel == "cudnn" and self.dtype == "float32":
+      raise ConfigError("model.attention_kernel='cudnn' takes bfloat16 or float16 operands; "
+                        "set model.dtype, or use attention_kernel='auto'")
+    if self.attention_kernel == "cudnn" and (self.dim_per_head % 8 or self.dim_per_head > 256):
+      raise ConfigError(f"model.attention_kernel='cudnn' needs a head dimension that is a multiple "
+                        f"of 8 and at most 256, got {self.dim_per_head}")
     if self.num_decoder_layers is not None and self.arch != "encoder_decoder":
       raise ConfigError("model.num_decoder_layers applies only to model.arch='encoder_decoder'")
     if not 0.0 <= self.dropout_rate < 1.0:

@@ -1,0 +1,61 @@
+"""The cudnn attention kernel's call into jax.nn.dot_product_attention, checked on CPU.
+
+CI has no GPU, so the call runs with implementation="xla" (jax's own kernel, the same
+arguments cuDNN gets) against our einsum kernel: this pins the layout, the grouping of
+query heads per kv head (GQA) and the mask of packed and padded segments.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.attention import attention_mask, dot_product_attention, fused_attention
+from models.config import ConfigError, ModelConfig
+
+LENGTH = 24
+
+
+def segments():
+  """Row 0: two packed documents; row 1: one document, then 5 padding tokens."""
+  first = jnp.where(jnp.arange(LENGTH) < 10, 1, 2)
+  second = jnp.where(jnp.arange(LENGTH) < LENGTH - 5, 1, 0)
+  return jnp.stack([first, second])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_values_and_gradients_match_our_xla_kernel(causal):
+  parts = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(parts[0], (2, LENGTH, 6, 8))
+  k = jax.random.normal(parts[1], (2, LENGTH, 2, 8))
+  v = jax.random.normal(parts[2], (2, LENGTH, 2, 8))
+  cotangent = jax.random.normal(parts[3], q.shape)
+  mask = attention_mask(segments(), segments(), causal=causal)
+  real = (segments() != 0)[:, :, None, None]  # padding queries see no key: any average will do
+
+  def loss(attend):
+    return jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v) * cotangent * real), argnums=(0, 1, 2))
+
+  ours = loss(lambda q, k, v: dot_product_attention(q, k, v, mask, None, scale=0.3, kernel="xla"))(q, k, v)
+  fused = loss(lambda q, k, v: fused_attention(q, k, v, mask, scale=0.3, causal=causal,
+                                               implementation="xla"))(q, k, v)
+  for got, expected in zip(jax.tree.leaves(fused), jax.tree.leaves(ours)):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_on_a_cpu_names_the_platform():
+  q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+  with pytest.raises(ValueError, match="runs on NVIDIA GPUs only, and this backend is 'cpu'"):
+    dot_product_attention(q, q, q, jnp.ones((1, 1, 4, 4), bool), None, scale=1.0, kernel="cudnn")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(dtype="float32"), "takes bfloat16 or float16 operands"),
+    (dict(dtype="bfloat16", position="relative"), "'cudnn' takes no attention bias"),
+    (dict(dtype="bfloat16", emb_dim=48, num_heads=4), "multiple of 8 and at most 256, got 12"),
+    (dict(dtype="bfloat16", emb_dim=512, num_heads=1), "multiple of 8 and at most 256, got 512"),
+])
+def test_configs_cudnn_cannot_run_are_refused(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    ModelConfig(attention_kernel="cudnn", **fields).validate()
+  ModelConfig(attention_kernel="auto", **fields).validate()
