@@ -22,6 +22,7 @@ POSITIONS = ("learned", "sinusoidal", "relative", "rope", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("auto", "xla", "blocked", "cudnn")
 LOSS_KERNELS = ("auto", "xla", "chunked")
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,11 @@ class ModelConfig:
   # (models.losses.chunked_cross_entropy_sums: faster on CPU, less memory); "auto":
   # chunked on CPU, else xla.
   loss_kernel: str = "auto"
+  # What the backward pass recomputes rather than keeps, per block: "none" keeps every
+  # activation (fastest, when memory allows); "dots" keeps the projections' outputs and
+  # recomputes attention and elementwise work; "full" keeps only each block's input.
+  # Recomputation is not counted in model FLOPs, so MFU falls as remat rises.
+  remat: str = "none"
 
   # Round the inputs of every projection matmul (forward, input gradient and weight
   # gradient) to bfloat16, accumulating in float32, as TPUs do by default for float32.
@@ -158,6 +164,7 @@ class ModelConfig:
     choice("dtype", DTYPES)
     choice("attention_kernel", ATTENTION_KERNELS)
     choice("loss_kernel", LOSS_KERNELS)
+    choice("remat", REMAT_POLICIES)
     for name in ("vocab_size", "emb_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                  "num_layers", "num_decoder_layers", "max_len", "relative_num_buckets",
                  "relative_max_distance"):

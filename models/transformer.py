@@ -22,6 +22,10 @@ from models.layers import (Dense, Embed, Mlp, Norm, RelativePositionBias, activa
 from models.losses import chunked_cross_entropy_sums, cross_entropy_sums
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+# ModelConfig.remat: what jax.checkpoint may keep of a block for the backward pass. Our
+# projections are 2-D matmuls and attention's products are batched, so "dots" keeps the
+# former and recomputes the latter.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Block(nnx.Module):
@@ -124,12 +128,19 @@ class Stack(nnx.Module):
       cross_mask = attention_mask(segment_ids, encoded_segment_ids, causal=False)
 
     purely_causal = self.causal and prefix_mask is None and cache is None
-    new_layers = []
-    for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, mask=mask, bias=bias, positions=positions, encoded=encoded,
-                             cross_mask=cross_mask, cache=None if cache is None else cache["layers"][i],
-                             cache_index=cache_index, causal=purely_causal)
-      new_layers.append(layer_cache)
+    if cache is None:
+      block = lambda layer, x: layer(x, mask=mask, bias=bias, positions=positions, encoded=encoded,
+                                     cross_mask=cross_mask, causal=purely_causal)[0]
+      if self.cfg.remat != "none":
+        block = nnx.remat(block, policy=REMAT_POLICIES[self.cfg.remat])
+      for layer in self.layers:
+        x = block(layer, x)
+    else:
+      new_layers = []
+      for i, layer in enumerate(self.layers):
+        x, layer_cache = layer(x, mask=mask, bias=bias, positions=positions, encoded=encoded,
+                               cross_mask=cross_mask, cache=cache["layers"][i], cache_index=cache_index)
+        new_layers.append(layer_cache)
     if self.final_norm is not None:
       x = self.final_norm(x)
     x = self.dropout(x)
