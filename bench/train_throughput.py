@@ -137,9 +137,12 @@ def main() -> None:
   parser.add_argument("--attention-kernel", choices=("xla", "blocked", "cudnn"), default=None)
   parser.add_argument("--loss-kernel", choices=("xla", "chunked"), default=None)
   parser.add_argument("--bf16-matmul-inputs", action="store_true", default=None)
+  parser.add_argument("--remat", choices=("none", "dots", "full"), default=None)
   args = parser.parse_args()
-  result = measure(args.shape, args.dtype, args.steps, args.arch, attention_kernel=args.attention_kernel,
-                   loss_kernel=args.loss_kernel, bf16_matmul_inputs=args.bf16_matmul_inputs)
+  options = dict(attention_kernel=args.attention_kernel, loss_kernel=args.loss_kernel, remat=args.remat)
+  result = measure(args.shape, args.dtype, args.steps, args.arch,
+                   bf16_matmul_inputs=args.bf16_matmul_inputs, **options)
+  result.update({name: value for name, value in options.items() if value is not None})
   if jax.default_backend() != "cpu":  # a CPU's peak would be a second matmul measurement per runner
     peak, result["peak"] = peak_flops_per_device()
     result["mfu"] = result["model_flops_per_second"] / peak
