@@ -24,8 +24,8 @@ from trainer_configs import tiny_config
 BYTES = {"f32": 4, "i32": 4, "u32": 4, "bf16": 2, "bool": 1}
 
 
-def loss_of(remat):
-  config = tiny_config()
+def loss_of(remat, arch="decoder"):
+  config = tiny_config(arch)
   config.model.remat = remat
   with tempfile.TemporaryDirectory() as workdir:
     trainer = Trainer(config, workdir, make_loader=PatternLoader, devices=jax.devices()[:1])
@@ -71,11 +71,12 @@ def test_dots_keeps_projections_and_recomputes_the_rest(residuals):
   assert total_bytes(residuals["full"]) < total_bytes(residuals["dots"]) < total_bytes(residuals["none"])
 
 
-def test_gradients_match_no_remat_with_dropout_on():
+@pytest.mark.parametrize("arch", ["decoder", "encoder_decoder"])  # the latter: cross-attention
+def test_gradients_match_no_remat_with_dropout_on(arch):
   assert tiny_config().model.dropout_rate > 0
   grads = {}
   for remat in ("none", "full", "dots"):
-    trainer, loss = loss_of(remat)
+    trainer, loss = loss_of(remat, arch)
     with jax.set_mesh(trainer.mesh):
       grads[remat] = jax.jit(jax.grad(lambda p: loss(p)["loss"]))(trainer.state["params"])
   for remat in ("full", "dots"):
