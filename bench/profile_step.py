@@ -1,7 +1,7 @@
 """Where a training step's time goes: XLA ops ranked by time, with their shapes and source.
 
     python bench/profile_step.py [--shape tiny] [--dtype float32] [--arch default] [--top 30]
-                                 [--bf16-matmul-inputs]
+                                 [--bf16-matmul-inputs] [--loss-kernel xla]
 
 Traces a few compiled train steps with jax.profiler, sums each XLA op's time over the
 trace (both CPU threads), and names it with its output shape and the jax op it came from,
@@ -31,10 +31,12 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--bf16-matmul-inputs", action="store_true")
+  parser.add_argument("--loss-kernel", choices=("xla", "chunked"), default=None)
   args = parser.parse_args()
 
   trainer, batch = train_throughput.build(args.shape, args.dtype, args.arch,
-                                          bf16_matmul_inputs=args.bf16_matmul_inputs or None)
+                                          bf16_matmul_inputs=args.bf16_matmul_inputs or None,
+                                          loss_kernel=args.loss_kernel)
   state = trainer.state
   with jax.set_mesh(trainer.mesh), tempfile.TemporaryDirectory() as trace_dir:
     step = trainer.train_step.lower(state, trainer.rest, batch).compile()  # compiled once, here
