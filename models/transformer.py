@@ -25,7 +25,7 @@ BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed
 # ModelConfig.remat: what jax.checkpoint may keep of a block for the backward pass. Our
 # projections are 2-D matmuls and attention's products are batched, so "dots" keeps the
 # former and recomputes the latter.
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+CHECKPOINT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Block(nnx.Module):
@@ -132,7 +132,7 @@ class Stack(nnx.Module):
       block = lambda layer, x: layer(x, mask=mask, bias=bias, positions=positions, encoded=encoded,
                                      cross_mask=cross_mask, causal=purely_causal)[0]
       if self.cfg.remat != "none":
-        block = nnx.remat(block, policy=REMAT_POLICIES[self.cfg.remat])
+        block = nnx.remat(block, policy=CHECKPOINT_POLICIES[self.cfg.remat])
       for layer in self.layers:
         x = block(layer, x)
     else:
