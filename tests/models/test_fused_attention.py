@@ -59,3 +59,14 @@ def test_configs_cudnn_cannot_run_are_refused(fields, message):
   with pytest.raises(ConfigError, match=message):
     ModelConfig(attention_kernel="cudnn", **fields).validate()
   ModelConfig(attention_kernel="auto", **fields).validate()
+
+
+def test_cudnn_trains_and_kv_cache_decoding_keeps_xla():
+  from flax import nnx
+
+  from models.attention import Attention
+
+  cfg = ModelConfig(emb_dim=32, num_heads=4, dtype="bfloat16", attention_kernel="cudnn")
+  attention = Attention(cfg, rope=True, rngs=nnx.Rngs(0))
+  assert attention._kernel(None, None, 512) == "cudnn"
+  assert attention._kernel(None, {"k": None}, 512) == "xla"
