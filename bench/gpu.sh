@@ -8,11 +8,11 @@
 #                  --implementation cp -d .whl ml-collections==1.1.0
 #   there:       the device tool's run, carrying .whl:  bash bench/gpu.sh
 #
-# Its image has jax, flax and optax but not ml-collections. Each result is a JSON line,
-# also appended to $OUT/gpu.jsonl; a failed run prints its error and the next one runs.
+# Its image has jax, flax and optax but not ml-collections. Each result is a JSON line, also
+# appended to $OUT/gpu.log with the last lines of any error; a failed run does not stop the next.
 # SHAPE=tiny STEPS=2 PEAK_SIZE=256 bash bench/gpu.sh runs the same sequence on a CPU.
 set -u
-results=${OUT:-.}/gpu.jsonl
+results=${OUT:-.}/gpu.log
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1

@@ -7,6 +7,7 @@ sizes do not shrink with remat here; GPU and TPU schedulers act on it.)
 """
 
 import contextlib
+import functools
 import io
 import re
 import tempfile
@@ -24,6 +25,7 @@ from trainer_configs import tiny_config
 BYTES = {"f32": 4, "i32": 4, "u32": 4, "bf16": 2, "bool": 1}
 
 
+@functools.cache  # one trainer per (remat, arch), shared by the residual and gradient tests
 def loss_of(remat, arch="decoder"):
   config = tiny_config(arch)
   config.model.remat = remat
