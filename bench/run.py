@@ -38,15 +38,17 @@ import jax  # noqa: E402
 
 import data_pipeline  # noqa: E402
 import peers  # noqa: E402
+from t5x_like.host_memory import huge_pages_available, with_huge_pages  # noqa: E402
 from train_throughput import SHAPES, VOCAB  # noqa: E402
 
 XLA_OWN_FLAGS = {"T5X_LIKE_XLA_DEFAULTS": "0"}
+SMALL_PAGES = {"T5X_LIKE_HUGE_PAGES": "0"}
 
 
 def run_json(command: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
-  """Runs a bench worker and returns the JSON line it prints last."""
-  result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "T5X_LIKE_XLA_DEFAULTS": "1", **(env or {})}, cwd=ROOT)
+  """Runs a bench worker of ours, in the environment the `t5x-like` command gives itself."""
+  env = with_huge_pages({**os.environ, "T5X_LIKE_XLA_DEFAULTS": "1", **(env or {})})
+  result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
   if result.returncode:
     raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr[-2000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -164,6 +166,7 @@ def main() -> None:
             runners += [("t5x_like", lambda arch=arch: ours(shape, dtype, args.steps, arch, bf16_matmul_inputs=True))
                         for arch in ("gpt2", "llama")]
             runners += [("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, args.steps, env=XLA_OWN_FLAGS)),
+                        ("t5x_like, glibc's 4 KiB pages", lambda: ours(shape, dtype, args.steps, env=SMALL_PAGES)),
                         ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, args.steps,
                                                                        attention_kernel="xla")),
                         ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, args.steps, loss_kernel="xla"))]
@@ -236,6 +239,8 @@ def render(rows, peak, decode, data, shapes, command, rounds, steal=None) -> str
       "fastest peer running the same block (gpt2 or llama). The `matmul floor` rows time only the "
       "matmuls of our default block's step (bench/matmul_floor.py): no step of that block whose matmuls "
       "go through XLA can beat them. "
+      + ("Our runners run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the `t5x-like` command "
+         "restarts itself (t5x_like/host_memory.py); the peers run as they ship. " if huge_pages_available() else "")
       + (f"Each runner's fastest of {rounds} rounds taken in turns." if rounds > 1 else
          "Each runner ran once, in turn."),
   ]

@@ -143,6 +143,9 @@ def main() -> None:
   result = measure(args.shape, args.dtype, args.steps, args.arch,
                    bf16_matmul_inputs=args.bf16_matmul_inputs, **options)
   result.update({name: value for name, value in options.items() if value is not None})
+  # bench/run.py sets it as the `t5x-like` command does (t5x_like/host_memory.py); a run by hand
+  # without it times glibc's page faults too.
+  result["huge_pages"] = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
   if jax.default_backend() != "cpu":  # a CPU's peak would be a second matmul measurement per runner
     peak, result["peak"] = peak_flops_per_device()
     result["mfu"] = result["model_flops_per_second"] / peak

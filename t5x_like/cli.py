@@ -11,6 +11,7 @@ import jax
 from models.config import ConfigError, ModelConfig
 from models.model_size import model_size, train_flops_per_token
 from t5x_like.config import apply_overrides, load_config
+from t5x_like.host_memory import exec_with_huge_pages
 
 
 def _info(args, overrides) -> None:
@@ -259,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
   fit.set_defaults(run=_fit)
 
   args, overrides = parser.parse_known_args(argv)
+  if argv is None and args.command in ("train", "sweep", "eval", "decode", "score"):
+    exec_with_huge_pages()  # a command line, not a caller in this process: restart it once
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
   try:

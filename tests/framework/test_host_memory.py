@@ -1,0 +1,69 @@
+"""Command entry points restart once with glibc's huge-page tunable, and it removes XLA:CPU's page faults."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from t5x_like import host_memory
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+needs_huge_pages = pytest.mark.skipif(not host_memory.huge_pages_available(),
+                                      reason="needs glibc >= 2.35 and transparent huge pages")
+
+
+def run_python(code: str, **env: str) -> list[str]:
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300, check=True)
+  return result.stdout.split()
+
+
+RESTART = """
+import os
+from t5x_like.host_memory import exec_with_huge_pages
+print(os.getpid())
+exec_with_huge_pages()
+print(os.environ.get("GLIBC_TUNABLES"))
+"""
+
+
+@needs_huge_pages
+def test_a_command_restarts_once_in_the_same_process_with_the_tunable_added():
+  first_pid, second_pid, tunables = run_python(RESTART, GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
+  assert first_pid == second_pid  # execve: the same process, started over
+  assert tunables == "glibc.malloc.tcache_count=7:glibc.malloc.hugetlb=1"
+
+
+def test_opting_out_or_choosing_a_value_runs_the_command_once_unchanged():
+  pid, tunables = run_python(RESTART, T5X_LIKE_HUGE_PAGES="0", GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
+  assert tunables == "glibc.malloc.tcache_count=7"
+  pid, tunables = run_python(RESTART, GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+  assert tunables == "glibc.malloc.hugetlb=0"
+
+
+# A jitted call whose 64 MiB output is a fresh malloc each time: glibc maps it anew (it is above
+# the largest mmap threshold glibc adapts to, 32 MiB) and unmaps it when the last result dies.
+FAULTS_PER_CALL = """
+import resource
+import jax, jax.numpy as jnp
+double = jax.jit(lambda x: x * 2.0)
+x = jnp.ones((16 * 2**20,), jnp.float32)
+y = double(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+  del y
+  y = double(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+"""
+
+
+@needs_huge_pages
+def test_huge_pages_fault_a_large_buffer_in_a_few_pages_where_4k_pages_fault_each():
+  pages_4k = 64 * 2**20 / 4096
+  with_tunable = float(run_python(FAULTS_PER_CALL, **host_memory.with_huge_pages({}))[0])
+  assert with_tunable < 0.1 * pages_4k  # 32 huge pages, and 4 KiB ones at the unaligned ends
+  if "[always]" not in host_memory.THP_SETTING.read_text():  # else the kernel uses huge pages anyway
+    without = float(run_python(FAULTS_PER_CALL, GLIBC_TUNABLES="")[0])
+    assert without > 0.9 * pages_4k
