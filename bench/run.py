@@ -42,13 +42,18 @@ from t5x_like.host_memory import huge_pages_available, with_huge_pages  # noqa: 
 from train_throughput import SHAPES, VOCAB  # noqa: E402
 
 XLA_OWN_FLAGS = {"T5X_LIKE_XLA_DEFAULTS": "0"}
-SMALL_PAGES = {"T5X_LIKE_HUGE_PAGES": "0"}
+# Every runner, the peers too, gets the huge-page tunable the `t5x-like` command gives itself:
+# it speeds up any jax program on CPU (Hugging Face's GPT-2 1.47x at the tiny shape,
+# docs/performance.md item 24), so it belongs to the machine, not to one codebase.
+# main() adds it to os.environ, which every runner inherits.
+SMALL_PAGES = {"GLIBC_TUNABLES": ":".join(
+    t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb"))}
 
 
 def run_json(command: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
-  """Runs a bench worker of ours, in the environment the `t5x-like` command gives itself."""
-  env = with_huge_pages({**os.environ, "T5X_LIKE_XLA_DEFAULTS": "1", **(env or {})})
-  result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+  """Runs a bench worker of ours and returns the JSON line it prints last."""
+  result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "T5X_LIKE_XLA_DEFAULTS": "1", **(env or {})}, cwd=ROOT)
   if result.returncode:
     raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr[-2000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -150,6 +155,7 @@ def main() -> None:
   shapes, bf16_shapes = args.shapes.split(","), args.bf16_shapes.split(",")
   peer_names = [p for p in args.peers.split(",") if p]
   revisions = [r for r in args.baselines.split(",") if r]
+  os.environ.update(with_huge_pages(dict(os.environ)))
 
   start_times = cpu_times()
   peak = {"float32": 0.0, "bfloat16": 0.0}  # measured again before every round
@@ -239,8 +245,9 @@ def render(rows, peak, decode, data, shapes, command, rounds, steal=None) -> str
       "fastest peer running the same block (gpt2 or llama). The `matmul floor` rows time only the "
       "matmuls of our default block's step (bench/matmul_floor.py): no step of that block whose matmuls "
       "go through XLA can beat them. "
-      + ("Our runners run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the `t5x-like` command "
-         "restarts itself (t5x_like/host_memory.py); the peers run as they ship. " if huge_pages_available() else "")
+      + ("Every runner, ours and the peers, runs with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the "
+         "`t5x-like` command restarts itself (t5x_like/host_memory.py); the `glibc's 4 KiB pages` row "
+         "runs without it. " if huge_pages_available() else "")
       + (f"Each runner's fastest of {rounds} rounds taken in turns." if rounds > 1 else
          "Each runner ran once, in turn."),
   ]
