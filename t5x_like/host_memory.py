@@ -52,8 +52,8 @@ def with_huge_pages(environ: dict[str, str]) -> dict[str, str]:
 def exec_with_huge_pages() -> None:
   """Restarts this command with `with_huge_pages(os.environ)`, if that differs from it.
 
-  Call it first in a command's `__main__` path, never from library code: the restart
-  replaces the process.
+  Call it early in a command's entry point, never from library code: the restart replaces
+  the process.
   """
   env = with_huge_pages(dict(os.environ))
   if env.get("GLIBC_TUNABLES") != os.environ.get("GLIBC_TUNABLES"):

@@ -37,9 +37,9 @@ def test_a_command_restarts_once_in_the_same_process_with_the_tunable_added():
 
 
 def test_opting_out_or_choosing_a_value_runs_the_command_once_unchanged():
-  pid, tunables = run_python(RESTART, T5X_LIKE_HUGE_PAGES="0", GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
+  _, tunables = run_python(RESTART, T5X_LIKE_HUGE_PAGES="0", GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
   assert tunables == "glibc.malloc.tcache_count=7"
-  pid, tunables = run_python(RESTART, GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+  _, tunables = run_python(RESTART, GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
   assert tunables == "glibc.malloc.hugetlb=0"
 
 
