@@ -3,6 +3,7 @@ and against the peer codebases side by side, decoding and data-pipeline throughp
 
     python bench/run.py [--shapes tiny,medium,large] [--bf16-shapes tiny] [--steps 9]
                         [--rounds 2] [--peers maxtext,easydel,hf_flax_gpt2] [--baselines REV,REV]
+                        [--archs default,gpt2,llama] [--dtypes float32,bfloat16]
 
 Every training figure comes from a fresh process, all in this one run: bench/train_throughput.py
 for us (our default, GPT-2 and LLaMA architectures; with bf16 matmul inputs; with XLA's own
@@ -13,6 +14,8 @@ runners of a shape take turns for --rounds rounds and each keeps its fastest rou
 slow spell of a shared machine does not land on one runner only; the matmul peak is measured
 before every round and the highest kept, so no runner's share of it rests on a slow spell.
 Writes the tables to docs/benchmarks.md (--output) with the command that made them.
+--archs and --dtypes narrow our runners to the rows in question, so a disputed row can be
+run again beside its peer for more rounds.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import jax  # noqa: E402
 import data_pipeline  # noqa: E402
 import peers  # noqa: E402
 from t5x_like.host_memory import huge_pages_available, with_huge_pages  # noqa: E402
-from train_throughput import SHAPES, VOCAB  # noqa: E402
+from train_throughput import ARCHS, SHAPES, VOCAB  # noqa: E402
 
 XLA_OWN_FLAGS = {"T5X_LIKE_XLA_DEFAULTS": "0"}
 # Every runner, the peers too, gets the huge-page tunable the `t5x-like` command gives itself:
@@ -139,10 +142,37 @@ def steal_share(before: list[int], after: list[int]) -> float | None:
   return deltas[7] / sum(deltas) if sum(deltas) else None
 
 
+def shape_runners(shape: str, dtype: str, args, trees: dict) -> list:
+  """(label, measure) for every runner of one shape and dtype, in the order they take turns.
+
+  Our blocks in --archs; in float32 also the variants (bf16 matmul inputs for the GPT-2 and
+  LLaMA blocks; XLA's flags, small pages, the xla kernels and the matmul floors for the
+  default block); then each baseline revision and each peer.
+  """
+  archs = args.archs.split(",")
+  runners = [("t5x_like", lambda arch=arch: ours(shape, dtype, args.steps, arch)) for arch in archs]
+  if dtype == "float32":
+    runners += [("t5x_like", lambda arch=arch: ours(shape, dtype, args.steps, arch, bf16_matmul_inputs=True))
+                for arch in ("gpt2", "llama") if arch in archs]
+    if "default" in archs:
+      runners += [("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, args.steps, env=XLA_OWN_FLAGS)),
+                  ("t5x_like, glibc's 4 KiB pages", lambda: ours(shape, dtype, args.steps, env=SMALL_PAGES)),
+                  ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, args.steps, attention_kernel="xla")),
+                  ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, args.steps, loss_kernel="xla"))]
+      runners += [("matmul floor", lambda bf16=bf16: matmul_floor(shape, args.steps, bf16)) for bf16 in (False, True)]
+  runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
+      shape, dtype, args.steps, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
+  runners += [(name, lambda name=name: peers.run_peer(
+      name, SHAPES[shape], VOCAB, dtype, args.steps, args.venvs)) for name in args.peers.split(",") if name]
+  return runners
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shapes", default="tiny,medium,large")
   parser.add_argument("--bf16-shapes", default="tiny", help="shapes also run in bfloat16 (all run float32)")
+  parser.add_argument("--archs", default=",".join(ARCHS), help="which of our blocks to run")
+  parser.add_argument("--dtypes", default="float32,bfloat16", help="bfloat16 runs on --bf16-shapes only")
   parser.add_argument("--steps", type=int, default=9)
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--peers", default=",".join(peers.PEERS))
@@ -152,8 +182,9 @@ def main() -> None:
   args = parser.parse_args()
   if args.rounds < 1 or args.steps < 1:
     parser.error("--rounds and --steps must be at least 1")
-  shapes, bf16_shapes = args.shapes.split(","), args.bf16_shapes.split(",")
-  peer_names = [p for p in args.peers.split(",") if p]
+  shapes, bf16_shapes, dtypes = args.shapes.split(","), args.bf16_shapes.split(","), args.dtypes.split(",")
+  if not set(args.archs.split(",")) <= set(ARCHS) or not set(dtypes) <= {"float32", "bfloat16"}:
+    parser.error(f"--archs takes {','.join(ARCHS)}; --dtypes takes float32,bfloat16")
   revisions = [r for r in args.baselines.split(",") if r]
   os.environ.update(with_huge_pages(dict(os.environ)))
 
@@ -165,23 +196,8 @@ def main() -> None:
     trees = baseline_trees(revisions, pathlib.Path(scratch))
     try:
       for shape in shapes:
-        for dtype in ("float32", "bfloat16") if shape in bf16_shapes else ("float32",):
-          runners = [("t5x_like", lambda arch=arch: ours(shape, dtype, args.steps, arch))
-                     for arch in ("default", "gpt2", "llama")]
-          if dtype == "float32":  # the variants and baselines, against the float32 rows
-            runners += [("t5x_like", lambda arch=arch: ours(shape, dtype, args.steps, arch, bf16_matmul_inputs=True))
-                        for arch in ("gpt2", "llama")]
-            runners += [("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, args.steps, env=XLA_OWN_FLAGS)),
-                        ("t5x_like, glibc's 4 KiB pages", lambda: ours(shape, dtype, args.steps, env=SMALL_PAGES)),
-                        ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, args.steps,
-                                                                       attention_kernel="xla")),
-                        ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, args.steps, loss_kernel="xla"))]
-            runners += [("matmul floor", lambda bf16=bf16: matmul_floor(shape, args.steps, bf16))
-                        for bf16 in (False, True)]
-          runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
-              shape, dtype, args.steps, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
-          runners += [(name, lambda name=name: peers.run_peer(
-              name, SHAPES[shape], VOCAB, dtype, args.steps, args.venvs)) for name in peer_names]
+        for dtype in [d for d in dtypes if d == "float32" or shape in bf16_shapes]:
+          runners = shape_runners(shape, dtype, args, trees)
           best: list[dict | None] = [None] * len(runners)
           for _ in range(args.rounds):
             # A shared VM's speed drifts by tens of percent between spells; the highest peak

@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+from types import SimpleNamespace
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -36,3 +37,19 @@ def test_cpu_name_lists_this_machines_vector_extensions(monkeypatch):
   assert ("AVX2" in name) == ("avx2" in flags)
   assert ("AVX-512" in name) == ("avx512f" in flags)
   assert ("AVX512-BF16" in name) == ("avx512_bf16" in flags)
+
+
+def test_archs_and_dtypes_narrow_our_runners(monkeypatch):
+  run = load_run(monkeypatch)
+
+  def labels(archs, dtype, peers="easydel"):
+    args = SimpleNamespace(archs=archs, peers=peers, steps=1, venvs="")
+    return [label for label, _ in run.shape_runners("tiny", dtype, args, trees={})]
+
+  assert labels("default", "bfloat16") == ["t5x_like", "easydel"]
+  assert labels("gpt2,llama", "bfloat16", peers="") == ["t5x_like", "t5x_like"]
+  # float32 adds bf16 matmul inputs for each named GPT-2/LLaMA block, and the default block's variants.
+  assert labels("gpt2", "float32", peers="") == ["t5x_like", "t5x_like"]
+  everything = labels("default,gpt2,llama", "float32")
+  assert everything.count("t5x_like") == 5 and everything.count("matmul floor") == 2
+  assert "t5x_like, XLA's own CPU flags" in everything and everything[-1] == "easydel"
