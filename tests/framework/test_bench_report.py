@@ -39,7 +39,7 @@ def test_cpu_name_lists_this_machines_vector_extensions(monkeypatch):
   assert ("AVX512-BF16" in name) == ("avx512_bf16" in flags)
 
 
-def test_archs_and_dtypes_narrow_our_runners(monkeypatch):
+def test_archs_narrow_our_runners_and_float32_adds_the_variants(monkeypatch):
   run = load_run(monkeypatch)
 
   def labels(archs, dtype, peers="easydel"):
