@@ -41,15 +41,27 @@ def test_cpu_name_lists_this_machines_vector_extensions(monkeypatch):
 
 def test_archs_narrow_our_runners_and_float32_adds_the_variants(monkeypatch):
   run = load_run(monkeypatch)
+  # Each runner, called with the measurements stubbed, says what it would have run.
+  monkeypatch.setattr(run, "ours", lambda shape, dtype, steps, arch="default", bf16_matmul_inputs=False, **kw:
+                      ("ours", dtype, arch, bf16_matmul_inputs, tuple(sorted(kw))))
+  monkeypatch.setattr(run, "matmul_floor", lambda shape, steps, bf16: ("floor", bf16))
+  monkeypatch.setattr(run.peers, "run_peer", lambda name, *a: ("peer", name))
 
-  def labels(archs, dtype, peers="easydel"):
+  def runs(archs, dtype, peers="easydel"):
     args = SimpleNamespace(archs=archs, peers=peers, steps=1, venvs="")
-    return [label for label, _ in run.shape_runners("tiny", dtype, args, trees={})]
+    return [measure() for _, measure in run.shape_runners("tiny", dtype, args, trees={})]
 
-  assert labels("default", "bfloat16") == ["t5x_like", "easydel"]
-  assert labels("gpt2,llama", "bfloat16", peers="") == ["t5x_like", "t5x_like"]
-  # float32 adds bf16 matmul inputs for each named GPT-2/LLaMA block, and the default block's variants.
-  assert labels("gpt2", "float32", peers="") == ["t5x_like", "t5x_like"]
-  everything = labels("default,gpt2,llama", "float32")
-  assert everything.count("t5x_like") == 5 and everything.count("matmul floor") == 2
-  assert "t5x_like, XLA's own CPU flags" in everything and everything[-1] == "easydel"
+  assert runs("default", "bfloat16") == [("ours", "bfloat16", "default", False, ()), ("peer", "easydel")]
+  assert runs("gpt2,llama", "bfloat16", peers="") == [("ours", "bfloat16", "gpt2", False, ()),
+                                                      ("ours", "bfloat16", "llama", False, ())]
+  # float32 adds bf16 matmul inputs for each named GPT-2/LLaMA block ...
+  assert runs("llama", "float32", peers="") == [("ours", "float32", "llama", False, ()),
+                                                ("ours", "float32", "llama", True, ())]
+  # ... and, with the default block, its variants and the two matmul floors.
+  everything = runs("default,gpt2,llama", "float32")
+  assert [r for r in everything if r[0] == "ours" and r[4]] == [
+      ("ours", "float32", "default", False, ("env",)), ("ours", "float32", "default", False, ("env",)),
+      ("ours", "float32", "default", False, ("attention_kernel",)),
+      ("ours", "float32", "default", False, ("loss_kernel",))]
+  assert [r for r in everything if r[0] == "floor"] == [("floor", False), ("floor", True)]
+  assert len(everything) == 5 + 4 + 2 + 1 and everything[-1] == ("peer", "easydel")
