@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import t5x_like  # noqa: E402,F401  (the package's XLA:CPU defaults, as in a training run)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from train_throughput import SHAPES, VOCAB  # noqa: E402
+from train_throughput import SHAPES, VOCAB, WARMUP_STEPS  # noqa: E402
 
 from models.config import ModelConfig  # noqa: E402
 from models.layers import project, tokens_contracted  # noqa: E402
@@ -87,10 +87,12 @@ def main() -> None:
   parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
   parser.add_argument("--bf16-matmul-inputs", action="store_true", help="as the model option of that name")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="untimed calls after the compiling one")
   args = parser.parse_args()
   shape = SHAPES[args.shape]
   grad, params, x, flops = step_matmuls(shape, args.bf16_matmul_inputs)
-  jax.block_until_ready(grad(params, x))
+  for _ in range(1 + args.warmup):
+    jax.block_until_ready(grad(params, x))
   times = []
   for _ in range(args.repeats):
     start = time.perf_counter()

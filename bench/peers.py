@@ -77,15 +77,16 @@ def ensure_venv(name: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> 
   return str(python)
 
 
-def run_peer(name: str, shape: dict, vocab: int, dtype: str, steps: int,
+def run_peer(name: str, shape: dict, vocab: int, dtype: str, steps: int, warmup: int,
              cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, timeout_s: float = 3600) -> dict:
   """Trains the peer at `shape` (emb_dim, num_layers, num_heads, mlp_dim, seq_len, batch_size) for
-  `steps` timed steps in its own venv; its JSON line as a dict. RuntimeError with stderr's tail on failure."""
+  `warmup` untimed then `steps` timed steps in its own venv; its JSON line as a dict.
+  RuntimeError with stderr's tail on failure."""
   command = [
       ensure_venv(name, cache_dir), str(RUNNERS / f"{name}_runner.py"),
       "--emb-dim", shape["emb_dim"], "--layers", shape["num_layers"], "--heads", shape["num_heads"],
       "--mlp-dim", shape["mlp_dim"], "--seq", shape["seq_len"], "--batch", shape["batch_size"],
-      "--vocab", vocab, "--steps", steps, "--dtype", dtype,
+      "--vocab", vocab, "--steps", steps, "--warmup", warmup, "--dtype", dtype,
   ]
   # One CPU device, as ours is timed on: no simulated devices inherited from the caller.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")

@@ -1,7 +1,7 @@
 """The one benchmark command: this machine's matmul peak, our training throughput against it
 and against the peer codebases side by side, decoding and data-pipeline throughput.
 
-    python bench/run.py [--shapes tiny,medium,large] [--bf16-shapes tiny] [--steps 9]
+    python bench/run.py [--shapes tiny,medium,large] [--bf16-shapes tiny] [--steps 9] [--warmup 2]
                         [--rounds 2] [--peers maxtext,easydel,hf_flax_gpt2] [--baselines REV,REV]
                         [--archs default,gpt2,llama] [--dtypes float32,bfloat16]
 
@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import data_pipeline  # noqa: E402
 import peers  # noqa: E402
 from t5x_like.host_memory import huge_pages_available, with_huge_pages  # noqa: E402
-from train_throughput import ARCHS, SHAPES, VOCAB  # noqa: E402
+from train_throughput import ARCHS, SHAPES, VOCAB, WARMUP_STEPS  # noqa: E402
 
 XLA_OWN_FLAGS = {"T5X_LIKE_XLA_DEFAULTS": "0"}
 # Every runner, the peers too, gets the huge-page tunable the `t5x-like` command gives itself:
@@ -62,20 +62,21 @@ def run_json(command: list[str], env: dict | None = None, timeout: float = 1800)
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def ours(shape: str, dtype: str, steps: int, arch: str = "default", env: dict | None = None,
+def ours(shape: str, dtype: str, steps: int, warmup: int, arch: str = "default", env: dict | None = None,
          attention_kernel: str | None = None, loss_kernel: str | None = None,
          bf16_matmul_inputs: bool = False) -> dict:
   options = ["--attention-kernel", attention_kernel] if attention_kernel else []
   options += ["--loss-kernel", loss_kernel] if loss_kernel else []
   options += ["--bf16-matmul-inputs"] if bf16_matmul_inputs else []
   return run_json([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--shape", shape,
-                   "--dtype", dtype, "--steps", str(steps), "--arch", arch, *options], env=env)
+                   "--dtype", dtype, "--steps", str(steps), "--warmup", str(warmup), "--arch", arch, *options],
+                  env=env)
 
 
-def matmul_floor(shape: str, steps: int, bf16_matmul_inputs: bool) -> dict:
+def matmul_floor(shape: str, steps: int, warmup: int, bf16_matmul_inputs: bool) -> dict:
   options = ["--bf16-matmul-inputs"] if bf16_matmul_inputs else []
   result = run_json([sys.executable, str(ROOT / "bench" / "matmul_floor.py"), "--shape", shape,
-                     "--repeats", str(steps), *options])
+                     "--repeats", str(steps), "--warmup", str(warmup), *options])
   return {**result, "arch": "our default block's matmuls, nothing else"}
 
 
@@ -149,21 +150,21 @@ def shape_runners(shape: str, dtype: str, args, trees: dict) -> list:
   LLaMA blocks; XLA's flags, small pages, the xla kernels and the matmul floors for the
   default block); then each baseline revision and each peer.
   """
-  archs = args.archs.split(",")
-  runners = [("t5x_like", lambda arch=arch: ours(shape, dtype, args.steps, arch)) for arch in archs]
+  archs, timing = args.archs.split(","), (args.steps, args.warmup)
+  runners = [("t5x_like", lambda arch=arch: ours(shape, dtype, *timing, arch)) for arch in archs]
   if dtype == "float32":
-    runners += [("t5x_like", lambda arch=arch: ours(shape, dtype, args.steps, arch, bf16_matmul_inputs=True))
+    runners += [("t5x_like", lambda arch=arch: ours(shape, dtype, *timing, arch, bf16_matmul_inputs=True))
                 for arch in ("gpt2", "llama") if arch in archs]
     if "default" in archs:
-      runners += [("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, args.steps, env=XLA_OWN_FLAGS)),
-                  ("t5x_like, glibc's 4 KiB pages", lambda: ours(shape, dtype, args.steps, env=SMALL_PAGES)),
-                  ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, args.steps, attention_kernel="xla")),
-                  ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, args.steps, loss_kernel="xla"))]
-      runners += [("matmul floor", lambda bf16=bf16: matmul_floor(shape, args.steps, bf16)) for bf16 in (False, True)]
+      runners += [("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, *timing, env=XLA_OWN_FLAGS)),
+                  ("t5x_like, glibc's 4 KiB pages", lambda: ours(shape, dtype, *timing, env=SMALL_PAGES)),
+                  ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, *timing, attention_kernel="xla")),
+                  ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, *timing, loss_kernel="xla"))]
+      runners += [("matmul floor", lambda bf16=bf16: matmul_floor(shape, *timing, bf16)) for bf16 in (False, True)]
   runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
-      shape, dtype, args.steps, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
+      shape, dtype, *timing, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
   runners += [(name, lambda name=name: peers.run_peer(
-      name, SHAPES[shape], VOCAB, dtype, args.steps, args.venvs)) for name in args.peers.split(",") if name]
+      name, SHAPES[shape], VOCAB, dtype, *timing, args.venvs)) for name in args.peers.split(",") if name]
   return runners
 
 
@@ -174,14 +175,15 @@ def main() -> None:
   parser.add_argument("--archs", default=",".join(ARCHS), help="which of our blocks to run")
   parser.add_argument("--dtypes", default="float32,bfloat16", help="bfloat16 runs on --bf16-shapes only")
   parser.add_argument("--steps", type=int, default=9)
+  parser.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="untimed steps after compilation, every runner")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--peers", default=",".join(peers.PEERS))
   parser.add_argument("--baselines", default="", help="comma-separated git revisions of this repo")
   parser.add_argument("--venvs", default=str(pathlib.Path.home() / ".cache" / "t5x_like" / "bench_venvs"))
   parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
   args = parser.parse_args()
-  if args.rounds < 1 or args.steps < 1:
-    parser.error("--rounds and --steps must be at least 1")
+  if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+    parser.error("--rounds and --steps must be at least 1, --warmup at least 0")
   shapes, bf16_shapes, dtypes = args.shapes.split(","), args.bf16_shapes.split(","), args.dtypes.split(",")
   if not set(args.archs.split(",")) <= set(ARCHS) or not set(dtypes) <= {"float32", "bfloat16"}:
     parser.error(f"--archs takes {','.join(ARCHS)}; --dtypes takes float32,bfloat16")
@@ -222,7 +224,7 @@ def main() -> None:
   data = data_pipeline.measure()
   command = " ".join(["python", "bench/run.py", *sys.argv[1:]])
   steal = steal_share(start_times, cpu_times())
-  text = render(rows, peak, decode, data, shapes, command, args.rounds, steal)
+  text = render(rows, peak, decode, data, shapes, command, args.rounds, args.warmup, steal)
   pathlib.Path(args.output).write_text(text)
   print(text)
 
@@ -235,7 +237,7 @@ def share_of_peak(result: dict, peak: dict) -> str:
   return f"{f32} f32, {result['model_flops_per_second'] / peak['bfloat16']:.0%} bf16"
 
 
-def render(rows, peak, decode, data, shapes, command, rounds, steal=None) -> str:
+def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None) -> str:
   lines = [
       "# Benchmarks",
       "",
@@ -254,7 +256,8 @@ def render(rows, peak, decode, data, shapes, command, rounds, steal=None) -> str
       "",
       "Model FLOPs by PaLM's count (app. B) for each runner's own architecture: 6 x matmul parameters "
       "(vocabulary projection included) + 12 x layers x context x attention width, per token; "
-      "recomputation not counted. Median step time after compilation, each runner in a fresh process. "
+      f"recomputation not counted. Median step time after compilation and {warmup} untimed steps, each "
+      "runner in a fresh process. "
       "`of peak` divides model FLOP/s by the f32 matmul peak above, and rows whose matmuls take bf16 "
       "inputs also by the bf16 peak; `vs best peer` divides by the "
       "fastest peer's model FLOP/s on the same shape (any dtype), `vs same-architecture peer` by the "

@@ -50,6 +50,10 @@ SHAPES = {
     "1b": dict(emb_dim=2048, num_layers=20, num_heads=16, mlp_dim=8192, seq_len=2048, batch_size=8),
 }
 VOCAB = 8192
+# Steps run untimed after the compiling one, by every runner bench/run.py times (peers.py passes
+# it on): a jax process's first steps after compilation run up to 3x slower than later ones,
+# and with few timed steps they moved a peer's median 2x between processes (performance.md item 28).
+WARMUP_STEPS = 2
 # Our default decoder, GPT-2's block (what the Hugging Face peer runs) and the LLaMA block
 # MaxText and EasyDeL run, so each peer can be compared with the same architecture.
 ARCHS = {
@@ -103,8 +107,9 @@ def build(shape_name: str, dtype: str, arch: str = "default", **model_overrides)
   return trainer, trainer.global_batch(next(loader))
 
 
-def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", **model_overrides) -> dict:
-  """Median step time over `steps` steps after compilation, on one device.
+def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", warmup: int = WARMUP_STEPS,
+            **model_overrides) -> dict:
+  """Median step time over `steps` steps after compilation and `warmup` untimed steps, on one device.
 
   The fastest step is reported too: on a VM with noisy neighbours it moves less than the
   median, so A/B runs of small changes read it.
@@ -112,11 +117,11 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", **mo
   trainer, batch = build(shape_name, dtype, arch, **model_overrides)
   state, times = trainer.state, []
   with jax.set_mesh(trainer.mesh):
-    for step in range(steps + 1):  # the first call compiles
+    for step in range(1 + warmup + steps):  # the first call compiles
       start = time.perf_counter()
       state, metrics = trainer.train_step(state, trainer.rest, batch)
       jax.block_until_ready(metrics)
-      if step:
+      if step > warmup:
         times.append(time.perf_counter() - start)
   step_seconds = statistics.median(times)
   seq_len, batch_size = SHAPES[shape_name]["seq_len"], SHAPES[shape_name]["batch_size"]
@@ -133,6 +138,7 @@ def main() -> None:
   parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--steps", type=int, default=9)
+  parser.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="untimed steps after the compiling one")
   parser.add_argument("--arch", default="default", choices=sorted(ARCHS))
   parser.add_argument("--attention-kernel", choices=("xla", "blocked", "cudnn"), default=None)
   parser.add_argument("--loss-kernel", choices=("xla", "chunked"), default=None)
@@ -140,7 +146,7 @@ def main() -> None:
   parser.add_argument("--remat", choices=("none", "dots", "full"), default=None)
   args = parser.parse_args()
   options = dict(attention_kernel=args.attention_kernel, loss_kernel=args.loss_kernel, remat=args.remat)
-  result = measure(args.shape, args.dtype, args.steps, args.arch,
+  result = measure(args.shape, args.dtype, args.steps, args.arch, args.warmup,
                    bf16_matmul_inputs=args.bf16_matmul_inputs, **options)
   result.update({name: value for name, value in options.items() if value is not None})
   # bench/run.py sets it as the `t5x-like` command does (t5x_like/host_memory.py); a run by hand

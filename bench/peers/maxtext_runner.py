@@ -8,7 +8,8 @@ recomputation it offers, keeps the outputs of the q/k/v/o and MLP matmuls and of
 so the backward pass recomputes QK^T, softmax, norms and activations.
 
 MaxText logs each step's time as the gap between two dispatches with one step in flight:
-step 0 returns before it has run and step 1 waits for it, so those two are left out.
+step 0 returns before it has run and step 1 waits for it, so those two are left out, and
+--warmup steps after them, as the other runners leave them out.
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ def main() -> None:
         f"base_emb_dim={args.emb_dim}", f"base_num_query_heads={args.heads}", f"base_num_kv_heads={args.heads}",
         f"head_dim={head_dim}", f"base_mlp_dim={args.mlp_dim}", f"base_num_decoder_layers={args.layers}",
         f"vocab_size={args.vocab}", f"max_target_length={args.seq}", f"per_device_batch_size={args.batch}",
-        f"steps={args.steps + UNTIMED_STEPS}", f"dtype={args.dtype}", "remat_policy=minimal_with_context",
+        f"steps={UNTIMED_STEPS + args.warmup + args.steps}", f"dtype={args.dtype}", "remat_policy=minimal_with_context",
     ]
     # One device, as the batch is per device; and XLA_FLAGS never empty, which MaxText would fill
     # with an HLO dump to /tmp/xla_dump. XLA takes the last of repeated flags.
     xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1".strip()
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=xla_flags))
   log = result.stdout + result.stderr
-  seconds = [float(s) for step, s in STEP_LINE.findall(log) if int(step) >= UNTIMED_STEPS]
+  seconds = [float(s) for step, s in STEP_LINE.findall(log) if int(step) >= UNTIMED_STEPS + args.warmup]
   if result.returncode or len(seconds) != args.steps:
     sys.exit(f"MaxText exited {result.returncode} after {len(seconds)} timed steps:\n{log[-4000:]}")
   protocol.report(args, peer="maxtext", version=importlib.metadata.version("maxtext"),

@@ -13,9 +13,12 @@ import platform
 
 
 def parse_args(description: str) -> argparse.Namespace:
-  """--emb-dim --layers --heads --mlp-dim --seq --batch --vocab --steps --dtype."""
+  """--emb-dim --layers --heads --mlp-dim --seq --batch --vocab --steps --warmup --dtype.
+
+  --warmup steps run untimed after the compiling one, as bench/train_throughput.py runs ours.
+  """
   parser = argparse.ArgumentParser(description=description)
-  for name in ("emb-dim", "layers", "heads", "mlp-dim", "seq", "batch", "vocab", "steps"):
+  for name in ("emb-dim", "layers", "heads", "mlp-dim", "seq", "batch", "vocab", "steps", "warmup"):
     parser.add_argument(f"--{name}", type=int, required=True)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   return parser.parse_args()

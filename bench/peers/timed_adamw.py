@@ -20,7 +20,7 @@ import optax
 
 def median_step_seconds(forward: Callable[[Any, jax.Array], jax.Array], params: Any,
                         args: argparse.Namespace) -> float:
-  """Median wall time of args.steps steps after one compiling step, each waited for.
+  """Median wall time of args.steps steps after one compiling and args.warmup untimed steps, each waited for.
 
   forward(params, tokens [batch, seq]) returns logits [batch, seq, vocab]; params are donated.
   """
@@ -40,6 +40,8 @@ def median_step_seconds(forward: Callable[[Any, jax.Array], jax.Array], params: 
 
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq + 1), 0, args.vocab)  # random: speed only
   state, _ = jax.block_until_ready(train_step((params, optimizer.init(params)), tokens))
+  for _ in range(args.warmup):
+    state, _ = jax.block_until_ready(train_step(state, tokens))
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()

@@ -42,13 +42,26 @@ def test_cpu_name_lists_this_machines_vector_extensions(monkeypatch):
 def test_archs_narrow_our_runners_and_float32_adds_the_variants(monkeypatch):
   run = load_run(monkeypatch)
   # Each runner, called with the measurements stubbed, says what it would have run.
-  monkeypatch.setattr(run, "ours", lambda shape, dtype, steps, arch="default", bf16_matmul_inputs=False, **kw:
-                      ("ours", dtype, arch, bf16_matmul_inputs, tuple(sorted(kw))))
-  monkeypatch.setattr(run, "matmul_floor", lambda shape, steps, bf16: ("floor", bf16))
-  monkeypatch.setattr(run.peers, "run_peer", lambda name, *a: ("peer", name))
+  timings = []  # (steps, warmup) each runner was given
+
+  def ours(shape, dtype, steps, warmup, arch="default", bf16_matmul_inputs=False, **kw):
+    timings.append((steps, warmup))
+    return ("ours", dtype, arch, bf16_matmul_inputs, tuple(sorted(kw)))
+
+  def matmul_floor(shape, steps, warmup, bf16):
+    timings.append((steps, warmup))
+    return ("floor", bf16)
+
+  def run_peer(name, shape, vocab, dtype, steps, warmup, venvs):
+    timings.append((steps, warmup))
+    return ("peer", name)
+
+  monkeypatch.setattr(run, "ours", ours)
+  monkeypatch.setattr(run, "matmul_floor", matmul_floor)
+  monkeypatch.setattr(run.peers, "run_peer", run_peer)
 
   def runs(archs, dtype, peers="easydel"):
-    args = SimpleNamespace(archs=archs, peers=peers, steps=1, venvs="")
+    args = SimpleNamespace(archs=archs, peers=peers, steps=4, warmup=3, venvs="")
     return [measure() for _, measure in run.shape_runners("tiny", dtype, args, trees={})]
 
   assert runs("default", "bfloat16") == [("ours", "bfloat16", "default", False, ()), ("peer", "easydel")]
@@ -65,3 +78,5 @@ def test_archs_narrow_our_runners_and_float32_adds_the_variants(monkeypatch):
       ("ours", "float32", "default", False, ("loss_kernel",))]
   assert [r for r in everything if r[0] == "floor"] == [("floor", False), ("floor", True)]
   assert len(everything) == 5 + 4 + 2 + 1 and everything[-1] == ("peer", "easydel")
+  # Every runner, ours, the floors and the peers, leaves out the same warm-up steps.
+  assert set(timings) == {(4, 3)}
