@@ -157,6 +157,22 @@ def token_sum(x: jax.Array) -> jax.Array:
     return jnp.matmul(ones, x, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)[0]
 
 
+def row_max(x: jax.Array, *, keepdims: bool = False) -> jax.Array:
+  """jnp.max over the last axis; on a CPU, halved by elementwise maxima first.
+
+  XLA:CPU reduces a row's max about five times slower than its sum (a [512, 8192] float32
+  array: 1.9 against 0.4 ms), while elementwise maxima over halves fuse into a pass or two
+  (0.34 ms; docs/performance.md, item 28). The halving stops at 64 columns or an odd count.
+  Whether a NaN survives is up to XLA:CPU's vector max either way; the loss's exp and sum
+  carry it regardless.
+  """
+  if jax.default_backend() == "cpu":
+    while x.shape[-1] > 64 and x.shape[-1] % 2 == 0:
+      half = x.shape[-1] // 2
+      x = jnp.maximum(x[..., :half], x[..., half:])
+  return jnp.max(x, axis=-1, keepdims=keepdims)
+
+
 class Dense(nnx.Module):
   """A projection contracting the trailing `in_shape` dims of x into `out_shape`.
 

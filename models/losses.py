@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models.layers import project, rounds_to_bf16, token_sum, tokens_contracted
+from models.layers import project, rounds_to_bf16, row_max, token_sum, tokens_contracted
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -26,7 +26,7 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
 
 def _token_statistics(logits, targets):
   """Per token of logits [..., v]: max, exp(logits - max), their sum, log Z, the target's logit."""
-  max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  max_logit = jax.lax.stop_gradient(row_max(logits))
   exp = jnp.exp(logits - max_logit[..., None])
   total = jnp.sum(exp, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

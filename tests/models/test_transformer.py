@@ -8,8 +8,8 @@ from flax import nnx
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig
-from models.layers import (add_bias, apply_rope, project, relative_position_bucket, rounds_to_bf16, scale_and_shift,
-                           sinusoidal_embedding, token_sum, tokens_contracted)
+from models.layers import (add_bias, apply_rope, project, relative_position_bucket, rounds_to_bf16, row_max,
+                           scale_and_shift, sinusoidal_embedding, token_sum, tokens_contracted)
 from models.transformer import build_model
 
 VOCAB, LENGTH = 64, 10
@@ -303,6 +303,22 @@ def test_token_sum_is_the_column_sum(monkeypatch, backend, primitive):
   # A fresh function each time: make_jaxpr caches traces by function, and the backend is not in the key.
   primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: token_sum(x))(x).jaxpr.eqns}
   assert primitive in primitives and not {"dot_general", "reduce_sum"} - {primitive} & primitives
+
+
+@pytest.mark.parametrize("backend, reduced_width", [("cpu", 64), ("gpu", 8192)])
+def test_row_max_is_numpys_row_max(monkeypatch, backend, reduced_width):
+  """Halved by elementwise maxima on a CPU down to 64 columns, then reduced; a plain max elsewhere."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  for width in (8192, 96, 4094, 7):  # 4094 halves once to an odd 2047, 7 is odd from the start
+    x = np.array(jax.random.normal(jax.random.key(width), (4, width)))
+    x[1, -1], x[2, :] = 9.0, -np.inf  # the maximum in the last column; a row of -inf
+    x[3, 0] = 9.0  # and in the first
+    np.testing.assert_array_equal(row_max(jnp.asarray(x)), np.max(x, axis=-1))
+    np.testing.assert_array_equal(row_max(jnp.asarray(x), keepdims=True), np.max(x, axis=-1, keepdims=True))
+  x = jnp.zeros((4, 8192))
+  (reduction,) = [eqn for eqn in jax.make_jaxpr(lambda x: row_max(x))(x).jaxpr.eqns
+                  if eqn.primitive.name == "reduce_max"]
+  assert reduction.invars[0].aval.shape == (4, reduced_width)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
