@@ -117,10 +117,14 @@ def row_major_transpose(x: jax.Array, block: int = 32) -> jax.Array:
   """x [n, m] transposed into a new row-major [m, n] array, for a bf16 product to take.
 
   Written as a 4-D transpose of block x block tiles behind a barrier: XLA turns a plain
-  transpose into a column-major layout of the same data, which YNNPACK refuses.
+  transpose into a column-major layout of the same data, which YNNPACK refuses. A barrier
+  in front too keeps x 2-D where the copy reads it: left to fold x's own reshape from
+  [b, t, f] into the copy, XLA:CPU emitted it 14 times slower (medium MLP activations:
+  32 against 2.3 ms; docs/performance.md, item 28).
   """
   n, m = x.shape
   block = math.gcd(block, n, m)
+  x = jax.lax.optimization_barrier(x)
   tiles = x.reshape(n // block, block, m // block, block).transpose(2, 3, 0, 1).reshape(m, n)
   return jax.lax.optimization_barrier(tiles)
 
