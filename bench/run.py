@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,19 @@ def matmul_floor(shape: str, steps: int, warmup: int, bf16_matmul_inputs: bool) 
 def seconds(result: dict) -> float:
   """A runner's step time; a failed run counts as infinitely slow."""
   return result.get("step_seconds", float("inf"))
+
+
+def fastest_with_median(rounds: list[dict]) -> dict:
+  """A runner's fastest round, carrying the median of its rounds' model FLOP/s as well.
+
+  The fastest round reads past a shared machine's slow spells; the median says what a
+  typical round gave. Where the two verdicts differ, the fastest round alone would flatter.
+  """
+  done = [result for result in rounds if "error" not in result]
+  if not done:
+    return rounds[-1]
+  return {**min(done, key=seconds),
+          "median_round_flops_per_second": statistics.median(r["model_flops_per_second"] for r in done)}
 
 
 def matmul_peaks() -> dict[str, float]:
@@ -200,7 +214,7 @@ def main() -> None:
       for shape in shapes:
         for dtype in [d for d in dtypes if d == "float32" or shape in bf16_shapes]:
           runners = shape_runners(shape, dtype, args, trees)
-          best: list[dict | None] = [None] * len(runners)
+          results: list[list[dict]] = [[] for _ in runners]
           for _ in range(args.rounds):
             # A shared VM's speed drifts by tens of percent between spells; the highest peak
             # seen in the run keeps `of peak` from flattering a runner timed in a slow spell.
@@ -213,9 +227,8 @@ def main() -> None:
               except Exception as error:  # one failing peer must not lose the others' figures
                 result = {"dtype": dtype, "error": str(error).strip().splitlines()[-1][:200]}
               print(shape, runner, json.dumps(result), flush=True)
-              if best[i] is None or seconds(result) < seconds(best[i]):
-                best[i] = result
-          rows += [(shape, runner, result) for (runner, _), result in zip(runners, best)]
+              results[i].append(result)
+          rows += [(shape, runner, fastest_with_median(rounds)) for (runner, _), rounds in zip(runners, results)]
     finally:
       for tree in trees.values():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
@@ -227,6 +240,11 @@ def main() -> None:
   text = render(rows, peak, decode, data, shapes, command, args.rounds, args.warmup, steal)
   pathlib.Path(args.output).write_text(text)
   print(text)
+
+
+def median_round(result: dict) -> float:
+  """The median of a runner's rounds' model FLOP/s (a result without rounds is its own median)."""
+  return result.get("median_round_flops_per_second", result["model_flops_per_second"])
 
 
 def share_of_peak(result: dict, peak: dict) -> str:
@@ -267,7 +285,8 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
       + ("Every runner, ours and the peers, runs with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the "
          "`t5x-like` command restarts itself (t5x_like/host_memory.py); the `glibc's 4 KiB pages` row "
          "runs without it. " if huge_pages_available() else "")
-      + (f"Each runner's fastest of {rounds} rounds taken in turns." if rounds > 1 else
+      + (f"Each runner's fastest of {rounds} rounds taken in turns; `median rounds vs best peer` divides "
+         "the median of a runner's rounds by the best such median among the peers." if rounds > 1 else
          "Each runner ran once, in turn."),
   ]
   for shape in shapes:
@@ -275,17 +294,20 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
     lines += ["", f"### {shape}: d_model {s['emb_dim']}, {s['num_layers']} layers, {s['num_heads']} heads, "
               f"ffn {s['mlp_dim']}, seq {s['seq_len']}, batch {s['batch_size']}, vocab {VOCAB}", "",
               "| runner | architecture | dtype | ms/step | tokens/s | GFLOP/s | of peak | vs best peer "
-              "| vs same-architecture peer |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| median rounds vs best peer | vs same-architecture peer |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     shape_rows = [(runner, r) for sh, runner, r in rows if sh == shape]
     peer_flops = [r["model_flops_per_second"] for runner, r in shape_rows
                   if runner in peers.PEERS and "error" not in r]
     best_peer = max(peer_flops, default=None)
+    best_peer_median = max((median_round(r) for runner, r in shape_rows
+                            if runner in peers.PEERS and "error" not in r), default=None)
     for runner, r in shape_rows:
       if "error" in r:
-        lines.append(f"| {runner} | | {r['dtype']} | failed: {r['error']} | | | | | |")
+        lines.append(f"| {runner} | | {r['dtype']} | failed: {r['error']} | | | | | | |")
         continue
       versus = f"{r['model_flops_per_second'] / best_peer:.2f}x" if best_peer else "n/a"
+      versus_median = f"{median_round(r) / best_peer_median:.2f}x" if best_peer_median else "n/a"
       same = [p["model_flops_per_second"] for name, p in shape_rows if name in peers.PEERS
               and "error" not in p and p["arch"].split(":")[0] == r.get("arch", "").split(":")[0]]
       versus_same = (f"{r['model_flops_per_second'] / max(same):.2f}x"
@@ -294,7 +316,7 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
         runner = f"{runner} {r['version']} (jax {r['jax']})"
       lines.append(f"| {runner} | {r.get('arch', '')} | {r['dtype']} | {r['step_seconds'] * 1e3:.0f} | "
                    f"{r['tokens_per_second']:,.0f} | {r['model_flops_per_second'] / 1e9:.0f} | "
-                   f"{share_of_peak(r, peak)} | {versus} | {versus_same} |")
+                   f"{share_of_peak(r, peak)} | {versus} | {versus_median} | {versus_same} |")
   fastest = max(r["tokens_per_second"] for _, runner, r in rows if runner.startswith("t5x_like") and "error" not in r)
   lines += [
       "",
