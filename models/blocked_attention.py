@@ -4,11 +4,13 @@ XLA:CPU runs each elementwise step of attention (scale, mask, max, exp, sum, and
 gradients) as its own pass over memory. At 512 tokens the float32 scores of a batch are
 64 MB per layer, and those passes cost more than the matmuls. Here a loop over the batch,
 then over kv heads and query blocks, keeps one block's scores (at most 128 x keys per
-head, well inside L2) in cache. The backward pass recomputes them from the saved
-log-sum-exp rather than storing them, as FlashAttention does. When the caller knows the
-mask is causal, a query block skips the keys after its last query: half of the work at
-long lengths. Under a multi-device mesh (Auto axes) the batch loop gathers the batch, so
-it is meant for one device; models/attention.py's "auto" choice only picks it there.
+head and batch item) in cache; at short lengths, where XLA:CPU's fixed cost per op
+counts, one iteration takes several batch items together. The backward pass recomputes
+the scores from the saved log-sum-exp rather than storing them, as FlashAttention does.
+When the caller knows the mask is causal, a query block skips the keys after its last
+query: half of the work at long lengths. Under a multi-device mesh (Auto axes) the batch
+loop gathers the batch, so it is meant for one device; models/attention.py's "auto"
+choice only picks it there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ import jax.numpy as jnp
 from models.layers import row_major_transpose
 
 QUERY_BLOCK = 128
+# Scores per head (items x queries x keys) one iteration of the batch loop may cover. Against
+# one item an iteration, bfloat16 training steps on a Zen 5 (docs/performance.md, item 29): at
+# 256 tokens all 8 items together were 11% faster; at 512 tokens 2 items 5% faster (d_model
+# 512) and the same (d_model 1024), 4 items 9% and 50% slower.
+ITERATION_SCORES = 2**19
 MASKED_LOGIT = jnp.finfo(jnp.float32).min  # finite, so fully masked rows stay free of NaNs
 
 
@@ -121,19 +128,32 @@ def blocked_attention(query, key, value, mask, scale: float, causal: bool):
   return _forward(query, key, value, mask, scale, causal)[0]
 
 
+def _items_per_iteration(batch: int, queries: int, keys: int) -> int:
+  """The most batch items, dividing the batch, whose scores per head fit in ITERATION_SCORES."""
+  fits = [n for n in range(2, batch + 1) if batch % n == 0 and n * queries * keys <= ITERATION_SCORES]
+  return max(fits, default=1)
+
+
+def _over_batch(step, items):
+  """step mapped over the batch items, in groups of `_items_per_iteration` per loop iteration."""
+  query, key = items[0], items[1]
+  group = _items_per_iteration(query.shape[0], query.shape[1], key.shape[1])
+  return jax.lax.map(lambda item: step(*item), items, batch_size=group if group > 1 else None)
+
+
 def _forward(query, key, value, mask, scale, causal):
   if causal and query.shape[1] != key.shape[1]:
     raise ValueError(f"causal blocked attention needs as many queries as keys, got "
                      f"{query.shape[1]} and {key.shape[1]}")
   step = functools.partial(_forward_item, scale=scale, causal=causal)
-  out, lse = jax.lax.map(lambda item: step(*item), (query, key, value, mask[:, 0]))
+  out, lse = _over_batch(step, (query, key, value, mask[:, 0]))
   return out, (query, key, value, mask, out, lse)
 
 
 def _backward(scale, causal, saved, d_out):
   query, key, value, mask, out, lse = saved
   step = functools.partial(_backward_item, scale=scale, causal=causal)
-  dq, dk, dv = jax.lax.map(lambda item: step(*item), (query, key, value, mask[:, 0], out, lse, d_out))
+  dq, dk, dv = _over_batch(step, (query, key, value, mask[:, 0], out, lse, d_out))
   return dq.astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype), None
 
 

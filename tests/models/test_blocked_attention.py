@@ -16,6 +16,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.attention import attention_mask, dot_product_attention
+import models.blocked_attention as blocked
 from models.blocked_attention import QUERY_BLOCK
 from models.config import ConfigError, ModelConfig
 
@@ -55,6 +56,30 @@ def test_values_and_gradients_match_the_xla_kernel(causal):
   got = jax.jit(weighted_loss("blocked", mask, real, cotangent, causal=causal))(q, k, v)
   for ours, reference in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(ours, reference, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_batch_items_grouped_per_iteration_match_the_xla_kernel(group, monkeypatch):
+  # A limit of `group` items' scores makes each loop iteration take that many batch items.
+  monkeypatch.setattr(blocked, "ITERATION_SCORES", group * LENGTH * LENGTH)
+  assert blocked._items_per_iteration(4, LENGTH, LENGTH) == group
+  q, k, v, cotangent = inputs(3, batch=4)
+  segments = jnp.tile(packed_segments(LENGTH), (2, 1))
+  mask, real = attention_mask(segments, segments, causal=True), segments != 0
+  expected = weighted_loss("xla", mask, real, cotangent, causal=True)(q, k, v)
+  got = jax.jit(weighted_loss("blocked", mask, real, cotangent, causal=True))(q, k, v)
+  for ours, reference in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(ours, reference, rtol=2e-4, atol=2e-4)
+
+
+def test_items_per_iteration_is_the_largest_divisor_of_the_batch_within_the_limit():
+  limit = blocked.ITERATION_SCORES
+  for batch, length in [(8, 256), (8, 512), (6, 300), (3, 512), (8, 2048)]:
+    group = blocked._items_per_iteration(batch, length, length)
+    assert batch % group == 0 and (group == 1 or group * length * length <= limit)
+    larger = [n for n in range(group + 1, batch + 1) if batch % n == 0]
+    assert all(n * length * length > limit for n in larger)
+  assert blocked._items_per_iteration(8, 2048, 2048) == 1  # one item over the limit still runs
 
 
 def dot_operand_types(hlo: str) -> list[tuple[str, str]]:
