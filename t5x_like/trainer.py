@@ -249,12 +249,17 @@ class Trainer:
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
-                 "opt_state": keep(opt_state, state["opt_state"])}
+
+    # A non-finite step keeps the old state. Chosen by a branch, not by a select per leaf: with
+    # selects XLA copied every Adam moment first, as the update and the select both read it
+    # (docs/performance.md, item 29).
+    def update(params, opt_state):
+      updates, opt_state = self.tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state["params"], state["opt_state"])
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     metrics = dict(sums, grad_norm=grad_norm, learning_rate=self.schedule(state["step"]),
                    finite=finite)
     return new_state, metrics

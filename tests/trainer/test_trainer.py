@@ -168,6 +168,20 @@ def test_nonfinite_loss_can_skip_the_update(tmp_path, caplog):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.state["params"]))
 
 
+def test_a_skipped_update_leaves_the_state_exactly_as_it_was(tmp_path):
+  trainer = Trainer(tiny_config(nonfinite="skip"), tmp_path, make_loader=PatternLoader)
+  loader = NanAtStep(trainer.config.data, "train", process_index=0, process_count=1)
+  loader.bad_position = 2
+  before, _ = trainer.train_step(trainer.state, trainer.rest, trainer.global_batch(next(loader)))
+  before = jax.tree.map(np.asarray, before)  # the next step donates the state's buffers
+  after, metrics = trainer.train_step(jax.tree.map(jax.numpy.asarray, before), trainer.rest,
+                                      trainer.global_batch(next(loader)))
+  assert not bool(metrics["finite"]) and int(after["step"]) == int(before["step"]) + 1
+  for old, new in zip(jax.tree.leaves((before["params"], before["opt_state"])),
+                      jax.tree.leaves((after["params"], after["opt_state"]))):
+    np.testing.assert_array_equal(np.asarray(new), old)
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(mesh_shape=(3, -1, 1)), r"partitioning.mesh_shape=\(3, -1, 1\) does not divide the 8"),
     (dict(mesh_shape=(4, 4, 1)), r"uses 16 devices but 8 are available"),
