@@ -1,4 +1,4 @@
-"""Softmax attention one (batch, kv head) slice and one query block at a time, for CPUs.
+"""Softmax attention one kv head and one query block at a time, over batch items in small groups, for CPUs.
 
 XLA:CPU runs each elementwise step of attention (scale, mask, max, exp, sum, and their
 gradients) as its own pass over memory. At 512 tokens the float32 scores of a batch are
