@@ -25,7 +25,7 @@ from models.layers import row_major_transpose
 QUERY_BLOCK = 128
 # Scores per head (items x queries x keys) one iteration of the batch loop may cover. Against
 # one item an iteration, bfloat16 training steps on a Zen 5 (docs/performance.md, item 29): at
-# 256 tokens all 8 items together were 11% faster; at 512 tokens 2 items 5% faster (d_model
+# 256 tokens all 8 items together were 6 to 11% faster; at 512 tokens 2 items 5% faster (d_model
 # 512) and the same (d_model 1024), 4 items 9% and 50% slower.
 ITERATION_SCORES = 2**19
 MASKED_LOGIT = jnp.finfo(jnp.float32).min  # finite, so fully masked rows stay free of NaNs
