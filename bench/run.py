@@ -297,11 +297,9 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
               "| median rounds vs best peer | vs same-architecture peer |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     shape_rows = [(runner, r) for sh, runner, r in rows if sh == shape]
-    peer_flops = [r["model_flops_per_second"] for runner, r in shape_rows
-                  if runner in peers.PEERS and "error" not in r]
-    best_peer = max(peer_flops, default=None)
-    best_peer_median = max((median_round(r) for runner, r in shape_rows
-                            if runner in peers.PEERS and "error" not in r), default=None)
+    peer_results = [r for runner, r in shape_rows if runner in peers.PEERS and "error" not in r]
+    best_peer = max((r["model_flops_per_second"] for r in peer_results), default=None)
+    best_peer_median = max(map(median_round, peer_results), default=None)
     for runner, r in shape_rows:
       if "error" in r:
         lines.append(f"| {runner} | | {r['dtype']} | failed: {r['error']} | | | | | | |")
