@@ -11,7 +11,8 @@ CPU flags; with the xla attention or loss kernel; and each --baselines revision 
 into a temporary git worktree), bench/matmul_floor.py for the ceiling of our step (its
 matmuls alone), bench/peers.py for the peers, each in its own virtual environment. The
 runners of a shape take turns for --rounds rounds and each keeps its fastest round, so a
-slow spell of a shared machine does not land on one runner only; the matmul peak is measured
+slow spell of a shared machine does not land on one runner only (the table also gives each
+runner's median round, and its ratio to the best peer of the same round); the matmul peak is measured
 before every round and the highest kept, so no runner's share of it rests on a slow spell.
 Writes the tables to docs/benchmarks.md (--output) with the command that made them.
 --archs and --dtypes narrow our runners to the rows in question, so a disputed row can be
@@ -87,16 +88,19 @@ def seconds(result: dict) -> float:
 
 
 def fastest_with_median(rounds: list[dict]) -> dict:
-  """A runner's fastest round, carrying the median of its rounds' model FLOP/s as well.
+  """A runner's fastest round, carrying the median of its rounds' model FLOP/s and every
+  round's figure (None where that round failed) as well.
 
   The fastest round reads past a shared machine's slow spells; the median says what a
   typical round gave. Where the two verdicts differ, the fastest round alone would flatter.
+  The rounds in order let `same_round_ratio` compare runners timed minutes apart.
   """
   done = [result for result in rounds if "error" not in result]
   if not done:
     return rounds[-1]
   return {**min(done, key=seconds),
-          "median_round_flops_per_second": statistics.median(r["model_flops_per_second"] for r in done)}
+          "median_round_flops_per_second": statistics.median(r["model_flops_per_second"] for r in done),
+          "round_flops_per_second": [r.get("model_flops_per_second") for r in rounds]}
 
 
 def matmul_peaks() -> dict[str, float]:
@@ -247,6 +251,22 @@ def median_round(result: dict) -> float:
   return result.get("median_round_flops_per_second", result["model_flops_per_second"])
 
 
+def same_round_ratio(result: dict, peer_results: list[dict]) -> float | None:
+  """The median over rounds of a runner's model FLOP/s over the best peer's in the same round.
+
+  A round's runners run within minutes of each other, so a machine that drifts between
+  spells (its matmul peak moved 5% between two runs, performance.md item 29) moves both
+  sides of each ratio alike; rounds where the runner or every peer failed are left out.
+  """
+  ratios = []
+  for i, ours in enumerate(result.get("round_flops_per_second", [])):
+    peers_then = [p["round_flops_per_second"][i] for p in peer_results if len(p.get("round_flops_per_second", [])) > i]
+    best = max(filter(None, peers_then), default=None)
+    if ours and best:
+      ratios.append(ours / best)
+  return statistics.median(ratios) if ratios else None
+
+
 def share_of_peak(result: dict, peak: dict) -> str:
   """Model FLOP/s over the f32 matmul peak; rows with bf16 matmuls also over the bf16 peak."""
   f32 = f"{result['model_flops_per_second'] / peak['float32']:.0%}"
@@ -286,7 +306,8 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
          "`t5x-like` command restarts itself (t5x_like/host_memory.py); the `glibc's 4 KiB pages` row "
          "runs without it. " if huge_pages_available() else "")
       + (f"Each runner's fastest of {rounds} rounds taken in turns; `median rounds vs best peer` divides "
-         "the median of a runner's rounds by the best such median among the peers." if rounds > 1 else
+         "the median of a runner's rounds by the best such median among the peers, `same-round vs best peer` "
+         "is the median over rounds of a runner's FLOP/s over the best peer's in that round." if rounds > 1 else
          "Each runner ran once, in turn."),
   ]
   for shape in shapes:
@@ -294,18 +315,20 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
     lines += ["", f"### {shape}: d_model {s['emb_dim']}, {s['num_layers']} layers, {s['num_heads']} heads, "
               f"ffn {s['mlp_dim']}, seq {s['seq_len']}, batch {s['batch_size']}, vocab {VOCAB}", "",
               "| runner | architecture | dtype | ms/step | tokens/s | GFLOP/s | of peak | vs best peer "
-              "| median rounds vs best peer | vs same-architecture peer |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| median rounds vs best peer | same-round vs best peer | vs same-architecture peer |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     shape_rows = [(runner, r) for sh, runner, r in rows if sh == shape]
     peer_results = [r for runner, r in shape_rows if runner in peers.PEERS and "error" not in r]
     best_peer = max((r["model_flops_per_second"] for r in peer_results), default=None)
     best_peer_median = max(map(median_round, peer_results), default=None)
     for runner, r in shape_rows:
       if "error" in r:
-        lines.append(f"| {runner} | | {r['dtype']} | failed: {r['error']} | | | | | | |")
+        lines.append(f"| {runner} | | {r['dtype']} | failed: {r['error']} | | | | | | | |")
         continue
       versus = f"{r['model_flops_per_second'] / best_peer:.2f}x" if best_peer else "n/a"
       versus_median = f"{median_round(r) / best_peer_median:.2f}x" if best_peer_median else "n/a"
+      paired = same_round_ratio(r, peer_results)
+      versus_paired = f"{paired:.2f}x" if paired else "n/a"
       same = [p["model_flops_per_second"] for name, p in shape_rows if name in peers.PEERS
               and "error" not in p and p["arch"].split(":")[0] == r.get("arch", "").split(":")[0]]
       versus_same = (f"{r['model_flops_per_second'] / max(same):.2f}x"
@@ -314,7 +337,7 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
         runner = f"{runner} {r['version']} (jax {r['jax']})"
       lines.append(f"| {runner} | {r.get('arch', '')} | {r['dtype']} | {r['step_seconds'] * 1e3:.0f} | "
                    f"{r['tokens_per_second']:,.0f} | {r['model_flops_per_second'] / 1e9:.0f} | "
-                   f"{share_of_peak(r, peak)} | {versus} | {versus_median} | {versus_same} |")
+                   f"{share_of_peak(r, peak)} | {versus} | {versus_median} | {versus_paired} | {versus_same} |")
   fastest = max(r["tokens_per_second"] for _, runner, r in rows if runner.startswith("t5x_like") and "error" not in r)
   lines += [
       "",

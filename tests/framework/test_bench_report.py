@@ -88,20 +88,26 @@ def test_each_runner_keeps_its_fastest_round_and_its_median_round(monkeypatch):
   kept = run.fastest_with_median(rounds + [{"dtype": "float32", "error": "boom"}])
   assert kept["step_seconds"] == 0.2
   assert kept["median_round_flops_per_second"] == (60e9 / 0.25 + 60e9 / 0.3) / 2  # failed rounds left out
+  assert kept["round_flops_per_second"] == [60e9 / s for s in (0.3, 0.2, 0.25, 0.4)] + [None]  # in order
   failed = [{"dtype": "float32", "error": "boom"}]
   assert run.fastest_with_median(failed) == failed[0]
 
-  def result(seconds, median_flops, arch):
+  def result(seconds, median_flops, arch, rounds):
     return {"dtype": "bfloat16", "arch": arch, "step_seconds": seconds, "tokens_per_second": 2048 / seconds,
-            "model_flops_per_second": 60e9 / seconds, "median_round_flops_per_second": median_flops}
+            "model_flops_per_second": 60e9 / seconds, "median_round_flops_per_second": median_flops,
+            "round_flops_per_second": [None if f is None else f * 1e9 for f in rounds]}
 
-  rows = [("tiny", "t5x_like", result(0.2, 240e9, "ours")),  # 300 GFLOP/s fastest, 240 median
-          ("tiny", "hf_flax_gpt2", result(0.25, 160e9, "gpt2")),  # 240 fastest, 160 median
-          ("tiny", "easydel", result(0.3, 200e9, "llama"))]  # 200 fastest, 200 median: the best median
+  # Ours 300 GFLOP/s fastest, 240 median; GPT-2 240 fastest, 160 median; EasyDeL 200 and 200,
+  # the best median. Round by round the best peer gave 240, 200, 100 and nothing in round 4
+  # (both failed), so ours was 1.0x, 1.5x, 1.5x the best peer of its round: 1.5x the median.
+  rows = [("tiny", "t5x_like", result(0.2, 240e9, "ours", [240, 300, 150, 240])),
+          ("tiny", "hf_flax_gpt2", result(0.25, 160e9, "gpt2", [240, 160, 100, None])),
+          ("tiny", "easydel", result(0.3, 200e9, "llama", [200, 200, None, None]))]
   text = run.render(rows, {"float32": 400e9, "bfloat16": 800e9},
                     {"batch": 1, "prompt_len": 1, "new_tokens": 1, "cached_tokens_per_second": 2.0,
                      "uncached_tokens_per_second": 1.0},
                     {"setting": "packed", "real_tokens_per_second": 1.0, "padding": 0.0},
                     ["tiny"], "python bench/run.py", rounds=4, warmup=2)
   ours = next(line for line in text.splitlines() if line.startswith("| t5x_like |")).split(" | ")
-  assert ours[7:9] == ["1.25x", "1.20x"]  # 300/240 against the fastest peer; 240/200 against the best median
+  assert ours[7:10] == ["1.25x", "1.20x", "1.50x"]  # 300/240 fastest; 240/200 medians; same-round ratios
+  assert run.same_round_ratio(rows[0][2], []) is None  # no peer ran: no ratio, not a division by zero
