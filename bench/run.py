@@ -12,8 +12,9 @@ into a temporary git worktree), bench/matmul_floor.py for the ceiling of our ste
 matmuls alone), bench/peers.py for the peers, each in its own virtual environment. The
 runners of a shape take turns for --rounds rounds and each keeps its fastest round, so a
 slow spell of a shared machine does not land on one runner only (the table also gives each
-runner's median round, and its ratio to the best peer of the same round); the matmul peak is measured
-before every round and the highest kept, so no runner's share of it rests on a slow spell.
+runner's median round, and its ratio to the best peer of the same round); the matmul peak
+is measured before every round and the highest kept, so no runner's share of it rests on a
+slow spell.
 Writes the tables to docs/benchmarks.md (--output) with the command that made them.
 --archs and --dtypes narrow our runners to the rows in question, so a disputed row can be
 run again beside its peer for more rounds.
