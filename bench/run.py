@@ -260,8 +260,7 @@ def same_round_ratio(result: dict, peer_results: list[dict]) -> float | None:
   sides of each ratio alike; rounds where the runner or every peer failed are left out.
   """
   ratios = []
-  for i, ours in enumerate(result.get("round_flops_per_second", [])):
-    peers_then = [p["round_flops_per_second"][i] for p in peer_results if len(p.get("round_flops_per_second", [])) > i]
+  for ours, *peers_then in zip(result["round_flops_per_second"], *(p["round_flops_per_second"] for p in peer_results)):
     best = max(filter(None, peers_then), default=None)
     if ours and best:
       ratios.append(ours / best)
