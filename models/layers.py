@@ -275,11 +275,41 @@ def _scale_and_shift_backward(saved, d_y):
 scale_and_shift.defvjp(_scale_and_shift_forward, _scale_and_shift_backward)
 
 
+@jax.custom_vjp
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x), through erf, with a backward that keeps only x.
+
+  jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU expands into three loop
+  fusions per MLP, two of them writing activation-sized intermediates that the backward reads
+  again. Here the forward is one fusion and the backward recomputes Phi and phi from x: whole
+  float32 steps 4% (tiny) to 5% (medium) faster (docs/performance.md, item 31). It is computed
+  in float32.
+  """
+  return (x * _normal_cdf(x.astype(jnp.float32))).astype(x.dtype)
+
+
+def _normal_cdf(x):
+  return 0.5 * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
+
+
+def _gelu_exact_forward(x):
+  return gelu_exact(x), x
+
+
+def _gelu_exact_backward(x, d_y):
+  x32 = x.astype(jnp.float32)
+  normal_pdf = jnp.exp(-0.5 * x32 * x32) * (1 / math.sqrt(2 * math.pi))
+  return ((d_y * (_normal_cdf(x32) + x32 * normal_pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_exact_forward, _gelu_exact_backward)
+
+
 def activation(name: str):
   """ReLU, exact GELU (BERT), tanh-approximate GELU (GPT-2, T5 v1.1) or SiLU (LLaMA)."""
   return {
       "relu": jax.nn.relu,
-      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+      "gelu": gelu_exact,
       "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
       "silu": jax.nn.silu,
   }[name]

@@ -4,11 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from flax import nnx
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig
-from models.layers import (add_bias, apply_rope, project, relative_position_bucket, rounds_to_bf16, row_max,
+from models.layers import (add_bias, apply_rope, gelu_exact, project, relative_position_bucket, rounds_to_bf16, row_max,
                            scale_and_shift, sinusoidal_embedding, token_sum, tokens_contracted)
 from models.transformer import build_model
 
@@ -319,6 +320,24 @@ def test_row_max_is_numpys_row_max(monkeypatch, backend, reduced_width):
   (reduction,) = [eqn for eqn in jax.make_jaxpr(lambda x: row_max(x))(x).jaxpr.eqns
                   if eqn.primitive.name == "reduce_max"]
   assert reduction.invars[0].aval.shape == (4, reduced_width)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_exact_gelu_and_its_gradient_match_the_normal_distribution(dtype, tolerance):
+  """x * Phi(x) and its derivative Phi(x) + x * phi(x), against scipy's normal in float64."""
+  x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 2001), jnp.array([0.0, -0.5, 1e-4])]).astype(dtype)
+  d_y = jax.random.normal(jax.random.key(22), x.shape).astype(dtype)
+  y, pullback = jax.vjp(gelu_exact, x)
+  (d_x,) = pullback(d_y)
+  assert y.dtype == d_x.dtype == dtype
+  x64, d_y64 = np.asarray(x, np.float64), np.asarray(d_y, np.float64)
+  normal = scipy.stats.norm
+  expected_y = x64 * normal.cdf(x64)
+  expected_d_x = d_y64 * (normal.cdf(x64) + x64 * normal.pdf(x64))
+  scale = 1 + np.abs(expected_y)  # relative for large values, absolute near zero
+  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - expected_y) / scale, tolerance)
+  scale = 1 + np.abs(expected_d_x)
+  np.testing.assert_array_less(np.abs(np.asarray(d_x, np.float64) - expected_d_x) / scale, tolerance)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
