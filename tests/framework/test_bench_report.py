@@ -1,8 +1,10 @@
-"""bench/run.py states what its figures ran on: the CPU's vector extensions and the steal."""
+"""The bench scripts' bookkeeping: what run.py says its figures ran on, its rounds, paired_step's pairs."""
 
 import importlib.util
 import pathlib
 from types import SimpleNamespace
+
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -111,3 +113,34 @@ def test_each_runner_keeps_its_fastest_round_and_its_median_round(monkeypatch):
   ours = next(line for line in text.splitlines() if line.startswith("| t5x_like |")).split(" | ")
   assert ours[7:10] == ["1.25x", "1.20x", "1.50x"]  # 300/240 fastest; 240/200 medians; same-round ratios
   assert run.same_round_ratio(rows[0][2], []) is None  # no peer ran: no ratio, not a division by zero
+
+
+def load_paired_step(monkeypatch):
+  monkeypatch.syspath_prepend(str(ROOT / "bench"))
+  spec = importlib.util.spec_from_file_location("bench_paired_step", ROOT / "bench" / "paired_step.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_paired_steps_alternate_and_a_slow_spell_cancels_in_the_ratio(monkeypatch):
+  paired = load_paired_step(monkeypatch)
+  calls, now = [], [0.0]
+  # Steps as fake clock ticks: B takes 1.1x A, and pairs 2 and 3 fall in a spell 3x as slow.
+  duration = {"a": 1.0, "b": 1.1}
+
+  def step(side):
+    def call():
+      calls.append(side)
+      now[0] += duration[side] * (3.0 if len(calls) in (3, 4, 5, 6) else 1.0)
+    return call
+
+  seconds_a, seconds_b = paired.timed_pairs(step("a"), step("b"), 4, clock=lambda: now[0])
+  assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # each pair's order flips
+  np.testing.assert_allclose(seconds_a, [1.0, 3.0, 3.0, 1.0])
+  result = paired.summary(seconds_a, seconds_b)
+  assert abs(result["b_over_a"] - 1.1) < 1e-12 and np.allclose(result["quartiles"], [1.1, 1.1])
+  assert np.isclose(result["a_median_ms"], 2000.0) and np.isclose(result["b_fastest_ms"], 1100.0)
+  # Hand-worked ratios 1.1, 1.0, 0.9, 1.2: median 1.05; numpy's linear quartiles 0.975 and 1.125.
+  result = paired.summary([1.0, 2.0, 1.0, 1.0], [1.1, 2.0, 0.9, 1.2])
+  assert np.isclose(result["b_over_a"], 1.05) and np.allclose(result["quartiles"], [0.975, 1.125])

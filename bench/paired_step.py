@@ -1,0 +1,88 @@
+"""Two variants of our training step in one process, their steps alternating: B's time over A's.
+
+    python bench/paired_step.py [--shape tiny] [--dtype float32] [--arch default] [--pairs 40]
+                                [--a '{}'] --b '{"mlp_activation": "gelu_tanh"}'
+
+--a and --b are model-config overrides (JSON) on top of --arch. Both steps are compiled first;
+then each pair times one step of each, A then B and B then A in turn, so a slow spell of a shared
+VM lands on both sides of a ratio. The figure is the median of the per-pair ratios, with their
+quartiles. Alternating processes could not resolve 5% on a noisy VM (docs/performance.md, item
+29); pairs resolve about 2%. A code change is compared the same way through a config field that
+selects it, or by running this script before and after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+import train_throughput
+
+
+def compiled_step(shape: str, dtype: str, arch: str, overrides: dict):
+  """A compiled train step with its trainer and batch, compiled before any step is timed."""
+  trainer, batch = train_throughput.build(shape, dtype, arch, **overrides)
+  with jax.set_mesh(trainer.mesh):
+    step = trainer.train_step.lower(trainer.state, trainer.rest, batch).compile()
+  return step, trainer, batch
+
+
+def timed_pairs(step_a, step_b, pairs: int, clock=time.perf_counter) -> tuple[list[float], list[float]]:
+  """Seconds of `pairs` calls of each step, in A-B and B-A order in turn."""
+  seconds = {"a": [], "b": []}
+  steps = {"a": step_a, "b": step_b}
+  for pair in range(pairs):
+    for side in ("a", "b") if pair % 2 == 0 else ("b", "a"):
+      start = clock()
+      steps[side]()
+      seconds[side].append(clock() - start)
+  return seconds["a"], seconds["b"]
+
+
+def summary(seconds_a: list[float], seconds_b: list[float]) -> dict:
+  """Each side's median and fastest step, and the median and quartiles of the pairs' B/A ratios."""
+  ratios = np.asarray(seconds_b) / np.asarray(seconds_a)
+  return {"a_median_ms": 1e3 * float(np.median(seconds_a)), "a_fastest_ms": 1e3 * min(seconds_a),
+          "b_median_ms": 1e3 * float(np.median(seconds_b)), "b_fastest_ms": 1e3 * min(seconds_b),
+          "b_over_a": float(np.median(ratios)),
+          "quartiles": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))]}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shape", default="tiny", choices=sorted(train_throughput.SHAPES))
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--arch", default="default", choices=sorted(train_throughput.ARCHS))
+  parser.add_argument("--pairs", type=int, default=40)
+  parser.add_argument("--warmup", type=int, default=train_throughput.WARMUP_STEPS, help="untimed pairs first")
+  parser.add_argument("--a", default="{}", help="model-config overrides of A, as JSON")
+  parser.add_argument("--b", default="{}", help="model-config overrides of B, as JSON")
+  args = parser.parse_args()
+
+  sides = {}
+  for side, overrides in (("a", json.loads(args.a)), ("b", json.loads(args.b))):
+    step, trainer, batch = compiled_step(args.shape, args.dtype, args.arch, overrides)
+    sides[side] = {"step": step, "trainer": trainer, "batch": batch, "state": trainer.state}
+
+  def advance(side):
+    def call():
+      s = sides[side]
+      s["state"], metrics = s["step"](s["state"], s["trainer"].rest, s["batch"])
+      jax.block_until_ready(metrics)
+    return call
+
+  with jax.set_mesh(sides["a"]["trainer"].mesh):
+    timed_pairs(advance("a"), advance("b"), args.warmup)
+    result = summary(*timed_pairs(advance("a"), advance("b"), args.pairs))
+  result.update(shape=args.shape, dtype=args.dtype, arch=args.arch, a=json.loads(args.a), b=json.loads(args.b),
+                pairs=args.pairs, huge_pages="glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""))
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
