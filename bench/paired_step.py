@@ -7,8 +7,8 @@
 then each pair times one step of each, A then B and B then A in turn, so a slow spell of a shared
 VM lands on both sides of a ratio. The figure is the median of the per-pair ratios, with their
 quartiles. Alternating processes could not resolve 5% on a noisy VM (docs/performance.md, item
-29); pairs resolve about 2%. A code change is compared the same way through a config field that
-selects it, or by running this script before and after it.
+29); 40 to 80 pairs resolve 1 to 2% (item 31). Only what a config field selects can be paired
+this way.
 """
 
 from __future__ import annotations
