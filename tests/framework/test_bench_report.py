@@ -9,14 +9,18 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def load_run(monkeypatch):
-  # run.py sets T5X_LIKE_XLA_DEFAULTS for its own children; monkeypatch undoes it after the test.
-  monkeypatch.setenv("T5X_LIKE_XLA_DEFAULTS", "1")
+def load_bench_script(monkeypatch, name):
   monkeypatch.syspath_prepend(str(ROOT / "bench"))
-  spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_run(monkeypatch):
+  # run.py sets T5X_LIKE_XLA_DEFAULTS for its own children; monkeypatch undoes it after the test.
+  monkeypatch.setenv("T5X_LIKE_XLA_DEFAULTS", "1")
+  return load_bench_script(monkeypatch, "run")
 
 
 def test_steal_share_is_the_steal_counter_over_all_time(monkeypatch):
@@ -115,16 +119,8 @@ def test_each_runner_keeps_its_fastest_round_and_its_median_round(monkeypatch):
   assert run.same_round_ratio(rows[0][2], []) is None  # no peer ran: no ratio, not a division by zero
 
 
-def load_paired_step(monkeypatch):
-  monkeypatch.syspath_prepend(str(ROOT / "bench"))
-  spec = importlib.util.spec_from_file_location("bench_paired_step", ROOT / "bench" / "paired_step.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_paired_steps_alternate_and_a_slow_spell_cancels_in_the_ratio(monkeypatch):
-  paired = load_paired_step(monkeypatch)
+  paired = load_bench_script(monkeypatch, "paired_step")
   calls, now = [], [0.0]
   # Steps as fake clock ticks: B takes 1.1x A, and pairs 2 and 3 fall in a spell 3x as slow.
   duration = {"a": 1.0, "b": 1.1}
