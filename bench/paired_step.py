@@ -8,7 +8,9 @@ then each pair times one step of each, A then B and B then A in turn, so a slow 
 VM lands on both sides of a ratio. The figure is the median of the per-pair ratios, with their
 quartiles. Alternating processes could not resolve 5% on a noisy VM (docs/performance.md, item
 29); 40 to 80 pairs resolve 1 to 2% (item 31). Only what a config field selects can be paired
-this way.
+this way. Both steps' buffers live in one process, which makes its steps slower than a lone
+process's: a change that drops activation-sized buffers gained 3 to 5% in pairs and 0 to 2%
+alone (item 31), so confirm a gain with `bench/run.py --baselines`.
 """
 
 from __future__ import annotations

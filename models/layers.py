@@ -281,9 +281,10 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
   jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU expands into three loop
   fusions per MLP, two of them writing activation-sized intermediates that the backward reads
-  again. Here the forward is one fusion and the backward recomputes Phi and phi from x: whole
-  float32 steps 3 to 4% (tiny) and 5% (medium) faster (docs/performance.md, item 31). It is
-  computed in float32.
+  again. Here the forward is one fusion and the backward recomputes Phi and phi from x: a
+  float32 step's temporary buffers shrink 12% (tiny) to 14% (medium). Steps run 3 to 5% faster
+  in paired A/Bs, but within 0 to 2% in separate processes (docs/performance.md, item 31). It
+  is computed in float32.
   """
   return (x * _normal_cdf(x.astype(jnp.float32))).astype(x.dtype)
 
