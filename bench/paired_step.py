@@ -26,12 +26,19 @@ import numpy as np
 import train_throughput
 
 
-def compiled_step(shape: str, dtype: str, arch: str, overrides: dict):
-  """A compiled train step with its trainer and batch, compiled before any step is timed."""
+def stepper(shape: str, dtype: str, arch: str, overrides: dict):
+  """A call that runs one training step, compiled before this returns; the state carries over."""
   trainer, batch = train_throughput.build(shape, dtype, arch, **overrides)
   with jax.set_mesh(trainer.mesh):
     step = trainer.train_step.lower(trainer.state, trainer.rest, batch).compile()
-  return step, trainer, batch
+  state = trainer.state
+
+  def call():
+    nonlocal state
+    with jax.set_mesh(trainer.mesh):
+      state, metrics = step(state, trainer.rest, batch)
+      jax.block_until_ready(metrics)
+  return call
 
 
 def timed_pairs(step_a, step_b, pairs: int, clock=time.perf_counter) -> tuple[list[float], list[float]]:
@@ -66,23 +73,12 @@ def main() -> None:
   parser.add_argument("--b", default="{}", help="model-config overrides of B, as JSON")
   args = parser.parse_args()
 
-  sides = {}
-  for side, overrides in (("a", json.loads(args.a)), ("b", json.loads(args.b))):
-    step, trainer, batch = compiled_step(args.shape, args.dtype, args.arch, overrides)
-    sides[side] = {"step": step, "trainer": trainer, "batch": batch, "state": trainer.state}
-
-  def advance(side):
-    def call():
-      s = sides[side]
-      s["state"], metrics = s["step"](s["state"], s["trainer"].rest, s["batch"])
-      jax.block_until_ready(metrics)
-    return call
-
-  with jax.set_mesh(sides["a"]["trainer"].mesh):
-    timed_pairs(advance("a"), advance("b"), args.warmup)
-    result = summary(*timed_pairs(advance("a"), advance("b"), args.pairs))
-  result.update(shape=args.shape, dtype=args.dtype, arch=args.arch, a=json.loads(args.a), b=json.loads(args.b),
-                pairs=args.pairs, huge_pages="glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""))
+  overrides = {"a": json.loads(args.a), "b": json.loads(args.b)}
+  step_a, step_b = (stepper(args.shape, args.dtype, args.arch, overrides[side]) for side in ("a", "b"))
+  timed_pairs(step_a, step_b, args.warmup)
+  result = summary(*timed_pairs(step_a, step_b, args.pairs))
+  result.update(shape=args.shape, dtype=args.dtype, arch=args.arch, **overrides, pairs=args.pairs,
+                huge_pages="glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""))
   print(json.dumps(result))
 
 
