@@ -10,7 +10,9 @@ quartiles. Alternating processes could not resolve 5% on a noisy VM (docs/perfor
 29); 40 to 80 pairs resolve 1 to 2% (item 31). Only what a config field selects can be paired
 this way. Both steps' buffers live in one process, which makes its steps slower than a lone
 process's: a change that drops activation-sized buffers gained 3 to 5% in pairs and 0 to 2%
-alone (item 31), so confirm a gain with `bench/run.py --baselines`.
+alone (item 31), so confirm a gain with `bench/run.py --baselines`. Like `t5x-like`, it
+restarts itself with glibc's huge-page tunable (t5x_like/host_memory.py; T5X_LIKE_HUGE_PAGES=0
+opts out).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax
 import numpy as np
 
 import train_throughput
+from t5x_like.host_memory import exec_with_huge_pages
 
 
 def stepper(shape: str, dtype: str, arch: str, overrides: dict):
@@ -63,6 +66,7 @@ def summary(seconds_a: list[float], seconds_b: list[float]) -> dict:
 
 
 def main() -> None:
+  exec_with_huge_pages()
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shape", default="tiny", choices=sorted(train_throughput.SHAPES))
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

@@ -7,6 +7,9 @@ Traces a few compiled train steps with jax.profiler, sums each XLA op's time ove
 trace (both CPU threads), and names it with its output shape and the jax op it came from,
 read from the compiled HLO. docs/performance.md was worked out with this. On CPU, Eigen's
 matmuls run outside the traced thunks: the untraced remainder of the step is matmul time.
+It restarts itself with glibc's huge-page tunable, as `t5x-like` and bench/run.py's runners do
+(t5x_like/host_memory.py; T5X_LIKE_HUGE_PAGES=0 opts out): with 4 KiB pages the fusions that
+touch the step's freshly mapped buffers first take many times longer (docs/performance.md, item 34).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import time
 import jax
 
 import train_throughput
+from t5x_like.host_memory import exec_with_huge_pages
 
 
 def main() -> None:
+  exec_with_huge_pages()
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shape", default="tiny", choices=sorted(train_throughput.SHAPES))
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
