@@ -14,7 +14,7 @@
 # run's whole output, with JAX's compile times, goes to $OUT/run_<n>.log. The runs share
 # BUDGET seconds (default 540) and a run that would start with under a minute left is skipped:
 # on the H200 of docs/performance.md item 36 compiling the 1b shape's initialisation alone took
-# over 3.5 minutes. SHAPE=tiny STEPS=2 PEAK_SIZE=256 bash bench/gpu.sh runs it on a CPU.
+# over two minutes. SHAPE=tiny STEPS=2 PEAK_SIZE=256 bash bench/gpu.sh runs it on a CPU.
 set -u
 out=${OUT:-.}
 results=$out/gpu.log
