@@ -57,6 +57,10 @@ def default_train_config() -> ml_collections.ConfigDict:
       eval_steps=10,
       checkpoint_every=250,
       keep_checkpoints=3,
+      # Compile and run the initialisation on the host CPU, then copy it into the devices'
+      # shardings: a way around an accelerator's slow compile of the unrolled initialiser
+      # (docs/performance.md, item 36). The whole state must fit in host memory.
+      init_on_host=False,
       optimizer=default_optimizer_config(),
   ))
 
@@ -164,8 +168,13 @@ class Trainer:
       state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
       return state, rest
 
-    with jax.set_mesh(self.mesh):
-      self.state, self.rest = jax.jit(init, out_shardings=(self.state_shardings, rest_shardings))()
+    if self.config.train.get("init_on_host", False):  # absent from older runs' config.json
+      with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        on_host = jax.jit(init)()
+      self.state, self.rest = jax.device_put(on_host, (self.state_shardings, rest_shardings))
+    else:
+      with jax.set_mesh(self.mesh):
+        self.state, self.rest = jax.jit(init, out_shardings=(self.state_shardings, rest_shardings))()
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_shardings)
 

@@ -66,6 +66,19 @@ def test_eight_devices_shard_by_the_rules_and_match_one_device(tmp_path):
   np.testing.assert_allclose([eight[s] for s in sorted(eight)], [one[s] for s in sorted(one)], rtol=1e-4)
 
 
+def test_initialising_on_the_host_gives_the_same_sharded_state(tmp_path):
+  on_devices = Trainer(tiny_config(mesh_shape=(2, 2, 2)), tmp_path / "devices", make_loader=PatternLoader)
+  on_host = Trainer(tiny_config(mesh_shape=(2, 2, 2), init_on_host=True), tmp_path / "host",
+                    make_loader=PatternLoader)
+  pairs = zip(jax.tree.leaves((on_devices.state, on_devices.rest)), jax.tree.leaves((on_host.state, on_host.rest)))
+  for expected, got in pairs:
+    assert got.sharding == expected.sharding
+    if jax.dtypes.issubdtype(got.dtype, jax.dtypes.prng_key):  # the dropout stream's key
+      got, expected = jax.random.key_data(got), jax.random.key_data(expected)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  assert on_host.state["params"]["token_embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   def config(**train_changes):
     config = tiny_config(steps=6, **train_changes)
