@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU target of issue 7 as one prepared command for a lent NVIDIA machine: the measured
 # bf16 matmul peak, then the ~1B decoder's training step in bfloat16 with the cudnn attention
-# kernel, cudnn with remat "dots" if that run fails (memory short), then the xla kernel.
+# kernel, cudnn with remat "dots" if that run fails (memory short), then the xla kernel, each
+# initialised on the host; last, cudnn initialised on the GPU, to time that compile.
 #
 #   here, once:  echo /.whl/ >> .git/info/exclude
 #                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -14,7 +15,8 @@
 # run's whole output, with JAX's compile times, goes to $OUT/run_<n>.log. The runs share
 # BUDGET seconds (default 540) and a run that would start with under a minute left is skipped:
 # on the H200 of docs/performance.md item 36 compiling the 1b shape's initialisation alone took
-# over two minutes. SHAPE=tiny STEPS=2 PEAK_SIZE=256 bash bench/gpu.sh runs it on a CPU.
+# over two minutes, hence `--init-on-host` (train.init_on_host).
+# SHAPE=tiny STEPS=2 PEAK_SIZE=256 bash bench/gpu.sh runs the same sequence on a CPU.
 set -u
 out=${OUT:-.}
 results=$out/gpu.log
@@ -37,6 +39,7 @@ run() {  # one measurement within what is left of the budget; fails when it fail
   { echo "run_$runs: $1, exit $status"; grep -v "^WARNING" "$out/run_$runs.log" | tail -n 3; } | tee -a "$results"
   return "$status"
 }
-run "--attention-kernel cudnn" || run "--attention-kernel cudnn --remat dots"
-run "--attention-kernel xla"
-grep -h "Finished XLA compilation" "$out"/run_*.log | sed 's/.*compilation of //' | tee -a "$results"
+run "--attention-kernel cudnn --init-on-host" || run "--attention-kernel cudnn --remat dots --init-on-host"
+run "--attention-kernel xla --init-on-host"
+run "--attention-kernel cudnn"
+grep -H "Finished XLA compilation" "$out"/run_*.log | sed 's/.*\(run_[0-9]*\).log:.*compilation of /\1: /' | tee -a "$results"

@@ -87,7 +87,8 @@ class RandomTokens:
     pass
 
 
-def build(shape_name: str, dtype: str, arch: str = "default", **model_overrides) -> tuple[Trainer, dict]:
+def build(shape_name: str, dtype: str, arch: str = "default", init_on_host: bool = False,
+          **model_overrides) -> tuple[Trainer, dict]:
   """A one-device trainer for the shape and one batch for it.
 
   model_overrides set only what is given (not None): baseline trees lack newer fields.
@@ -99,6 +100,8 @@ def build(shape_name: str, dtype: str, arch: str = "default", **model_overrides)
   config.model = model_config_dict(arch="decoder", vocab_size=VOCAB, max_len=seq_len, dtype=dtype, **shape)
   config.data = ml_collections.ConfigDict(dict(seq_len=seq_len, batch_size=batch_size))
   config.train = default_train_config()
+  if init_on_host:
+    config.train.init_on_host = True
   config.partitioning = default_partitioning_config()
   config.partitioning.mesh_shape = (1, 1, 1)
   with tempfile.TemporaryDirectory() as workdir:  # nothing is written before train()
@@ -108,19 +111,23 @@ def build(shape_name: str, dtype: str, arch: str = "default", **model_overrides)
 
 
 def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", warmup: int = WARMUP_STEPS,
-            **model_overrides) -> dict:
+            init_on_host: bool = False, **model_overrides) -> dict:
   """Median step time over `steps` steps after compilation and `warmup` untimed steps, on one device.
 
   The fastest step is reported too: on a VM with noisy neighbours it moves less than the
   median, so A/B runs of small changes read it.
   """
-  trainer, batch = build(shape_name, dtype, arch, **model_overrides)
-  state, times = trainer.state, []
+  start = time.perf_counter()
+  trainer, batch = build(shape_name, dtype, arch, init_on_host, **model_overrides)
+  init_seconds, times = time.perf_counter() - start, []
+  state = trainer.state
   with jax.set_mesh(trainer.mesh):
     for step in range(1 + warmup + steps):  # the first call compiles
       start = time.perf_counter()
       state, metrics = trainer.train_step(state, trainer.rest, batch)
       jax.block_until_ready(metrics)
+      if step == 0:
+        first_step_seconds = time.perf_counter() - start
       if step > warmup:
         times.append(time.perf_counter() - start)
   step_seconds = statistics.median(times)
@@ -130,7 +137,8 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", warm
     dtype += ", bf16 matmul inputs"
   return {"dtype": dtype, "arch": ARCHS[arch][0], "step_seconds": step_seconds, "fastest_step_seconds": min(times),
           "tokens_per_second": batch_size * seq_len / step_seconds, "flops_per_step": flops_per_step,
-          "model_flops_per_second": flops_per_step / step_seconds}
+          "model_flops_per_second": flops_per_step / step_seconds,
+          "init_seconds": init_seconds, "first_step_seconds": first_step_seconds}
 
 
 def main() -> None:
@@ -144,11 +152,14 @@ def main() -> None:
   parser.add_argument("--loss-kernel", choices=("xla", "chunked"), default=None)
   parser.add_argument("--bf16-matmul-inputs", action="store_true", default=None)
   parser.add_argument("--remat", choices=("none", "dots", "full"), default=None)
+  parser.add_argument("--init-on-host", action="store_true", help="initialise on the host CPU (train.init_on_host)")
   args = parser.parse_args()
   options = dict(attention_kernel=args.attention_kernel, loss_kernel=args.loss_kernel, remat=args.remat)
-  result = measure(args.shape, args.dtype, args.steps, args.arch, args.warmup,
+  result = measure(args.shape, args.dtype, args.steps, args.arch, args.warmup, args.init_on_host,
                    bf16_matmul_inputs=args.bf16_matmul_inputs, **options)
   result.update({name: value for name, value in options.items() if value is not None})
+  if args.init_on_host:
+    result["init_on_host"] = True
   # bench/run.py sets it as the `t5x-like` command does (t5x_like/host_memory.py); a run by hand
   # without it times glibc's page faults too.
   result["huge_pages"] = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
