@@ -70,8 +70,9 @@ def test_initialising_on_the_host_gives_the_same_sharded_state(tmp_path):
   on_devices = Trainer(tiny_config(mesh_shape=(2, 2, 2)), tmp_path / "devices", make_loader=PatternLoader)
   on_host = Trainer(tiny_config(mesh_shape=(2, 2, 2), init_on_host=True), tmp_path / "host",
                     make_loader=PatternLoader)
-  pairs = zip(jax.tree.leaves((on_devices.state, on_devices.rest)), jax.tree.leaves((on_host.state, on_host.rest)))
-  for expected, got in pairs:
+  expected_tree, got_tree = (on_devices.state, on_devices.rest), (on_host.state, on_host.rest)
+  assert jax.tree.structure(got_tree) == jax.tree.structure(expected_tree)
+  for expected, got in zip(jax.tree.leaves(expected_tree), jax.tree.leaves(got_tree)):
     assert got.sharding == expected.sharding
     if jax.dtypes.issubdtype(got.dtype, jax.dtypes.prng_key):  # the dropout stream's key
       got, expected = jax.random.key_data(got), jax.random.key_data(expected)
