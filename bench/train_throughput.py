@@ -119,8 +119,8 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", warm
   """
   start = time.perf_counter()
   trainer, batch = build(shape_name, dtype, arch, init_on_host, **model_overrides)
-  init_seconds, times = time.perf_counter() - start, []
-  state = trainer.state
+  init_seconds = time.perf_counter() - start
+  state, times = trainer.state, []
   with jax.set_mesh(trainer.mesh):
     for step in range(1 + warmup + steps):  # the first call compiles
       start = time.perf_counter()
