@@ -27,6 +27,19 @@ import train_throughput
 from t5x_like.host_memory import exec_with_huge_pages
 
 
+def op_seconds_per_step(profile, steps: int) -> collections.Counter:
+  """Each XLA op's traced seconds per step: from XLA:CPU's worker threads, or a GPU's "XLA Ops" line."""
+  op_seconds = collections.Counter()
+  for plane in profile.planes:
+    on_gpu = plane.name.startswith("/device:GPU")
+    for line in plane.lines:
+      if line.name.startswith("Stream") if on_gpu else ("Eigen" in line.name):  # other lines are bookkeeping
+        for event in line.events:
+          if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool", "end:")):
+            op_seconds[event.name] += event.duration_ns / 1e9 / steps
+  return op_seconds
+
+
 def main() -> None:
   exec_with_huge_pages()
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,9 +50,12 @@ def main() -> None:
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--bf16-matmul-inputs", action="store_true")
   parser.add_argument("--loss-kernel", choices=("xla", "chunked"), default=None)
+  parser.add_argument("--attention-kernel", choices=("xla", "blocked", "cudnn"), default=None)
+  parser.add_argument("--init-on-host", action="store_true")
   args = parser.parse_args()
 
-  trainer, batch = train_throughput.build(args.shape, args.dtype, args.arch,
+  trainer, batch = train_throughput.build(args.shape, args.dtype, args.arch, args.init_on_host,
+                                          attention_kernel=args.attention_kernel,
                                           bf16_matmul_inputs=args.bf16_matmul_inputs or None,
                                           loss_kernel=args.loss_kernel)
   state = trainer.state
@@ -57,13 +73,10 @@ def main() -> None:
     wall = (time.perf_counter() - start) / args.steps
     profile = jax.profiler.ProfileData.from_file(str(next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))))
 
-  op_seconds = collections.Counter()
-  for plane in profile.planes:
-    for line in plane.lines:
-      if "Eigen" in line.name:  # XLA:CPU's worker threads; other lines are bookkeeping
-        for event in line.events:
-          if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool", "end:")):
-            op_seconds[event.name] += event.duration_ns / 1e9 / args.steps
+  op_seconds = op_seconds_per_step(profile, args.steps)
+  if not op_seconds:
+    raise SystemExit("no XLA op events in the trace; its lines: " + "; ".join(
+        f"{plane.name}: {[line.name for line in plane.lines]}" for plane in profile.planes))
   described = {}
   for line in hlo.splitlines():
     match = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = (\S+) ", line)
