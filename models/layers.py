@@ -43,9 +43,8 @@ def project(x: jax.Array, kernel: jax.Array, *, kernel_in_dim: int, bf16_inputs:
   """x [n, in] times a 2-D kernel ([in, out] or, with kernel_in_dim=1, [out, in]), in float32.
 
   One 2-D matmul: with 3-D operands XLA:CPU transposes the activations of the backward
-  pass through slow fused copies. Accumulation is float32 even for bf16 inputs. bf16_inputs,
-  and bfloat16 operands on CPU, take `_bf16_matmul`'s backward pass; GPUs and TPUs take
-  transposed bf16 operands natively, so they keep autodiff's.
+  pass through slow fused copies. Accumulation is float32 even for bf16 inputs. bf16_inputs
+  and bfloat16 operands take `_bf16_matmul`'s backward pass.
   """
   if rounds_to_bf16(x, bf16_inputs):
     return _bf16_matmul(x, kernel, kernel_in_dim)
@@ -53,8 +52,13 @@ def project(x: jax.Array, kernel: jax.Array, *, kernel_in_dim: int, bf16_inputs:
 
 
 def rounds_to_bf16(x: jax.Array, bf16_inputs: bool) -> bool:
-  """Whether a product of x takes the bf16 path: asked for, or bfloat16 operands on a CPU."""
-  return bf16_inputs or (x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu")
+  """Whether a product of x takes the bf16 path: asked for, or bfloat16 operands.
+
+  Autodiff would hand the backward products of a float32-accumulated product float32
+  output gradients, and XLA then runs them in float32: on an H200, TF32 products took 210
+  of a 1b step's 377 ms of kernels (docs/performance.md, item 37).
+  """
+  return bf16_inputs or x.dtype == jnp.bfloat16
 
 
 def _matmul(x, kernel, kernel_in_dim):
@@ -66,10 +70,11 @@ def _bf16_matmul(x, kernel, kernel_in_dim):
   """The matmul with both inputs rounded to bfloat16, as TPUs do by default for float32.
 
   All three products (forward, input gradient, weight gradient) round their inputs and
-  accumulate in float32. The custom VJP exists for the weight gradient, which contracts
-  over the tokens: left to autodiff, XLA:CPU runs it in float32 through Eigen; here it
-  goes to YNNPACK's bf16 kernels (`tokens_contracted`), 2.3 to 4.9 times faster on a CPU
-  with AMX (docs/performance.md, item 18).
+  accumulate in float32. The custom VJP rounds the output gradient too, which autodiff
+  would leave in float32 (`rounds_to_bf16`), and takes the weight gradient, which
+  contracts over the tokens, where each platform runs it fast (`tokens_contracted`): left
+  to autodiff, XLA:CPU runs it in float32 through Eigen, 2.3 to 4.9 times slower than
+  YNNPACK's bf16 kernels on a CPU with AMX (docs/performance.md, item 18).
   """
   return _matmul(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), kernel_in_dim)
 
@@ -101,8 +106,12 @@ def tokens_contracted(x: jax.Array, d_out: jax.Array, *, bf16_inputs: bool = Fal
   item 15), and in bfloat16 slower still. The barrier keeps XLA from folding the transpose
   back into the product. With bf16_inputs both operands are rounded to bfloat16 and x is
   transposed in blocks: a plain bf16 transpose becomes a column-major operand, which
-  YNNPACK refuses, and XLA then runs the product in float32 (item 18).
+  YNNPACK refuses, and XLA then runs the product in float32 (item 18). GPUs and TPUs take
+  transposed operands natively: there it is one product of the rounded operands.
   """
+  if bf16_inputs and jax.default_backend() != "cpu":
+    return jax.lax.dot_general(x.astype(jnp.bfloat16), d_out.astype(jnp.bfloat16), (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
   if not bf16_inputs:
     x_t = jax.lax.optimization_barrier(x.T)
     return jnp.matmul(x_t, d_out.astype(x.dtype), preferred_element_type=jnp.float32)

@@ -1,5 +1,7 @@
 """Behaviour of the three architectures: shapes, masks, caching, GQA, precision."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from flax import nnx
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig
-from models.layers import (add_bias, apply_rope, gelu_exact, project, relative_position_bucket, rounds_to_bf16, row_max,
+from models.layers import (add_bias, apply_rope, gelu_exact, project, relative_position_bucket, row_max,
                            scale_and_shift, sinusoidal_embedding, token_sum, tokens_contracted)
 from models.transformer import build_model
 
@@ -363,15 +365,25 @@ def test_parameter_gradients_summed_by_product_match_autodiff(with_bias):
     np.testing.assert_allclose(d_bias, np.asarray(d_y, np.float64).sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_operands_take_the_bf16_products_on_cpu_only(monkeypatch):
-  """GPUs and TPUs take transposed bf16 operands natively: there only bf16_inputs asks for the custom VJP."""
-  x = jnp.ones((4, 8), jnp.bfloat16)
-  assert jax.default_backend() == "cpu"
-  assert rounds_to_bf16(x, False) and rounds_to_bf16(x.astype(jnp.float32), True)
-  assert not rounds_to_bf16(x.astype(jnp.float32), False)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert not rounds_to_bf16(x, False)
-  assert rounds_to_bf16(x, True)
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_bf16_operands_take_bf16_products_in_the_backward_pass_too(backend, monkeypatch):
+  """Autodiff would hand the backward products a float32 output gradient and run them in float32."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  x = jax.random.normal(jax.random.key(3), (64, 32)).astype(jnp.bfloat16)
+  kernel = jax.random.normal(jax.random.key(4), (32, 48)).astype(jnp.bfloat16)
+  d_y = jax.random.normal(jax.random.key(5), (64, 48))  # a float32 gradient, as from the loss
+  gradients = jax.jit(jax.grad(lambda x, kernel: jnp.sum(
+      project(x, kernel, kernel_in_dim=0, bf16_inputs=False) * d_y), argnums=(0, 1)))
+  text = gradients.lower(x, kernel).as_text()
+  products = re.findall(r"stablehlo.dot_general .*: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
+  assert len(products) == 2  # the loss is linear in the output: no forward product is needed
+  assert all(operand.endswith("xbf16>") for operands in products for operand in operands), products
+  assert ("optimization_barrier" in text) == (backend == "cpu")  # GPUs take transposed operands natively
+  d_x, d_kernel = gradients(x, kernel)
+  x64, kernel64 = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  d_y64 = np.asarray(d_y.astype(jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(np.asarray(d_x, np.float64), d_y64 @ kernel64.T, rtol=8e-3, atol=1e-2)
+  np.testing.assert_allclose(np.asarray(d_kernel, np.float64), x64.T @ d_y64, rtol=8e-3, atol=1e-2)
 
 
 def test_bf16_weight_gradient_runs_under_a_transposing_consumer():
