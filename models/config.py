@@ -74,9 +74,9 @@ class ModelConfig:
   mlm_head_transform: bool = True
 
   # "xla": all scores at once; "blocked": cache-sized blocks (models/blocked_attention.py:
-  # about twice as fast on CPU, no relative bias); "auto": blocked on one CPU device past
-  # 128 keys, else xla; "cudnn": cuDNN's flash attention (NVIDIA GPUs, bf16/fp16). Decoding
-  # with a KV cache and T5's relative bias always use xla.
+  # about twice as fast on CPU, no relative bias); "cudnn": cuDNN's flash attention (NVIDIA
+  # GPUs, bf16/fp16); "auto": cudnn on a GPU where it fits, blocked on one CPU device past
+  # 128 keys, else xla. Decoding with a KV cache and T5's relative bias always use xla.
   attention_kernel: str = "auto"
   # The training loss's vocabulary projection. "xla": all [b, t, v] logits at once;
   # "chunked": about 512 tokens at a time, with the gradient in the same pass

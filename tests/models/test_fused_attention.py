@@ -70,3 +70,17 @@ def test_cudnn_trains_and_kv_cache_decoding_keeps_xla():
   attention = Attention(cfg, rope=True, rngs=nnx.Rngs(0))
   assert attention._kernel(None, None, 512) == "cudnn"
   assert attention._kernel(None, {"k": None}, 512) == "xla"
+
+
+def test_auto_picks_cudnn_on_a_gpu_where_it_fits(monkeypatch):
+  from flax import nnx
+
+  from models.attention import Attention
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  kernel = lambda **fields: Attention(ModelConfig(**fields), rope=True, rngs=nnx.Rngs(0))._kernel  # noqa: E731
+  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, None, 512) == "cudnn"
+  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(jnp.zeros(()), None, 512) == "xla"
+  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, {"k": None}, 512) == "xla"
+  assert kernel(emb_dim=32, num_heads=4, dtype="float32")(None, None, 512) == "xla"
+  assert kernel(emb_dim=48, num_heads=4, dtype="bfloat16")(None, None, 512) == "xla"  # head dim 12
