@@ -8,6 +8,7 @@ comes from the mode (t5x_like.modes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -119,6 +120,26 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
   return model_config
 
 
+@contextlib.contextmanager
+def threefry_as_gpu_kernels():
+  """Random bits drawn by jax's threefry kernel on GPUs, not by threefry unrolled into XLA ops.
+
+  Every parameter's initialiser is its own unrolled threefry: on an H200 the 1b decoder's
+  initialisation was still compiling after about 5 minutes (docs/performance.md, item 37). The kernel
+  computes the same bits. Where jax has dropped the flag, this does nothing.
+  """
+  flag = "jax_threefry_gpu_kernel_lowering"
+  previous = getattr(jax.config, flag, None)
+  if previous is None:
+    yield
+    return
+  jax.config.update(flag, True)
+  try:
+    yield
+  finally:
+    jax.config.update(flag, previous)
+
+
 class Trainer:
   """Builds the sharded state and compiled steps for one config and runs the loop."""
 
@@ -173,7 +194,7 @@ class Trainer:
         on_host = jax.jit(init)()
       self.state, self.rest = jax.device_put(on_host, (self.state_shardings, rest_shardings))
     else:
-      with jax.set_mesh(self.mesh):
+      with jax.set_mesh(self.mesh), threefry_as_gpu_kernels():
         self.state, self.rest = jax.jit(init, out_shardings=(self.state_shardings, rest_shardings))()
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_shardings)

@@ -80,6 +80,16 @@ def test_initialising_on_the_host_gives_the_same_sharded_state(tmp_path):
   assert on_host.state["params"]["token_embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
 
 
+def test_initialisation_is_traced_with_threefry_as_gpu_kernels(tmp_path, monkeypatch):
+  flag = "jax_threefry_gpu_kernel_lowering"
+  seen = []
+  new_model = Trainer._new_model
+  monkeypatch.setattr(Trainer, "_new_model", lambda self: seen.append(getattr(jax.config, flag)) or new_model(self))
+  Trainer(tiny_config(), tmp_path, make_loader=PatternLoader)
+  assert seen == [False, True]  # the abstract shapes, then the compiled initialisation
+  assert getattr(jax.config, flag) is False
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   def config(**train_changes):
     config = tiny_config(steps=6, **train_changes)
