@@ -7,6 +7,8 @@ causal stack, j comes no later than i, or both lie in the bidirectional prefix.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -63,14 +65,43 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   # batch and head dims inside the einsums costs XLA:CPU twice the time in transposes.
   query = query.reshape(b, t, kv_heads, h // kv_heads, e).transpose(0, 2, 3, 1, 4)  # [b, k, g, t, e]
   key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [b, k, s, e]
-  logits = jnp.einsum("bkgte,bkse->bkgts", query, key, preferred_element_type=jnp.float32)
+  logits = attention_product("bkgte,bkse->bkgts", query, key)
   logits = logits * scale
   if bias is not None:
     logits = logits + bias.reshape(bias.shape[0], kv_heads, h // kv_heads, t, -1)
   logits = jnp.where(mask[:, :, None], logits, MASKED_LOGIT)
   weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  out = jnp.einsum("bkgts,bkse->bkgte", weights, value, preferred_element_type=jnp.float32)
+  out = attention_product("bkgts,bkse->bkgte", weights, value)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(value.dtype)
+
+
+def attention_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """jnp.einsum(spec, a, b) accumulated in float32.
+
+  For bfloat16 operands off the CPU its backward products take the output gradient rounded
+  to bfloat16, as flash attention's do: autodiff's float32 gradient would run both in float32,
+  TF32 on GPUs (docs/performance.md, item 37). XLA:CPU keeps autodiff's, tuned in item 19.
+  """
+  if a.dtype == jnp.bfloat16 and jax.default_backend() != "cpu":
+    return _bf16_gradient_product(spec, a, b)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bf16_gradient_product(spec, a, b):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _bf16_gradient_product_forward(spec, a, b):
+  return _bf16_gradient_product(spec, a, b), (a, b)
+
+
+def _bf16_gradient_product_backward(spec, operands, d_out):
+  _, pullback = jax.vjp(functools.partial(jnp.einsum, spec), *operands)  # bf16 in, bf16 out
+  return pullback(d_out.astype(jnp.bfloat16))
+
+
+_bf16_gradient_product.defvjp(_bf16_gradient_product_forward, _bf16_gradient_product_backward)
 
 
 def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *,

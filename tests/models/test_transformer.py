@@ -386,6 +386,26 @@ def test_bf16_operands_take_bf16_products_in_the_backward_pass_too(backend, monk
   np.testing.assert_allclose(np.asarray(d_kernel, np.float64), x64.T @ d_y64, rtol=8e-3, atol=1e-2)
 
 
+def test_xla_attention_backward_takes_bf16_products_off_the_cpu(monkeypatch):
+  """As the projections': the scores' float32 gradient is rounded before the products, as flash attention does."""
+  keys = jax.random.split(jax.random.key(8), 3)
+  q, k, v = (jax.random.normal(key, (2, 16, 4, 8)) for key in keys)
+  mask = jnp.tril(jnp.ones((16, 16), bool))[None, None]
+  def loss(q, k, v):
+    out = dot_product_attention(q, k, v, mask, None, scale=0.35, kernel="xla")
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+  gradients = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  reference = gradients(q, k, v)  # float32 throughout
+  bf16 = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  products = re.findall(r"stablehlo.dot_general .*: \((tensor<[^>]*>), (tensor<[^>]*>)\)",
+                        gradients.lower(*bf16).as_text())
+  assert len(products) == 6  # two forward, four backward
+  assert all(operand.endswith("xbf16>") for operands in products for operand in operands), products
+  for got, expected in zip(gradients(*bf16), reference):
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=0.05 * float(jnp.max(jnp.abs(expected))))
+
+
 def test_bf16_weight_gradient_runs_under_a_transposing_consumer():
   """Regression: XLA folded a consumer's .T into the bf16 product, which Eigen cannot run."""
   x = jax.random.normal(jax.random.key(19), (64, 32))
