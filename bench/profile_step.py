@@ -6,7 +6,9 @@
 Traces a few compiled train steps with jax.profiler, sums each XLA op's time over the
 trace (both CPU threads), and names it with its output shape and the jax op it came from,
 read from the compiled HLO. docs/performance.md was worked out with this. On CPU, Eigen's
-matmuls run outside the traced thunks: the untraced remainder of the step is matmul time.
+matmuls run outside the traced thunks: the untraced remainder of the step is matmul time. On a
+GPU it sums the kernels of the trace's streams, named as the GPU runs them (cuBLAS and cuDNN
+kernels by their own names).
 It restarts itself with glibc's huge-page tunable, as `t5x-like` and bench/run.py's runners do
 (t5x_like/host_memory.py; T5X_LIKE_HUGE_PAGES=0 opts out): with 4 KiB pages the fusions that
 touch the step's freshly mapped buffers first take many times longer (docs/performance.md, item 34).
@@ -28,7 +30,7 @@ from t5x_like.host_memory import exec_with_huge_pages
 
 
 def op_seconds_per_step(profile, steps: int) -> collections.Counter:
-  """Each XLA op's traced seconds per step: from XLA:CPU's worker threads, or a GPU's "XLA Ops" line."""
+  """Each XLA op's traced seconds per step: XLA:CPU's worker threads, or a GPU's kernels by name."""
   op_seconds = collections.Counter()
   for plane in profile.planes:
     on_gpu = plane.name.startswith("/device:GPU")

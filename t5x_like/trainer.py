@@ -125,8 +125,8 @@ def threefry_as_gpu_kernels():
   """Random bits drawn by jax's threefry kernel on GPUs, not by threefry unrolled into XLA ops.
 
   Every parameter's initialiser is its own unrolled threefry: on an H200 the 1b decoder's
-  initialisation was still compiling after about 5 minutes (docs/performance.md, item 37). The kernel
-  computes the same bits. Where jax has dropped the flag, this does nothing.
+  initialisation was still compiling after about 5 minutes (docs/performance.md, item 37).
+  The kernel computes the same bits. Where jax has dropped the flag, this does nothing.
   """
   flag = "jax_threefry_gpu_kernel_lowering"
   previous = getattr(jax.config, flag, None)
