@@ -1,10 +1,12 @@
-"""The bench scripts' bookkeeping: what run.py says its figures ran on, its rounds, paired_step's pairs."""
+"""The bench scripts' bookkeeping: what run.py says its figures ran on, its rounds, paired_step's pairs,
+profile_step's sums."""
 
 import importlib.util
 import pathlib
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -140,3 +142,20 @@ def test_paired_steps_alternate_and_a_slow_spell_cancels_in_the_ratio(monkeypatc
   # Hand-worked ratios 1.1, 1.0, 0.9, 1.2: median 1.05; numpy's linear quartiles 0.975 and 1.125.
   result = paired.summary([1.0, 2.0, 1.0, 1.0], [1.1, 2.0, 0.9, 1.2])
   assert np.isclose(result["b_over_a"], 1.05) and np.allclose(result["quartiles"], [0.975, 1.125])
+
+
+def test_profile_sums_cpu_worker_threads_or_gpu_streams_per_step(monkeypatch):
+  profile_step = load_bench_script(monkeypatch, "profile_step")
+  event = lambda name, ms: SimpleNamespace(name=name, duration_ns=ms * 1e6)  # noqa: E731
+  line = lambda name, *events: SimpleNamespace(name=name, events=events)  # noqa: E731
+  gpu = SimpleNamespace(name="/device:GPU:0", lines=[
+      line("Stream #14(Compute,Memset)", event("gemm", 30), event("fusion.1", 4)),
+      line("Stream #71(Compute)", event("gemm", 10)),
+      line("XLA Modules", event("jit_train_step", 50))])  # a module's span, not a kernel
+  host = SimpleNamespace(name="/host:CPU", lines=[line("python3", event("gemm", 99))])
+  assert profile_step.op_seconds_per_step(SimpleNamespace(planes=[gpu, host]), steps=2) == pytest.approx({
+      "gemm": 0.02, "fusion.1": 0.002})
+  cpu = SimpleNamespace(name="/host:CPU", lines=[
+      line("Eigen worker 0", event("ynn_fusion", 6), event("ThunkExecutor::Execute", 9)),
+      line("Eigen worker 1", event("ynn_fusion", 2)), line("python3", event("ynn_fusion", 40))])
+  assert profile_step.op_seconds_per_step(SimpleNamespace(planes=[cpu]), steps=1) == pytest.approx({"ynn_fusion": 0.008})
