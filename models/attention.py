@@ -128,8 +128,7 @@ class Attention(nnx.Module):
     self.rope_theta = cfg.rope_theta if rope else None
     self.scale = head_dim ** -0.5 if cfg.scale_attn_logits else 1.0
     self.kernel = cfg.attention_kernel
-    # What cuDNN's flash attention takes (ModelConfig.validate refuses the rest for "cudnn").
-    self.cudnn_fits = cfg.dtype != "float32" and head_dim % 8 == 0 and head_dim <= 256
+    self.cudnn_fits = cfg.cudnn_misfit is None
     bias = cfg.use_bias
     self.query = Dense(cfg.emb_dim, (heads, head_dim), ("embed", "heads", "kv"), cfg, use_bias=bias, rngs=rngs)
     self.key = Dense(cfg.emb_dim, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), cfg, use_bias=bias, rngs=rngs)
@@ -176,7 +175,7 @@ class Attention(nnx.Module):
     if bias is not None or cache is not None:
       return "xla"
     if self.kernel == "auto":
-      # cuDNN: 1.37x the xla kernel's 1b step on an H200 (docs/performance.md, item 37).
+      # cuDNN: 1.38x the xla kernel's 1b step on an H200 (docs/performance.md, item 39).
       if jax.default_backend() == "gpu" and self.cudnn_fits:
         return "cudnn"
       # Short attention fits in cache anyway; on a multi-device mesh the pair loop would

@@ -142,6 +142,15 @@ class ModelConfig:
   def weight_dtype(self):
     return jnp.dtype(self.param_dtype)
 
+  @property
+  def cudnn_misfit(self) -> str | None:
+    """Why cuDNN's flash attention cannot take this model's operands, or None if it can."""
+    if self.dtype == "float32":
+      return "takes bfloat16 or float16 operands; set model.dtype, or use attention_kernel='auto'"
+    if self.dim_per_head % 8 or self.dim_per_head > 256:
+      return f"needs a head dimension that is a multiple of 8 and at most 256, got {self.dim_per_head}"
+    return None
+
   # Validation -----------------------------------------------------------------
 
   def validate(self) -> None:
@@ -184,12 +193,8 @@ class ModelConfig:
     if self.attention_kernel in ("blocked", "cudnn") and self.position == "relative":
       raise ConfigError(f"model.attention_kernel={self.attention_kernel!r} takes no attention bias, "
                         "which model.position='relative' needs; use attention_kernel='auto' or 'xla'")
-    if self.attention_kernel == "cudnn" and self.dtype == "float32":
-      raise ConfigError("model.attention_kernel='cudnn' takes bfloat16 or float16 operands; "
-                        "set model.dtype, or use attention_kernel='auto'")
-    if self.attention_kernel == "cudnn" and (self.dim_per_head % 8 or self.dim_per_head > 256):
-      raise ConfigError(f"model.attention_kernel='cudnn' needs a head dimension that is a multiple "
-                        f"of 8 and at most 256, got {self.dim_per_head}")
+    if self.attention_kernel == "cudnn" and self.cudnn_misfit:
+      raise ConfigError(f"model.attention_kernel='cudnn' {self.cudnn_misfit}")
     if self.num_decoder_layers is not None and self.arch != "encoder_decoder":
       raise ConfigError("model.num_decoder_layers applies only to model.arch='encoder_decoder'")
     if not 0.0 <= self.dropout_rate < 1.0:
