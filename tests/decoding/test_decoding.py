@@ -30,11 +30,19 @@ def encoder_decoder():
 PROMPTS = [[5, 9, 3, 7, 11], [4, 8], [13, 2, 6]]
 
 
+def full_forward(model, tokens, width=16):
+  """Logits [len(tokens), v] of one full forward pass, padded to `width` (pads are segment 0,
+  after the tokens) so every call has one shape and its ops compile once."""
+  padded = jnp.zeros((1, width), jnp.int32).at[0, :len(tokens)].set(jnp.array(tokens))
+  segments = (jnp.arange(width) < len(tokens)).astype(jnp.int32)[None]
+  return model(padded, segment_ids=segments)[0, :len(tokens)]
+
+
 def greedy_by_recomputation(model, prompt, steps):
   """Reference: the full forward pass over the whole sequence at every step, no cache."""
   tokens = list(prompt)
   for _ in range(steps):
-    next_token = int(jnp.argmax(model(jnp.array([tokens]))[0, -1]))
+    next_token = int(jnp.argmax(full_forward(model, tokens)[-1]))
     tokens.append(next_token)
     if next_token == EOS:
       break
@@ -53,9 +61,11 @@ def test_encoder_decoder_greedy_equals_recomputation(encoder_decoder):
                      encoder_inputs=inputs)
   for source, out in zip(inputs, outputs):
     tokens = [0]
-    for _ in range(6):
-      logits = encoder_decoder(jnp.array([source]), jnp.array([tokens]))
-      tokens.append(int(jnp.argmax(logits[0, -1])))
+    for _ in range(6):  # decoder inputs padded to 8 as full_forward pads, one shape per source
+      padded = jnp.zeros((1, 8), jnp.int32).at[0, :len(tokens)].set(jnp.array(tokens))
+      segments = (jnp.arange(8) < len(tokens)).astype(jnp.int32)[None]
+      logits = encoder_decoder(jnp.array([source]), padded, decoder_segment_ids=segments)
+      tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
       if tokens[-1] == EOS:
         break
     assert out == tokens[1:]
@@ -127,14 +137,14 @@ def test_beam_search_finds_the_exhaustive_best(decoder):
   config = DecodeConfig(strategy="beam", num_beams=vocab, max_new_tokens=steps, eos_id=EOS, length_penalty=0.0)
   found = generate(decoder, [prompt], config)[0]
 
-  def log_prob(continuation):
-    tokens = jnp.array([prompt + continuation])
-    logp = jax.nn.log_softmax(decoder(tokens)[0], axis=-1)
-    return float(sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(continuation)))
+  def log_probs(continuations):  # of equal lengths, scored in one forward pass
+    logp = np.asarray(jax.nn.log_softmax(decoder(jnp.array([prompt + c for c in continuations])), axis=-1))
+    return [float(sum(logp[row, len(prompt) - 1 + i, t] for i, t in enumerate(c)))
+            for row, c in enumerate(continuations)]
 
-  candidates = [[EOS]] + [[a, b] for a, b in itertools.product(range(vocab), repeat=2) if a != EOS]
-  best = max(candidates, key=log_prob)
-  assert log_prob(found) == pytest.approx(log_prob(best), abs=1e-5)
+  pairs = [[a, b] for a, b in itertools.product(range(vocab), repeat=2) if a != EOS]
+  best = max(log_probs([[EOS]]) + log_probs(pairs))
+  assert log_probs([found])[0] == pytest.approx(best, abs=1e-5)
 
 
 def test_repetition_penalty_discourages_repeats(decoder):
