@@ -2,7 +2,8 @@
 
 CI has no GPU, so the call runs with implementation="xla" (jax's own kernel, the same
 arguments cuDNN gets) against our einsum kernel: this pins the layout, the grouping of
-query heads per kv head (GQA) and the mask of packed and padded segments.
+query heads per kv head (GQA) and the mask of packed and padded segments. On a GPU, one
+test runs cuDNN itself (run on an H200: docs/performance.md, item 39).
 """
 
 import jax
@@ -41,6 +42,32 @@ def test_values_and_gradients_match_our_xla_kernel(causal):
                                                implementation="xla"))(q, k, v)
   for got, expected in zip(jax.tree.leaves(fused), jax.tree.leaves(ours)):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs on NVIDIA GPUs only")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_on_a_gpu_matches_our_xla_kernel_in_float32(causal):
+  """cuDNN itself, in bf16 with head dim 64, against our kernel on the same inputs in float32:
+  values and gradients within bf16 rounding, over packed and padded rows."""
+  length = 256
+  first = jnp.where(jnp.arange(length) < 100, 1, jnp.where(jnp.arange(length) < 180, 2, 3))
+  rows = jnp.stack([first, jnp.where(jnp.arange(length) < length - 37, 1, 0)])
+  parts = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(part, (2, length, heads, 64)).astype(jnp.bfloat16)
+             for part, heads in zip(parts, (8, 2, 2)))
+  cotangent = jax.random.normal(parts[3], q.shape) * (rows != 0)[:, :, None, None]
+  mask = attention_mask(rows, rows, causal=causal)
+
+  def loss(attend):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cotangent),
+                                      argnums=(0, 1, 2)))
+
+  expected = loss(lambda q, k, v: dot_product_attention(q, k, v, mask, None, scale=0.125, kernel="xla"))(
+      *(x.astype(jnp.float32) for x in (q, k, v)))
+  got = loss(lambda q, k, v: fused_attention(q, k, v, mask, scale=0.125, causal=causal))(q, k, v)
+  for got_leaf, expected_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    error = np.abs(np.asarray(got_leaf, np.float32) - np.asarray(expected_leaf))
+    assert error.max() <= 2e-2 * np.abs(np.asarray(expected_leaf)).max()
 
 
 def test_cudnn_on_a_cpu_names_the_platform():
