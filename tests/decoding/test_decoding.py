@@ -30,12 +30,17 @@ def encoder_decoder():
 PROMPTS = [[5, 9, 3, 7, 11], [4, 8], [13, 2, 6]]
 
 
+def padded(tokens, width):
+  """One row of `tokens` padded to `width`, and its segment ids (pads are segment 0, after
+  the tokens): the references' forward passes keep one shape, so their ops compile once."""
+  row = jnp.zeros((1, width), jnp.int32).at[0, :len(tokens)].set(jnp.array(tokens))
+  return row, (jnp.arange(width) < len(tokens)).astype(jnp.int32)[None]
+
+
 def full_forward(model, tokens, width=16):
-  """Logits [len(tokens), v] of one full forward pass, padded to `width` (pads are segment 0,
-  after the tokens) so every call has one shape and its ops compile once."""
-  padded = jnp.zeros((1, width), jnp.int32).at[0, :len(tokens)].set(jnp.array(tokens))
-  segments = (jnp.arange(width) < len(tokens)).astype(jnp.int32)[None]
-  return model(padded, segment_ids=segments)[0, :len(tokens)]
+  """Logits [len(tokens), v] of one full forward pass."""
+  row, segments = padded(tokens, width)
+  return model(row, segment_ids=segments)[0, :len(tokens)]
 
 
 def greedy_by_recomputation(model, prompt, steps):
@@ -61,10 +66,9 @@ def test_encoder_decoder_greedy_equals_recomputation(encoder_decoder):
                      encoder_inputs=inputs)
   for source, out in zip(inputs, outputs):
     tokens = [0]
-    for _ in range(6):  # decoder inputs padded to 8 as full_forward pads, one shape per source
-      padded = jnp.zeros((1, 8), jnp.int32).at[0, :len(tokens)].set(jnp.array(tokens))
-      segments = (jnp.arange(8) < len(tokens)).astype(jnp.int32)[None]
-      logits = encoder_decoder(jnp.array([source]), padded, decoder_segment_ids=segments)
+    for _ in range(6):
+      row, segments = padded(tokens, 8)
+      logits = encoder_decoder(jnp.array([source]), row, decoder_segment_ids=segments)
       tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
       if tokens[-1] == EOS:
         break
