@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU target of issue 7 as one prepared command for a lent NVIDIA machine: the measured
-# matmul peak, then the ~1B decoder's training step in bfloat16, initialised on the host
-# unless said: ours (cuDNN attention, `auto`'s GPU choice; with remat "dots" if that fails,
+# The GPU target of issue 7 as one prepared command for a lent NVIDIA machine: the GPU-only
+# tests, the measured matmul peak, then the ~1B decoder's training step in bfloat16,
+# initialised on the host unless said: ours (cuDNN attention, `auto`'s GPU choice; with remat "dots" if that fails,
 # memory short), the revision in .base if one was carried (before/after in one run), the
 # step's profile, ours initialised on the GPU (to time that compile), then the xla kernel.
 #
 #   here, once:  echo /.whl/ >> .git/info/exclude
 #                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#                  --implementation cp -d .whl ml-collections==1.1.0
+#                  --implementation cp -d .whl ml-collections==1.1.0 \
+#                  pytest pluggy iniconfig packaging pygments   # for the GPU-only tests
 #   a baseline:  echo /.base/ >> .git/info/exclude; mkdir -p .base
 #                git archive REVISION models t5x_like | tar -x -C .base
 #   there:       the device tool's run, carrying .whl (and .base), timeout_s BUDGET + 30:
@@ -29,6 +30,10 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+if command -v nvidia-smi > /dev/null && python3 -c "import pytest" 2> /dev/null; then
+  # The tests that run only on a GPU (cuDNN's attention against ours), under this image's jax.
+  JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/models/test_fused_attention.py -k on_a_gpu 2>&1 | tail -n 2 | tee -a "$results"
+fi
 python3 bench/matmul_peak.py --size "${PEAK_SIZE:-8192}" | tee -a "$results"
 runs=0
 left() { echo $(( ${BUDGET:-540} - SECONDS )); }
