@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU target of issue 7 as one prepared command for a lent NVIDIA machine: the GPU-only
 # tests, the measured matmul peak, then the ~1B decoder's training step in bfloat16,
-# initialised on the host unless said: ours (cuDNN attention, `auto`'s GPU choice; with remat "dots" if that fails,
-# memory short), the revision in .base if one was carried (before/after in one run), the
-# step's profile, ours initialised on the GPU (to time that compile), then the xla kernel.
+# initialised on the host unless said: ours (cuDNN attention, `auto`'s GPU choice; with remat
+# "dots" if that fails, memory short), the revision in .base if one was carried (before/after
+# in one run), the step's profile, ours initialised on the GPU (to time that compile), then
+# the xla kernel.
 #
 #   here, once:  echo /.whl/ >> .git/info/exclude
 #                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
