@@ -91,6 +91,7 @@ def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
 
 WIDTH_BUCKET = 64
 
+
 def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str]) -> list[tuple[float, int]]:
   """(sum of log p(option tokens | prompt), number of option tokens) for each option; the
   prompt follows the start token, as documents do in training (an empty prompt scores the
@@ -100,7 +101,8 @@ def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str]) ->
   width = max(len(s) for s in sequences)
   # Padded up to a multiple of WIDTH_BUCKET (not past the model's length), so the items of
   # a task share a few shapes and each shape's ops compile once; pads are segment 0.
-  width = max(width, min(-(-width // WIDTH_BUCKET) * WIDTH_BUCKET, getattr(model.config, "max_len", width)))
+  bucket = -(-width // WIDTH_BUCKET) * WIDTH_BUCKET
+  width = max(width, min(bucket, getattr(model.config, "max_len", width)))
   tokens = np.zeros((len(sequences), width), np.int32)
   segments = np.zeros_like(tokens)
   for row, sequence in enumerate(sequences):

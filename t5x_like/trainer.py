@@ -128,7 +128,8 @@ def threefry_as_gpu_kernels():
 
   Every parameter's initialiser is its own unrolled threefry: on an H200 the 1b decoder's
   initialisation was still compiling after about 5 minutes (docs/performance.md, item 37);
-  with the kernel it compiles in 7.4 s (item 39). The kernel computes the same bits. Where jax has dropped the flag, this does nothing.
+  with the kernel it compiles in 7.4 s (item 39). The kernel computes the same bits. Where
+  jax has dropped the flag, this does nothing.
   """
   flag = "jax_threefry_gpu_kernel_lowering"
   previous = getattr(jax.config, flag, None)
