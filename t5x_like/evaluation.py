@@ -102,7 +102,7 @@ def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str]) ->
   # Padded up to a multiple of WIDTH_BUCKET (not past the model's length), so the items of
   # a task share a few shapes and each shape's ops compile once; pads are segment 0.
   bucket = -(-width // WIDTH_BUCKET) * WIDTH_BUCKET
-  width = max(width, min(bucket, getattr(model.config, "max_len", width)))
+  width = max(width, min(bucket, model.config.max_len))
   tokens = np.zeros((len(sequences), width), np.int32)
   segments = np.zeros_like(tokens)
   for row, sequence in enumerate(sequences):

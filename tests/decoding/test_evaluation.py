@@ -138,7 +138,7 @@ def test_sentence_completion_task_and_score_command(run_dir, tmp_path):
 class ContextFreeModel:
   """A stub decoder whose next-token distribution ignores the context: log p(v) = w[v] - lse(w)."""
 
-  config = types.SimpleNamespace(arch="decoder")
+  config = types.SimpleNamespace(arch="decoder", max_len=512)
 
   def __init__(self, vocab_size: int):
     self.weights = -(np.arange(vocab_size) % 7).astype(np.float32)
