@@ -360,15 +360,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding (Su et al. 2021) in the split-halves layout LLaMA checkpoints use.
 
   x: [b, t, heads, e]; positions: [b, t]. Pair (i, i + e/2) rotates by
-  positions * theta^(-2i/e).
+  positions * theta^(-2i/e). The angles' sine and cosine are computed in float32, the
+  rotation in x's dtype, as Hugging Face's LLaMA does: in bfloat16 that made a tiny
+  training step 1.12x faster on a CPU than rotating in float32 (docs/performance.md, item 41).
   """
   half = x.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [b, t, 1, e/2]
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x.dtype)
+  sin, cos = jnp.sin(angles).astype(x.dtype), jnp.cos(angles).astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,

@@ -226,6 +226,24 @@ def test_rope_scores_depend_only_on_relative_position():
   assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
 
 
+
+def test_rope_in_bfloat16_stays_within_rounding_of_a_float64_rotation():
+  """bf16 rotates in bf16, with sine and cosine of float32 angles: a few roundings off exact."""
+  x = jax.random.normal(jax.random.key(14), (2, 64, 3, 16)).astype(jnp.bfloat16)
+  positions = jnp.arange(64)[None].repeat(2, axis=0) * 31  # angles up to ~2000 rad
+  ours = apply_rope(x, positions, 10_000.0)
+  assert ours.dtype == jnp.bfloat16
+  exact_x = np.asarray(x, np.float64)
+  angles = np.asarray(positions, np.float64)[..., None, None] * 10_000.0 ** (-np.arange(8) / 8)
+  x1, x2 = exact_x[..., :8], exact_x[..., 8:]
+  exact = np.concatenate([x1 * np.cos(angles) - x2 * np.sin(angles),
+                          x2 * np.cos(angles) + x1 * np.sin(angles)], axis=-1)
+  scale = np.concatenate([np.abs(x1) + np.abs(x2)] * 2, axis=-1)
+  error = np.abs(np.asarray(ours, np.float64) - exact)
+  # bf16's unit roundoff is 2^-8; sine, cosine, both products and the sum each round once.
+  assert np.all(error <= 4 * 2.0 ** -8 * scale)
+
+
 def test_sinusoidal_values():
   table = sinusoidal_embedding(jnp.arange(3)[None], 8)[0]
   np.testing.assert_allclose(table[0], [0, 0, 0, 0, 1, 1, 1, 1], atol=1e-7)
