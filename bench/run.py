@@ -7,8 +7,8 @@ and against the peer codebases side by side, decoding and data-pipeline throughp
 
 Every training figure comes from a fresh process, all in this one run: bench/train_throughput.py
 for us (our default, GPT-2 and LLaMA architectures; with bf16 matmul inputs; with XLA's own
-CPU flags; with the xla attention or loss kernel; and each --baselines revision of us, checked out
-into a temporary git worktree), bench/matmul_floor.py for the ceiling of our step (its
+CPU flags; with the xla attention or loss kernel; and each --baselines revision of us in the same
+blocks, checked out into a temporary git worktree), bench/matmul_floor.py for the ceiling of our step (its
 matmuls alone), bench/peers.py for the peers, each in its own virtual environment. The
 runners of a shape take turns for --rounds rounds and each keeps its fastest round, so a
 slow spell of a shared machine does not land on one runner only (the table also gives each
@@ -167,7 +167,7 @@ def shape_runners(shape: str, dtype: str, args, trees: dict) -> list:
 
   Our blocks in --archs; in float32 also the variants (bf16 matmul inputs for the GPT-2 and
   LLaMA blocks; XLA's flags, small pages, the xla kernels and the matmul floors for the
-  default block); then each baseline revision and each peer.
+  default block); then each baseline revision in each block of --archs, and each peer.
   """
   archs, timing = args.archs.split(","), (args.steps, args.warmup)
   runners = [("t5x_like", lambda arch=arch: ours(shape, dtype, *timing, arch)) for arch in archs]
@@ -180,8 +180,9 @@ def shape_runners(shape: str, dtype: str, args, trees: dict) -> list:
                   ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, *timing, attention_kernel="xla")),
                   ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, *timing, loss_kernel="xla"))]
       runners += [("matmul floor", lambda bf16=bf16: matmul_floor(shape, *timing, bf16)) for bf16 in (False, True)]
-  runners += [(f"t5x_like@{rev}", lambda tree=tree: ours(
-      shape, dtype, *timing, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()]
+  runners += [(f"t5x_like@{rev}", lambda tree=tree, arch=arch: ours(
+      shape, dtype, *timing, arch, env={"T5X_LIKE_CODE_ROOT": str(tree)})) for rev, tree in trees.items()
+      for arch in archs]
   runners += [(name, lambda name=name: peers.run_peer(
       name, SHAPES[shape], VOCAB, dtype, *timing, args.venvs)) for name in args.peers.split(",") if name]
   return runners

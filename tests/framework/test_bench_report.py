@@ -68,13 +68,16 @@ def test_archs_narrow_our_runners_and_float32_adds_the_variants(monkeypatch):
   monkeypatch.setattr(run, "matmul_floor", matmul_floor)
   monkeypatch.setattr(run.peers, "run_peer", run_peer)
 
-  def runs(archs, dtype, peers="easydel"):
+  def runs(archs, dtype, peers="easydel", trees=None):
     args = SimpleNamespace(archs=archs, peers=peers, steps=4, warmup=3, venvs="")
-    return [measure() for _, measure in run.shape_runners("tiny", dtype, args, trees={})]
+    return [measure() for _, measure in run.shape_runners("tiny", dtype, args, trees=trees or {})]
 
   assert runs("default", "bfloat16") == [("ours", "bfloat16", "default", False, ()), ("peer", "easydel")]
   assert runs("gpt2,llama", "bfloat16", peers="") == [("ours", "bfloat16", "gpt2", False, ()),
                                                       ("ours", "bfloat16", "llama", False, ())]
+  # Each --baselines revision runs in each named block, from its own tree.
+  assert runs("gpt2,llama", "bfloat16", peers="", trees={"abc1234": "/tree"})[2:] == [
+      ("ours", "bfloat16", "gpt2", False, ("env",)), ("ours", "bfloat16", "llama", False, ("env",))]
   # float32 adds bf16 matmul inputs for each named GPT-2/LLaMA block ...
   assert runs("llama", "float32", peers="") == [("ours", "float32", "llama", False, ()),
                                                 ("ours", "float32", "llama", True, ())]
