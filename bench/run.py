@@ -7,14 +7,14 @@ and against the peer codebases side by side, decoding and data-pipeline throughp
 
 Every training figure comes from a fresh process, all in this one run: bench/train_throughput.py
 for us (our default, GPT-2 and LLaMA architectures; with bf16 matmul inputs; with XLA's own
-CPU flags; with the xla attention or loss kernel; and each --baselines revision of us in the same
-blocks, checked out into a temporary git worktree), bench/matmul_floor.py for the ceiling of our step (its
-matmuls alone), bench/peers.py for the peers, each in its own virtual environment. The
-runners of a shape take turns for --rounds rounds and each keeps its fastest round, so a
-slow spell of a shared machine does not land on one runner only (the table also gives each
-runner's median round, and its ratio to the best peer of the same round); the matmul peak
-is measured before every round and the highest kept, so no runner's share of it rests on a
-slow spell.
+CPU flags; with the xla attention or loss kernel; and each --baselines revision of us in the
+same blocks, checked out into a temporary git worktree), bench/matmul_floor.py for the ceiling
+of our step (its matmuls alone), bench/peers.py for the peers, each in its own virtual
+environment. The runners of a shape take turns for --rounds rounds and each keeps its fastest
+round, so a slow spell of a shared machine does not land on one runner only (the table also
+gives each runner's median round, and its ratio to the best peer of the same round); the
+matmul peak is measured before every round and the highest kept, so no runner's share of it
+rests on a slow spell.
 Writes the tables to docs/benchmarks.md (--output) with the command that made them.
 --archs and --dtypes narrow our runners to the rows in question, so a disputed row can be
 run again beside its peer for more rounds.

@@ -321,9 +321,10 @@ _TANH_GELU_SCALE = math.sqrt(2 / math.pi)
 def gelu_tanh(x: jax.Array) -> jax.Array:
   """GELU's tanh approximation (GPT-2): x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2.
 
-  Built as gelu_exact is: float32 inside, a backward that recomputes from x alone. jax.nn.gelu(approximate=True)
-  leaves autodiff bfloat16 intermediates to save and round; a bf16 GPT-2 block's tiny step runs
-  1.09x faster this way on a CPU, a float32 step the same (docs/performance.md, item 42).
+  Built as gelu_exact is: float32 inside, a backward that recomputes from x alone.
+  jax.nn.gelu(approximate=True) leaves autodiff bfloat16 intermediates to save and round; a
+  bf16 GPT-2 block's tiny step runs 1.09x to 1.14x faster this way on a CPU, a float32 step the
+  same (docs/performance.md, item 42).
   """
   return (x * _tanh_cdf(x.astype(jnp.float32))).astype(x.dtype)
 
@@ -393,8 +394,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
   x: [b, t, heads, e]; positions: [b, t]. Pair (i, i + e/2) rotates by
   positions * theta^(-2i/e). The angles' sine and cosine are computed in float32, the
-  rotation in x's dtype, as Hugging Face's LLaMA does: in bfloat16 that made a tiny
-  training step 1.12x faster on a CPU than rotating in float32 (docs/performance.md, item 41).
+  rotation in x's dtype, as Hugging Face's LLaMA does: in bfloat16 that made training steps
+  1.04x to 1.12x faster on a CPU than rotating in float32 (docs/performance.md, item 41).
   """
   half = x.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)

@@ -11,8 +11,8 @@ from flax import nnx
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig
-from models.layers import (add_bias, apply_rope, gelu_exact, gelu_tanh, project, relative_position_bucket, row_max,
-                           scale_and_shift, sinusoidal_embedding, token_sum, tokens_contracted)
+from models.layers import (add_bias, apply_rope, gelu_exact, gelu_tanh, project, relative_position_bucket,
+                           row_max, scale_and_shift, sinusoidal_embedding, token_sum, tokens_contracted)
 from models.transformer import build_model
 
 VOCAB, LENGTH = 64, 10
@@ -226,7 +226,6 @@ def test_rope_scores_depend_only_on_relative_position():
   assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
 
 
-
 def test_rope_in_bfloat16_stays_within_rounding_of_a_float64_rotation():
   """bf16 rotates in bf16, with sine and cosine of float32 angles: a few roundings off exact."""
   x = jax.random.normal(jax.random.key(14), (2, 64, 3, 16)).astype(jnp.bfloat16)
@@ -360,7 +359,6 @@ def test_exact_gelu_and_its_gradient_match_the_normal_distribution(dtype, tolera
   np.testing.assert_array_less(np.abs(np.asarray(d_x, np.float64) - expected_d_x) / scale, tolerance)
 
 
-
 # float32: jax's autodiff of jax.nn.gelu(approximate=True) is 3.2e-6 off here too, where tanh nears 1.
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 def test_tanh_gelu_and_its_gradient_match_the_formula_in_float64(dtype, tolerance):
@@ -378,6 +376,7 @@ def test_tanh_gelu_and_its_gradient_match_the_formula_in_float64(dtype, toleranc
   np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - expected_y) / scale, tolerance)
   scale = 1 + np.abs(expected_d_x)
   np.testing.assert_array_less(np.abs(np.asarray(d_x, np.float64) - expected_d_x) / scale, tolerance)
+
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_parameter_gradients_summed_by_product_match_autodiff(with_bias):
