@@ -284,7 +284,6 @@ def _scale_and_shift_backward(saved, d_y):
 scale_and_shift.defvjp(_scale_and_shift_forward, _scale_and_shift_backward)
 
 
-@jax.custom_vjp
 def gelu_exact(x: jax.Array) -> jax.Array:
   """Exact GELU, x * Phi(x), through erf, with a backward that keeps only x.
 
@@ -295,29 +294,9 @@ def gelu_exact(x: jax.Array) -> jax.Array:
   in paired A/Bs, but within 0 to 2% in separate processes (docs/performance.md, item 31). It
   is computed in float32.
   """
-  return (x * _normal_cdf(x.astype(jnp.float32))).astype(x.dtype)
+  return _gelu(x, False)
 
 
-def _normal_cdf(x):
-  return 0.5 * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
-
-
-def _gelu_exact_forward(x):
-  return gelu_exact(x), x
-
-
-def _gelu_exact_backward(x, d_y):
-  x32 = x.astype(jnp.float32)
-  normal_pdf = jnp.exp(-0.5 * x32 * x32) * (1 / math.sqrt(2 * math.pi))
-  return ((d_y * (_normal_cdf(x32) + x32 * normal_pdf)).astype(x.dtype),)
-
-
-gelu_exact.defvjp(_gelu_exact_forward, _gelu_exact_backward)
-
-_TANH_GELU_SCALE = math.sqrt(2 / math.pi)
-
-
-@jax.custom_vjp
 def gelu_tanh(x: jax.Array) -> jax.Array:
   """GELU's tanh approximation (GPT-2): x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2.
 
@@ -326,26 +305,41 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
   bf16 GPT-2 block's tiny step runs 1.09x to 1.14x faster this way on a CPU, a float32 step the
   same (docs/performance.md, item 42).
   """
-  return (x * _tanh_cdf(x.astype(jnp.float32))).astype(x.dtype)
+  return _gelu(x, True)
 
 
-def _tanh_cdf(x):
-  return 0.5 * (1.0 + jnp.tanh(_TANH_GELU_SCALE * (x + 0.044715 * x * x * x)))
+_TANH_GELU_SCALE = math.sqrt(2 / math.pi)
 
 
-def _gelu_tanh_forward(x):
-  return gelu_tanh(x), x
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gelu(x, approximate):
+  """x * cdf(x) in float32, rounded once to x's dtype; cdf is Phi or, approximate, its tanh form."""
+  return (x * _gelu_cdf(x.astype(jnp.float32), approximate)).astype(x.dtype)
 
 
-def _gelu_tanh_backward(x, d_y):
+def _gelu_cdf(x, approximate):
+  if approximate:
+    return 0.5 * (1.0 + jnp.tanh(_TANH_GELU_SCALE * (x + 0.044715 * x * x * x)))
+  return 0.5 * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
+
+
+def _gelu_cdf_derivative(x, cdf, approximate):
+  if approximate:  # d/dx of (1 + tanh u) / 2 is (1 - tanh^2 u) u' / 2, and tanh u = 2 cdf - 1
+    return 2 * cdf * (1 - cdf) * _TANH_GELU_SCALE * (1 + 3 * 0.044715 * x * x)
+  return jnp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))  # the normal density
+
+
+def _gelu_forward(x, approximate):
+  return _gelu(x, approximate), x
+
+
+def _gelu_backward(approximate, x, d_y):
   x32 = x.astype(jnp.float32)
-  cdf = _tanh_cdf(x32)
-  # d/dx of tanh(u) / 2 is (1 - tanh^2) u' / 2, and 2 cdf - 1 is tanh(u).
-  d_cdf = 2 * cdf * (1 - cdf) * _TANH_GELU_SCALE * (1 + 3 * 0.044715 * x32 * x32)
-  return ((d_y * (cdf + x32 * d_cdf)).astype(x.dtype),)
+  cdf = _gelu_cdf(x32, approximate)
+  return ((d_y * (cdf + x32 * _gelu_cdf_derivative(x32, cdf, approximate))).astype(x.dtype),)
 
 
-gelu_tanh.defvjp(_gelu_tanh_forward, _gelu_tanh_backward)
+_gelu.defvjp(_gelu_forward, _gelu_backward)
 
 
 def activation(name: str):
