@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models.layers import row_major_transpose
+from models.layers import row_major_transpose, row_max, row_sum
 
 QUERY_BLOCK = 128
 # Scores per head (items x queries x keys) one iteration of the batch loop may cover. Against
@@ -48,12 +48,12 @@ def _forward_pair(q, k, v, mask, *, scale, causal):
   outs, lses = [], []
   for start, end, keys in _query_blocks(q.shape[1], k.shape[0], causal):
     logits = _logits(q[:, start:end], k[:keys], mask[start:end, :keys], scale)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    weights = jnp.exp(logits - row_max)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
+    top = row_max(logits, keepdims=True)
+    weights = jnp.exp(logits - top)
+    total = row_sum(weights, keepdims=True)
     out = jnp.einsum("gts,se->gte", weights.astype(v.dtype), v[:keys], preferred_element_type=jnp.float32)
     outs.append(out / total)
-    lses.append((row_max + jnp.log(total))[..., 0])
+    lses.append((top + jnp.log(total))[..., 0])
   return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
 
 
@@ -71,7 +71,7 @@ def _backward_pair(q, k, v, mask_t, out, lse, d_out, *, scale, causal):
   g, t, e, dtype = *q.shape, q.dtype
   matmul = lambda a, b: jnp.matmul(a.astype(dtype), b, preferred_element_type=jnp.float32)  # noqa: E731
   d_out = d_out.astype(jnp.float32)
-  row_dots = jnp.sum(d_out * out, axis=-1)  # [g, t]: sum_s weights * d_weights, per row
+  row_dots = row_sum(d_out * out)  # [g, t]: sum_s weights * d_weights, per row
   d_out = d_out.astype(dtype)
   k_t = _transposed(k)  # [e, s]
   q_t, d_out_t = (_transposed(x.reshape(g * t, e)).reshape(e, g, t) for x in (q, d_out))

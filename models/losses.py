@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models.layers import project, rounds_to_bf16, row_max, token_sum, tokens_contracted
+from models.layers import project, rounds_to_bf16, row_max, row_sum, token_sum, tokens_contracted
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -28,7 +28,7 @@ def _token_statistics(logits, targets):
   """Per token of logits [..., v]: max, exp(logits - max), their sum, log Z, the target's logit."""
   max_logit = jax.lax.stop_gradient(row_max(logits))
   exp = jnp.exp(logits - max_logit[..., None])
-  total = jnp.sum(exp, axis=-1)
+  total = row_sum(exp)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return max_logit, exp, total, max_logit + jnp.log(total), target_logit
 

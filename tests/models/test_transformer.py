@@ -12,7 +12,8 @@ from flax import nnx
 from models.attention import dot_product_attention
 from models.config import ModelConfig
 from models.layers import (add_bias, apply_rope, gelu_exact, gelu_tanh, project, relative_position_bucket,
-                           row_max, scale_and_shift, sinusoidal_embedding, token_sum, tokens_contracted)
+                           row_max, row_sum, scale_and_shift, sinusoidal_embedding, token_sum,
+                           tokens_contracted)
 from models.transformer import build_model
 
 VOCAB, LENGTH = 64, 10
@@ -325,20 +326,35 @@ def test_token_sum_is_the_column_sum(monkeypatch, backend, primitive):
   assert primitive in primitives and not {"dot_general", "reduce_sum"} - {primitive} & primitives
 
 
-@pytest.mark.parametrize("backend, reduced_width", [("cpu", 64), ("gpu", 8192)])
-def test_row_max_is_numpys_row_max(monkeypatch, backend, reduced_width):
-  """Halved by elementwise maxima on a CPU down to 64 columns, then reduced; a plain max elsewhere."""
+@pytest.mark.parametrize("backend, reduced_width", [("cpu", 32), ("gpu", 8192)])
+def test_row_max_and_row_sum_match_numpy(monkeypatch, backend, reduced_width):
+  """Halved on a CPU down to 32 columns, then reduced; a plain reduction elsewhere."""
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   for width in (8192, 96, 4094, 7):  # 4094 halves once to an odd 2047, 7 is odd from the start
     x = np.array(jax.random.normal(jax.random.key(width), (4, width)))
-    x[1, -1], x[2, :] = 9.0, -np.inf  # the maximum in the last column; a row of -inf
-    x[3, 0] = 9.0  # and in the first
+    x[1, -1], x[3, 0] = 9.0, 9.0  # the maximum in the last column, and in the first
+    # Summation error bound: a few roundings of the sum of magnitudes, in float32.
+    np.testing.assert_allclose(row_sum(jnp.asarray(x)), x.astype(np.float64).sum(axis=-1),
+                               rtol=0, atol=4 * 2**-24 * np.abs(x).sum())
+    x[2, :] = -np.inf  # a row of -inf
     np.testing.assert_array_equal(row_max(jnp.asarray(x)), np.max(x, axis=-1))
     np.testing.assert_array_equal(row_max(jnp.asarray(x), keepdims=True), np.max(x, axis=-1, keepdims=True))
+    assert row_sum(jnp.asarray(x), keepdims=True).shape == (4, 1)
   x = jnp.zeros((4, 8192))
-  (reduction,) = [eqn for eqn in jax.make_jaxpr(lambda x: row_max(x))(x).jaxpr.eqns
-                  if eqn.primitive.name == "reduce_max"]
-  assert reduction.invars[0].aval.shape == (4, reduced_width)
+  for reduction, name in ((row_max, "reduce_max"), (row_sum, "reduce_sum")):
+    (eqn,) = [eqn for eqn in jax.make_jaxpr(lambda x: reduction(x))(x).jaxpr.eqns if eqn.primitive.name == name]
+    assert eqn.invars[0].aval.shape == (4, reduced_width)
+
+
+def test_row_reductions_leave_xla_cpu_no_reduce_window():
+  """XLA:CPU's tree reduction turns wider reductions into slow, unfused reduce-windows (item 43)."""
+  # YNNPACK for plain matmuls only, as `import t5x_like` sets; XLA's default hands it reductions too.
+  options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+  compiled = lambda f, x: jax.jit(f).lower(x).compile(compiler_options=options).as_text()  # noqa: E731
+  x = jnp.zeros((16, 1024))
+  assert "reduce-window" in compiled(lambda x: jnp.sum(jnp.exp(x), axis=-1), x)
+  for reduction in (row_max, row_sum):
+    assert "reduce-window" not in compiled(lambda x: reduction(jnp.exp(x)), x)  # noqa: B023
 
 
 def _tanh_gelu_float64(v):
