@@ -288,7 +288,7 @@ class Trainer:
     # selects XLA copied every Adam moment first, as the update and the select both read it
     # (docs/performance.md, item 29).
     def update(params, opt_state):
-      updates, opt_state = self.tx.update(grads, opt_state, params)
+      updates, opt_state = self.tx.update(grads, opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state
 
     params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state["params"], state["opt_state"])

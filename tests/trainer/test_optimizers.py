@@ -1,14 +1,15 @@
-"""Schedules against their formulas; weight decay spares norms and biases; Adafactor steps."""
+"""Schedules against their formulas; weight decay spares norms and biases; Adafactor steps; clipping."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from models.config import ConfigError
-from t5x_like.optimizers import default_optimizer_config, make_optimizer, make_schedule
+from t5x_like.optimizers import clip_by_global_norm, default_optimizer_config, make_optimizer, make_schedule
 
 
 def config(**changes):
@@ -62,3 +63,28 @@ def test_unknown_optimizer_and_schedule_name_the_field():
     make_optimizer(config(name="sgd"), 10)
   with pytest.raises(ConfigError, match="train.optimizer.schedule='linear'"):
     make_optimizer(config(schedule="linear"), 10)
+
+
+
+def test_clipping_matches_optax_and_uses_the_norm_it_is_handed():
+  """optax's clip_by_global_norm, but a norm handed in (the trainer's) replaces the one it computes."""
+  grads = {"w": jnp.full((4, 3), 2.0), "b": jnp.array([3.0, -4.0, 0.5])}  # norm ~8.04
+  norm = float(optax.tree.norm(grads))
+  clip, reference = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  expected, _ = reference.update(grads, reference.init(grads))
+  clipped, _ = clip.update(grads, clip.init(grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), clipped, expected)
+  handed, _ = clip.update(grads, clip.init(grads), grad_norm=2 * norm)
+  jax.tree.map(lambda a, g: np.testing.assert_allclose(a, g / (2 * norm), rtol=1e-6), handed, grads)
+  small = jax.tree.map(lambda g: g / (2 * norm), grads)  # norm 0.5: left as it is
+  unchanged, _ = clip.update(small, clip.init(small))
+  jax.tree.map(np.testing.assert_array_equal, unchanged, small)
+
+
+@pytest.mark.parametrize("grad_clip_norm", [1.0, 0.0])
+def test_every_optimizer_takes_the_gradient_norm(grad_clip_norm):
+  """The trainer hands `grad_norm=` to whatever make_optimizer built, clipping or not."""
+  params = {"w": jnp.ones((4, 3))}
+  tx, _ = make_optimizer(config(grad_clip_norm=grad_clip_norm), 10)
+  updates, _ = tx.update(params, tx.init(params), params, grad_norm=optax.tree.norm(params))
+  assert updates["w"].shape == (4, 3)
