@@ -10,7 +10,9 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import portpicker
 import pytest
 from jax.sharding import PartitionSpec
@@ -18,6 +20,7 @@ from jax.sharding import PartitionSpec
 from fake_data import PatternLoader
 from models.config import ConfigError
 from t5x_like.metrics import read_metrics
+from t5x_like.optimizers import decay_mask
 from t5x_like.trainer import NonFiniteLossError, Trainer
 from trainer_configs import tiny_config
 
@@ -100,6 +103,32 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   train(config(), tmp_path / "full")
   accum, full = losses(tmp_path / "accum"), losses(tmp_path / "full")
   np.testing.assert_allclose([accum[s] for s in range(1, 7)], [full[s] for s in range(1, 7)], rtol=2e-3)
+
+
+def test_a_step_is_optax_clipping_and_adamw_on_the_mean_loss_gradient(tmp_path):
+  """One step's gradient norm and Adam moments against jax.grad of the mean loss through optax's
+  own clip and AdamW: the trainer sums over tokens, divides, and clips with the norm it logs."""
+  config = tiny_config()
+  config.model.dropout_rate = 0.0
+  config.train.optimizer.grad_clip_norm = 0.05  # below the first gradient's norm: clipping acts
+  trainer = Trainer(config, tmp_path, make_loader=PatternLoader)
+  batch = trainer.global_batch(next(PatternLoader(config.data, "train", process_index=0, process_count=1)))
+  params = jax.tree.map(np.asarray, trainer.state["params"])  # the step donates the state's buffers
+
+  def mean_loss(params):
+    sums = trainer._loss_sums(params, trainer.rest, batch, jax.random.key(0), train=True)
+    return sums["loss"] / jnp.maximum(sums["weight"], 1.0)
+
+  grads = jax.grad(mean_loss)(trainer.state["params"])
+  c = config.train.optimizer
+  reference = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), optax.adamw(
+      trainer.schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask))
+  _, reference_state = reference.update(grads, reference.init(params), params)
+  state, metrics = trainer.train_step(trainer.state, trainer.rest, batch)
+  assert float(metrics["grad_norm"]) > 2 * c.grad_clip_norm
+  np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+  for ours, theirs in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(reference_state), strict=True):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-9)
 
 
 def _run(workdir, overrides, *extra):
