@@ -65,7 +65,6 @@ def test_unknown_optimizer_and_schedule_name_the_field():
     make_optimizer(config(schedule="linear"), 10)
 
 
-
 def test_clipping_matches_optax_and_uses_the_norm_it_is_handed():
   """optax's clip_by_global_norm, but a norm handed in (the trainer's) replaces the one it computes."""
   grads = {"w": jnp.full((4, 3), 2.0), "b": jnp.array([3.0, -4.0, 0.5])}  # norm ~8.04
