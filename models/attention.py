@@ -61,10 +61,19 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
     query = query.reshape(b, t, kv_heads, h // kv_heads, e)
     out = blocked_attention(query, key, value, mask, scale, causal)
     return out.reshape(b, t, h, e).astype(value.dtype)
-  # Heads-first layouts make both products plain batched matmuls over (b, k); mixing
-  # batch and head dims inside the einsums costs XLA:CPU twice the time in transposes.
+  return heads_first_attention(query, heads_first(key), heads_first(value), mask, bias, scale=scale)
+
+
+def heads_first_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
+                          bias: jax.Array | None, *, scale: float) -> jax.Array:
+  """dot_product_attention's xla kernel for key, value [b, k, s, e], the KV cache's layout.
+
+  Heads-first layouts make both products plain batched matmuls over (b, k); mixing batch
+  and head dims inside the einsums costs XLA:CPU twice the time in transposes.
+  """
+  b, t, h, e = query.shape
+  kv_heads = key.shape[1]
   query = query.reshape(b, t, kv_heads, h // kv_heads, e).transpose(0, 2, 3, 1, 4)  # [b, k, g, t, e]
-  key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [b, k, s, e]
   logits = attention_product("bkgte,bkse->bkgts", query, key)
   logits = logits * scale
   if bias is not None:
@@ -73,6 +82,11 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
   out = attention_product("bkgts,bkse->bkgte", weights, value)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(value.dtype)
+
+
+def heads_first(keys: jax.Array) -> jax.Array:
+  """[b, s, k, e] keys or values -> [b, k, s, e], the layout of KV caches."""
+  return keys.transpose(0, 2, 1, 3)
 
 
 def attention_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -149,9 +163,9 @@ class Attention(nnx.Module):
     """Attends from x [b, t, d]; returns ([b, t, d], updated cache).
 
     Self-attention uses x for keys too; cross-attention passes kv_inputs, or a cache
-    whose `k`/`v` were computed once from the encoder output. For cached
-    self-attention, this call's keys are written at cache_index and the whole cache is
-    attended (the mask says which slots are valid). `causal` promises a purely causal
+    whose `k`/`v` were computed once from the encoder output. Caches hold [b, k, s, e]
+    (`heads_first`). For cached self-attention, this call's keys are written at
+    cache_index and the whole cache is attended (the mask says which slots are valid). `causal` promises a purely causal
     mask (no prefix, no cache), which the blocked kernel uses to skip hidden keys.
     """
     query = self.query(x)  # [b, t, h, e]
@@ -164,15 +178,19 @@ class Attention(nnx.Module):
       source = x if kv_inputs is None else kv_inputs
       key, value = self.project_kv(source, positions if kv_inputs is None else kv_positions)
       if cache is not None:
-        key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), cache_index, axis=1)
-        value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), cache_index, axis=1)
-        cache = {"k": key, "v": value}
-    out = dot_product_attention(query, key, value, mask, bias, scale=self.scale,
-                                kernel=self._kernel(bias, cache, key.shape[1]), causal=causal)
+        write = lambda buffer, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+            buffer, heads_first(new).astype(buffer.dtype), cache_index, axis=2)
+        cache = {"k": write(cache["k"], key), "v": write(cache["v"], value)}
+        key, value = cache["k"], cache["v"]
+    if cache is not None:  # always the xla kernel, on the cache's heads-first layout
+      out = heads_first_attention(query, key, value, mask, bias, scale=self.scale)
+    else:
+      out = dot_product_attention(query, key, value, mask, bias, scale=self.scale,
+                                  kernel=self._kernel(bias, key.shape[1]), causal=causal)
     return self.out(out), cache
 
-  def _kernel(self, bias: jax.Array | None, cache: dict | None, keys: int) -> str:
-    if bias is not None or cache is not None:
+  def _kernel(self, bias: jax.Array | None, keys: int) -> str:
+    if bias is not None:
       return "xla"
     if self.kernel == "auto":
       # cuDNN: 1.38x the xla kernel's 1b step on an H200 (docs/performance.md, item 39).

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import Attention, attention_mask
+from models.attention import Attention, attention_mask, heads_first
 from models.config import ModelConfig
 from models.layers import (Dense, Embed, Mlp, Norm, RelativePositionBias, activation, constrain,
                            param, sinusoidal_embedding)
@@ -151,16 +151,21 @@ class Stack(nnx.Module):
     return x, new_cache
 
   def init_cache(self, batch_size: int, max_len: int, encoded=None, encoded_segment_ids=None) -> dict:
-    """Empty key/value buffers; cross-attention keys are projected here, once."""
+    """Empty key/value buffers; cross-attention keys are projected here, once.
+
+    Keys and values are kept heads-first, [b, k, s, e], the layout attention's products
+    read: in [b, s, k, e] XLA:CPU copied the whole cache twice per layer for every decoded
+    token (docs/performance.md, item 44).
+    """
     cfg = self.cfg
-    shape = (batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
+    shape = (batch_size, cfg.kv_heads, max_len, cfg.dim_per_head)
     layers = []
     for layer in self.layers:
       entry = {"self": {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)},
                "cross": None}
       if layer.cross_attention is not None:
         k, v = layer.cross_attention.project_kv(encoded, None)
-        entry["cross"] = {"k": k, "v": v}
+        entry["cross"] = {"k": heads_first(k), "v": heads_first(v)}
       layers.append(entry)
     cache = {"index": jnp.zeros((), jnp.int32),
              "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),

@@ -95,8 +95,12 @@ def test_cudnn_trains_and_kv_cache_decoding_keeps_xla():
 
   cfg = ModelConfig(emb_dim=32, num_heads=4, dtype="bfloat16", attention_kernel="cudnn")
   attention = Attention(cfg, rope=True, rngs=nnx.Rngs(0))
-  assert attention._kernel(None, None, 512) == "cudnn"
-  assert attention._kernel(None, {"k": None}, 512) == "xla"
+  assert attention._kernel(None, 512) == "cudnn"
+  # A cached step takes the xla kernel: cuDNN, on this CPU, would raise.
+  cache = {"k": jnp.zeros((1, 4, 8, 8), jnp.bfloat16), "v": jnp.zeros((1, 4, 8, 8), jnp.bfloat16)}
+  out, cache = attention(jnp.ones((1, 1, 32), jnp.bfloat16), mask=jnp.ones((1, 1, 1, 8), bool),
+                         positions=jnp.zeros((1, 1), jnp.int32), cache=cache, cache_index=jnp.array(0))
+  assert out.shape == (1, 1, 32) and cache["k"].shape == (1, 4, 8, 8)
 
 
 def test_auto_picks_cudnn_on_a_gpu_where_it_fits(monkeypatch):
@@ -106,8 +110,7 @@ def test_auto_picks_cudnn_on_a_gpu_where_it_fits(monkeypatch):
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   kernel = lambda **fields: Attention(ModelConfig(**fields), rope=True, rngs=nnx.Rngs(0))._kernel  # noqa: E731
-  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, None, 512) == "cudnn"
-  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(jnp.zeros(()), None, 512) == "xla"
-  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, {"k": None}, 512) == "xla"
-  assert kernel(emb_dim=32, num_heads=4, dtype="float32")(None, None, 512) == "xla"
-  assert kernel(emb_dim=48, num_heads=4, dtype="bfloat16")(None, None, 512) == "xla"  # head dim 12
+  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, 512) == "cudnn"
+  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(jnp.zeros(()), 512) == "xla"
+  assert kernel(emb_dim=32, num_heads=4, dtype="float32")(None, 512) == "xla"
+  assert kernel(emb_dim=48, num_heads=4, dtype="bfloat16")(None, 512) == "xla"  # head dim 12

@@ -1,5 +1,6 @@
 """Behaviour of the three architectures: shapes, masks, caching, GQA, precision."""
 
+import math
 import re
 
 import jax
@@ -184,6 +185,28 @@ def test_encoder_decoder_cache_matches_full_forward():
     pieces.append(logits)
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
 
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="what XLA:CPU compiles")
+def test_a_decode_step_moves_no_kv_cache_but_its_update():
+  """Kept as [b, s, k, e], the cache was transposed whole twice per layer and token (docs/performance.md, item 44)."""
+  model = build_model(small(num_kv_heads=2))
+  cache = model.init_cache(2, 40)
+  step = nnx.jit(lambda m, t, c: m.decode(t, c))
+  hlo = step.lower(model, random_tokens(0, (2, 1)), cache).compile().as_text().split("\nENTRY")[1]
+  cache_size = math.prod(cache["layers"][0]["self"]["k"].shape)
+  parameters, moved = set(), []
+  for line in hlo.splitlines():
+    match = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(%?([^,)]*)", line)
+    if not match or math.prod(int(d) for d in match.group(2).split(",") if d) != cache_size:
+      continue
+    name, op, operand = match.groups()[0], match.group(3), match.group(4)
+    if op == "parameter":
+      parameters.add(name)
+    elif not (op == "bitcast" or (op == "copy" and operand in parameters) or "dynamic-update-slice" in name):
+      moved.append(line.strip()[:120])
+  assert len(parameters) == 2 * 2  # k and v of both layers
+  assert not moved
 
 # Grouped-query attention ------------------------------------------------------------
 
