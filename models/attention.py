@@ -79,9 +79,9 @@ def heads_first_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   if bias is not None:
     logits = logits + bias.reshape(bias.shape[0], kv_heads, h // kv_heads, t, -1)
   logits = jnp.where(mask[:, :, None], logits, MASKED_LOGIT)
-  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)  # as a bf16 cache would, if it is float32
   out = attention_product("bkgts,bkse->bkgte", weights, value)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(value.dtype)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(query.dtype)
 
 
 def heads_first(keys: jax.Array) -> jax.Array:

@@ -155,17 +155,19 @@ class Stack(nnx.Module):
 
     Keys and values are kept heads-first, [b, k, s, e], the layout attention's products
     read: in [b, s, k, e] XLA:CPU copied the whole cache twice per layer for every decoded
-    token (docs/performance.md, item 44).
+    token (docs/performance.md, item 44). For the same reason a CPU keeps them in float32:
+    XLA:CPU runs batched bfloat16 products in float32, converting the whole cache first; a
+    float32 cache holds the same bf16-rounded keys and is read as it is.
     """
     cfg = self.cfg
     shape = (batch_size, cfg.kv_heads, max_len, cfg.dim_per_head)
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else cfg.compute_dtype
     layers = []
     for layer in self.layers:
-      entry = {"self": {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)},
-               "cross": None}
+      entry = {"self": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}, "cross": None}
       if layer.cross_attention is not None:
         k, v = layer.cross_attention.project_kv(encoded, None)
-        entry["cross"] = {"k": heads_first(k), "v": heads_first(v)}
+        entry["cross"] = {"k": heads_first(k).astype(dtype), "v": heads_first(v).astype(dtype)}
       layers.append(entry)
     cache = {"index": jnp.zeros((), jnp.int32),
              "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),

@@ -188,9 +188,11 @@ def test_encoder_decoder_cache_matches_full_forward():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="what XLA:CPU compiles")
-def test_a_decode_step_moves_no_kv_cache_but_its_update():
-  """Kept as [b, s, k, e], the cache was transposed whole twice per layer and token (docs/performance.md, item 44)."""
-  model = build_model(small(num_kv_heads=2))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_decode_step_moves_no_kv_cache_but_its_update(dtype):
+  """Kept as [b, s, k, e], the cache was transposed whole twice per layer and token; kept in
+  bfloat16, converted whole to float32 (docs/performance.md, item 44)."""
+  model = build_model(small(emb_dim=256, dtype=dtype))
   cache = model.init_cache(2, 40)
   step = nnx.jit(lambda m, t, c: m.decode(t, c))
   hlo = step.lower(model, random_tokens(0, (2, 1)), cache).compile().as_text().split("\nENTRY")[1]
