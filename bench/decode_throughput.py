@@ -53,18 +53,21 @@ def timed(fn, repeats: int = 3) -> float:
 
 
 def measure(batch: int, prompt_len: int, new_tokens: int) -> dict:
-  """Best of 3 after compilation, for each loop."""
-  cfg = ModelConfig(arch="decoder", vocab_size=8192, emb_dim=256, num_heads=4, mlp_dim=1024, num_layers=4,
-                    max_len=prompt_len + new_tokens)
-  model = build_model(cfg)
-  model.eval()
+  """Best of 3 after compilation, for each loop; the cached one for a bfloat16 model too."""
   prompts = np.random.default_rng(0).integers(3, 8192, (batch, prompt_len)).tolist()
   config = DecodeConfig(max_new_tokens=new_tokens, eos_id=-1)  # never stop early
-  cached = timed(lambda: generate(model, prompts, config))
-  uncached = timed(lambda: greedy_without_cache(model, jnp.asarray(prompts, jnp.int32),
+  models = {}
+  for dtype in ("float32", "bfloat16"):
+    models[dtype] = build_model(ModelConfig(arch="decoder", vocab_size=8192, emb_dim=256, num_heads=4, mlp_dim=1024,
+                                            num_layers=4, max_len=prompt_len + new_tokens, dtype=dtype))
+    models[dtype].eval()
+  cached = timed(lambda: generate(models["float32"], prompts, config))
+  cached_bf16 = timed(lambda: generate(models["bfloat16"], prompts, config))
+  uncached = timed(lambda: greedy_without_cache(models["float32"], jnp.asarray(prompts, jnp.int32),
                                                 new_tokens=new_tokens).block_until_ready())
   return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
           "cached_tokens_per_second": batch * new_tokens / cached,
+          "bfloat16_cached_tokens_per_second": batch * new_tokens / cached_bf16,
           "uncached_tokens_per_second": batch * new_tokens / uncached}
 
 
