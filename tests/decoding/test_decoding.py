@@ -10,7 +10,7 @@ import pytest
 
 from models.config import ModelConfig
 from models.transformer import build_model
-from t5x_like.decoding import DecodeConfig, filter_logits, generate
+from t5x_like.decoding import NEG_INF, DecodeConfig, filter_logits, generate, sample
 
 EOS = 1
 
@@ -134,6 +134,45 @@ def test_filter_logits_keeps_the_nucleus_exactly():
       np.asarray(filter_logits(logits, temperature=1.0, top_k=0, top_p=0.8)) > -1e20)
   np.testing.assert_array_equal(kept[0], [True, True, False, False])
 
+
+
+def kept_by_sorting(row, top_k, top_p):
+  """numpy reference for one row of logits: which survive top-k, then the top-p nucleus."""
+  keep = np.ones(row.shape, bool)
+  if top_k:
+    keep &= row >= np.sort(row)[-top_k]
+  if top_p < 1:
+    probs = np.where(keep, np.exp(row - row.max()), 0.0)
+    probs /= probs.sum()
+    order = np.argsort(-row, kind="stable")
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    keep &= row >= row[order][mass_before < top_p].min()
+  return keep
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (7, 1.0), (300, 1.0), (0, 0.3), (0, 0.95), (50, 0.9)])
+def test_filters_keep_what_sorting_keeps(top_k, top_p):
+  """Ties, negative and masked (NEG_INF) logits included; the filters search thresholds, not sort."""
+  rng = np.random.default_rng(top_k + int(100 * top_p))
+  logits = rng.normal(0, 3, (6, 1000)).astype(np.float32)
+  logits[0, :40] = logits[0, 40]  # a run of ties
+  logits[1] = np.round(logits[1])  # many ties
+  logits[2, ::3] = NEG_INF  # filtered before
+  logits[3] = -np.abs(logits[3]) - 50  # all negative
+  kept = np.asarray(filter_logits(jnp.asarray(logits), temperature=1.0, top_k=top_k, top_p=top_p)) > NEG_INF / 2
+  for row, kept_row in zip(logits, kept):
+    np.testing.assert_array_equal(kept_row, kept_by_sorting(row.astype(np.float64), top_k, top_p))
+
+
+def test_sample_draws_each_token_at_its_probability():
+  probs = np.array([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0, 0.0])
+  scores = jnp.log(jnp.asarray(probs, jnp.float32))  # -inf where a token may not be drawn
+  draws = 20000
+  keys = jax.random.split(jax.random.key(0), draws)
+  tokens = np.asarray(jax.vmap(lambda key: sample(key, scores[None])[0])(keys))
+  observed = np.bincount(tokens, minlength=len(probs)) / draws
+  assert np.all(observed[probs == 0] == 0)
+  np.testing.assert_allclose(observed, probs, atol=4.5 * np.sqrt(0.25 / draws))
 
 def test_beam_search_finds_the_exhaustive_best(decoder):
   """With as many beams as prefixes, beam search must return the best sequence (alpha = 0)."""
