@@ -1,10 +1,13 @@
 """Decode tokens/s with and without the KV cache (tiny decoder, greedy), as one JSON line.
 
     python bench/decode_throughput.py [--batch 8] [--prompt-len 16] [--new-tokens 256]
+                                      [--strategies] [--dtype float32]
 
 Without the cache every step reruns the full forward pass over the whole buffer (what
 decoding costs without incremental state); both loops are compiled `lax` loops.
-`bench/run.py` runs this and writes the figures to docs/benchmarks.md.
+`bench/run.py` runs this and writes the figures to docs/benchmarks.md. --strategies times
+each decoding strategy with the cache instead (greedy, sampling with and without top-k and
+top-p, beam search), one JSON line each.
 """
 
 from __future__ import annotations
@@ -71,13 +74,36 @@ def measure(batch: int, prompt_len: int, new_tokens: int) -> dict:
           "uncached_tokens_per_second": batch * new_tokens / uncached}
 
 
+STRATEGIES = ({}, {"strategy": "sample"}, {"strategy": "sample", "top_k": 40}, {"strategy": "sample", "top_p": 0.9},
+              {"strategy": "sample", "temperature": 0.8, "top_k": 40, "top_p": 0.9},
+              {"strategy": "beam", "num_beams": 4})
+
+
+def measure_strategies(batch: int, prompt_len: int, new_tokens: int, dtype: str):
+  """Yields, per decoding strategy, its cached tokens/s and ms a step (best of 3 after compilation)."""
+  model = build_model(ModelConfig(arch="decoder", vocab_size=8192, emb_dim=256, num_heads=4, mlp_dim=1024,
+                                  num_layers=4, max_len=prompt_len + new_tokens, dtype=dtype))
+  model.eval()
+  prompts = np.random.default_rng(0).integers(3, 8192, (batch, prompt_len)).tolist()
+  for fields in STRATEGIES:
+    seconds = timed(lambda: generate(model, prompts, DecodeConfig(max_new_tokens=new_tokens, eos_id=-1, **fields)))
+    yield {"dtype": dtype, **fields, "tokens_per_second": batch * new_tokens / seconds,
+           "ms_per_step": seconds / new_tokens * 1e3}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--prompt-len", type=int, default=16)
   parser.add_argument("--new-tokens", type=int, default=256)
+  parser.add_argument("--strategies", action="store_true")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))  # with --strategies
   args = parser.parse_args()
-  print(json.dumps(measure(args.batch, args.prompt_len, args.new_tokens)))
+  if args.strategies:
+    for result in measure_strategies(args.batch, args.prompt_len, args.new_tokens, args.dtype):
+      print(json.dumps(result), flush=True)
+  else:
+    print(json.dumps(measure(args.batch, args.prompt_len, args.new_tokens)))
 
 
 if __name__ == "__main__":

@@ -150,18 +150,21 @@ class Stack(nnx.Module):
                      positions=key_positions, prefix=key_prefix, layers=new_layers)
     return x, new_cache
 
-  def init_cache(self, batch_size: int, max_len: int, encoded=None, encoded_segment_ids=None) -> dict:
+  def init_cache(self, batch_size: int, max_len: int, encoded=None, encoded_segment_ids=None,
+                 dtype=None) -> dict:
     """Empty key/value buffers; cross-attention keys are projected here, once.
 
     Keys and values are kept heads-first, [b, k, s, e], the layout attention's products
     read: in [b, s, k, e] XLA:CPU copied the whole cache twice per layer for every decoded
-    token (docs/performance.md, item 44). For the same reason a CPU keeps them in float32:
-    XLA:CPU runs batched bfloat16 products in float32, converting the whole cache first; a
-    float32 cache holds the same bf16-rounded keys and is read as it is.
+    token (docs/performance.md, item 44). For the same reason a CPU keeps them in float32
+    unless `dtype` says otherwise: XLA:CPU runs batched bfloat16 products in float32,
+    converting the whole cache first; a float32 cache holds the same bf16-rounded keys and
+    is read as it is. Elsewhere the cache takes the compute dtype.
     """
     cfg = self.cfg
     shape = (batch_size, cfg.kv_heads, max_len, cfg.dim_per_head)
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else cfg.compute_dtype
+    if dtype is None:
+      dtype = jnp.float32 if jax.default_backend() == "cpu" else cfg.compute_dtype
     layers = []
     for layer in self.layers:
       entry = {"self": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}, "cross": None}
@@ -248,8 +251,8 @@ class DecoderLM(_LanguageModel):
                              prefix_mask=prefix_mask, token_type_ids=token_type_ids)
     return hidden
 
-  def init_cache(self, batch_size: int, max_len: int) -> dict:
-    return self.decoder.init_cache(batch_size, max_len)
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
+    return self.decoder.init_cache(batch_size, max_len, dtype=dtype)
 
   def decode(self, tokens, cache, *, segment_ids=None, positions=None, prefix_mask=None):
     """Extends the cache by tokens [b, t]; returns (logits [b, t, v], cache)."""
@@ -325,11 +328,11 @@ class EncoderDecoder(_LanguageModel):
                              encoded_segment_ids=encoder_segment_ids)
     return hidden
 
-  def init_cache(self, encoded, max_len: int, encoded_segment_ids=None) -> dict:
+  def init_cache(self, encoded, max_len: int, encoded_segment_ids=None, dtype=None) -> dict:
     """Decoder cache for `encoded` [b, s, d]; cross-attention keys computed here, once."""
     if encoded_segment_ids is None:
       encoded_segment_ids = jnp.ones(encoded.shape[:2], jnp.int32)
-    return self.decoder.init_cache(encoded.shape[0], max_len, encoded, encoded_segment_ids)
+    return self.decoder.init_cache(encoded.shape[0], max_len, encoded, encoded_segment_ids, dtype=dtype)
 
   def decode(self, tokens, cache, *, segment_ids=None, positions=None):
     """Extends the decoder cache by tokens [b, t]; returns (logits [b, t, v], cache)."""

@@ -119,16 +119,16 @@ def sample(key: jax.Array, scores: jax.Array) -> jax.Array:
 
 # The model side: one function per architecture to prefill and to step ---------------------
 
-def _prefill(model, prompt, lengths, cache_len, encoder_inputs):
+def _prefill(model, prompt, lengths, cache_len, encoder_inputs, cache_dtype=None):
   """Runs the prompt through the model; returns (last logits [b, v], cache)."""
   b, p = prompt.shape
   offset = p - lengths  # [b] pads before each prompt
   if encoder_inputs is not None:
     encoder_tokens, encoder_segment_ids = encoder_inputs
     encoded = model.encode(encoder_tokens, segment_ids=encoder_segment_ids)
-    cache = model.init_cache(encoded, cache_len, encoded_segment_ids=encoder_segment_ids)
+    cache = model.init_cache(encoded, cache_len, encoded_segment_ids=encoder_segment_ids, dtype=cache_dtype)
   else:
-    cache = model.init_cache(b, cache_len)
+    cache = model.init_cache(b, cache_len, dtype=cache_dtype)
   slots = jnp.arange(p)[None, :]
   segment_ids = (slots >= offset[:, None]).astype(jnp.int32)
   positions = jnp.maximum(slots - offset[:, None], 0)
@@ -195,7 +195,10 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
   k, steps, vocab = config.num_beams, config.max_new_tokens, model.config.vocab_size
   repeat = lambda x: jnp.repeat(x, k, axis=0)
   encoder_inputs = None if encoder_inputs is None else jax.tree.map(repeat, encoder_inputs)
-  logits, cache = _prefill(model, repeat(prompt), repeat(lengths), p + steps, encoder_inputs)
+  # The cache in the compute dtype, even on a CPU: gathering it whole for the surviving beams
+  # every step costs more in float32 than converting it for the products (docs/performance.md, item 44).
+  logits, cache = _prefill(model, repeat(prompt), repeat(lengths), p + steps, encoder_inputs,
+                           cache_dtype=model.config.compute_dtype)
   # Only the first copy of each row is live at the start, so beams do not duplicate.
   live_scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1))  # [b, k]
   live_tokens = jnp.full((b, k, steps), config.pad_id, jnp.int32)

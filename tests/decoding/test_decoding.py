@@ -1,6 +1,7 @@
 """Decoding strategies against references: full-forward recomputation, exhaustive search,
 the filtered distribution, one-prompt-at-a-time decoding."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -83,7 +84,11 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(decoder, strat
   assert batched == alone
 
 
-def test_top_k_1_and_beam_width_1_equal_greedy(decoder):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_top_k_1_and_beam_width_1_equal_greedy(decoder, dtype):
+  """In bfloat16 on a CPU, greedy keeps a float32 cache and beam search a bfloat16 one: the same values."""
+  if dtype == "bfloat16":
+    decoder = build_model(dataclasses.replace(decoder.config, dtype="bfloat16"), seed=3)
   greedy = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=6, eos_id=EOS))
   top1 = generate(decoder, PROMPTS, DecodeConfig(strategy="sample", top_k=1, max_new_tokens=6, eos_id=EOS))
   beam1 = generate(decoder, PROMPTS, DecodeConfig(strategy="beam", num_beams=1, max_new_tokens=6, eos_id=EOS))

@@ -187,6 +187,22 @@ def test_encoder_decoder_cache_matches_full_forward():
 
 
 
+def test_a_float32_cache_decodes_a_bfloat16_model_as_a_bfloat16_cache_does():
+  """It holds the same bf16-rounded keys and values, and attention rounds as it would for bf16 ones."""
+  model = build_model(small(dtype="bfloat16", num_kv_heads=2))
+  tokens = random_tokens(8)
+  step = nnx.jit(lambda m, t, c: m.decode(t, c))
+  decoded = []
+  for dtype in (jnp.float32, jnp.bfloat16):
+    logits, cache = step(model, tokens[:, :4], model.init_cache(2, 16, dtype=dtype))
+    pieces = [logits]
+    for t in range(4, LENGTH):
+      logits, cache = step(model, tokens[:, t:t + 1], cache)
+      pieces.append(logits)
+    assert cache["layers"][0]["self"]["k"].dtype == dtype
+    decoded.append(np.asarray(jnp.concatenate(pieces, axis=1), np.float32))
+  np.testing.assert_allclose(decoded[0], decoded[1], rtol=1e-6, atol=1e-6)
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="what XLA:CPU compiles")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_decode_step_moves_no_kv_cache_but_its_update(dtype):
