@@ -348,7 +348,8 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
       f"{decode['new_tokens']} new tokens, best of 3 after compilation: "
       f"{decode['cached_tokens_per_second']:,.0f} new tokens/s with the KV cache "
       f"(`t5x_like.decoding.generate`) against {decode['uncached_tokens_per_second']:,.0f} rerunning the "
-      f"full forward pass per token ({decode['cached_tokens_per_second'] / decode['uncached_tokens_per_second']:.0f}x); "
+      f"full forward pass per token "
+      f"({decode['cached_tokens_per_second'] / decode['uncached_tokens_per_second']:.0f}x); "
       f"in bfloat16, {decode['bfloat16_cached_tokens_per_second']:,.0f} with the KV cache.",
       "",
       "## Data pipeline",

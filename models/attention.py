@@ -165,8 +165,9 @@ class Attention(nnx.Module):
     Self-attention uses x for keys too; cross-attention passes kv_inputs, or a cache
     whose `k`/`v` were computed once from the encoder output. Caches hold [b, k, s, e]
     (`heads_first`). For cached self-attention, this call's keys are written at
-    cache_index and the whole cache is attended (the mask says which slots are valid). `causal` promises a purely causal
-    mask (no prefix, no cache), which the blocked kernel uses to skip hidden keys.
+    cache_index and the whole cache is attended (the mask says which slots are valid).
+    `causal` promises a purely causal mask (no prefix, no cache), which the blocked kernel
+    uses to skip hidden keys.
     """
     query = self.query(x)  # [b, t, h, e]
     if self.rope_theta is not None:
