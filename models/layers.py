@@ -354,7 +354,9 @@ def _gelu_forward(x, approximate):
 
 
 def _gelu_backward(approximate, x, d_y):
-  x32 = x.astype(jnp.float32)
+  # The barrier keeps XLA from sharing the forward's cdf(x): it did in float32, and kept an
+  # activation-sized float32 cdf alive per layer until the backward (docs/performance.md, item 45).
+  x32 = jax.lax.optimization_barrier(x).astype(jnp.float32)
   cdf = _gelu_cdf(x32, approximate)
   return ((d_y * (cdf + x32 * _gelu_cdf_derivative(x32, cdf, approximate))).astype(x.dtype),)
 
