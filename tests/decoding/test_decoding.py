@@ -140,7 +140,6 @@ def test_filter_logits_keeps_the_nucleus_exactly():
   np.testing.assert_array_equal(kept[0], [True, True, False, False])
 
 
-
 def kept_by_sorting(row, top_k, top_p):
   """numpy reference for one row of logits: which survive top-k, then the top-p nucleus."""
   keep = np.ones(row.shape, bool)
@@ -178,6 +177,7 @@ def test_sample_draws_each_token_at_its_probability():
   observed = np.bincount(tokens, minlength=len(probs)) / draws
   assert np.all(observed[probs == 0] == 0)
   np.testing.assert_allclose(observed, probs, atol=4.5 * np.sqrt(0.25 / draws))
+
 
 def test_beam_search_finds_the_exhaustive_best(decoder):
   """With as many beams as prefixes, beam search must return the best sequence (alpha = 0)."""

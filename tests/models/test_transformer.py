@@ -186,7 +186,6 @@ def test_encoder_decoder_cache_matches_full_forward():
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
 
 
-
 def test_a_float32_cache_decodes_a_bfloat16_model_as_a_bfloat16_cache_does():
   """It holds the same bf16-rounded keys and values, and attention rounds as it would for bf16 ones."""
   model = build_model(small(dtype="bfloat16", num_kv_heads=2))
@@ -202,6 +201,7 @@ def test_a_float32_cache_decodes_a_bfloat16_model_as_a_bfloat16_cache_does():
     assert cache["layers"][0]["self"]["k"].dtype == dtype
     decoded.append(np.asarray(jnp.concatenate(pieces, axis=1), np.float32))
   np.testing.assert_allclose(decoded[0], decoded[1], rtol=1e-6, atol=1e-6)
+
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="what XLA:CPU compiles")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -225,6 +225,7 @@ def test_a_decode_step_moves_no_kv_cache_but_its_update(dtype):
       moved.append(line.strip()[:120])
   assert len(parameters) == 2 * 2  # k and v of both layers
   assert not moved
+
 
 # Grouped-query attention ------------------------------------------------------------
 
@@ -412,7 +413,6 @@ GELU_REFERENCES = {
 }
 
 
-
 @pytest.mark.parametrize("gelu", [gelu_exact, gelu_tanh])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gelu_backward_recomputes_the_cdf_from_x(gelu, dtype):
@@ -423,6 +423,7 @@ def test_gelu_backward_recomputes_the_cdf_from_x(gelu, dtype):
   op = "erf(" if gelu is gelu_exact else "tanh("
   computations = [c for c in hlo.split("\n\n") if op in c and not c.startswith("ENTRY")]
   assert len(computations) == 2  # the forward's fusion and the backward's
+
 
 # float32 tanh: jax's autodiff of jax.nn.gelu(approximate=True) is 3.2e-6 off too, where tanh nears 1.
 @pytest.mark.parametrize("gelu, dtype, tolerance", [
