@@ -55,15 +55,19 @@ def timed(fn, repeats: int = 3) -> float:
   return best
 
 
+def tiny_decoder(max_len: int, dtype: str):
+  """The benchmarks' tiny decoder (d_model 256, 4 layers, vocab 8192), in eval mode."""
+  model = build_model(ModelConfig(arch="decoder", vocab_size=8192, emb_dim=256, num_heads=4, mlp_dim=1024,
+                                  num_layers=4, max_len=max_len, dtype=dtype))
+  model.eval()
+  return model
+
+
 def measure(batch: int, prompt_len: int, new_tokens: int) -> dict:
   """Best of 3 after compilation, for each loop; the cached one for a bfloat16 model too."""
   prompts = np.random.default_rng(0).integers(3, 8192, (batch, prompt_len)).tolist()
   config = DecodeConfig(max_new_tokens=new_tokens, eos_id=-1)  # never stop early
-  models = {}
-  for dtype in ("float32", "bfloat16"):
-    models[dtype] = build_model(ModelConfig(arch="decoder", vocab_size=8192, emb_dim=256, num_heads=4, mlp_dim=1024,
-                                            num_layers=4, max_len=prompt_len + new_tokens, dtype=dtype))
-    models[dtype].eval()
+  models = {dtype: tiny_decoder(prompt_len + new_tokens, dtype) for dtype in ("float32", "bfloat16")}
   cached = timed(lambda: generate(models["float32"], prompts, config))
   cached_bf16 = timed(lambda: generate(models["bfloat16"], prompts, config))
   uncached = timed(lambda: greedy_without_cache(models["float32"], jnp.asarray(prompts, jnp.int32),
@@ -81,9 +85,7 @@ STRATEGIES = ({}, {"strategy": "sample"}, {"strategy": "sample", "top_k": 40}, {
 
 def measure_strategies(batch: int, prompt_len: int, new_tokens: int, dtype: str):
   """Yields, per decoding strategy, its cached tokens/s and ms a step (best of 3 after compilation)."""
-  model = build_model(ModelConfig(arch="decoder", vocab_size=8192, emb_dim=256, num_heads=4, mlp_dim=1024,
-                                  num_layers=4, max_len=prompt_len + new_tokens, dtype=dtype))
-  model.eval()
+  model = tiny_decoder(prompt_len + new_tokens, dtype)
   prompts = np.random.default_rng(0).integers(3, 8192, (batch, prompt_len)).tolist()
   for fields in STRATEGIES:
     seconds = timed(lambda: generate(model, prompts, DecodeConfig(max_new_tokens=new_tokens, eos_id=-1, **fields)))
