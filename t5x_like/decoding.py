@@ -119,16 +119,16 @@ def sample(key: jax.Array, scores: jax.Array) -> jax.Array:
 
 # The model side: one function per architecture to prefill and to step ---------------------
 
-def _prefill(model, prompt, lengths, cache_len, encoder_inputs, cache_dtype=None):
+def _prefill(model, prompt, lengths, cache_len, encoder_inputs):
   """Runs the prompt through the model; returns (last logits [b, v], cache)."""
   b, p = prompt.shape
   offset = p - lengths  # [b] pads before each prompt
   if encoder_inputs is not None:
     encoder_tokens, encoder_segment_ids = encoder_inputs
     encoded = model.encode(encoder_tokens, segment_ids=encoder_segment_ids)
-    cache = model.init_cache(encoded, cache_len, encoded_segment_ids=encoder_segment_ids, dtype=cache_dtype)
+    cache = model.init_cache(encoded, cache_len, encoded_segment_ids=encoder_segment_ids)
   else:
-    cache = model.init_cache(b, cache_len, dtype=cache_dtype)
+    cache = model.init_cache(b, cache_len)
   slots = jnp.arange(p)[None, :]
   segment_ids = (slots >= offset[:, None]).astype(jnp.int32)
   positions = jnp.maximum(slots - offset[:, None], 0)
@@ -195,10 +195,9 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
   k, steps, vocab = config.num_beams, config.max_new_tokens, model.config.vocab_size
   repeat = lambda x: jnp.repeat(x, k, axis=0)
   encoder_inputs = None if encoder_inputs is None else jax.tree.map(repeat, encoder_inputs)
-  # The cache in the compute dtype, even on a CPU: gathering it whole for the surviving beams
-  # every step costs more in float32 than converting it for the products (docs/performance.md, item 44).
-  logits, cache = _prefill(model, repeat(prompt), repeat(lengths), p + steps, encoder_inputs,
-                           cache_dtype=model.config.compute_dtype)
+  logits, cache = _prefill(model, repeat(prompt), repeat(lengths), p + steps, encoder_inputs)
+  own_rows = jnp.broadcast_to(jnp.arange(b * k)[:, None], (b * k, p + steps))
+  cache = _with_rows(cache, own_rows)
   # Only the first copy of each row is live at the start, so beams do not duplicate.
   live_scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1))  # [b, k]
   live_tokens = jnp.full((b, k, steps), config.pad_id, jnp.int32)
@@ -229,7 +228,7 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
     live_scores = jnp.where(jnp.take_along_axis(ended, live_rank, axis=1), NEG_INF, new_scores)
     live_tokens = jnp.take_along_axis(tokens, live_rank[..., None], axis=1)
     source = (jnp.arange(b)[:, None] * k + jnp.take_along_axis(beam, live_rank, axis=1)).reshape(-1)
-    cache = _reorder_cache(cache, source)
+    cache = _follow_beams(cache, source, own_rows, written=p + i)
     next_token = live_tokens[:, :, i].reshape(-1)
     logits, cache = _step(model, next_token, repeat(lengths) + i, cache)
     return logits, cache, live_scores, live_tokens, done_scores, done_tokens
@@ -243,11 +242,26 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
   return jnp.take_along_axis(all_tokens, jnp.argmax(all_scores, axis=1)[:, None, None], axis=1)[:, 0]
 
 
-def _reorder_cache(cache, source):
-  """Gathers every per-row cache entry from rows `source` (beams that survived)."""
-  def gather(x):
-    return x[source] if getattr(x, "ndim", 0) >= 1 else x
-  return jax.tree.map(gather, cache)
+def _with_rows(cache, rows):
+  """The cache with `rows` [b, s] as every self-attention layer's index (models.attention.indirect_attention)."""
+  layers = [dict(layer, self=dict(layer["self"], rows=rows)) for layer in cache["layers"]]
+  return dict(cache, layers=layers)
+
+
+def _follow_beams(cache, source, own_rows, written):
+  """The cache as seen from the surviving beams: beam r continues beam source[r].
+
+  Keys and values stay where they were written: slot s of beam r is read from row
+  rows[r, s], so a beam takes over its parent's row index for the `written` slots and its
+  own row for the ones it will write. Gathering the keys and values themselves was most of
+  a step (docs/performance.md, item 46). Cross-attention keys are the same for every beam
+  of a prompt, so they stay; the per-slot segment ids and positions are gathered.
+  """
+  rows = cache["layers"][0]["self"]["rows"]
+  rows = jnp.where(jnp.arange(rows.shape[1])[None, :] < written, rows[source], own_rows)
+  gather = lambda x: x[source] if x.ndim >= 1 else x  # noqa: E731
+  rest = jax.tree.map(gather, {key: value for key, value in cache.items() if key != "layers"})
+  return _with_rows(dict(cache, **rest), rows)
 
 
 # Entry point ---------------------------------------------------------------------------

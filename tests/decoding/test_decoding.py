@@ -2,6 +2,7 @@
 the filtered distribution, one-prompt-at-a-time decoding."""
 
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -86,7 +87,7 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(decoder, strat
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_top_k_1_and_beam_width_1_equal_greedy(decoder, dtype):
-  """In bfloat16 on a CPU, greedy keeps a float32 cache and beam search a bfloat16 one: the same values."""
+  """In bfloat16 too, where beam search reads the cache through its row index and greedy through products."""
   if dtype == "bfloat16":
     decoder = build_model(dataclasses.replace(decoder.config, dtype="bfloat16"), seed=3)
   greedy = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=6, eos_id=EOS))
@@ -193,6 +194,38 @@ def test_beam_search_finds_the_exhaustive_best(decoder):
   pairs = [[a, b] for a, b in itertools.product(range(vocab), repeat=2) if a != EOS]
   best = max(log_probs([[EOS]]) + log_probs(pairs))
   assert log_probs([found])[0] == pytest.approx(best, abs=1e-5)
+
+
+def beam_by_rescoring(last_log_probs, prompt, beams, steps):
+  """Reference beam search without an end token: each step scores every beam's whole sequence anew."""
+  live = [([], 0.0)]
+  for _ in range(steps):
+    candidates = [(tokens + [token], score + float(log_prob)) for tokens, score in live
+                  for token, log_prob in enumerate(last_log_probs(prompt + tokens))]
+    live = sorted(candidates, key=lambda candidate: -candidate[1])[:beams]
+  return live[0][0]
+
+
+def test_beam_search_equals_rescoring_every_beam_from_scratch(decoder):
+  """Over 6 steps beams overtake and replace each other; each must read its own history from the cache."""
+  config = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=6, eos_id=-1)
+  last_log_probs = lambda tokens: jax.nn.log_softmax(full_forward(decoder, tokens)[-1])  # noqa: E731
+  expected = [beam_by_rescoring(last_log_probs, prompt, 3, 6) for prompt in PROMPTS]
+  assert generate(decoder, PROMPTS, config) == expected
+
+
+def test_encoder_decoder_beam_search_equals_rescoring_every_beam_from_scratch(encoder_decoder):
+  """The same with cross-attention, whose keys every beam of an input shares, and a relative position bias."""
+  config = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=6, eos_id=-1)
+  sources = [[13, 2, 6, 9], [7, 7, 3, 12, 20]]
+
+  def last_log_probs(source, tokens):
+    row, segments = padded(tokens, 8)
+    logits = encoder_decoder(jnp.array([source]), row, decoder_segment_ids=segments)
+    return jax.nn.log_softmax(logits[0, len(tokens) - 1])
+
+  expected = [beam_by_rescoring(functools.partial(last_log_probs, source), [0], 3, 6) for source in sources]
+  assert generate(encoder_decoder, [[0]] * 2, config, encoder_inputs=sources) == expected
 
 
 def test_repetition_penalty_discourages_repeats(decoder):

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 from flax import nnx
 
-from models.attention import dot_product_attention
+from models.attention import attention_mask, dot_product_attention, heads_first_attention, indirect_attention
 from models.config import ModelConfig
 from models.layers import (add_bias, apply_rope, gelu_exact, gelu_tanh, project, relative_position_bucket,
                            row_max, row_sum, scale_and_shift, sinusoidal_embedding, token_sum,
@@ -201,6 +201,29 @@ def test_a_float32_cache_decodes_a_bfloat16_model_as_a_bfloat16_cache_does():
     assert cache["layers"][0]["self"]["k"].dtype == dtype
     decoded.append(np.asarray(jnp.concatenate(pieces, axis=1), np.float32))
   np.testing.assert_allclose(decoded[0], decoded[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_through_a_row_index_equals_attention_over_the_cache_it_indexes(dtype):
+  """Beam search's cache: slot s of row r is read from row rows[r, s] (GQA, a bias, two queries)."""
+  b, t, heads, kv_heads, slots, e = 3, 2, 4, 2, 10, 8
+  keys = jax.random.split(jax.random.key(0), 5)
+  query = jax.random.normal(keys[0], (b, t, heads, e)).astype(dtype)
+  key, value = (jax.random.normal(k, (b, kv_heads, slots, e)).astype(dtype) for k in keys[1:3])
+  rows = np.asarray(jax.random.randint(keys[3], (b, slots), 0, b))
+  bias = jax.random.normal(keys[4], (1, heads, t, slots))
+  written = (np.arange(slots) < 7).astype(np.int32)[None].repeat(b, 0)
+  mask = attention_mask(jnp.ones((b, t), jnp.int32), jnp.asarray(written), causal=True,
+                        query_slots=5 + jnp.arange(t), key_slots=jnp.arange(slots))
+  def looked_up(x):
+    x = np.asarray(x.astype(jnp.float32))
+    return jnp.asarray([[[x[rows[r, s], j, s] for s in range(slots)] for j in range(kv_heads)] for r in range(b)],
+                       dtype)
+  expected = heads_first_attention(query, looked_up(key), looked_up(value), mask, bias, scale=0.3)
+  got = indirect_attention(query, key, value, jnp.asarray(rows), mask, bias, scale=0.3)
+  assert got.dtype == query.dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                             atol=1e-5 if dtype == "float32" else 1.6e-2)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="what XLA:CPU compiles")
