@@ -12,7 +12,7 @@ import pytest
 
 from models.config import ModelConfig
 from models.transformer import build_model
-from t5x_like.decoding import NEG_INF, DecodeConfig, filter_logits, generate, sample
+from t5x_like.decoding import NEG_INF, DecodeConfig, filter_logits, generate, greedy_token, sample
 
 EOS = 1
 
@@ -167,6 +167,16 @@ def test_filters_keep_what_sorting_keeps(top_k, top_p):
   kept = np.asarray(filter_logits(jnp.asarray(logits), temperature=1.0, top_k=top_k, top_p=top_p)) > NEG_INF / 2
   for row, kept_row in zip(logits, kept):
     np.testing.assert_array_equal(kept_row, kept_by_sorting(row.astype(np.float64), top_k, top_p))
+
+
+def test_greedy_token_is_the_first_largest_logit_as_numpy_argmax_picks():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 3, (5, 1000)).astype(np.float32)
+  logits[0, [17, 400, 999]] = 50.0  # tied for the top
+  logits[1] = np.round(logits[1])  # many ties
+  logits[2, :-1] = NEG_INF  # only the last token left
+  logits[3] = -np.abs(logits[3]) - 50  # all negative
+  np.testing.assert_array_equal(greedy_token(jnp.asarray(logits)), np.argmax(logits, axis=-1))
 
 
 def test_sample_draws_each_token_at_its_probability():
