@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ConfigError
-from models.layers import row_max
+from models.layers import row_max, row_sum
 
 NEG_INF = -1e30
 
@@ -79,11 +79,17 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int, top_p: f
   """
   logits = logits.astype(jnp.float32) / temperature
   if top_k:
-    logits = _keep_at_least(logits, lambda kept: jnp.sum(kept, axis=-1) >= top_k)
+    logits = _keep_at_least(logits, lambda kept: row_sum(kept.astype(jnp.int32)) >= top_k)
   if top_p < 1.0:
-    probs = jax.nn.softmax(logits, axis=-1)
-    logits = _keep_at_least(logits, lambda kept: jnp.sum(jnp.where(kept, probs, 0.0), axis=-1) >= top_p)
-  return jax.nn.log_softmax(logits, axis=-1)
+    probs = jnp.exp(_log_softmax(logits))
+    logits = _keep_at_least(logits, lambda kept: row_sum(jnp.where(kept, probs, 0.0)) >= top_p)
+  return _log_softmax(logits)
+
+
+def _log_softmax(logits: jax.Array) -> jax.Array:
+  """jax.nn.log_softmax over the last axis through row_max and row_sum (models.layers)."""
+  top = row_max(logits, keepdims=True)
+  return logits - top - jnp.log(row_sum(jnp.exp(logits - top), keepdims=True))
 
 
 def _keep_at_least(logits: jax.Array, enough) -> jax.Array:

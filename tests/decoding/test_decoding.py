@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
 from models.config import ModelConfig
 from models.transformer import build_model
@@ -164,9 +165,12 @@ def test_filters_keep_what_sorting_keeps(top_k, top_p):
   logits[1] = np.round(logits[1])  # many ties
   logits[2, ::3] = NEG_INF  # filtered before
   logits[3] = -np.abs(logits[3]) - 50  # all negative
-  kept = np.asarray(filter_logits(jnp.asarray(logits), temperature=1.0, top_k=top_k, top_p=top_p)) > NEG_INF / 2
-  for row, kept_row in zip(logits, kept):
-    np.testing.assert_array_equal(kept_row, kept_by_sorting(row.astype(np.float64), top_k, top_p))
+  scores = np.asarray(filter_logits(jnp.asarray(logits), temperature=1.0, top_k=top_k, top_p=top_p))
+  for row, score_row in zip(logits, scores):
+    kept = kept_by_sorting(row.astype(np.float64), top_k, top_p)
+    np.testing.assert_array_equal(score_row > NEG_INF / 2, kept)
+    log_probs = row[kept] - scipy.special.logsumexp(row[kept].astype(np.float64))  # renormalised over the kept
+    np.testing.assert_allclose(score_row[kept], log_probs, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_token_is_the_first_largest_logit_as_numpy_argmax_picks():
