@@ -225,7 +225,7 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
 
   def body(i, carry):
     logits, cache, live_scores, live_tokens, done_scores, done_tokens = carry
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
+    log_probs = _log_softmax(logits.astype(jnp.float32)).reshape(b, k, vocab)
     candidates = (live_scores[..., None] + log_probs).reshape(b, k * vocab)
     scores, flat = jax.lax.top_k(candidates, 2 * k)  # 2k: up to k of them may end here
     beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
