@@ -121,7 +121,8 @@ def greedy_token(logits: jax.Array) -> jax.Array:
   """
   vocab = logits.shape[-1]
   reaches = logits == row_max(logits, keepdims=True)
-  return jnp.minimum(jnp.min(jnp.where(reaches, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1), vocab - 1)
+  first = jnp.min(jnp.where(reaches, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+  return jnp.minimum(first, vocab - 1)  # a row of NaNs reaches nothing
 
 
 def sample(key: jax.Array, scores: jax.Array) -> jax.Array:
