@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
+from flax import nnx
 
 from models.config import ModelConfig
 from models.transformer import build_model
@@ -43,7 +44,17 @@ def padded(tokens, width):
 def full_forward(model, tokens, width=16):
   """Logits [len(tokens), v] of one full forward pass."""
   row, segments = padded(tokens, width)
-  return model(row, segment_ids=segments)[0, :len(tokens)]
+  return _forward(model, row, segments)[0, :len(tokens)]
+
+
+@nnx.jit
+def _forward(model, row, segments):
+  return model(row, segment_ids=segments)
+
+
+@nnx.jit
+def _encoder_decoder_forward(model, source, row, segments):
+  return model(source, row, decoder_segment_ids=segments)
 
 
 def greedy_by_recomputation(model, prompt, steps):
@@ -71,7 +82,7 @@ def test_encoder_decoder_greedy_equals_recomputation(encoder_decoder):
     tokens = [0]
     for _ in range(6):
       row, segments = padded(tokens, 8)
-      logits = encoder_decoder(jnp.array([source]), row, decoder_segment_ids=segments)
+      logits = _encoder_decoder_forward(encoder_decoder, jnp.array([source]), row, segments)
       tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
       if tokens[-1] == EOS:
         break
@@ -235,7 +246,7 @@ def test_encoder_decoder_beam_search_equals_rescoring_every_beam_from_scratch(en
 
   def last_log_probs(source, tokens):
     row, segments = padded(tokens, 8)
-    logits = encoder_decoder(jnp.array([source]), row, decoder_segment_ids=segments)
+    logits = _encoder_decoder_forward(encoder_decoder, jnp.array([source]), row, segments)
     return jax.nn.log_softmax(logits[0, len(tokens) - 1])
 
   expected = [beam_by_rescoring(functools.partial(last_log_probs, source), [0], 3, 6) for source in sources]
