@@ -65,47 +65,37 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
 
 
 def heads_first_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-                          bias: jax.Array | None, *, scale: float) -> jax.Array:
+                          bias: jax.Array | None, *, scale: float, rows: jax.Array | None = None) -> jax.Array:
   """dot_product_attention's xla kernel for key, value [b, k, s, e], the KV cache's layout.
 
   Heads-first layouts make both products plain batched matmuls over (b, k); mixing batch
   and head dims inside the einsums costs XLA:CPU twice the time in transposes.
+
+  rows [b, s], beam search's cache index: slot s of row r is read from row rows[r, s] of key
+  and value. Beam search leaves each beam's keys in the row that wrote them rather than
+  gathering the whole cache for the surviving beams every step (t5x_like.decoding). The
+  products are then broadcast multiplies and sums, which XLA fuses with the lookup, so each
+  key is read once; the sum over e goes through row_sum, since XLA:CPU's tree reduction would
+  write the whole product out first (docs/performance.md, item 46).
   """
   b, t, h, e = query.shape
   kv_heads = key.shape[1]
   query = query.reshape(b, t, kv_heads, h // kv_heads, e).transpose(0, 2, 3, 1, 4)  # [b, k, g, t, e]
-  logits = attention_product("bkgte,bkse->bkgts", query, key)
+  if rows is None:
+    logits = attention_product("bkgte,bkse->bkgts", query, key)
+  else:
+    where = (rows[:, None, :], jnp.arange(kv_heads)[None, :, None], jnp.arange(key.shape[2])[None, None, :])
+    key, value = (x[where].astype(jnp.float32)[:, :, None, None] for x in (key, value))  # [b, k, 1, 1, s, e]
+    logits = row_sum(query.astype(jnp.float32)[..., None, :] * key)
   logits = logits * scale
   if bias is not None:
     logits = logits + bias.reshape(bias.shape[0], kv_heads, h // kv_heads, t, -1)
   logits = jnp.where(mask[:, :, None], logits, MASKED_LOGIT)
   weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)  # as a bf16 cache would, if it is float32
-  out = attention_product("bkgts,bkse->bkgte", weights, value)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(query.dtype)
-
-
-def indirect_attention(query: jax.Array, key: jax.Array, value: jax.Array, rows: jax.Array, mask: jax.Array,
-                       bias: jax.Array | None, *, scale: float) -> jax.Array:
-  """heads_first_attention for a cache whose slot s of row r lives in row rows[r, s] of key, value.
-
-  Beam search leaves each beam's keys in the row that wrote them and tracks which row holds
-  each slot of a beam's history (t5x_like.decoding), rather than gathering the whole cache
-  for the surviving beams every step. Both products are broadcast multiplies and sums, so
-  XLA fuses the lookup into them and reads each key once; the sum over e goes through
-  row_sum, since XLA:CPU's tree reduction would write the whole product out first
-  (docs/performance.md, item 46).
-  """
-  b, t, h, e = query.shape
-  kv_heads, slots = key.shape[1], key.shape[2]
-  where = (rows[:, None, :], jnp.arange(kv_heads)[None, :, None], jnp.arange(slots)[None, None, :])
-  keys, values = (x[where].astype(jnp.float32)[:, :, None, None] for x in (key, value))  # [b, k, 1, 1, s, e]
-  query = query.reshape(b, t, kv_heads, h // kv_heads, e).transpose(0, 2, 3, 1, 4)  # [b, k, g, t, e]
-  logits = row_sum(query.astype(jnp.float32)[..., None, :] * keys) * scale  # [b, k, g, t, s]
-  if bias is not None:
-    logits = logits + bias.reshape(bias.shape[0], kv_heads, h // kv_heads, t, slots)
-  logits = jnp.where(mask[:, :, None], logits, MASKED_LOGIT)
-  weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype).astype(jnp.float32)  # as heads_first_attention rounds
-  out = jnp.sum(weights[..., None] * values, axis=-2)  # [b, k, g, t, e]
+  if rows is None:
+    out = attention_product("bkgts,bkse->bkgte", weights, value)
+  else:
+    out = jnp.sum(weights.astype(jnp.float32)[..., None] * value, axis=-2)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(query.dtype)
 
 
@@ -191,7 +181,7 @@ class Attention(nnx.Module):
     whose `k`/`v` were computed once from the encoder output. Caches hold [b, k, s, e]
     (`heads_first`). For cached self-attention, this call's keys are written at
     cache_index and the whole cache is attended (the mask says which slots are valid),
-    through the cache's `rows` index if it has one (`indirect_attention`).
+    through the cache's `rows` index if it has one (`heads_first_attention`).
     `causal` promises a purely causal mask (no prefix, no cache), which the blocked kernel
     uses to skip hidden keys.
     """
@@ -209,10 +199,8 @@ class Attention(nnx.Module):
             buffer, heads_first(new).astype(buffer.dtype), cache_index, axis=2)
         cache = dict(cache, k=write(cache["k"], key), v=write(cache["v"], value))
         key, value = cache["k"], cache["v"]
-    if cache is not None and "rows" in cache:  # beam search's cache, read through its row index
-      out = indirect_attention(query, key, value, cache["rows"], mask, bias, scale=self.scale)
-    elif cache is not None:  # always the xla kernel, on the cache's heads-first layout
-      out = heads_first_attention(query, key, value, mask, bias, scale=self.scale)
+    if cache is not None:  # always the xla kernel, on the cache's heads-first layout
+      out = heads_first_attention(query, key, value, mask, bias, scale=self.scale, rows=cache.get("rows"))
     else:
       out = dot_product_attention(query, key, value, mask, bias, scale=self.scale,
                                   kernel=self._kernel(bias, key.shape[1]), causal=causal)

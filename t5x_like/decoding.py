@@ -263,7 +263,7 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
 
 
 def _with_rows(cache, rows):
-  """The cache with `rows` [b, s] as every self-attention layer's index (models.attention.indirect_attention)."""
+  """The cache with `rows` [b, s] as every self-attention layer's index (models.attention.heads_first_attention)."""
   layers = [dict(layer, self=dict(layer["self"], rows=rows)) for layer in cache["layers"]]
   return dict(cache, layers=layers)
 

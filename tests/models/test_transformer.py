@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 from flax import nnx
 
-from models.attention import attention_mask, dot_product_attention, heads_first_attention, indirect_attention
+from models.attention import attention_mask, dot_product_attention, heads_first_attention
 from models.config import ModelConfig
 from models.layers import (add_bias, apply_rope, gelu_exact, gelu_tanh, project, relative_position_bucket,
                            row_max, row_sum, scale_and_shift, sinusoidal_embedding, token_sum,
@@ -215,12 +215,13 @@ def test_attention_through_a_row_index_equals_attention_over_the_cache_it_indexe
   written = (np.arange(slots) < 7).astype(np.int32)[None].repeat(b, 0)
   mask = attention_mask(jnp.ones((b, t), jnp.int32), jnp.asarray(written), causal=True,
                         query_slots=5 + jnp.arange(t), key_slots=jnp.arange(slots))
+
   def looked_up(x):
     x = np.asarray(x.astype(jnp.float32))
     return jnp.asarray([[[x[rows[r, s], j, s] for s in range(slots)] for j in range(kv_heads)] for r in range(b)],
                        dtype)
   expected = heads_first_attention(query, looked_up(key), looked_up(value), mask, bias, scale=0.3)
-  got = indirect_attention(query, key, value, jnp.asarray(rows), mask, bias, scale=0.3)
+  got = heads_first_attention(query, key, value, mask, bias, scale=0.3, rows=jnp.asarray(rows))
   assert got.dtype == query.dtype
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
                              atol=1e-5 if dtype == "float32" else 1.6e-2)
