@@ -44,6 +44,11 @@ def run(model, tokens, segment_ids=None, positions=None, prefix_mask=None):
   return forward(model, tokens, segment_ids, positions, prefix_mask)
 
 
+@nnx.jit
+def encoder_decoder_forward(model, inputs, targets, encoder_segment_ids=None, decoder_segment_ids=None):
+  return model(inputs, targets, encoder_segment_ids=encoder_segment_ids, decoder_segment_ids=decoder_segment_ids)
+
+
 POSITIONS = ("rope", "learned", "sinusoidal", "relative")
 
 
@@ -72,10 +77,10 @@ def test_logits_shape_and_dtype(options):
   model = build_model(cfg)
   tokens = random_tokens(0)
   if cfg.arch == "encoder_decoder":
-    logits = model(tokens, tokens[:, :7])
+    logits = encoder_decoder_forward(model, tokens, tokens[:, :7])
     assert logits.shape == (2, 7, VOCAB)
   else:
-    logits = model(tokens)
+    logits = run(model, tokens)
     assert logits.shape == (2, LENGTH, VOCAB)
   assert logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
@@ -144,12 +149,11 @@ def test_padding_does_not_change_real_tokens(arch):
 def test_encoder_decoder_padding_and_packing():
   model = build_model(small(arch="encoder_decoder", position="relative"))
   inputs, targets = random_tokens(6, (1, 6)), random_tokens(7, (1, 5))
-  reference = model(inputs, targets)
+  reference = encoder_decoder_forward(model, inputs, targets)
   padded_inputs = jnp.pad(inputs, ((0, 0), (0, 3)))
   padded_targets = jnp.pad(targets, ((0, 0), (0, 2)))
-  logits = model(padded_inputs, padded_targets,
-                 encoder_segment_ids=jnp.array([[1] * 6 + [0] * 3]),
-                 decoder_segment_ids=jnp.array([[1] * 5 + [0] * 2]))
+  logits = encoder_decoder_forward(model, padded_inputs, padded_targets,
+                                   jnp.array([[1] * 6 + [0] * 3]), jnp.array([[1] * 5 + [0] * 2]))
   np.testing.assert_allclose(logits[:, :5], reference, atol=1e-5)
 
 
@@ -175,8 +179,8 @@ def test_decoder_cache_matches_full_forward(position, kv_heads):
 def test_encoder_decoder_cache_matches_full_forward():
   model = build_model(small(arch="encoder_decoder", position="relative", num_kv_heads=2))
   inputs, targets = random_tokens(9, (2, 7)), random_tokens(10, (2, 6))
-  full = model(inputs, targets)
-  encoded = model.encode(inputs)
+  full = encoder_decoder_forward(model, inputs, targets)
+  encoded = nnx.jit(lambda m, x: m.encode(x))(model, inputs)
   cache = model.init_cache(encoded, max_len=8)
   step = nnx.jit(lambda m, t, c: m.decode(t, c))
   pieces = []
