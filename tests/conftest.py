@@ -1,6 +1,15 @@
-"""Test-wide setup: eight simulated CPU devices, set before jax is first imported."""
+"""Test-wide setup, done before jax is first imported: eight simulated CPU devices, and one
+compilation cache for the whole run, so that the many tests (and their subprocesses) building
+the same tiny trainer compile its steps once. The cache starts empty and is removed at exit."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="t5x_like_tests_compiled_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
