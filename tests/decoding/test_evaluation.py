@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from models.config import ConfigError
 from t5x_like import evaluation
@@ -23,6 +24,7 @@ TINY = ["--config.model.emb_dim=32", "--config.model.num_heads=2", "--config.mod
         "--config.model.mlp_dim=64", "--config.model.num_layers=2", "--config.data.seq_len=32",
         "--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_steps=1",
         "--config.train.checkpoint_every=4", "--config.data.worker_threads=0"]
+logits = nnx.jit(lambda model, tokens: model(tokens))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_option_log_likelihoods_match_single_sequences(trained):
   prompt_ids = [0] + tokenizer.encode(prompt).tolist()
   for (total, count), option in zip(scores, options):
     sequence = prompt_ids + tokenizer.encode(option).tolist()
-    log_probs = np.asarray(jax.nn.log_softmax(model(np.array([sequence], np.int32)), axis=-1))[0]
+    log_probs = np.asarray(jax.nn.log_softmax(logits(model, np.array([sequence], np.int32)), axis=-1))[0]
     expected = sum(log_probs[t - 1, sequence[t]] for t in range(len(prompt_ids), len(sequence)))
     assert count == len(sequence) - len(prompt_ids)
     assert total == pytest.approx(expected, abs=1e-4)
