@@ -2,8 +2,8 @@
 
 Experiment files fill in an `ml_collections.ConfigDict` (see `model_config_dict`),
 which the command line can override field by field. `ModelConfig.from_dict` turns it
-into this frozen dataclass, resolving derived fields (head_dim, num_kv_heads) and
-rejecting configs that cannot work with a message that names the field.
+into this frozen dataclass and rejects configs that cannot work with a message that names
+the field; fields left None (head_dim, num_kv_heads) are worked out where they are read.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class ModelConfig:
   # (encoder_decoder, unless num_decoder_layers is set).
   num_layers: int = 4
   num_decoder_layers: int | None = None
-  # Longest sequence the learned/sinusoidal position tables cover.
+  # Longest sequence the learned position table covers (model.position='learned').
   max_len: int = 512
 
   norm: str = "rmsnorm"
@@ -152,6 +152,11 @@ class ModelConfig:
     return None
 
   # Validation -----------------------------------------------------------------
+
+  def check_length(self, length: int, what: str) -> None:
+    """Rejects sequences past the learned position table: jnp.take would embed them as NaN."""
+    if self.position == "learned" and length > self.max_len:
+      raise ConfigError(f"{what} {length} exceeds model.max_len={self.max_len} of the learned position table")
 
   def validate(self) -> None:
     def choice(name, options):

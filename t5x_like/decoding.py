@@ -292,9 +292,11 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
   the prompt, usually [pad_id]); returns the new tokens up to and including EOS."""
   config.validate()
   tokens, lengths = left_pad(prompts, config.pad_id)
+  model.config.check_length(tokens.shape[1] + config.max_new_tokens, "the longest prompt plus max_new_tokens:")
   encoder = None
   if encoder_inputs is not None:
     width = max(len(e) for e in encoder_inputs)
+    model.config.check_length(width, "the longest encoder input:")
     encoder_tokens = np.full((len(encoder_inputs), width), config.pad_id, np.int32)
     for row, e in enumerate(encoder_inputs):
       encoder_tokens[row, :len(e)] = e

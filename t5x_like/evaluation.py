@@ -99,6 +99,7 @@ def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str]) ->
   prompt_ids = [PAD_ID] + tokenizer.encode(prompt).tolist()
   sequences = [prompt_ids + tokenizer.encode(option).tolist() for option in options]
   width = max(len(s) for s in sequences)
+  model.config.check_length(width, "a prompt with its option:")
   # Padded up to a multiple of WIDTH_BUCKET (not past the model's length), so the items of
   # a task share a few shapes and each shape's ops compile once; pads are segment 0.
   bucket = -(-width // WIDTH_BUCKET) * WIDTH_BUCKET

@@ -103,11 +103,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
         f"train.grad_accum_steps={accum}")
   if batch % jax.process_count():
     raise ConfigError(f"data.batch_size={batch} does not divide over {jax.process_count()} processes")
-  if model_config.position == "learned":
-    longest = max(_sequence_lengths(config, model_config))
-    if longest > model_config.max_len:
-      raise ConfigError(f"data length {longest} exceeds model.max_len={model_config.max_len} "
-                        "of the learned position table")
+  model_config.check_length(max(_sequence_lengths(config, model_config)), "data length")
   tensor = shape.get("tensor", 1)
   for name, size in (("num_heads", model_config.num_heads), ("num_kv_heads", model_config.kv_heads),
                      ("mlp_dim", model_config.mlp_dim), ("vocab_size", model_config.vocab_size)):

@@ -12,7 +12,7 @@ import pytest
 import scipy.special
 from flax import nnx
 
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
 from t5x_like.decoding import NEG_INF, DecodeConfig, filter_logits, generate, greedy_token, sample
 
@@ -87,6 +87,17 @@ def test_encoder_decoder_greedy_equals_recomputation(encoder_decoder):
       if tokens[-1] == EOS:
         break
     assert out == tokens[1:]
+
+
+def test_learned_positions_decode_up_to_max_len_and_refuse_to_go_past_it():
+  # Past the table, jnp.take embeds positions as NaN and greedy quietly returns the last id.
+  model = build_model(ModelConfig(arch="decoder", vocab_size=24, emb_dim=32, num_heads=4, mlp_dim=48,
+                                  num_layers=1, position="learned", max_len=16), seed=5)
+  prompt = PROMPTS[0]
+  config = DecodeConfig(max_new_tokens=16 - len(prompt), eos_id=-1)
+  assert generate(model, [prompt], config)[0] == greedy_by_recomputation(model, prompt, config.max_new_tokens)
+  with pytest.raises(ConfigError, match="max_new_tokens: 17 exceeds model.max_len=16"):
+    generate(model, [prompt], dataclasses.replace(config, max_new_tokens=12))
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])

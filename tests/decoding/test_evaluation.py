@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from models.config import ConfigError
+from models.transformer import build_model
 from t5x_like import evaluation
 from t5x_like.cli import main
 from t5x_like.data.tokenizer import load_tokenizer
@@ -117,6 +118,13 @@ def test_option_log_likelihoods_match_single_sequences(trained):
     expected = sum(log_probs[t - 1, sequence[t]] for t in range(len(prompt_ids), len(sequence)))
     assert count == len(sequence) - len(prompt_ids)
     assert total == pytest.approx(expected, abs=1e-4)
+
+
+def test_option_log_likelihoods_refuse_options_past_a_learned_position_table(trained):
+  trainer, _, tokenizer = trained
+  model = build_model(trainer.model_config.replace(position="learned", max_len=4))
+  with pytest.raises(ConfigError, match="a prompt with its option: .* exceeds model.max_len=4"):
+    evaluation.option_log_likelihoods(model, tokenizer, "She was", [" very happy."])
 
 
 def test_sentence_completion_task_and_score_command(run_dir, tmp_path):
