@@ -34,11 +34,9 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})))
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
   def restore_latest(self, abstract_state):
     """(step, state, data_state) from the newest readable checkpoint, or None if none."""
+    unreadable = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -48,9 +46,11 @@ class Checkpointer:
         logger.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and falling back to "
                        "an earlier checkpoint", self.directory / str(step), type(error).__name__,
                        str(error).splitlines()[0][:200], moved)
+        unreadable.append(step)
         continue
-      if step != self.manager.latest_step():
-        logger.warning("resuming from checkpoint %s", self.directory / str(step))
+      if unreadable:
+        logger.warning("resuming from checkpoint %s, the newest readable one (unreadable: steps %s)",
+                       self.directory / str(step), unreadable)
       return step, restored["state"], restored["data"]
     return None
 

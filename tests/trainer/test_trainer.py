@@ -186,6 +186,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     trainer, _ = train(tiny_config(steps=8), tmp_path)
   assert f"checkpoint {newest} is unreadable" in caplog.text
+  assert f"resuming from checkpoint {tmp_path / 'checkpoints' / '4'}, the newest readable one" in caplog.text
   assert list((tmp_path / "corrupt").iterdir()), "the unreadable checkpoint must be kept, not deleted"
   # The rerun resumed from step 4: steps 5..8 were trained (and logged) a second time.
   logged = [row["step"] for row in read_metrics(tmp_path, "train")]
