@@ -111,10 +111,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
-
-
 def activation_rules(config: ml_collections.ConfigDict):
   """Context for tracing: logical activation constraints resolve through these rules."""
   return nnx.logical_axis_rules(_rules(config))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from models.config import ConfigError, ModelConfig
 from models.model_size import train_flops_per_sequence
-from models.transformer import MODELS
+from models.transformer import build_model
 from t5x_like import partitioning
 from t5x_like.checkpoints import Checkpointer
 from t5x_like.hardware import peak_flops_per_device
@@ -163,9 +163,7 @@ class Trainer:
   # State -------------------------------------------------------------------------
 
   def _new_model(self) -> nnx.Module:
-    seed = self.config.train.seed
-    return MODELS[self.model_config.arch](
-        self.model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    return build_model(self.model_config, seed=self.config.train.seed)
 
   def _build_state(self) -> None:
     """Abstract shapes first, then initialisation compiled straight into its shardings."""
