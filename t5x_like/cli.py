@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
   fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
   fit.add_argument("--holdout", type=int, default=1, help="largest-compute runs held out to test extrapolation")
   fit.add_argument("--coarse-grid", action="store_true",
-                   help="32 starting points instead of Hoffmann et al.'s 5400 (seconds instead of ~20 s)")
+                   help="32 starting points instead of Hoffmann et al.'s 4500 (seconds instead of ~20 s)")
   fit.set_defaults(run=_fit)
 
   args, overrides = parser.parse_known_args(argv)

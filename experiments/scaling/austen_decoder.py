@@ -1,7 +1,7 @@
-"""Scaling sweep on the bundled Austen corpus: 5 model sizes x 4 token budgets, about an hour on 2 CPU cores.
+"""Scaling sweep on the bundled Austen corpus: 5 model sizes x 4 token budgets, about half an hour on 2 CPU cores.
 
     t5x-like sweep --config experiments/scaling/austen_decoder.py --workdir sweeps/austen
-    t5x-like fit sweeps/austen
+    t5x-like fit sweeps/austen --holdout 2
 
 Sizes follow one parameter s at a fixed aspect ratio (t5x_like/scaling/sweep.py):
 num_layers = s, emb_dim = 32 s, heads of 16, mlp_dim = 4 emb_dim. The 8k vocabulary

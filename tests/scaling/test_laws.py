@@ -81,6 +81,24 @@ def test_extrapolation_to_held_out_largest_runs(chinchilla_data):
   assert check["held_out_runs"] == 3 and check["max_abs_relative_error"] < 0.02
 
 
+def test_chinchilla_grid_is_hoffmann_et_al_appendix_d2():
+  grid = laws.CHINCHILLA_GRID
+  np.testing.assert_allclose(grid["e"], [-1, -0.5, 0, 0.5, 1])
+  np.testing.assert_allclose(grid["alpha"], [0, 0.5, 1, 1.5, 2])
+  np.testing.assert_allclose(grid["a"], [0, 5, 10, 15, 20, 25])
+  assert np.prod([len(values) for values in grid.values()]) == 4500
+
+
+def test_r_squared_is_the_explained_fraction_of_log_variance():
+  measured = np.array([4.0, 3.0, 2.5, 2.2])
+  assert laws.r_squared(measured, measured) == 1.0
+  # A fit off by a constant factor correlates perfectly but explains less than all the variance.
+  log_measured = np.log(measured)
+  expected = 1 - len(measured) * np.log(1.1) ** 2 / np.sum((log_measured - log_measured.mean()) ** 2)
+  assert laws.r_squared(1.1 * measured, measured) == pytest.approx(expected)
+  assert laws.r_squared(np.full(4, np.exp(log_measured.mean())), measured) == pytest.approx(0.0)
+
+
 def test_report_and_plots(chinchilla_data, tmp_path):
   n, d, loss, _ = chinchilla_data
   rows = [{"name": f"run{i}", "non_embedding_params": a, "total_params": a * 1.2, "tokens": b,
