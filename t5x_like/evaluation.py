@@ -10,6 +10,7 @@ sum favours short options, and the calibrated score asks only how much the promp
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pathlib
@@ -21,14 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ConfigError
-from t5x_like import partitioning
 from t5x_like.data.tokenizer import EOS_ID, PAD_ID
-from t5x_like.trainer import add_sums, loss_means
+from t5x_like.trainer import loss_means
 
 
 def _summary(totals, num_bytes: int) -> dict[str, float]:
   """The trainer's per-token figures for the summed loss terms, plus bits per byte."""
-  totals = jax.device_get(totals)
   return {**loss_means(totals), "bits_per_byte": float(totals["cross_entropy"]) / math.log(2) / max(num_bytes, 1),
           "tokens": float(totals["weight"]), "bytes": num_bytes}
 
@@ -48,14 +47,8 @@ def _target_bytes(tokenizer, batch: dict[str, np.ndarray], prefix: str) -> int:
 def evaluate_split(trainer, tokenizer, split: str, num_batches: int) -> dict[str, float]:
   """Loss, perplexity, token accuracy and bits per byte over the first batches of a split."""
   prefix = "encoder" if trainer.model_config.arch == "encoder" else "decoder"
-  loader = trainer.loader(split)
-  totals, num_bytes = None, 0
-  with jax.set_mesh(trainer.mesh), partitioning.activation_rules(trainer.config.partitioning):
-    for _ in range(num_batches):
-      batch = next(loader)
-      totals = add_sums(totals, trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
-      num_bytes += _target_bytes(tokenizer, batch, prefix)
-  return _summary(totals, num_bytes)
+  batches = list(itertools.islice(trainer.loader(split), num_batches))
+  return _summary(trainer.eval_sums(batches), sum(_target_bytes(tokenizer, batch, prefix) for batch in batches))
 
 
 def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
@@ -73,8 +66,8 @@ def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
   weights = (np.arange(1, rows * length + 1) < len(ids)).astype(np.float32).reshape(rows, length)
   inputs = padded[:-1].reshape(rows, length)
   targets = padded[1:].reshape(rows, length)
-  totals = None
-  with jax.set_mesh(trainer.mesh), partitioning.activation_rules(trainer.config.partitioning):
+
+  def batches():
     for start in range(0, rows, batch_size):
       part = slice(start, start + batch_size)
       batch = {"decoder_input_tokens": inputs[part], "decoder_target_tokens": targets[part],
@@ -82,9 +75,9 @@ def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
                "decoder_positions": np.broadcast_to(np.arange(length, dtype=np.int32), inputs[part].shape),
                # A prefix LM's run reads this too: plain text has no prefix, all of it is continued.
                "decoder_causal_attention": np.zeros(inputs[part].shape, bool)}
-      batch = {feature: batch[feature] for feature in trainer.features}
-      totals = add_sums(totals, trainer.eval_step(trainer.state["params"], trainer.rest, trainer.global_batch(batch)))
-  return _summary(totals, len(text.encode("utf-8")))
+      yield {feature: batch[feature] for feature in trainer.features}
+
+  return _summary(trainer.eval_sums(batches()), len(text.encode("utf-8")))
 
 
 # Few-shot rank scoring ------------------------------------------------------------------

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import pathlib
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -321,20 +322,17 @@ class Trainer:
 
   # Loop ---------------------------------------------------------------------------
 
+  def eval_sums(self, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+    """The eval step's loss sums over host-local batches, added up on the host (None if no batches)."""
+    totals = None
+    with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
+      for batch in batches:
+        totals = add_sums(totals, self.eval_step(self.state["params"], self.rest, self.global_batch(batch)))
+    return jax.device_get(totals)
+
   def evaluate(self, num_batches: int) -> dict[str, float]:
     """Loss, token accuracy and perplexity over the first batches of the validation split."""
-    totals = None
-    loader = self.loader("validation")
-    with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
-      for _ in range(num_batches):
-        try:
-          batch = next(loader)
-        except StopIteration:
-          break
-        sums = self.eval_step(self.state["params"], self.rest, self.global_batch(batch))
-        totals = add_sums(totals, sums)
-    totals = jax.device_get(totals)
-    return loss_means(totals)
+    return loss_means(self.eval_sums(itertools.islice(self.loader("validation"), num_batches)))
 
   def train(self) -> TrainResult:
     cfg = self.config.train

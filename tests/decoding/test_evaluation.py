@@ -5,7 +5,6 @@ import io
 import json
 import math
 import pathlib
-import types
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.config import ConfigError
+from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
 from t5x_like import evaluation
 from t5x_like.cli import main
@@ -148,7 +147,7 @@ def test_sentence_completion_task_and_score_command(run_dir, tmp_path):
 class ContextFreeModel:
   """A stub decoder whose next-token distribution ignores the context: log p(v) = w[v] - lse(w)."""
 
-  config = types.SimpleNamespace(arch="decoder", max_len=512)
+  config = ModelConfig(arch="decoder", max_len=512)
 
   def __init__(self, vocab_size: int):
     self.weights = -(np.arange(vocab_size) % 7).astype(np.float32)
