@@ -46,8 +46,9 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   query [b, t, h, e]; key, value [b, s, k, e] with h a multiple of k (GQA: each kv head
   serves g = h / k query heads, MQA when k = 1); mask [b, 1, t, s]; bias [b|1, h, t, s].
   kernel "xla" materialises all scores at once; "blocked" (models/blocked_attention.py)
-  loops over cache-sized blocks and takes no bias. `causal` promises the mask is purely
-  causal, which lets the blocked kernel skip hidden keys.
+  loops over cache-sized blocks; "cudnn" is cuDNN's flash attention on GPUs (`fused_attention`).
+  Neither of the last two takes a bias. `causal` promises the mask is purely causal, which
+  lets both skip hidden keys.
   """
   b, t, h, e = query.shape
   kv_heads = key.shape[2]
@@ -182,8 +183,8 @@ class Attention(nnx.Module):
     (`heads_first`). For cached self-attention, this call's keys are written at
     cache_index and the whole cache is attended (the mask says which slots are valid),
     through the cache's `rows` index if it has one (`heads_first_attention`).
-    `causal` promises a purely causal mask (no prefix, no cache), which the blocked kernel
-    uses to skip hidden keys.
+    `causal` promises a purely causal mask (no prefix, no cache), which the blocked and cuDNN
+    kernels use (`dot_product_attention`).
     """
     query = self.query(x)  # [b, t, h, e]
     if self.rope_theta is not None:

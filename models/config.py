@@ -112,9 +112,6 @@ class ModelConfig:
     config.validate()
     return config
 
-  def to_config_dict(self) -> ml_collections.ConfigDict:
-    return model_config_dict(**dataclasses.asdict(self))
-
   def replace(self, **changes) -> "ModelConfig":
     config = dataclasses.replace(self, **changes)
     config.validate()

@@ -245,11 +245,10 @@ class Dense(nnx.Module):
 class Embed(nnx.Module):
   """A lookup table; `attend` reuses it as the output projection for tied embeddings."""
 
-  def __init__(self, num_embeddings: int, features: int, axes: Axes, cfg: ModelConfig, *,
-               rngs: nnx.Rngs, stddev: float = 0.02):
+  def __init__(self, num_embeddings: int, features: int, axes: Axes, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.dtype = cfg.compute_dtype
     self.bf16_inputs = cfg.bf16_matmul_inputs
-    self.embedding = param(nnx.initializers.normal(stddev), (num_embeddings, features), axes, cfg, rngs)
+    self.embedding = param(nnx.initializers.normal(0.02), (num_embeddings, features), axes, cfg, rngs)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)

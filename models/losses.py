@@ -12,7 +12,7 @@ from models.layers import project, rounds_to_bf16, row_max, row_sum, token_sum, 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
                        z_loss: float = 0.0) -> dict[str, jax.Array]:
-  """Weighted sums over tokens: loss (cross-entropy + z-loss), z-loss, correct, weight.
+  """Weighted sums over tokens: loss (cross-entropy + z-loss), cross-entropy, z-loss, correct, weight.
 
   logits [b, t, v] (float32), targets [b, t], weights [b, t] (0 for padding and for
   positions that carry no loss). z-loss is z_loss * log(Z)^2 (PaLM, Chowdhery et al.

@@ -6,8 +6,8 @@ real token, so a batch of prompts of different lengths decodes exactly as each p
 would alone.
 
 Strategies: greedy; sampling with temperature, top-k and top-p (Holtzman et al. 2020);
-beam search with a length penalty (Wu et al. 2016, eq. 14); all with an optional
-repetition penalty (Keskar et al. 2019, sec. 4.1).
+beam search with a length penalty (Wu et al. 2016, eq. 14). Greedy and sampling take an
+optional repetition penalty (Keskar et al. 2019, sec. 4.1).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from flax import nnx
 
 from models.config import ConfigError
 from models.layers import row_max, row_sum
+from t5x_like.data.tokenizer import EOS_ID, PAD_ID
 
 NEG_INF = -1e30
 
@@ -30,8 +31,8 @@ NEG_INF = -1e30
 class DecodeConfig:
   strategy: str = "greedy"  # greedy | sample | beam
   max_new_tokens: int = 64
-  eos_id: int = 1
-  pad_id: int = 0
+  eos_id: int = EOS_ID
+  pad_id: int = PAD_ID
   temperature: float = 1.0  # sample only
   top_k: int = 0  # sample only; 0: no top-k filter
   top_p: float = 1.0  # sample only; 1: no nucleus filter
@@ -50,6 +51,8 @@ class DecodeConfig:
     if self.repetition_penalty <= 0 or self.num_beams < 1:
       raise ConfigError(f"need repetition_penalty > 0 and num_beams >= 1; got "
                         f"{self.repetition_penalty}, {self.num_beams}")
+    if self.strategy == "beam" and self.repetition_penalty != 1.0:
+      raise ConfigError("repetition_penalty applies to greedy and sample decoding, not to beam search")
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

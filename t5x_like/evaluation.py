@@ -171,7 +171,8 @@ def sentence_completion_task(paragraphs: list[str], *, size: int = 200, options:
   rng = random.Random(seed)
   rng.shuffle(halves)
   if len(halves) < size + options:
-    raise ConfigError(f"only {len(halves)} sentences for a task of {size} items")
+    raise ConfigError(f"only {len(halves)} sentences of 8 words or more; a task of {size} items with {options} "
+                      f"options needs {size + options}")
   items = []
   for context, ending in halves[:size]:
     distractors = rng.sample([b for _, b in halves[size:]], options - 1)

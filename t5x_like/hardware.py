@@ -1,8 +1,8 @@
 """Peak FLOP/s of the device, for model FLOPs utilisation (MFU).
 
-Accelerators: dense bf16 peaks from the vendors' data sheets. CPUs have no data sheet
-figure worth trusting, so the peak is measured: the best of a few jitted float32
-matmuls at start-up (about a second).
+Accelerators: dense bf16 peaks from the vendors' data sheets (one the table lacks is measured
+in bf16). CPUs have no data sheet figure worth trusting, so the peak is measured: the best of
+a few jitted float32 matmuls at start-up (about a second).
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense (no sparsity) bf16 peak FLOP/s per device.
+# Dense (no sparsity) bf16 peak FLOP/s per device, keyed by the start of jax's device_kind
+# ("NVIDIA H100 80GB HBM3"). The first match wins, so a variant comes before its family.
 PEAK_BF16_FLOPS = {
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H100": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100": 989e12,  # SXM
     "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
     "NVIDIA A100": 312e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
@@ -27,6 +26,11 @@ PEAK_BF16_FLOPS = {
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
 }
+
+
+def data_sheet_peak(device_kind: str) -> float | None:
+  """The table's dense bf16 peak for a device kind, or None if it is not listed."""
+  return next((flops for name, flops in PEAK_BF16_FLOPS.items() if device_kind.startswith(name)), None)
 
 
 def measured_matmul_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
@@ -46,8 +50,10 @@ def peak_flops_per_device() -> tuple[float, str]:
   """(peak FLOP/s of one device, where the figure comes from)."""
   device = jax.devices()[0]
   kind = device.device_kind
-  for name, flops in PEAK_BF16_FLOPS.items():
-    if kind.startswith(name):
-      return flops, f"data sheet bf16 peak of {kind}"
-  # On a CPU the simulated devices share the same cores: measure the whole host once.
-  return measured_matmul_flops() / jax.local_device_count(), f"measured f32 matmul on {kind}"
+  flops = data_sheet_peak(kind)
+  if flops is not None:
+    return flops, f"data sheet bf16 peak of {kind}"
+  if device.platform == "cpu":
+    # Simulated CPU devices share the host's cores: measure the host once and split it.
+    return measured_matmul_flops() / jax.local_device_count(), f"measured f32 matmul on {kind}"
+  return measured_matmul_flops(dtype=jnp.bfloat16), f"measured bf16 matmul on {kind}, which the table lacks"

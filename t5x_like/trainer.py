@@ -422,7 +422,11 @@ def add_sums(totals, sums):
 
 
 def loss_means(sums) -> dict[str, float]:
-  """Per-token loss, accuracy, perplexity and z-loss from summed loss terms."""
+  """Per-token loss, accuracy, perplexity and z-loss from summed loss terms.
+
+  "loss" is the cross-entropy alone, so runs with and without z-loss compare; the z-loss the
+  optimiser adds to it is reported beside it.
+  """
   weight = max(float(sums["weight"]), 1.0)
   loss = float(sums["cross_entropy"]) / weight
   return {"loss": loss, "accuracy": float(sums["correct"]) / weight,

@@ -140,7 +140,10 @@ def bootstrap_chinchilla(n, d, loss, fit: Chinchilla, *, samples: int = 200, see
 
 def extrapolation_error(n, d, loss, *, holdout: int = 1, law: str = "chinchilla",
                         grid: dict | None = None) -> dict:
-  """Fits without the `holdout` largest-compute runs and reports the error predicting them."""
+  """Fits `law` ("chinchilla" or Kaplan's joint "kaplan") without the `holdout` largest-compute
+  runs and reports the error predicting them."""
+  if law not in ("chinchilla", "kaplan"):
+    raise ValueError(f"law={law!r} is not 'chinchilla' or 'kaplan'")
   n, d, loss = map(lambda x: np.asarray(x, float), (n, d, loss))
   order = np.argsort(n * d)
   train, test = order[:-holdout], order[-holdout:]

@@ -264,6 +264,11 @@ def test_encoder_decoder_beam_search_equals_rescoring_every_beam_from_scratch(en
   assert generate(encoder_decoder, [[0]] * 2, config, encoder_inputs=sources) == expected
 
 
+def test_beam_search_refuses_a_repetition_penalty_it_would_ignore():
+  with pytest.raises(ConfigError, match="not to beam search"):
+    DecodeConfig(strategy="beam", repetition_penalty=1.2).validate()
+
+
 def test_repetition_penalty_discourages_repeats(decoder):
   plain = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=12, eos_id=-1))
   penalised = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=12, eos_id=-1, repetition_penalty=5.0))

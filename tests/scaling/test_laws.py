@@ -81,6 +81,15 @@ def test_extrapolation_to_held_out_largest_runs(chinchilla_data):
   assert check["held_out_runs"] == 3 and check["max_abs_relative_error"] < 0.02
 
 
+def test_kaplan_extrapolation_to_held_out_largest_runs():
+  n, d, noise = grid_runs(3)
+  loss = laws.KaplanJoint(n_c=8.8e13, d_c=5.4e13, alpha_n=0.076, alpha_d=0.095)(n, d) * noise
+  check = laws.extrapolation_error(n, d, loss, holdout=3, law="kaplan")
+  assert check["law"] == "kaplan" and check["max_abs_relative_error"] < 0.02
+  with pytest.raises(ValueError, match="law='kaplan_joint'"):
+    laws.extrapolation_error(n, d, loss, law="kaplan_joint")
+
+
 def test_chinchilla_grid_is_hoffmann_et_al_appendix_d2():
   grid = laws.CHINCHILLA_GRID
   np.testing.assert_allclose(grid["e"], [-1, -0.5, 0, 0.5, 1])
