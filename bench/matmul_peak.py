@@ -2,7 +2,7 @@
 
     python bench/matmul_peak.py [--size 2048]
 
-`bench/run.py` runs it twice, with t5x_like's XLA:CPU defaults and with XLA's own
+Before every round, `bench/run.py` runs it twice, with t5x_like's XLA:CPU defaults and with XLA's own
 (T5X_LIKE_XLA_DEFAULTS=0), and divides model FLOP/s by the better of the two: the peak is
 what the hardware can do, not what one flag setting gets. A GPU needs larger products to
 reach its peak (bench/gpu.sh uses 8192).

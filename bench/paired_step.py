@@ -78,6 +78,8 @@ def main() -> None:
   args = parser.parse_args()
 
   overrides = {"a": json.loads(args.a), "b": json.loads(args.b)}
+  if overrides["a"] == overrides["b"]:
+    parser.error("--a and --b are the same config: give --b the change to time")
   step_a, step_b = (stepper(args.shape, args.dtype, args.arch, overrides[side]) for side in ("a", "b"))
   timed_pairs(step_a, step_b, args.warmup)
   result = summary(*timed_pairs(step_a, step_b, args.pairs))

@@ -8,7 +8,6 @@ the runners in bench/peers/ train a decoder of the requested shape and print one
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -33,12 +32,6 @@ INSTALLS = {
                               "optax==0.2.8")),
 }
 COMPLETE_MARKER = "t5x_like_install_complete"
-
-# bench/peers/ is no package (one would shadow this module), so its protocol is loaded by path.
-_protocol_spec = importlib.util.spec_from_file_location("peer_protocol", RUNNERS / "protocol.py")
-_protocol = importlib.util.module_from_spec(_protocol_spec)
-_protocol_spec.loader.exec_module(_protocol)
-train_flops_per_step = _protocol.train_flops_per_step
 
 
 def _find_python(version: str) -> str:

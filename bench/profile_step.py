@@ -1,7 +1,8 @@
 """Where a training step's time goes: XLA ops ranked by time, with their shapes and source.
 
-    python bench/profile_step.py [--shape tiny] [--dtype float32] [--arch default] [--top 30]
-                                 [--bf16-matmul-inputs] [--loss-kernel xla]
+    python bench/profile_step.py [--shape tiny] [--dtype float32] [--arch default] [--top 30] [--steps 3]
+                                 [--bf16-matmul-inputs] [--loss-kernel xla] [--attention-kernel xla]
+                                 [--init-on-host]
 
 Traces a few compiled train steps with jax.profiler, sums each XLA op's time over the
 trace (both CPU threads), and names it with its output shape and the jax op it came from,
@@ -64,7 +65,7 @@ def main() -> None:
   with jax.set_mesh(trainer.mesh), tempfile.TemporaryDirectory() as trace_dir:
     step = trainer.train_step.lower(state, trainer.rest, batch).compile()  # compiled once, here
     hlo = step.as_text()
-    for _ in range(2):  # warm up
+    for _ in range(train_throughput.WARMUP_STEPS):
       state, metrics = step(state, trainer.rest, batch)
       jax.block_until_ready(metrics)
     start = time.perf_counter()

@@ -4,10 +4,12 @@ and against the peer codebases side by side, decoding and data-pipeline throughp
     python bench/run.py [--shapes tiny,medium,large] [--bf16-shapes tiny] [--steps 9] [--warmup 2]
                         [--rounds 2] [--peers maxtext,easydel,hf_flax_gpt2] [--baselines REV,REV]
                         [--archs default,gpt2,llama] [--dtypes float32,bfloat16]
+                        [--venvs ~/.cache/t5x_like/bench_venvs] [--output docs/benchmarks.md]
 
 Every training figure comes from a fresh process, all in this one run: bench/train_throughput.py
 for us (our default, GPT-2 and LLaMA architectures; with bf16 matmul inputs; with XLA's own
-CPU flags; with the xla attention or loss kernel; and each --baselines revision of us in the
+CPU flags; with glibc's 4 KiB pages where every other runner gets huge pages; with the xla
+attention or loss kernel; and each --baselines revision of us in the
 same blocks, checked out into a temporary git worktree), bench/matmul_floor.py for the ceiling
 of our step (its matmuls alone), bench/peers.py for the peers, each in its own virtual
 environment. The runners of a shape take turns for --rounds rounds and each keeps its fastest
@@ -111,15 +113,14 @@ def matmul_peaks() -> dict[str, float]:
   return {dtype: max(run[dtype] for run in runs) for dtype in ("float32", "bfloat16")}
 
 
-def baseline_trees(revisions: list[str], parent: pathlib.Path) -> dict[str, pathlib.Path]:
-  """A detached git worktree per revision, so an older trainer runs with today's bench script."""
-  trees = {}
-  for rev in revisions:
-    path = parent / rev
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev],
-                   check=True, capture_output=True)
-    trees[rev] = path
-  return trees
+def baseline_tree(revision: str, parent: pathlib.Path) -> pathlib.Path:
+  """A detached git worktree of the revision, so an older trainer runs with today's bench script."""
+  path = parent / revision
+  result = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), revision],
+                          capture_output=True, text=True)
+  if result.returncode:
+    raise SystemExit(f"--baselines {revision}: git worktree add failed: {result.stderr.strip()}")
+  return path
 
 
 def cpu_name() -> str:
@@ -175,9 +176,10 @@ def shape_runners(shape: str, dtype: str, args, trees: dict) -> list:
     runners += [("t5x_like", lambda arch=arch: ours(shape, dtype, *timing, arch, bf16_matmul_inputs=True))
                 for arch in ("gpt2", "llama") if arch in archs]
     if "default" in archs:
-      runners += [("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, *timing, env=XLA_OWN_FLAGS)),
-                  ("t5x_like, glibc's 4 KiB pages", lambda: ours(shape, dtype, *timing, env=SMALL_PAGES)),
-                  ("t5x_like, xla attention kernel", lambda: ours(shape, dtype, *timing, attention_kernel="xla")),
+      runners += [("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, *timing, env=XLA_OWN_FLAGS))]
+      if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):  # main() turned huge pages on
+        runners += [("t5x_like, glibc's 4 KiB pages", lambda: ours(shape, dtype, *timing, env=SMALL_PAGES))]
+      runners += [("t5x_like, xla attention kernel", lambda: ours(shape, dtype, *timing, attention_kernel="xla")),
                   ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, *timing, loss_kernel="xla"))]
       runners += [("matmul floor", lambda bf16=bf16: matmul_floor(shape, *timing, bf16)) for bf16 in (False, True)]
   runners += [(f"t5x_like@{rev}", lambda tree=tree, arch=arch: ours(
@@ -199,14 +201,19 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--peers", default=",".join(peers.PEERS))
   parser.add_argument("--baselines", default="", help="comma-separated git revisions of this repo")
-  parser.add_argument("--venvs", default=str(pathlib.Path.home() / ".cache" / "t5x_like" / "bench_venvs"))
+  parser.add_argument("--venvs", default=str(peers.DEFAULT_CACHE_DIR))
   parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
   args = parser.parse_args()
   if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
     parser.error("--rounds and --steps must be at least 1, --warmup at least 0")
-  shapes, bf16_shapes, dtypes = args.shapes.split(","), args.bf16_shapes.split(","), args.dtypes.split(",")
-  if not set(args.archs.split(",")) <= set(ARCHS) or not set(dtypes) <= {"float32", "bfloat16"}:
-    parser.error(f"--archs takes {','.join(ARCHS)}; --dtypes takes float32,bfloat16")
+  shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")
+  bf16_shapes = [shape for shape in args.bf16_shapes.split(",") if shape]
+  choices = (("--shapes", shapes, SHAPES), ("--bf16-shapes", bf16_shapes, SHAPES),
+             ("--archs", args.archs.split(","), ARCHS), ("--dtypes", dtypes, ("float32", "bfloat16")),
+             ("--peers", [p for p in args.peers.split(",") if p], peers.PEERS))
+  for option, values, known in choices:
+    if not set(values) <= set(known):
+      parser.error(f"{option} takes some of {','.join(known)}; got {','.join(values)}")
   revisions = [r for r in args.baselines.split(",") if r]
   os.environ.update(with_huge_pages(dict(os.environ)))
 
@@ -215,8 +222,10 @@ def main() -> None:
 
   rows = []  # (shape, runner, result or error)
   with tempfile.TemporaryDirectory() as scratch:
-    trees = baseline_trees(revisions, pathlib.Path(scratch))
+    trees = {}
     try:
+      for rev in revisions:
+        trees[rev] = baseline_tree(rev, pathlib.Path(scratch))
       for shape in shapes:
         for dtype in [d for d in dtypes if d == "float32" or shape in bf16_shapes]:
           runners = shape_runners(shape, dtype, args, trees)
@@ -239,8 +248,15 @@ def main() -> None:
       for tree in trees.values():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
 
-  decode = run_json([sys.executable, str(ROOT / "bench" / "decode_throughput.py")])
-  data = data_pipeline.measure()
+  # The training rows took the most time: a failure from here on must not lose them.
+  try:
+    decode = run_json([sys.executable, str(ROOT / "bench" / "decode_throughput.py")])
+  except Exception as error:
+    decode = {"error": str(error).strip().splitlines()[-1][:200]}
+  try:
+    data = data_pipeline.measure()
+  except Exception as error:
+    data = {"error": str(error).strip().splitlines()[-1][:200]}
   command = " ".join(["python", "bench/run.py", *sys.argv[1:]])
   steal = steal_share(start_times, cpu_times())
   text = render(rows, peak, decode, data, shapes, command, args.rounds, args.warmup, steal)
@@ -339,27 +355,30 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
       lines.append(f"| {runner} | {r.get('arch', '')} | {r['dtype']} | {r['step_seconds'] * 1e3:.0f} | "
                    f"{r['tokens_per_second']:,.0f} | {r['model_flops_per_second'] / 1e9:.0f} | "
                    f"{share_of_peak(r, peak)} | {versus} | {versus_median} | {versus_paired} | {versus_same} |")
-  fastest = max(r["tokens_per_second"] for _, runner, r in rows if runner.startswith("t5x_like") and "error" not in r)
-  lines += [
-      "",
-      "## Decoding",
-      "",
-      f"Tiny decoder, greedy, batch {decode['batch']}, prompt {decode['prompt_len']}, "
-      f"{decode['new_tokens']} new tokens, best of 3 after compilation: "
-      f"{decode['cached_tokens_per_second']:,.0f} new tokens/s with the KV cache "
-      f"(`t5x_like.decoding.generate`) against {decode['uncached_tokens_per_second']:,.0f} rerunning the "
-      f"full forward pass per token "
-      f"({decode['cached_tokens_per_second'] / decode['uncached_tokens_per_second']:.0f}x); "
-      f"in bfloat16, {decode['bfloat16_cached_tokens_per_second']:,.0f} with the KV cache.",
-      "",
-      "## Data pipeline",
-      "",
-      f"{data['setting']}: {data['real_tokens_per_second']:,.0f} real tokens/s "
-      f"({data['padding']:.1%} padding), {data['real_tokens_per_second'] / fastest:.0f}x the fastest "
-      "training run above.",
-      "",
-  ]
+  lines += ["", "## Decoding", "", decoding_summary(decode), "", "## Data pipeline", "", data_summary(data, rows), ""]
   return "\n".join(lines)
+
+
+def decoding_summary(decode: dict) -> str:
+  if "error" in decode:
+    return f"bench/decode_throughput.py failed: {decode['error']}"
+  return (f"Tiny decoder, greedy, batch {decode['batch']}, prompt {decode['prompt_len']}, "
+          f"{decode['new_tokens']} new tokens, best of 3 after compilation: "
+          f"{decode['cached_tokens_per_second']:,.0f} new tokens/s with the KV cache "
+          f"(`t5x_like.decoding.generate`) against {decode['uncached_tokens_per_second']:,.0f} rerunning the "
+          f"full forward pass per token "
+          f"({decode['cached_tokens_per_second'] / decode['uncached_tokens_per_second']:.0f}x); "
+          f"in bfloat16, {decode['bfloat16_cached_tokens_per_second']:,.0f} with the KV cache.")
+
+
+def data_summary(data: dict, rows) -> str:
+  if "error" in data:
+    return f"bench/data_pipeline.py failed: {data['error']}"
+  fastest = max((r["tokens_per_second"] for _, runner, r in rows if runner.startswith("t5x_like") and "error" not in r),
+                default=None)
+  versus = f", {data['real_tokens_per_second'] / fastest:.0f}x the fastest training run above" if fastest else ""
+  return (f"{data['setting']}: {data['real_tokens_per_second']:,.0f} real tokens/s "
+          f"({data['padding']:.1%} padding){versus}.")
 
 
 if __name__ == "__main__":

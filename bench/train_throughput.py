@@ -14,7 +14,8 @@ is not counted. On a GPU or TPU, `mfu` divides them by the data sheet's dense bf
 
     python bench/train_throughput.py --shape 1b --dtype bfloat16 --steps 10
 
-On a CPU there is no data sheet figure: bench/run.py divides by the peak it measures once.
+On a CPU there is no data sheet figure: bench/run.py divides by the highest peak that
+bench/matmul_peak.py measures before each of its rounds.
 """
 
 from __future__ import annotations

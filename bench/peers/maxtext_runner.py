@@ -50,7 +50,8 @@ def main() -> None:
   if result.returncode or len(seconds) != args.steps:
     sys.exit(f"MaxText exited {result.returncode} after {len(seconds)} timed steps:\n{log[-4000:]}")
   protocol.report(args, peer="maxtext", version=importlib.metadata.version("maxtext"),
-                  jax_version=importlib.metadata.version("jax"), arch="llama: RMSNorm, RoPE, SwiGLU, untied (its llama2 block)",
+                  jax_version=importlib.metadata.version("jax"),
+                  arch="llama: RMSNorm, RoPE, SwiGLU, untied (its llama2 block)",
                   gated=True, head_dim=head_dim, step_seconds=statistics.median(seconds))
 
 

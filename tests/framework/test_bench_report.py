@@ -81,7 +81,9 @@ def test_archs_narrow_our_runners_and_float32_adds_the_variants(monkeypatch):
   # float32 adds bf16 matmul inputs for each named GPT-2/LLaMA block ...
   assert runs("llama", "float32", peers="") == [("ours", "float32", "llama", False, ()),
                                                 ("ours", "float32", "llama", True, ())]
-  # ... and, with the default block, its variants and the two matmul floors.
+  # ... and, with the default block, its variants and the two matmul floors; the 4 KiB-page
+  # variant only where huge pages are on, as main() turns them on where they are available.
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
   everything = runs("default,gpt2,llama", "float32")
   assert [r for r in everything if r[0] == "ours" and r[4]] == [
       ("ours", "float32", "default", False, ("env",)), ("ours", "float32", "default", False, ("env",)),
@@ -89,6 +91,8 @@ def test_archs_narrow_our_runners_and_float32_adds_the_variants(monkeypatch):
       ("ours", "float32", "default", False, ("loss_kernel",))]
   assert [r for r in everything if r[0] == "floor"] == [("floor", False), ("floor", True)]
   assert len(everything) == 5 + 4 + 2 + 1 and everything[-1] == ("peer", "easydel")
+  monkeypatch.delenv("GLIBC_TUNABLES")
+  assert len(runs("default,gpt2,llama", "float32")) == len(everything) - 1
   # Every runner, ours, the floors and the peers, leaves out the same warm-up steps.
   assert set(timings) == {(4, 3)}
 
@@ -123,6 +127,12 @@ def test_each_runner_keeps_its_fastest_round_and_its_median_round(monkeypatch):
   assert ours[7:10] == ["1.25x", "1.20x", "1.50x"]  # 300/240 fastest; 240/200 medians; same-round ratios
   assert run.same_round_ratio(rows[0][2], []) is None  # no peer ran: no ratio, not a division by zero
   assert "2 new tokens/s with the KV cache" in text and "(2x); in bfloat16, 3 with the KV cache." in text
+  # Decoding or the data pipeline failing after the training rows, or none of ours running,
+  # still renders the table rather than losing the run.
+  text = run.render(rows[1:], {"float32": 400e9, "bfloat16": 800e9}, {"error": "boom"},
+                    {"setting": "packed", "real_tokens_per_second": 5.0, "padding": 0.0},
+                    ["tiny"], "python bench/run.py", rounds=4, warmup=2)
+  assert "bench/decode_throughput.py failed: boom" in text and "packed: 5 real tokens/s (0.0% padding)." in text
 
 
 def test_paired_steps_alternate_and_a_slow_spell_cancels_in_the_ratio(monkeypatch):
@@ -162,4 +172,5 @@ def test_profile_sums_cpu_worker_threads_or_gpu_streams_per_step(monkeypatch):
   cpu = SimpleNamespace(name="/host:CPU", lines=[
       line("Eigen worker 0", event("ynn_fusion", 6), event("ThunkExecutor::Execute", 9)),
       line("Eigen worker 1", event("ynn_fusion", 2)), line("python3", event("ynn_fusion", 40))])
-  assert profile_step.op_seconds_per_step(SimpleNamespace(planes=[cpu]), steps=1) == pytest.approx({"ynn_fusion": 0.008})
+  seconds = profile_step.op_seconds_per_step(SimpleNamespace(planes=[cpu]), steps=1)
+  assert seconds == pytest.approx({"ynn_fusion": 0.008})
