@@ -53,8 +53,12 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
     tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                      weight_decay=config.weight_decay, mask=decay_mask)
   elif config.name == "adafactor":
-    tx = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
-                         weight_decay_mask=decay_mask)
+    # optax.adafactor's transformations with its defaults, but the weight decay added before the
+    # learning rate, so that it follows the schedule as AdamW's does. optax.adafactor adds it
+    # after: a decay of 0.1 shrank every matrix by 10% a step, even at a learning rate of 0.
+    tx = optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0), optax.scale_by_param_block_rms(),
+                     optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+                     optax.scale_by_learning_rate(schedule))
   else:
     raise ConfigError(f"train.optimizer.name={config.name!r} is not one of ('adamw', 'adafactor')")
   if config.grad_clip_norm:

@@ -45,17 +45,30 @@ def test_adamw_decays_matrices_but_not_norms_or_biases():
   np.testing.assert_array_equal(updates["bias"], 0.0)
 
 
-def test_adafactor_lowers_a_quadratic():
-  params = {"w": jnp.full((4, 3), 2.0)}
-  tx, _ = make_optimizer(config(name="adafactor", schedule="constant", learning_rate=0.1), 10)
-  state = tx.init(params)
-  loss = lambda p: jnp.sum(p["w"] ** 2)
-  before = float(loss(params))
-  for _ in range(5):
+def test_adafactor_without_decay_is_optax_adafactor():
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(256, 130)), jnp.float32),  # factored
+            "b": jnp.linspace(-1.0, 1.0, 7)}
+  tx, schedule = make_optimizer(config(name="adafactor", learning_rate=0.1, warmup_steps=2, weight_decay=0.0,
+                                       grad_clip_norm=0.0), 10)
+  reference = optax.adafactor(schedule)
+  state, reference_state = tx.init(params), reference.init(params)
+  loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(p["b"] ** 4)  # noqa: E731
+  for _ in range(4):
     grads = jax.grad(loss)(params)
     updates, state = tx.update(grads, state, params)
-    params = jax.tree.map(jnp.add, params, updates)
-  assert float(loss(params)) < before * 0.8
+    expected, reference_state = reference.update(grads, reference_state, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), updates, expected)
+    params = optax.apply_updates(params, updates)
+
+
+def test_adafactor_decays_matrices_by_the_scheduled_learning_rate():
+  params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+  tx, schedule = make_optimizer(config(name="adafactor", learning_rate=0.1, warmup_steps=4, weight_decay=0.5), 10)
+  state, zero_grads = tx.init(params), jax.tree.map(jnp.zeros_like, params)
+  for step in range(3):  # in warmup: learning rates 0, 0.025, 0.05
+    updates, state = tx.update(zero_grads, state, params)
+    np.testing.assert_allclose(updates["kernel"], -float(schedule(step)) * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_array_equal(updates["scale"], 0.0)
 
 
 def test_unknown_optimizer_and_schedule_name_the_field():
