@@ -26,7 +26,10 @@ class PatternLoader:
   def _rows(self, index, length):
     rng = np.random.default_rng(1000 * (self.split == "validation") + index)
     starts = rng.integers(3, 30, size=self.config.batch_size)
-    rows = (starts[:, None] + np.arange(length + 1)[None, :]) % 61 + 3
+    return self._local((starts[:, None] + np.arange(length + 1)[None, :]) % 61 + 3)
+
+  def _local(self, rows):
+    """This process's share of the global batch's rows."""
     local = self.config.batch_size // self.process_count
     return rows[self.process_index * local:(self.process_index + 1) * local]
 
@@ -57,3 +60,16 @@ class PatternLoader:
       batch.update(encoder_input_tokens=masked, encoder_segment_ids=batch["decoder_segment_ids"],
                    encoder_positions=batch["decoder_positions"], encoder_loss_weights=(masked == 2).astype(np.float32))
     return batch
+
+
+class RaggedPatternLoader(PatternLoader):
+  """PatternLoader's decoder rows, each padded after its own length as packing leaves rows:
+  loss weight and segment id 0 there. Shards and micro-batches then hold different numbers of
+  scored tokens, which an average of per-shard means would get wrong."""
+
+  def __next__(self):
+    batch = super().__next__()
+    length = batch["decoder_target_tokens"].shape[1]
+    lengths = self._local(np.random.default_rng(500 + self.position).integers(2, length + 1, self.config.batch_size))
+    real = np.arange(length)[None, :] < lengths[:, None]
+    return dict(batch, decoder_loss_weights=real.astype(np.float32), decoder_segment_ids=real.astype(np.int32))
