@@ -264,13 +264,58 @@ def test_encoder_decoder_beam_search_equals_rescoring_every_beam_from_scratch(en
   assert generate(encoder_decoder, [[0]] * 2, config, encoder_inputs=sources) == expected
 
 
+def beam_with_eos_by_rescoring(last_log_probs, prompt, beams, steps, eos, alpha):
+  """Reference beam search with an end token and Wu et al.'s length penalty, sequences rescored
+  from scratch: of each step's 2k best candidates, those among the best k that end are finished
+  (scored log p / ((5 + length) / 6)^alpha), the best k that do not end live on; live beams
+  compete at full length at the end."""
+  penalty = lambda length: ((5 + length) / 6) ** alpha  # noqa: E731
+  live, finished = [([], 0.0)], []
+  for step in range(1, steps + 1):
+    candidates = sorted(((tokens + [token], score + float(log_prob)) for tokens, score in live
+                         for token, log_prob in enumerate(last_log_probs(prompt + tokens))),
+                        key=lambda candidate: -candidate[1])[:2 * beams]
+    finished += [(tokens, score / penalty(step)) for rank, (tokens, score) in enumerate(candidates)
+                 if tokens[-1] == eos and rank < beams]
+    live = [candidate for candidate in candidates if candidate[0][-1] != eos][:beams]
+  finished += [(tokens, score / penalty(steps)) for tokens, score in live]
+  return max(finished, key=lambda candidate: candidate[1])[0]
+
+
+def test_beam_search_with_an_end_token_and_length_penalty_equals_rescoring(decoder):
+  """Finished sequences, kept aside and scored by their penalised length, against live beams."""
+  @functools.cache
+  def last_log_probs(tokens):
+    return np.asarray(jax.nn.log_softmax(full_forward(decoder, list(tokens))[-1]))
+
+  prompt, found = PROMPTS[2], {}
+  for eos in (9, 7, 19):  # with end token 9, alpha 0 and 2 pick sequences of different lengths
+    for alpha in (0.0, 0.6, 2.0):
+      config = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=6, eos_id=eos, length_penalty=alpha)
+      found[eos, alpha] = generate(decoder, [prompt], config)[0]
+      assert found[eos, alpha] == beam_with_eos_by_rescoring(lambda t: last_log_probs(tuple(t)), prompt, 3, 6,
+                                                             eos, alpha), (eos, alpha)
+  assert any(tokens[-1] == eos and len(tokens) < 6 for (eos, _), tokens in found.items())  # an early finish won
+  assert any(found[eos, 0.0] != found[eos, 2.0] for eos in (9, 7, 19))  # and the penalty changed a winner
+
+
 def test_beam_search_refuses_a_repetition_penalty_it_would_ignore():
   with pytest.raises(ConfigError, match="not to beam search"):
     DecodeConfig(strategy="beam", repetition_penalty=1.2).validate()
 
 
-def test_repetition_penalty_discourages_repeats(decoder):
-  plain = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=12, eos_id=-1))
-  penalised = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=12, eos_id=-1, repetition_penalty=5.0))
-  repeats = lambda rows: sum(len(r) - len(set(r)) for r in rows)
-  assert repeats(penalised) < repeats(plain)
+def test_repetition_penalty_follows_keskar_et_al_over_prompt_and_output(decoder):
+  """Greedy with the penalty against recomputation applying the rule by hand: a logit of a token
+  already in the row (prompt or output) is divided by the penalty if positive, else multiplied."""
+  penalty, steps = 1.3, 8
+  penalised = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=steps, eos_id=-1, repetition_penalty=penalty))
+  for prompt, out in zip(PROMPTS, penalised):
+    tokens = list(prompt)
+    for _ in range(steps):
+      logits = np.asarray(full_forward(decoder, tokens)[-1])
+      seen = np.isin(np.arange(logits.size), tokens)
+      logits = np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
+      tokens.append(int(np.argmax(logits)))
+    assert out == tokens[len(prompt):]
+  plain = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=steps, eos_id=-1))
+  assert penalised != plain  # the penalty changed something to check

@@ -17,6 +17,7 @@ from models.transformer import build_model
 from t5x_like import evaluation
 from t5x_like.cli import main
 from t5x_like.data.tokenizer import load_tokenizer
+from t5x_like.decoding import DecodeConfig, generate
 from t5x_like.trainer import Trainer
 
 EXPERIMENT = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "decoder_tiny.py")
@@ -66,20 +67,34 @@ def test_text_file_loss_of_a_prefix_lm_run(trained):
   config = trainer.config.copy_and_resolve_references()
   config.data.objective = "prefix_lm"  # its batches carry decoder_causal_attention
   prefix_lm = Trainer(config, trainer.workdir / "prefix_lm", make_loader=trainer.make_loader)
+  prefix_lm.state = trainer.state  # the trained parameters
   assert "decoder_causal_attention" in prefix_lm.features
-  result = evaluation.evaluate_text(prefix_lm, tokenizer, "Emma was handsome, clever, and rich.")
-  assert result["tokens"] == len(tokenizer.encode("Emma was handsome, clever, and rich.")) + 1
+  text = "Emma was handsome, clever, and rich."
+  result = evaluation.evaluate_text(prefix_lm, tokenizer, text)
+  assert result["tokens"] == len(tokenizer.encode(text)) + 1
+  # Plain text has no prefix, so the prefix LM attends causally, as the decoder run does.
+  assert result["loss"] == pytest.approx(evaluation.evaluate_text(trainer, tokenizer, text)["loss"], rel=1e-5)
 
 
-def test_decode_command_writes_jsonl(run_dir, tmp_path):
+@pytest.mark.parametrize("flags, config", [
+    (["--strategy", "sample", "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9", "--seed", "3",
+      "--repetition-penalty", "1.3"],
+     dict(strategy="sample", temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3)),
+    (["--strategy", "beam", "--num-beams", "3", "--length-penalty", "1.5"],
+     dict(strategy="beam", num_beams=3, length_penalty=1.5)),
+])
+def test_decode_command_writes_what_generate_decodes_with_its_flags(flags, config, trained, run_dir, tmp_path):
+  _, model, tokenizer = trained
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text('{"prompt": "Emma was"}\n{"prompt": "Mr. Knightley"}\n')
   out = tmp_path / "out.jsonl"
   assert main(["decode", "--workdir", str(run_dir), "--input", str(prompts), "--output", str(out),
-               "--strategy", "sample", "--top-p", "0.9", "--max-new-tokens", "5"]) == 0
+               "--max-new-tokens", "5", *flags]) == 0
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["prompt"] for r in rows] == ["Emma was", "Mr. Knightley"]
-  assert all(isinstance(r["completion"], str) for r in rows)
+  ids = [[0] + tokenizer.encode(r["prompt"]).tolist() for r in rows]  # after the start token, as in training
+  expected = generate(model, ids, DecodeConfig(max_new_tokens=5, **config), seed=3 if "--seed" in flags else 0)
+  assert [r["completion"] for r in rows] == [tokenizer.decode(tokens) for tokens in expected]
 
 
 def test_text_file_loss_matches_a_direct_computation(trained, tmp_path):
@@ -144,43 +159,57 @@ def test_sentence_completion_task_and_score_command(run_dir, tmp_path):
   assert report["items"] == 10 and report["chance"] == 0.25 and 0 <= report["accuracy"] <= 1
 
 
-class ContextFreeModel:
-  """A stub decoder whose next-token distribution ignores the context: log p(v) = w[v] - lse(w)."""
+class BigramModel:
+  """A stub decoder whose next token depends on the current one only: log p(w | v) = log_softmax(W[v])[w]."""
 
   config = ModelConfig(arch="decoder", max_len=512)
 
   def __init__(self, vocab_size: int):
-    self.weights = -(np.arange(vocab_size) % 7).astype(np.float32)
+    self.weights = np.random.default_rng(1).normal(0.0, 2.0, (vocab_size, vocab_size)).astype(np.float32)
 
   def __call__(self, tokens, segment_ids=None):
-    return jnp.broadcast_to(self.weights, tokens.shape + self.weights.shape)
+    return jnp.asarray(self.weights)[tokens]
 
 
 def test_few_shot_score_ranks_options_by_each_rule(trained):
-  """Against a hand count: with context-free log-probs, the sum and per-token rules follow the
-  options' own token log-probs, and calibration cancels them exactly, leaving option 0."""
+  """Against a hand count with a bigram model: an option's log-likelihood is its first token's
+  given the prompt's last token, then each token's given the one before; calibration subtracts
+  the same given the start token alone, leaving the first token's two terms."""
   _, _, tokenizer = trained
   endings = [" Anne.", " a long walk to Uppercross with Mary and Charles.", " yes.", " Bath, in the rain.",
              " Captain Wentworth and the Musgroves.", " no.", " Lady Russell, who said nothing at all."]
+  model = BigramModel(tokenizer.vocab_size)
+  log_p = np.asarray(jax.nn.log_softmax(model.weights, axis=-1))  # float32 values, as scored
   rng = np.random.default_rng(0)
-  model = ContextFreeModel(tokenizer.vocab_size)
-  log_p = np.asarray(jax.nn.log_softmax(model.weights)).tolist()  # float32 values, as scored
+  contexts = [f"Item {i} was" for i in range(12)]
+  # Each few-shot prompt ends with its item's context, tokenized to the same last token.
+  assert all(tokenizer.encode(f"Anne.\n\n{c}").tolist()[-1] == tokenizer.encode(c).tolist()[-1] for c in contexts)
+
+  def rule_scores(context, options):
+    last, scores = tokenizer.encode(context).tolist()[-1], {"sum": [], "per_token": [], "calibrated": []}
+    for option in options:
+      ids = tokenizer.encode(option).tolist()
+      rest = sum(log_p[a, b] for a, b in zip(ids, ids[1:]))
+      scores["sum"].append(log_p[last, ids[0]] + rest)
+      scores["per_token"].append((log_p[last, ids[0]] + rest) / len(ids))
+      scores["calibrated"].append(log_p[last, ids[0]] - log_p[0, ids[0]])  # 0: the start token
+    return scores
+
   items = []
-  for i in range(12):  # the first half answered by the sum rule, so the three rules score apart
+  answering = ["sum"] * 6 + ["per_token"] * 4 + ["calibrated"] * 2  # so that the rules score apart
+  for context, rule in zip(contexts, answering):
     options = [endings[j] for j in rng.choice(len(endings), 3, replace=False)]
-    sums = [sum(log_p[token] for token in tokenizer.encode(option)) for option in options]
-    items.append({"context": f"Item {i} was", "options": options,
-                  "answer": int(np.argmax(sums)) if i < 6 else i % 3})
-  expected = {"accuracy": 0, "accuracy_per_token": 0, "accuracy_calibrated": 0}
+    answer = np.argmax(rule_scores(context, options)[rule])
+    items.append({"context": context, "options": options, "answer": int(answer)})
+  expected = {"sum": 0, "per_token": 0, "calibrated": 0}
   for item in items:
-    option_log_ps = [[log_p[token] for token in tokenizer.encode(option)] for option in item["options"]]
-    expected["accuracy"] += np.argmax([sum(lp) for lp in option_log_ps]) == item["answer"]
-    expected["accuracy_per_token"] += np.argmax([sum(lp) / len(lp) for lp in option_log_ps]) == item["answer"]
-    expected["accuracy_calibrated"] += item["answer"] == 0
+    for rule, scores in rule_scores(item["context"], item["options"]).items():
+      expected[rule] += int(np.argmax(scores) == item["answer"])
   report = evaluation.few_shot_score(model, tokenizer, items, shots=1)
-  for name, count in expected.items():
-    assert report[name] == count / len(items), name
-  assert len({report[name] for name in expected}) == 3, "the items should tell the rules apart"
+  assert report["accuracy"] == expected["sum"] / len(items)
+  assert report["accuracy_per_token"] == expected["per_token"] / len(items)
+  assert report["accuracy_calibrated"] == expected["calibrated"] / len(items)
+  assert len(set(expected.values())) == 3, "the items should tell the rules apart"
 
 
 def test_bad_task_files_name_the_line(tmp_path):
