@@ -345,8 +345,14 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
   tokens = random_tokens(14)
   a, b = fp32(tokens), bf16(tokens)
   assert b.dtype == jnp.float32
-  np.testing.assert_allclose(a, b, atol=0.1)
-  assert float(jnp.mean(jnp.abs(a - b))) < 0.02
+  assert_tracks(a, b)
+
+
+def assert_tracks(a, b):
+  """Logits within bf16's rounding of a few layers (measured: 1% of the largest at most, 0.8% of
+  the mean): 2% of each. The logits here are about 0.1, so an absolute bound would hide a bug."""
+  np.testing.assert_allclose(a, b, atol=2e-2 * float(jnp.max(jnp.abs(a))))
+  assert float(jnp.mean(jnp.abs(a - b))) < 2e-2 * float(jnp.mean(jnp.abs(a)))
 
 
 @pytest.mark.parametrize("kernel_in_dim", [0, 1])
@@ -549,7 +555,7 @@ def test_bf16_matmul_inputs_track_fp32_logits():
   tokens = random_tokens(17)
   a = build_model(small())(tokens)
   b = build_model(small(bf16_matmul_inputs=True))(tokens)
-  np.testing.assert_allclose(a, b, atol=0.1)
+  assert_tracks(a, b)
   assert 0 < float(jnp.mean(jnp.abs(a - b))) < 0.02
 
 

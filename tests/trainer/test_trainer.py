@@ -15,13 +15,15 @@ import numpy as np
 import optax
 import portpicker
 import pytest
+import scipy.special
 from jax.sharding import PartitionSpec
 
 from fake_data import PatternLoader, RaggedPatternLoader
 from models.config import ConfigError
+from models.model_size import train_flops_per_sequence
 from t5x_like.metrics import read_metrics
 from t5x_like.optimizers import decay_mask
-from t5x_like.trainer import NonFiniteLossError, Trainer
+from t5x_like.trainer import NonFiniteLossError, Trainer, loss_means
 from trainer_configs import tiny_config
 
 HERE = pathlib.Path(__file__).parent
@@ -150,6 +152,38 @@ def test_a_step_is_optax_clipping_and_adamw_on_the_mean_cross_entropy_gradient(t
   for ours, theirs in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(optax.apply_updates(params, updates)),
                           strict=True):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=2e-5)
+
+
+def test_a_run_keeps_its_last_checkpoints_evaluates_every_n_steps_and_reports_mfu(tmp_path, monkeypatch):
+  monkeypatch.setattr("t5x_like.trainer.peak_flops_per_device", lambda: (1e12, "a test's peak"))
+  config = tiny_config(steps=8, keep_checkpoints=1, eval_every=4)
+  trainer, _ = train(config, tmp_path)
+  checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert checkpoints == ["8"]
+  assert [row["step"] for row in read_metrics(tmp_path, "validation")] == [4, 8]
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  flops_per_step = config.data.batch_size * train_flops_per_sequence(trainer.model_config, config.data.seq_len)
+  for row in read_metrics(tmp_path, "train"):
+    steps_per_second = row["tokens_per_second"] / tokens_per_step
+    assert row["model_flops_per_second"] == pytest.approx(flops_per_step * steps_per_second, rel=1e-6)
+    assert row["mfu"] == pytest.approx(row["model_flops_per_second"] / (1e12 * jax.device_count()), rel=1e-6)
+
+
+def test_z_loss_is_the_scaled_mean_square_log_normaliser(tmp_path):
+  """PaLM's z-loss against the model's logits; the reported loss stays the cross-entropy alone."""
+  config = tiny_config(z_loss=1e-2)
+  trainer = Trainer(config, tmp_path, make_loader=RaggedPatternLoader)
+  local = next(RaggedPatternLoader(config.data, "validation", process_index=0, process_count=1))
+  means = loss_means(trainer.eval_sums([local]))
+  model = trainer.model_from(trainer.state["params"])
+  model.eval()
+  logits = np.asarray(model(local["decoder_input_tokens"], segment_ids=local["decoder_segment_ids"],
+                            positions=local["decoder_positions"]), np.float64)
+  log_z = scipy.special.logsumexp(logits, axis=-1)
+  target_logits = np.take_along_axis(logits, local["decoder_target_tokens"][..., None], axis=-1)[..., 0]
+  weights = local["decoder_loss_weights"]
+  assert means["z_loss"] == pytest.approx(1e-2 * np.sum(log_z ** 2 * weights) / np.sum(weights), rel=1e-4)
+  assert means["loss"] == pytest.approx(np.sum((log_z - target_logits) * weights) / np.sum(weights), rel=1e-5)
 
 
 def _run(workdir, overrides, *extra):
