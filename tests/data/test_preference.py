@@ -26,6 +26,18 @@ def test_pair_features(tokenizer):
     assert (features[f"{side}_decoder_segment_ids"] <= 1).all()
 
 
+def test_a_long_pair_keeps_the_same_prompt_on_both_sides(tokenizer):
+  """Cut to fit, each side alone would keep more of the prompt beside the short response."""
+  objective = PreferencePairs(tokenizer, 32)
+  prompt = " ".join(f"word{i}" for i in range(20))
+  (example,) = objective.examples({"prompt": prompt, "chosen": " ok.", "rejected": " no" * 30},
+                                  np.random.default_rng(0))
+  chosen, rejected = (example[side][example[f"{side}_loss_weights"] == 0] for side in ("chosen", "rejected"))
+  assert chosen.tolist() == rejected.tolist() == tokenizer.encode(prompt).tolist()[-16:]  # half the row
+  assert len(example["rejected"]) == 32 and tokenizer.decode(example["chosen"][16:]) == " ok."
+  assert objective.counts.snapshot()["truncated"] == 1
+
+
 def test_bundled_hhh_pairs_batch_unpacked(data_dir):
   config = default_data_config()
   config.update(dataset="hhh", objective="preference", pack=False, seq_len=128, batch_size=4,

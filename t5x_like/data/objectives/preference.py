@@ -2,7 +2,9 @@
 
 A record's prompt with its chosen and with its rejected response become two sequences,
 each built as in sft.py (loss weights mark the response; truncation is counted), side by
-side in one row: `chosen_decoder_*` and `rejected_decoder_*` features. A reward model
+side in one row: `chosen_decoder_*` and `rejected_decoder_*` features. A pair too long for
+the row keeps the same end of the prompt on both sides, as much as the longer response
+leaves, so that the two responses are compared after the same prompt. A reward model
 scores the last weighted token of each; DPO sums the weighted log-probabilities. Pairs
 are never packed, one pair per row.
 """
@@ -15,7 +17,7 @@ import numpy as np
 
 from t5x_like.data.objectives.base import Example, Objective
 from t5x_like.data.objectives.features import decoder_features
-from t5x_like.data.objectives.sft import prompt_response_example
+from t5x_like.data.objectives.sft import fit_pair, prompt_response_sequence, response_ids
 from t5x_like.data.tokenizer import Tokenizer
 
 SIDES = ("chosen", "rejected")
@@ -32,11 +34,17 @@ class PreferencePairs(Objective):
   def examples(self, record: Mapping[str, str], rng: np.random.Generator) -> list[Example]:
     del rng  # deterministic
     self.counts.add(documents=1)
-    example = {}
-    for side in SIDES:
-      sequence = prompt_response_example(self.tokenizer, record["prompt"], record[side],
-                                         self.lengths[side], self.counts)
+    length = self.lengths["chosen"]
+    prompt = self.tokenizer.encode(record["prompt"])
+    responses = {side: response_ids(self.tokenizer, record[side]) for side in SIDES}
+    kept_prompt, _ = fit_pair(prompt, max(responses.values(), key=len), length)
+    example, truncated = {}, len(kept_prompt) < len(prompt)
+    for side, response in responses.items():
+      kept_response = response[:length - len(kept_prompt)]
+      truncated |= len(kept_response) < len(response)
+      sequence = prompt_response_sequence(kept_prompt, kept_response)
       example[side], example[f"{side}_loss_weights"] = sequence["targets"], sequence["loss_weights"]
+    self.counts.add(truncated=int(truncated))
     return [example]
 
   def features(self, row: Example) -> dict[str, np.ndarray]:

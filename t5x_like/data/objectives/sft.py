@@ -27,16 +27,24 @@ def fit_pair(prompt: np.ndarray, response: np.ndarray, length: int) -> tuple[np.
   return prompt[len(prompt) - prompt_kept:], response[:response_kept]
 
 
+def response_ids(tokenizer: Tokenizer, response: str) -> np.ndarray:
+  """The response's ids and eos, which the loss scores too."""
+  return np.append(tokenizer.encode(response), np.int32(EOS_ID))
+
+
+def prompt_response_sequence(prompt: np.ndarray, response: np.ndarray) -> Example:
+  """{targets, loss_weights} of prompt + response ids, loss on the response only."""
+  return {"targets": np.concatenate([prompt, response]).astype(np.int32),
+          "loss_weights": np.concatenate([np.zeros(len(prompt), np.float32), np.ones(len(response), np.float32)])}
+
+
 def prompt_response_example(tokenizer: Tokenizer, prompt: str, response: str, length: int,
                             counts: Counts) -> Example:
   """{targets, loss_weights} of prompt + response + eos, loss on the response and eos."""
-  prompt_ids = tokenizer.encode(prompt)
-  response_ids = np.append(tokenizer.encode(response), np.int32(EOS_ID))
-  kept_prompt, kept_response = fit_pair(prompt_ids, response_ids, length)
-  counts.add(truncated=int(len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids)))
-  return {"targets": np.concatenate([kept_prompt, kept_response]).astype(np.int32),
-          "loss_weights": np.concatenate([np.zeros(len(kept_prompt), np.float32),
-                                          np.ones(len(kept_response), np.float32)])}
+  prompt_ids, answer = tokenizer.encode(prompt), response_ids(tokenizer, response)
+  kept_prompt, kept_response = fit_pair(prompt_ids, answer, length)
+  counts.add(truncated=int(len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(answer)))
+  return prompt_response_sequence(kept_prompt, kept_response)
 
 
 class SupervisedFineTuning(Objective):
