@@ -4,7 +4,7 @@
   records of the split (tfds data source)
   -> this process's share: records process_index, process_index + process_count, ...
      (each process reads only its own records; the shares are disjoint and cover the split)
-  -> shuffled (train only; a new order each epoch), repeated without end
+  -> shuffled (train only; a new order each epoch, a seed per process), repeated without end
   -> objective.examples, seeded by (seed, process, split, position), in the prefetch thread
      or on `worker_threads` more
   -> flattened (a document longer than a row gives several examples; `stats()` counts them)
@@ -52,6 +52,20 @@ def process_share(records: grain.MapDataset, process_index: int, process_count: 
   if not 0 <= process_index < process_count:
     raise ConfigError(f"process_index={process_index} is not in [0, process_count={process_count})")
   return records[process_index::process_count]
+
+
+def ordered_share(records: grain.MapDataset, split: str, seed: int, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+  """This process's share, shuffled for training with a seed hashed from data.seed per process.
+
+  With data.seed itself every share would take the same permutation, so each global batch
+  would gather neighbouring records (adjacent paragraphs) from the shares; and grain shuffles
+  epoch n with seed + n, so data.seed 0's second epoch would be data.seed 1's first.
+  """
+  share = process_share(records, process_index, process_count)
+  if split != "train":
+    return share
+  return share.shuffle(seed=int(np.random.SeedSequence([seed, process_index, 2]).generate_state(1)[0]))
 
 
 def _decode(record: dict[str, Any]) -> dict[str, str]:
@@ -135,9 +149,7 @@ def make_loader(config: ml_collections.ConfigDict, split: str, *, process_index:
     raise ConfigError(f"data.dataset={config.dataset!r} has {len(source)} {split} records, fewer "
                       f"than the {process_count} processes; use more data")
   local_batch = config.batch_size // process_count
-  records = process_share(grain.MapDataset.source(source), process_index, process_count)
-  if split == "train":
-    records = records.shuffle(seed=config.seed)
+  records = ordered_share(grain.MapDataset.source(source), split, config.seed, process_index, process_count)
   # A seed per process and split, so equal positions in different shares draw differently.
   seed = int(np.random.SeedSequence([config.seed, process_index, split == "train"]).generate_state(1)[0])
   dataset = feature_rows(records.repeat(), objective, seed=seed, pack=config.pack,

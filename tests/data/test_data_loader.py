@@ -9,7 +9,7 @@ import pytest
 from models.config import ConfigError
 from t5x_like.data import documents, tfds_text
 from t5x_like.data.config import default_data_config
-from t5x_like.data.loader import make_loader, process_share
+from t5x_like.data.loader import make_loader, ordered_share, process_share
 from t5x_like.data.objectives import objective_model_inputs
 
 DECODER = {"decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
@@ -107,6 +107,16 @@ def test_process_shares_are_disjoint_cover_and_are_all_a_process_reads():
   assert shares == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
   with pytest.raises(ConfigError, match=r"process_index=3 is not in \[0, process_count=3\)"):
     process_share(grain.MapDataset.range(4), 3, 3)
+
+
+def test_each_share_has_its_own_train_order_and_seeds_do_not_replay_each_other():
+  records = grain.MapDataset.range(40)
+  order = lambda seed, process: list(ordered_share(records, "train", seed, process, 2).repeat()[:40])  # noqa: E731
+  zero, one = order(0, 0), order(0, 1)  # two epochs of each share
+  assert sorted(zero[:20]) == list(range(0, 40, 2)) and zero[:20] != zero[20:]  # a new order each epoch
+  assert [record - 1 for record in one[:20]] != zero[:20]  # not one permutation of neighbouring records
+  assert order(1, 0)[:20] != zero[20:]  # data.seed 1's first epoch is not data.seed 0's second
+  assert list(ordered_share(records, "validation", 0, 1, 2)) == list(range(1, 40, 2))  # in order
 
 
 def test_two_processes_read_disjoint_documents_covering_the_split(small_corpus, tmp_path, tokenizer):
