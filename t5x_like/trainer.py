@@ -32,6 +32,7 @@ from models.model_size import train_flops_per_sequence
 from models.transformer import build_model
 from t5x_like import partitioning
 from t5x_like.checkpoints import Checkpointer
+from t5x_like.data.objectives import OBJECTIVE_CLASSES
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter
 from t5x_like.modes import TrainingMode, make_mode
@@ -110,6 +111,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
                      ("mlp_dim", model_config.mlp_dim), ("vocab_size", model_config.vocab_size)):
     if size % tensor:
       raise ConfigError(f"model.{name}={size} does not divide over the tensor mesh axis of size {tensor}")
+  objective = OBJECTIVE_CLASSES.get(config.data.get("objective"))
+  if objective is not None and model_config.arch not in objective.architectures:
+    # A decoder would otherwise train on span corruption's target strings without their inputs.
+    raise ConfigError(f"data.objective={config.data.objective!r} makes rows for model.arch in "
+                      f"{objective.architectures}, not {model_config.arch!r}")
   if "tokenizer" in config.data:
     from t5x_like.data.tokenizer import load_tokenizer
     vocab = load_tokenizer(config.data.tokenizer).vocab_size

@@ -334,3 +334,8 @@ def test_bad_model_and_data_configs_name_the_fields(tmp_path):
   config.data.seq_len = 64
   with pytest.raises(ConfigError, match="exceeds model.max_len=32"):
     Trainer(config, tmp_path, make_loader=PatternLoader)
+  config = tiny_config()
+  config.data.objective = "span_corruption"
+  with pytest.raises(ConfigError, match=r"data.objective='span_corruption' makes rows for model.arch in "
+                                        r"\('encoder_decoder',\), not 'decoder'"):
+    Trainer(config, tmp_path, make_loader=PatternLoader)

@@ -44,6 +44,7 @@ class Objective(abc.ABC):
   """A preprocessing step on token ids with T5X's output features."""
 
   fields: tuple[str, ...] = ("text",)  # record fields read
+  architectures: tuple[str, ...] = ("decoder",)  # the model.arch values its rows train
   # Features beyond the architecture's own that change what the model computes (a
   # prefix LM's bidirectional mask); training modes add them to the batch they read.
   model_inputs: tuple[str, ...] = ()

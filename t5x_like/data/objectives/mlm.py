@@ -37,6 +37,8 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, rate: float, ma
 
 class MaskedLM(Objective):
 
+  architectures = ("encoder",)
+
   def __init__(self, tokenizer: Tokenizer, seq_len: int, rate: float):
     super().__init__(tokenizer)
     self.rate = rate

@@ -85,6 +85,8 @@ def corrupt(tokens: np.ndarray, noise_mask: np.ndarray, first_sentinel_id: int) 
 
 class SpanCorruption(Objective):
 
+  architectures = ("encoder_decoder",)
+
   def __init__(self, tokenizer: Tokenizer, input_len: int, target_len: int,
                noise_density: float, mean_noise_span_length: float):
     super().__init__(tokenizer)
