@@ -67,6 +67,7 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
                            head_dim=None, num_kv_heads=None, mlp_dim=sweep.mlp_ratio * emb_dim)
         point.train.update(steps=steps, seed=seed, checkpoint_every=max(steps // 4, 1),
                            eval_every=steps, log_every=max(steps // 20, 1))
+        point.data.seed = base.data.seed + seed  # a replicate draws new weights and a new data order
         if sweep.learning_rate_rule == "kaplan":
           n = model_size(ModelConfig.from_dict(point.model)).non_embedding_params
           point.train.optimizer.learning_rate = kaplan_learning_rate(n)

@@ -7,6 +7,8 @@ import pathlib
 import pytest
 
 from t5x_like.cli import main
+from t5x_like.config import load_config
+from t5x_like.scaling.sweep import sweep_points
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "scaling" / "tiny.py")
 
@@ -28,6 +30,15 @@ def test_sweep_writes_one_row_per_point(sweep_dir):
   # More data lowers the loss at each size.
   assert rows[1]["train_loss"] < rows[0]["train_loss"] and rows[3]["train_loss"] < rows[2]["train_loss"]
   assert (sweep_dir / "results.csv").read_text().count("\n") == 5
+
+
+def test_seed_replicates_vary_the_weights_and_the_data_order():
+  config = load_config(CONFIG)
+  config.sweep.seeds = (0, 1)
+  points = dict(sweep_points(config))
+  first, second = points["s1_tokens2048_seed0"], points["s1_tokens2048_seed1"]
+  assert (first.train.seed, first.data.seed) == (0, config.base.data.seed)
+  assert (second.train.seed, second.data.seed) == (1, config.base.data.seed + 1)
 
 
 def test_fit_writes_report_and_plots(sweep_dir, capsys):
