@@ -160,7 +160,10 @@ class Attention(nnx.Module):
     self.kernel = cfg.attention_kernel
     self.cudnn_fits = cfg.cudnn_misfit is None
     bias = cfg.use_bias
-    self.query = Dense(cfg.emb_dim, (heads, head_dim), ("embed", "heads", "kv"), cfg, use_bias=bias, rngs=rngs)
+    # Unscaled logits (T5) start at unit scale all the same: T5 draws its query kernel with
+    # variance 1 / (emb_dim * head_dim) instead of 1 / emb_dim.
+    self.query = Dense(cfg.emb_dim, (heads, head_dim), ("embed", "heads", "kv"), cfg, use_bias=bias, rngs=rngs,
+                       init_scale=1.0 if cfg.scale_attn_logits else 1.0 / head_dim)
     self.key = Dense(cfg.emb_dim, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), cfg, use_bias=bias, rngs=rngs)
     self.value = Dense(cfg.emb_dim, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), cfg, use_bias=bias, rngs=rngs)
     self.out = Dense((heads, head_dim), cfg.emb_dim, ("heads", "kv", "embed"), cfg, use_bias=bias, rngs=rngs)

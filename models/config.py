@@ -66,7 +66,7 @@ class ModelConfig:
 
   use_bias: bool = False
   tie_embeddings: bool = True
-  # Divide attention logits by sqrt(head_dim); T5 folds that into its init instead.
+  # Divide attention logits by sqrt(head_dim); T5 folds that into its query's init instead.
   scale_attn_logits: bool = True
   # Segment (token type) embeddings, as in BERT; 0 disables them.
   num_token_types: int = 0
@@ -190,6 +190,11 @@ class ModelConfig:
           "(grouped-query attention shares each key/value head by a whole group of query heads)")
     if self.position == "rope" and self.dim_per_head % 2:
       raise ConfigError(f"model.position='rope' needs an even head dimension, got {self.dim_per_head}")
+    # T5's buckets are log-spaced from max_exact (half a direction's buckets) to max_distance.
+    max_exact = self.relative_num_buckets // (4 if self.arch == "encoder" else 2)
+    if self.position == "relative" and self.relative_max_distance <= max_exact:
+      raise ConfigError(f"model.relative_max_distance={self.relative_max_distance} must exceed {max_exact}, where "
+                        f"model.relative_num_buckets={self.relative_num_buckets} stop being exact")
     if self.position == "sinusoidal" and self.emb_dim % 2:
       raise ConfigError(f"model.position='sinusoidal' needs an even model.emb_dim, got {self.emb_dim}")
     if self.attention_kernel in ("blocked", "cudnn") and self.position == "relative":

@@ -213,7 +213,7 @@ class Dense(nnx.Module):
   """
 
   def __init__(self, in_shape, out_shape, axes: Axes, cfg: ModelConfig, *,
-               use_bias: bool, rngs: nnx.Rngs):
+               use_bias: bool, rngs: nnx.Rngs, init_scale: float = 1.0):
     in_shape, out_shape = _as_tuple(in_shape), _as_tuple(out_shape)
     if len(axes) != len(in_shape) + len(out_shape):
       raise ValueError(f"axes {axes} do not match shapes {in_shape} -> {out_shape}")
@@ -222,8 +222,8 @@ class Dense(nnx.Module):
     self.bf16_inputs = cfg.bf16_matmul_inputs
     in_axes = tuple(range(len(in_shape)))
     out_axes = tuple(range(len(in_shape), len(axes)))
-    # LeCun-normal over the contracted dims: unit-variance outputs at init.
-    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+    # LeCun-normal over the contracted dims: outputs of variance init_scale at init.
+    init = nnx.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal",
                                              in_axis=in_axes, out_axis=out_axes)
     self.kernel = param(init, in_shape + out_shape, axes, cfg, rngs)
     self.bias = nnx.data(None)

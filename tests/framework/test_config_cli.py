@@ -63,6 +63,8 @@ def test_info_prints_counts_and_names_the_bad_field(capsys):
     (dict(num_decoder_layers=2), "model.num_decoder_layers applies only"),
     (dict(dropout_rate=1.0), "model.dropout_rate"),
     (dict(vocab_size=0), "model.vocab_size=0"),
+    (dict(position="relative", relative_max_distance=16), "model.relative_max_distance=16 must exceed 16"),
+    (dict(arch="encoder", position="relative", relative_max_distance=8), "model.relative_max_distance=8 must exceed 8"),
 ])
 def test_impossible_model_configs_name_the_field(changes, message):
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 from flax import nnx
 
-from models.attention import attention_mask, dot_product_attention, heads_first_attention
+from models.attention import Attention, attention_mask, dot_product_attention, heads_first_attention
 from models.config import ModelConfig
 from models.layers import (add_bias, apply_rope, gelu_exact, gelu_tanh, project, relative_position_bucket,
                            row_max, row_sum, scale_and_shift, sinusoidal_embedding, token_sum,
@@ -319,6 +319,22 @@ def test_sinusoidal_values():
   np.testing.assert_allclose(table[0], [0, 0, 0, 0, 1, 1, 1, 1], atol=1e-7)
   inv = 10_000.0 ** (-np.arange(4) / 4)
   np.testing.assert_allclose(table[2], np.concatenate([np.sin(2 * inv), np.cos(2 * inv)]), atol=1e-6)
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_attention_logits_start_at_unit_scale_with_or_without_the_sqrt_head_dim(scaled):
+  """T5 leaves its logits undivided by sqrt(head_dim) and draws its query kernel that much smaller."""
+  attention = Attention(small(emb_dim=128, num_heads=2, scale_attn_logits=scaled), rope=False, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 64, 128))  # unit variance, as after a norm
+  logits = jnp.einsum("bqhe,bkhe->bhqk", attention.query(x), attention.key(x)) * attention.scale
+  assert float(jnp.std(logits)) == pytest.approx(1.0, rel=0.15)
+
+
+@pytest.mark.parametrize("arch, num_buckets, max_distance", [("decoder", 32, 17), ("encoder", 32, 9)])
+def test_relative_buckets_at_the_smallest_valid_distance_give_finite_logits(arch, num_buckets, max_distance):
+  model = build_model(small(arch=arch, position="relative", relative_num_buckets=num_buckets,
+                            relative_max_distance=max_distance, max_len=64))
+  assert bool(jnp.all(jnp.isfinite(model(random_tokens(20, (1, 60))))))
 
 
 def test_relative_position_buckets_follow_t5():
