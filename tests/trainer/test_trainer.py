@@ -325,6 +325,10 @@ def test_bad_model_and_data_configs_name_the_fields(tmp_path):
   config = tiny_config(mesh_shape=(1, 1, 8))
   with pytest.raises(ConfigError, match="model.num_heads=4 does not divide over the tensor mesh axis of size 8"):
     Trainer(config, tmp_path, make_loader=PatternLoader)
+  config = tiny_config(mesh_shape=(1, 8, 1))
+  config.model.update(emb_dim=36, num_heads=2)
+  with pytest.raises(ConfigError, match="model.emb_dim=36 does not divide over the fsdp mesh axis of size 8"):
+    Trainer(config, tmp_path, make_loader=PatternLoader)
   config = tiny_config()
   config.model.num_heads = 5
   with pytest.raises(ConfigError, match="model.num_heads=5 does not divide model.emb_dim=32"):
