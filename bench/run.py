@@ -46,7 +46,7 @@ import jax  # noqa: E402
 
 import data_pipeline  # noqa: E402
 import peers  # noqa: E402
-from t5x_like.host_memory import huge_pages_available, with_huge_pages  # noqa: E402
+from t5x_like.host_memory import TUNABLE, huge_pages_available, with_huge_pages  # noqa: E402
 from train_throughput import ARCHS, SHAPES, VOCAB, WARMUP_STEPS  # noqa: E402
 
 XLA_OWN_FLAGS = {"T5X_LIKE_XLA_DEFAULTS": "0"}
@@ -177,7 +177,7 @@ def shape_runners(shape: str, dtype: str, args, trees: dict) -> list:
                 for arch in ("gpt2", "llama") if arch in archs]
     if "default" in archs:
       runners += [("t5x_like, XLA's own CPU flags", lambda: ours(shape, dtype, *timing, env=XLA_OWN_FLAGS))]
-      if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):  # main() turned huge pages on
+      if TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):  # main() turned huge pages on
         runners += [("t5x_like, glibc's 4 KiB pages", lambda: ours(shape, dtype, *timing, env=SMALL_PAGES))]
       runners += [("t5x_like, xla attention kernel", lambda: ours(shape, dtype, *timing, attention_kernel="xla")),
                   ("t5x_like, xla loss kernel", lambda: ours(shape, dtype, *timing, loss_kernel="xla"))]

@@ -1,8 +1,8 @@
 """What every peer runner shares: its command line, the FLOP count and the one JSON line it prints.
 
 Runners run under each peer's own virtual environment, never ours, and import this file
-from beside them (a script's own folder comes first on sys.path); tests/framework/test_bench_flops.py
-loads it by path to check its FLOP count against ours. Standard library only, so any of those Pythons can load it.
+from beside them (a script's own folder comes first on sys.path); the tests load it by path
+to check its FLOP count against ours. Standard library only, so any of those Pythons can load it.
 """
 
 from __future__ import annotations
