@@ -1,6 +1,6 @@
-"""Decode tokens/s with and without the KV cache (tiny decoder, greedy), as one JSON line.
+"""Decode tokens/s with and without the KV cache (a bench shape's decoder, greedy), as one JSON line.
 
-    python bench/decode_throughput.py [--batch 8] [--prompt-len 16] [--new-tokens 256]
+    python bench/decode_throughput.py [--shape tiny] [--batch 8] [--prompt-len 16] [--new-tokens 256]
                                       [--strategies] [--dtype float32]
 
 Without the cache every step reruns the full forward pass over the whole buffer (what
@@ -17,7 +17,6 @@ import functools
 import json
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +26,12 @@ from flax import nnx
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from train_throughput import SHAPES, VOCAB  # noqa: E402
+
 from models.config import ModelConfig  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from t5x_like.decoding import DecodeConfig, generate  # noqa: E402
+from t5x_like.hardware import call_seconds  # noqa: E402
 
 
 @functools.partial(nnx.jit, static_argnames=("new_tokens",))
@@ -45,34 +47,28 @@ def greedy_without_cache(model, prompt, *, new_tokens: int):
   return jax.lax.fori_loop(0, new_tokens, step, tokens)
 
 
-def timed(fn, repeats: int = 3) -> float:
-  fn()  # compile
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
-def tiny_decoder(max_len: int, dtype: str):
-  """The benchmarks' tiny decoder (d_model 256, 4 layers, vocab 8192), in eval mode."""
-  model = build_model(ModelConfig(arch="decoder", vocab_size=8192, emb_dim=256, num_heads=4, mlp_dim=1024,
-                                  num_layers=4, max_len=max_len, dtype=dtype))
+def decoder(shape: str, max_len: int, dtype: str):
+  """The default decoder at one of the training benchmark's shapes (its batch and length aside), in eval mode."""
+  dims = {key: SHAPES[shape][key] for key in ("emb_dim", "num_layers", "num_heads", "mlp_dim")}
+  model = build_model(ModelConfig(arch="decoder", vocab_size=VOCAB, max_len=max_len, dtype=dtype, **dims))
   model.eval()
   return model
 
 
-def measure(batch: int, prompt_len: int, new_tokens: int) -> dict:
+def best_of_3(fn) -> float:
+  return min(call_seconds(fn, repeats=3))
+
+
+def measure(shape: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
   """Best of 3 after compilation, for each loop; the cached one for a bfloat16 model too."""
-  prompts = np.random.default_rng(0).integers(3, 8192, (batch, prompt_len)).tolist()
+  prompts = np.random.default_rng(0).integers(3, VOCAB, (batch, prompt_len)).tolist()
   config = DecodeConfig(max_new_tokens=new_tokens, eos_id=-1)  # never stop early
-  models = {dtype: tiny_decoder(prompt_len + new_tokens, dtype) for dtype in ("float32", "bfloat16")}
-  cached = timed(lambda: generate(models["float32"], prompts, config))
-  cached_bf16 = timed(lambda: generate(models["bfloat16"], prompts, config))
-  uncached = timed(lambda: greedy_without_cache(models["float32"], jnp.asarray(prompts, jnp.int32),
-                                                new_tokens=new_tokens).block_until_ready())
-  return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+  models = {dtype: decoder(shape, prompt_len + new_tokens, dtype) for dtype in ("float32", "bfloat16")}
+  cached = best_of_3(lambda: generate(models["float32"], prompts, config))
+  cached_bf16 = best_of_3(lambda: generate(models["bfloat16"], prompts, config))
+  uncached = best_of_3(lambda: greedy_without_cache(models["float32"], jnp.asarray(prompts, jnp.int32),
+                                                    new_tokens=new_tokens))
+  return {"shape": shape, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
           "cached_tokens_per_second": batch * new_tokens / cached,
           "bfloat16_cached_tokens_per_second": batch * new_tokens / cached_bf16,
           "uncached_tokens_per_second": batch * new_tokens / uncached}
@@ -83,18 +79,20 @@ STRATEGIES = ({}, {"strategy": "sample"}, {"strategy": "sample", "top_k": 40}, {
               {"strategy": "beam", "num_beams": 4})
 
 
-def measure_strategies(batch: int, prompt_len: int, new_tokens: int, dtype: str):
+def measure_strategies(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype: str):
   """Yields, per decoding strategy, its cached tokens/s and ms a step (best of 3 after compilation)."""
-  model = tiny_decoder(prompt_len + new_tokens, dtype)
-  prompts = np.random.default_rng(0).integers(3, 8192, (batch, prompt_len)).tolist()
+  model = decoder(shape, prompt_len + new_tokens, dtype)
+  prompts = np.random.default_rng(0).integers(3, VOCAB, (batch, prompt_len)).tolist()
   for fields in STRATEGIES:
-    seconds = timed(lambda: generate(model, prompts, DecodeConfig(max_new_tokens=new_tokens, eos_id=-1, **fields)))
-    yield {"dtype": dtype, **fields, "tokens_per_second": batch * new_tokens / seconds,
+    seconds = best_of_3(lambda: generate(model, prompts, DecodeConfig(max_new_tokens=new_tokens, eos_id=-1,
+                                                                      **fields)))
+    yield {"shape": shape, "dtype": dtype, **fields, "tokens_per_second": batch * new_tokens / seconds,
            "ms_per_step": seconds / new_tokens * 1e3}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="a training benchmark shape")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--prompt-len", type=int, default=16)
   parser.add_argument("--new-tokens", type=int, default=256)
@@ -102,10 +100,10 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))  # with --strategies
   args = parser.parse_args()
   if args.strategies:
-    for result in measure_strategies(args.batch, args.prompt_len, args.new_tokens, args.dtype):
+    for result in measure_strategies(args.shape, args.batch, args.prompt_len, args.new_tokens, args.dtype):
       print(json.dumps(result), flush=True)
   else:
-    print(json.dumps(measure(args.batch, args.prompt_len, args.new_tokens)))
+    print(json.dumps(measure(args.shape, args.batch, args.prompt_len, args.new_tokens)))
 
 
 if __name__ == "__main__":

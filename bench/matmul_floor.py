@@ -21,7 +21,6 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -33,6 +32,7 @@ from train_throughput import SHAPES, VOCAB, WARMUP_STEPS  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.layers import project, tokens_contracted  # noqa: E402
 from models.model_size import train_flops_per_sequence  # noqa: E402
+from t5x_like.hardware import call_seconds  # noqa: E402
 
 
 def vocabulary_logits(bf16_inputs: bool):
@@ -91,13 +91,7 @@ def main() -> None:
   args = parser.parse_args()
   shape = SHAPES[args.shape]
   grad, params, x, flops = step_matmuls(shape, args.bf16_matmul_inputs)
-  for _ in range(1 + args.warmup):
-    jax.block_until_ready(grad(params, x))
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(grad(params, x))
-    times.append(time.perf_counter() - start)
+  times = call_seconds(lambda: grad(params, x), args.repeats, args.warmup)
   seconds = statistics.median(times)
   print(json.dumps({"shape": args.shape, "dtype": "float32, bf16 matmul inputs" if args.bf16_matmul_inputs
                     else "float32", "step_seconds": seconds,

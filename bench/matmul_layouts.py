@@ -21,7 +21,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from train_throughput import SHAPES, VOCAB  # noqa: E402
 
 from models.layers import project, tokens_contracted  # noqa: E402
+from t5x_like.hardware import call_seconds  # noqa: E402
 
 
 def autodiff_weight_gradient(x, d_out):
@@ -52,17 +52,6 @@ def layouts(bf16: bool) -> dict:
   return timed
 
 
-def fastest_seconds(fn, args, repeats: int) -> float:
-  fn = jax.jit(fn)
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
@@ -78,7 +67,8 @@ def main() -> None:
     w = jax.random.normal(keys[1], (d_in, d_out))
     dy = jax.random.normal(keys[2], (tokens, d_out))
     flops = 2 * tokens * d_in * d_out
-    figures = {name: round(flops / fastest_seconds(fn, (x, w, w.T.copy(), dy), args.repeats) / 1e9)
+    args_of_call = (x, w, w.T.copy(), dy)
+    figures = {name: round(flops / min(call_seconds(lambda fn=jax.jit(fn): fn(*args_of_call), args.repeats)) / 1e9)
                for name, fn in layouts(args.bf16_matmul_inputs).items()}
     print(json.dumps({"tokens": tokens, "in": d_in, "out": d_out, "gflops": figures}), flush=True)
 

@@ -362,7 +362,7 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
 def decoding_summary(decode: dict) -> str:
   if "error" in decode:
     return f"bench/decode_throughput.py failed: {decode['error']}"
-  return (f"Tiny decoder, greedy, batch {decode['batch']}, prompt {decode['prompt_len']}, "
+  return (f"{decode['shape'].capitalize()} decoder, greedy, batch {decode['batch']}, prompt {decode['prompt_len']}, "
           f"{decode['new_tokens']} new tokens, best of 3 after compilation: "
           f"{decode['cached_tokens_per_second']:,.0f} new tokens/s with the KV cache "
           f"(`t5x_like.decoding.generate`) against {decode['uncached_tokens_per_second']:,.0f} rerunning the "

@@ -33,17 +33,27 @@ def data_sheet_peak(device_kind: str) -> float | None:
   return next((flops for name, flops in PEAK_BF16_FLOPS.items() if device_kind.startswith(name)), None)
 
 
+def call_seconds(fn, repeats: int, warmup: int = 0) -> list[float]:
+  """Wall seconds of `repeats` calls of fn(), each waited for, after a compiling call and `warmup` untimed ones.
+
+  The one timing loop of the matmul peak and the bench scripts: jax dispatches asynchronously,
+  so a call is timed up to block_until_ready on what it returns.
+  """
+  for _ in range(1 + warmup):
+    jax.block_until_ready(fn())
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    seconds.append(time.perf_counter() - start)
+  return seconds
+
+
 def measured_matmul_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
   """Best FLOP/s of a jitted size^3 matmul on the default device."""
   a = jnp.ones((size, size), dtype)
   matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  matmul(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+  return 2 * size ** 3 / min(call_seconds(lambda: matmul(a, a), repeats))
 
 
 def peak_flops_per_device() -> tuple[float, str]:

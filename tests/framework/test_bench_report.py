@@ -119,13 +119,14 @@ def test_each_runner_keeps_its_fastest_round_and_its_median_round(monkeypatch):
           ("tiny", "hf_flax_gpt2", result(0.25, 160e9, "gpt2", [240, 160, 100, None])),
           ("tiny", "easydel", result(0.3, 200e9, "llama", [200, 200, None, None]))]
   text = run.render(rows, {"float32": 400e9, "bfloat16": 800e9},
-                    {"batch": 1, "prompt_len": 1, "new_tokens": 1, "cached_tokens_per_second": 2.0,
+                    {"shape": "tiny", "batch": 1, "prompt_len": 1, "new_tokens": 1, "cached_tokens_per_second": 2.0,
                      "bfloat16_cached_tokens_per_second": 3.0, "uncached_tokens_per_second": 1.0},
                     {"setting": "packed", "real_tokens_per_second": 1.0, "padding": 0.0},
                     ["tiny"], "python bench/run.py", rounds=4, warmup=2)
   ours = next(line for line in text.splitlines() if line.startswith("| t5x_like |")).split(" | ")
   assert ours[7:10] == ["1.25x", "1.20x", "1.50x"]  # 300/240 fastest; 240/200 medians; same-round ratios
   assert run.same_round_ratio(rows[0][2], []) is None  # no peer ran: no ratio, not a division by zero
+  assert text.count("Tiny decoder, greedy, batch 1") == 1
   assert "2 new tokens/s with the KV cache" in text and "(2x); in bfloat16, 3 with the KV cache." in text
   # Decoding or the data pipeline failing after the training rows, or none of ours running,
   # still renders the table rather than losing the run.
