@@ -113,6 +113,35 @@ def test_text_file_loss_matches_a_direct_computation(trained, tmp_path):
   assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-4)
 
 
+
+def test_split_bits_per_byte_count_each_packed_documents_bytes(trained, monkeypatch):
+  """A hand-packed batch: its documents' nats, each scored alone, over their UTF-8 bytes (one multi-byte)."""
+  trainer, model, tokenizer = trained
+  texts = ["Emma was handsome, clever, and rich.", "She smiled.", "Mr. Knightley paid a visit — café au lait."]
+  length, rows = trainer.config.data.seq_len, trainer.config.data.batch_size
+  batch = {name: np.zeros((rows, length), np.int32) for name in ("inputs", "targets", "segments", "positions")}
+  weights = np.zeros((rows, length), np.float32)
+  nats = 0.0
+  # Row 0 holds the first document; row 1 packs the other two; the other rows are padding.
+  for row, segment, text in ((0, 1, texts[0]), (1, 1, texts[1]), (1, 2, texts[2])):
+    ids = np.concatenate([[0], tokenizer.encode(text), [1]]).astype(np.int32)  # start token, text, eos
+    start = int(np.count_nonzero(batch["segments"][row]))
+    span = slice(start, start + len(ids) - 1)
+    batch["inputs"][row, span], batch["targets"][row, span] = ids[:-1], ids[1:]
+    batch["segments"][row, span], batch["positions"][row, span] = segment, np.arange(len(ids) - 1)
+    weights[row, span] = 1.0
+    log_probs = np.asarray(jax.nn.log_softmax(logits(model, ids[None, :-1]), axis=-1))[0]
+    nats -= sum(log_probs[t, ids[t + 1]] for t in range(len(ids) - 1))
+  packed = {"decoder_input_tokens": batch["inputs"], "decoder_target_tokens": batch["targets"],
+            "decoder_loss_weights": weights, "decoder_segment_ids": batch["segments"],
+            "decoder_positions": batch["positions"]}
+  monkeypatch.setattr(trainer, "loader", lambda split: iter([{f: packed[f] for f in trainer.features}]))
+  result = evaluation.evaluate_split(trainer, tokenizer, "validation", num_batches=1)
+  num_bytes = sum(len(text.encode("utf-8")) for text in texts)
+  assert num_bytes == sum(len(text) for text in texts) + 3  # the dash takes 3 bytes, the accent 2
+  assert result["bytes"] == num_bytes and result["tokens"] == weights.sum()
+  assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / num_bytes, rel=1e-4)
+
 def test_eval_command_on_split_and_held_out_text(run_dir, capsys):
   assert main(["eval", "--workdir", str(run_dir), "--batches", "1"]) == 0
   assert main(["eval", "--workdir", str(run_dir), "--text-file",
