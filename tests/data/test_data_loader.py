@@ -119,6 +119,23 @@ def test_each_share_has_its_own_train_order_and_seeds_do_not_replay_each_other()
   assert list(ordered_share(records, "validation", 0, 1, 2)) == list(range(1, 40, 2))  # in order
 
 
+def test_masked_lm_draws_a_new_choice_each_time_a_document_comes_back(tmp_path):
+  """RoBERTa's dynamic masking: the validation split, unpacked and in order, read over several epochs.
+
+  Documents of 20 numbered words, so two draws choosing the same tokens by chance are vanishingly rare.
+  """
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("\n\n".join(" ".join(f"d{i}w{j}" for j in range(20)) for i in range(100)) + "\n")
+  config = _config(str(tmp_path / "tfds"), dataset=str(corpus), objective="mlm", pack=False)
+  occurrences = {}
+  for batch in _batches(make_loader(config, "validation"), 20):
+    for targets, weights in zip(batch["encoder_target_tokens"], batch["encoder_loss_weights"]):
+      occurrences.setdefault(targets.tobytes(), []).append(weights.tobytes())
+  repeated = [choices for choices in occurrences.values() if len(choices) > 1]
+  assert len(repeated) == len(occurrences) >= 2  # every validation document came back
+  assert all(len(set(choices)) == len(choices) for choices in repeated)  # each time other tokens chosen
+
+
 def test_two_processes_read_disjoint_documents_covering_the_split(small_corpus, tmp_path, tokenizer):
   config = _config(str(tmp_path / "tfds"), dataset=str(small_corpus))
   seen = []

@@ -113,7 +113,6 @@ def test_text_file_loss_matches_a_direct_computation(trained, tmp_path):
   assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-4)
 
 
-
 def test_split_bits_per_byte_count_each_packed_documents_bytes(trained, monkeypatch):
   """A hand-packed batch: its documents' nats, each scored alone, over their UTF-8 bytes (one multi-byte)."""
   trainer, model, tokenizer = trained
@@ -141,6 +140,7 @@ def test_split_bits_per_byte_count_each_packed_documents_bytes(trained, monkeypa
   assert num_bytes == sum(len(text) for text in texts) + 3  # the dash takes 3 bytes, the accent 2
   assert result["bytes"] == num_bytes and result["tokens"] == weights.sum()
   assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / num_bytes, rel=1e-4)
+
 
 def test_eval_command_on_split_and_held_out_text(run_dir, capsys):
   assert main(["eval", "--workdir", str(run_dir), "--batches", "1"]) == 0
