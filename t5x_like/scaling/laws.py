@@ -103,6 +103,12 @@ def _chinchilla_objective(theta, log_n, log_d, log_loss, delta):
   return np.sum(special.huber(delta, residual)), gradient
 
 
+# scipy's L-BFGS-B stops once f falls by less than ftol x max(|f|, 1) a step. The Huber sum is
+# about 1e-4, so its default ftol (2.2e-9) stopped a start a few percent short in alpha; this
+# one lets every start converge, as a bootstrap refit from a single start needs.
+LBFGS_OPTIONS = dict(ftol=1e-14, gtol=1e-10)
+
+
 def fit_chinchilla(n, d, loss, *, delta: float = 1e-3, grid: dict | None = None) -> Chinchilla:
   """Huber loss on log L, L-BFGS from every grid point, best result kept."""
   log_n, log_d, log_loss = np.log(np.asarray(n, float)), np.log(np.asarray(d, float)), np.log(loss)
@@ -110,7 +116,8 @@ def fit_chinchilla(n, d, loss, *, delta: float = 1e-3, grid: dict | None = None)
   best = None
   for alpha, beta, e, a, b in itertools.product(grid["alpha"], grid["beta"], grid["e"], grid["a"], grid["b"]):
     result = optimize.minimize(_chinchilla_objective, [a, b, e, alpha, beta],
-                               args=(log_n, log_d, log_loss, delta), method="L-BFGS-B", jac=True)
+                               args=(log_n, log_d, log_loss, delta), method="L-BFGS-B", jac=True,
+                               options=LBFGS_OPTIONS)
     if best is None or result.fun < best.fun:
       best = result
   a, b, e, alpha, beta = best.x

@@ -75,6 +75,21 @@ def test_bootstrap_intervals_bracket_the_fit(chinchilla_data):
     assert low <= getattr(fit, name) <= high and low < high
 
 
+def test_bootstrap_interval_width_matches_the_spread_over_fresh_noise():
+  """A 95% interval is about 2 x 1.96 sampling standard deviations wide; the reference spread comes from
+  refitting independent noise draws, which the bootstrap never sees (single-start refits that stop
+  early give intervals several times too narrow)."""
+  n, d, _ = grid_runs()
+  truth = laws.Chinchilla(e=1.69, a=406.4, b=410.7, alpha=0.34, beta=0.28)
+  fits = [laws.fit_chinchilla(n, d, truth(n, d) * grid_runs(10 + seed)[2], grid=SMALL_GRID) for seed in range(8)]
+  loss = truth(n, d) * grid_runs(9)[2]
+  intervals = laws.bootstrap_chinchilla(n, d, loss, laws.fit_chinchilla(n, d, loss, grid=SMALL_GRID), samples=60)
+  for name in ("alpha", "beta"):
+    spread = np.std([getattr(fit, name) for fit in fits], ddof=1)
+    low, high = intervals[name]
+    assert 0.5 < (high - low) / (2 * 1.96 * spread) < 2.0, name
+
+
 def test_extrapolation_to_held_out_largest_runs(chinchilla_data):
   n, d, loss, _ = chinchilla_data
   check = laws.extrapolation_error(n, d, loss, holdout=3, grid=SMALL_GRID)
