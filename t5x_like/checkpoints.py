@@ -1,22 +1,58 @@
-"""Orbax checkpoints of the train state plus the data loader's position.
+"""Orbax checkpoints of the train state plus every process's data-loader position.
 
 Saves are asynchronous (training continues while arrays are written). On restore
 the newest checkpoint is tried first; one that fails to read (a crash mid-write, a
 truncated file) is moved aside into `corrupt/`, never deleted, and the previous one is
-used with a warning naming both.
+used with a warning naming both. A checkpoint whose arrays differ from what the config
+builds (another model size, another optimizer) is a config error, not a corrupt file:
+restoring stops with the differences named and nothing is moved.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import shutil
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from models.config import ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+def _leaf_name(path) -> str:
+  """A pytree path as orbax names the array it saves: keys joined by dots."""
+  return ".".join(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path)
+
+
+def state_differences(saved_metadata, abstract_state, limit: int = 5) -> list[str]:
+  """What differs between a checkpoint's arrays and the state the config builds (at most `limit` lines)."""
+  saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(saved_metadata)}
+  flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
+  wanted = {_leaf_name(path): tuple(leaf.shape) for path, leaf in flat}
+  differences = [f"{name}: saved {saved[name]}, the config builds {wanted[name]}"
+                 for name in sorted(saved.keys() & wanted.keys()) if saved[name] != wanted[name]]
+  differences += [f"{name}: not in the checkpoint" for name in sorted(wanted.keys() - saved.keys())]
+  differences += [f"{name}: saved, but the config does not build it" for name in sorted(saved.keys() - wanted.keys())]
+  return differences[:limit]
+
+
+def every_process(data_state: dict | None) -> dict[str, dict]:
+  """{process index: its data state} gathered from all processes: orbax writes a JSON item from
+  process 0 alone, and each process reads its own share of the data."""
+  encoded = np.frombuffer(json.dumps(data_state or {}).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([encoded.size]))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return {str(index): json.loads(bytes(row[:length]).decode())
+          for index, (row, length) in enumerate(zip(rows, lengths))}
 
 
 class Checkpointer:
@@ -27,20 +63,26 @@ class Checkpointer:
     self.manager = self._new_manager()
 
   def _new_manager(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=self.max_to_keep, create=True, enable_async_checkpointing=True))
+    # Handlers named up front, so a checkpoint's metadata reads before any restore.
+    return ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=self.max_to_keep, create=True, enable_async_checkpointing=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, data_state: dict | None) -> None:
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})))
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(every_process(data_state))))
 
   def restore_latest(self, abstract_state):
-    """(step, state, data_state) from the newest readable checkpoint, or None if none."""
+    """(step, state, this process's data state) from the newest readable checkpoint, or None if none."""
     unreadable = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        metadata = self.manager.item_metadata(step)["state"]
+        differences = state_differences(metadata, abstract_state)
+        if not differences:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
       except Exception as error:  # orbax raises many types for unreadable files
         moved = self._move_aside(step)
         logger.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and falling back to "
@@ -48,10 +90,19 @@ class Checkpointer:
                        str(error).splitlines()[0][:200], moved)
         unreadable.append(step)
         continue
+      if differences:
+        raise ConfigError(f"checkpoint {self.directory / str(step)} holds another train state than this config "
+                          f"builds ({'; '.join(differences)}); resume with the config it was saved with "
+                          f"(the workdir's config.json) or train in a new workdir")
       if unreadable:
         logger.warning("resuming from checkpoint %s, the newest readable one (unreadable: steps %s)",
                        self.directory / str(step), unreadable)
-      return step, restored["state"], restored["data"]
+      data = restored["data"]
+      if str(jax.process_index()) not in data:
+        raise ConfigError(f"checkpoint {self.directory / str(step)} holds the data positions of processes "
+                          f"{sorted(data, key=int)}, not of process {jax.process_index()} of "
+                          f"{jax.process_count()}; resume with the process count it was saved with")
+      return step, restored["state"], data[str(jax.process_index())]
     return None
 
   def _move_aside(self, step: int) -> pathlib.Path:

@@ -345,13 +345,14 @@ class Trainer:
   def train(self) -> TrainResult:
     cfg = self.config.train
     self.workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-      (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
     checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     train_loader = self.loader("train")
     data_state = self.restore(checkpointer)
     if data_state:
       train_loader.set_state(data_state)
+    # Only now: a config its checkpoints do not fit has stopped above and left the old one in place.
+    if jax.process_index() == 0:
+      (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
     writer = MetricWriter(self.workdir)
     start_step = int(jax.device_get(self.state["step"]))
 

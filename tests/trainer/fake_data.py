@@ -15,9 +15,11 @@ class PatternLoader:
     self.position = 0
 
   def get_state(self):
-    return {"position": self.position}
+    return {"position": self.position, "process_index": self.process_index}
 
   def set_state(self, state):
+    """Refuses another process's position, as the real loader does."""
+    assert state["process_index"] == self.process_index, (state, self.process_index)
     self.position = int(state["position"])
 
   def __iter__(self):

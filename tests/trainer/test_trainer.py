@@ -211,12 +211,13 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
   assert losses(tmp_path / "victim") == losses(tmp_path / "reference")
 
 
-def test_two_processes_give_the_one_process_losses(tmp_path):
-  overrides = dict(steps=6, mesh_shape=[2, 2, 2])
-  port = portpicker.pick_unused_port()
-  workers = [_run(tmp_path / "two", overrides, pid, 2, port) for pid in range(2)]
-  for worker in workers:
-    assert worker.wait(timeout=300) == 0, worker.stdout.read()
+def test_two_processes_give_the_one_process_losses_and_resume_each_its_own_data(tmp_path):
+  """Two processes train 4 steps, then resume for 2 more: each must read back its own data position."""
+  for steps in (4, 6):
+    port = portpicker.pick_unused_port()
+    workers = [_run(tmp_path / "two", dict(steps=steps, mesh_shape=[2, 2, 2]), pid, 2, port) for pid in range(2)]
+    for worker in workers:
+      assert worker.wait(timeout=300) == 0, worker.stdout.read()
   train(tiny_config(steps=6, mesh_shape=(2, 2, 2)), tmp_path / "one")
   two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
   np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], rtol=1e-5)
@@ -230,6 +231,19 @@ def test_restore_onto_another_mesh_shape(tmp_path):
   for a, b in zip(jax.tree.leaves(first.state["params"]), jax.tree.leaves(second.state["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert result.validation["loss"] == pytest.approx(first.evaluate(2)["loss"], rel=1e-5)
+
+
+def test_resuming_under_a_config_that_builds_other_arrays_stops_and_keeps_every_checkpoint(tmp_path):
+  train(tiny_config(steps=8), tmp_path)
+  saved_config = (tmp_path / "config.json").read_text()
+  wider = tiny_config(steps=12)
+  wider.model.mlp_dim = 96
+  with pytest.raises(ConfigError, match=r"checkpoint .*/8 holds another train state than this config builds "
+                                        r"\(.*mlp\.wi\.kernel: saved \(32, 64\), the config builds \(32, 96\)"):
+    train(wider, tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+  assert not (tmp_path / "corrupt").exists()
+  assert (tmp_path / "config.json").read_text() == saved_config  # still the config the checkpoints fit
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
@@ -265,8 +279,10 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path)
     train(tiny_config(steps=12, checkpoint_every=4), tmp_path, loader=NanAtStep)
   assert (tmp_path / "checkpoints" / "4").exists()
   assert not (tmp_path / "checkpoints" / "8").exists()
-  resumed = Trainer(tiny_config(steps=4), tmp_path, make_loader=PatternLoader)
+  # Once the bad data is fixed, the rerun resumes from step 4 and trains on past step 6.
+  resumed = Trainer(tiny_config(steps=12, checkpoint_every=4), tmp_path, make_loader=PatternLoader)
   resumed.train()
+  assert int(resumed.state["step"]) == 12 and all(np.isfinite(losses(tmp_path)[step]) for step in range(5, 13))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(resumed.state["params"]))
 
 
