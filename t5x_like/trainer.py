@@ -182,10 +182,11 @@ class Trainer:
     rest_shardings = partitioning.logical_shardings(abstract_rest, self.mesh, self.config.partitioning)
     param_shardings, rest_shardings = nnx.as_pure(param_shardings), nnx.as_pure(rest_shardings)
     abstract_opt = jax.eval_shape(self.tx.init, nnx.as_pure(abstract_params))
-    # Optimizer moments are sharded like their parameters; counters are replicated.
+    # Optimizer moments are sharded like their parameters; counters, and Adafactor's factored
+    # row and column statistics (vectors of a matrix's shape), are replicated.
     opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
-        transform_non_params=lambda _: self.replicated)
+        self.tx, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else self.replicated,
+        abstract_opt, param_shardings, nnx.as_pure(abstract_params), transform_non_params=lambda _: self.replicated)
     self.state_shardings = {"step": self.replicated, "params": param_shardings, "opt_state": opt_shardings}
     self.rest_shardings = rest_shardings
 

@@ -85,6 +85,19 @@ def test_eight_devices_shard_by_the_rules_and_match_one_device(tmp_path):
   assert_same_training((trainer, tmp_path / "eight"), (one, tmp_path / "one"), rtol=1e-4)
 
 
+def test_adafactor_shards_its_factored_statistics_and_matches_one_device(tmp_path):
+  def config(mesh_shape):
+    config = tiny_config(steps=4, mesh_shape=mesh_shape, optimizer={"name": "adafactor"})
+    config.model.update(emb_dim=128, mlp_dim=256)  # optax factors matrices whose two dims are >= 128
+    return config
+
+  eight, _ = train(config((2, 2, 2)), tmp_path / "eight")
+  row_statistics = eight.state["opt_state"][1][0].v_row["decoder"]["layers"][0]["mlp"]["wi"]["kernel"]
+  assert row_statistics.shape == (128,) and row_statistics.sharding.is_fully_replicated  # one per row of [128, 256]
+  one, _ = train(config((1, 1, 1)), tmp_path / "one", devices=jax.devices()[:1])
+  assert_same_training((eight, tmp_path / "eight"), (one, tmp_path / "one"), rtol=1e-4)
+
+
 def test_initialising_on_the_host_gives_the_same_sharded_state(tmp_path):
   on_devices = Trainer(tiny_config(mesh_shape=(2, 2, 2)), tmp_path / "devices", make_loader=PatternLoader)
   on_host = Trainer(tiny_config(mesh_shape=(2, 2, 2), init_on_host=True), tmp_path / "host",
