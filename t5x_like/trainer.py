@@ -88,7 +88,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
   """Rejects configs that cannot work, before anything is compiled."""
   model_config = ModelConfig.from_dict(config.model)
   train = config.train
-  for name in ("steps", "log_every", "eval_every", "checkpoint_every", "grad_accum_steps",
+  for name in ("steps", "log_every", "eval_every", "eval_steps", "checkpoint_every", "grad_accum_steps",
                "keep_checkpoints"):
     if int(train[name]) <= 0:
       raise ConfigError(f"train.{name}={train[name]} must be a positive integer")
@@ -384,10 +384,16 @@ class Trainer:
             progress.set_postfix(loss=f"{last_loss:.3f}")
             pending, interval_start = [], time.perf_counter()
           progress.update(1)
-          if save:
-            checkpointer.save(done, self.state, train_loader.get_state())
-          if done % cfg.eval_every == 0 and done != cfg.steps:
-            writer.write(done, "validation", self.evaluate(cfg.eval_steps))
+          evaluate = done % cfg.eval_every == 0 and done != cfg.steps
+          if save or evaluate:
+            jax.block_until_ready(self.state)  # the steps already dispatched are training time
+            pause_start = time.perf_counter()
+            if save:
+              checkpointer.save(done, self.state, train_loader.get_state())
+            if evaluate:
+              writer.write(done, "validation", self.evaluate(cfg.eval_steps))
+            # Saving and evaluating are not: the throughput interval's clock skips them.
+            interval_start += time.perf_counter() - pause_start
       validation = self.evaluate(cfg.eval_steps)
       writer.write(cfg.steps, "validation", validation)
     finally:

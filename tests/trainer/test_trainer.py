@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 from fake_data import PatternLoader, RaggedPatternLoader
 from models.config import ConfigError
 from models.model_size import train_flops_per_sequence
+from t5x_like.checkpoints import Checkpointer
 from t5x_like.metrics import read_metrics
 from t5x_like.optimizers import decay_mask
 from t5x_like.trainer import NonFiniteLossError, Trainer, loss_means
@@ -168,9 +169,23 @@ def test_a_step_is_optax_clipping_and_adamw_on_the_mean_cross_entropy_gradient(t
 
 
 def test_a_run_keeps_its_last_checkpoints_evaluates_every_n_steps_and_reports_mfu(tmp_path, monkeypatch):
+  """On a clock where a step takes 1 s and each save or evaluation 100 s: throughput counts steps only."""
   monkeypatch.setattr("t5x_like.trainer.peak_flops_per_device", lambda: (1e12, "a test's peak"))
-  config = tiny_config(steps=8, keep_checkpoints=1, eval_every=4)
-  trainer, _ = train(config, tmp_path)
+  clock = [0.0]
+  monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+  def taking(seconds, call):
+    def timed(*args, **kwargs):
+      clock[0] += seconds
+      return call(*args, **kwargs)
+    return timed
+
+  config = tiny_config(steps=8, keep_checkpoints=1, eval_every=4, log_every=2)
+  trainer = Trainer(config, tmp_path, make_loader=PatternLoader)
+  trainer.train_step = taking(1.0, trainer.train_step)
+  trainer.evaluate = taking(100.0, trainer.evaluate)
+  monkeypatch.setattr(Checkpointer, "save", taking(100.0, Checkpointer.save))
+  trainer.train()
   checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert checkpoints == ["8"]
   assert [row["step"] for row in read_metrics(tmp_path, "validation")] == [4, 8]
@@ -178,6 +193,7 @@ def test_a_run_keeps_its_last_checkpoints_evaluates_every_n_steps_and_reports_mf
   flops_per_step = config.data.batch_size * train_flops_per_sequence(trainer.model_config, config.data.seq_len)
   for row in read_metrics(tmp_path, "train"):
     steps_per_second = row["tokens_per_second"] / tokens_per_step
+    assert steps_per_second == pytest.approx(1.0), row["step"]
     assert row["model_flops_per_second"] == pytest.approx(flops_per_step * steps_per_second, rel=1e-6)
     assert row["mfu"] == pytest.approx(row["model_flops_per_second"] / (1e12 * jax.device_count()), rel=1e-6)
 
@@ -331,6 +347,7 @@ def test_a_skipped_update_leaves_the_state_exactly_as_it_was(tmp_path):
     (dict(grad_accum_steps=3), r"data.batch_size=8 does not divide over 8 data shards"),
     (dict(mode="dpo"), "train.mode='dpo'"),
     (dict(nonfinite="ignore"), "train.nonfinite='ignore'"),
+    (dict(eval_steps=0), "train.eval_steps=0 must be a positive integer"),
 ])
 def test_bad_configs_fail_before_compiling(changes, message, tmp_path):
   mesh_shape = changes.pop("mesh_shape", (-1, 1, 1))
