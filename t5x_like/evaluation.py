@@ -33,14 +33,15 @@ def _summary(totals, num_bytes: int) -> dict[str, float]:
 
 
 def _target_bytes(tokenizer, batch: dict[str, np.ndarray], prefix: str) -> int:
-  """UTF-8 bytes of the scored targets, document by document (EOS has none)."""
+  """UTF-8 bytes of the scored targets' text, document by document. EOS, the mask and the
+  span-corruption sentinels stand for no text (decoded, a sentinel would add `<extra_id_N>`)."""
   total = 0
   targets, weights = batch[f"{prefix}_target_tokens"], batch[f"{prefix}_loss_weights"]
   segments = batch[f"{prefix}_segment_ids"]
   for row in range(targets.shape[0]):
     for segment in np.unique(segments[row][segments[row] > 0]):
       ids = targets[row][(segments[row] == segment) & (weights[row] > 0)]
-      total += len(tokenizer.decode(ids[ids != EOS_ID]).encode("utf-8"))
+      total += len(tokenizer.decode(ids[(ids != EOS_ID) & (ids < tokenizer.mask_id)]).encode("utf-8"))
   return total
 
 
@@ -167,7 +168,9 @@ def sentence_completion_task(paragraphs: list[str], *, size: int = 200, options:
       words = sentence.split()
       if len(words) >= 8:
         cut = len(words) // 2
-        halves.append((" ".join(words[:cut]) + " ", " ".join(words[cut:])))
+        # The space starts the ending, as it does in running text: the tokenizer has no dummy
+        # prefix, so a context ending in a space would end in a lone "▁" piece never seen in training.
+        halves.append((" ".join(words[:cut]), " " + " ".join(words[cut:])))
   rng = random.Random(seed)
   rng.shuffle(halves)
   if len(halves) < size + options:

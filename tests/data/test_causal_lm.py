@@ -4,11 +4,13 @@ import collections
 
 import grain
 import numpy as np
+import pytest
 
 from t5x_like.data import documents
 from t5x_like.data.loader import feature_rows
 from t5x_like.data.objectives.causal_lm import CausalLM
 from t5x_like.data.objectives.features import chunks
+from t5x_like.data.objectives.mlm import MaskedLM
 from t5x_like.data.tokenizer import EOS_ID
 
 
@@ -40,6 +42,14 @@ def test_a_long_document_is_chunked_and_counted(tokenizer):
   assert ids[-1] == EOS_ID and tokenizer.decode(ids) == text
   assert objective.counts.snapshot() == {"documents": 1, "chunks": len(examples), "split_documents": 1,
                                          "empty_documents": 0}
+
+
+@pytest.mark.parametrize("objective", ["causal_lm", "mlm"])
+def test_an_empty_document_gives_no_example_and_is_counted(tokenizer, objective):
+  """Not a lone end-of-sequence example: a JSONL or TFDS record with empty text has nothing to train on."""
+  made = CausalLM(tokenizer, 16) if objective == "causal_lm" else MaskedLM(tokenizer, 16, 0.15)
+  assert made.examples({"text": ""}, np.random.default_rng(0)) == []
+  assert made.counts.snapshot() == {"documents": 1, "chunks": 0, "split_documents": 0, "empty_documents": 1}
 
 
 def test_packing_keeps_every_token_once(tokenizer, small_corpus):

@@ -142,6 +142,17 @@ def test_split_bits_per_byte_count_each_packed_documents_bytes(trained, monkeypa
   assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / num_bytes, rel=1e-4)
 
 
+def test_span_corruption_targets_count_the_dropped_text_not_the_sentinels(trained):
+  _, _, tokenizer = trained
+  spans = [tokenizer.encode(" handsome"), tokenizer.encode(" rich")]
+  targets = np.concatenate([[tokenizer.sentinel_id(0)], spans[0], [tokenizer.sentinel_id(1)], spans[1], [1]])
+  batch = {"decoder_target_tokens": targets[None], "decoder_loss_weights": np.ones((1, len(targets))),
+           "decoder_segment_ids": np.ones((1, len(targets)), np.int32)}
+  text = tokenizer.decode(np.concatenate(spans))
+  assert text == " handsome rich"
+  assert evaluation._target_bytes(tokenizer, batch, "decoder") == len(text)
+
+
 def test_eval_command_on_split_and_held_out_text(run_dir, capsys):
   assert main(["eval", "--workdir", str(run_dir), "--batches", "1"]) == 0
   assert main(["eval", "--workdir", str(run_dir), "--text-file",
@@ -176,8 +187,8 @@ def test_sentence_completion_task_and_score_command(run_dir, tmp_path):
   assert items == evaluation.sentence_completion_task(paragraphs, size=10, seed=1)
   for item in items:
     number = item["context"].split()[2]
-    assert item["context"] == f"Sentence number {number} is here and "
-    assert item["options"][item["answer"]] == f"ending {number} goes on a while."
+    assert item["context"] == f"Sentence number {number} is here and"
+    assert item["options"][item["answer"]] == f" ending {number} goes on a while."
     assert len(set(item["options"])) == 4, "distractors are other sentences' endings"
   task = tmp_path / "task.jsonl"
   task.write_text("".join(json.dumps(item) + "\n" for item in items))

@@ -68,7 +68,7 @@ class Objective(abc.ABC):
   def document_chunks(self, text: str, length: int, *, eos: bool = True) -> list[np.ndarray]:
     """The document's ids (eos appended), cut into pieces of at most `length`, counted."""
     ids = self.tokenizer.encode(text)
-    if eos:
+    if eos and len(ids):  # an empty document has nothing to end
       ids = np.append(ids, np.int32(EOS_ID))
     pieces = chunks(ids, length)
     self.counts.add(documents=1, chunks=len(pieces), split_documents=int(len(pieces) > 1),
