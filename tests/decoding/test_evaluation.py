@@ -181,7 +181,7 @@ def test_option_log_likelihoods_refuse_options_past_a_learned_position_table(tra
     evaluation.option_log_likelihoods(model, tokenizer, "She was", [" very happy."])
 
 
-def test_sentence_completion_task_and_score_command(run_dir, tmp_path):
+def test_sentence_completion_task_and_score_command(run_dir, trained, tmp_path):
   paragraphs = [f"Sentence number {i} is here and ending {i} goes on a while. Short one." for i in range(20)]
   items = evaluation.sentence_completion_task(paragraphs, size=10, seed=1)
   assert items == evaluation.sentence_completion_task(paragraphs, size=10, seed=1)
@@ -196,7 +196,10 @@ def test_sentence_completion_task_and_score_command(run_dir, tmp_path):
   assert main(["score", "--workdir", str(run_dir), "--task", str(task), "--shots", "1",
                "--output", str(report_file)]) == 0
   report = json.loads(report_file.read_text())
-  assert report["items"] == 10 and report["chance"] == 0.25 and 0 <= report["accuracy"] <= 1
+  assert report["items"] == 10 and report["chance"] == 0.25
+  _, model, tokenizer = trained  # the command scores with the run's model, one shot, seed 0
+  assert report == {**evaluation.few_shot_score(model, tokenizer, items, shots=1, seed=0),
+                    "task": str(task), "workdir": str(run_dir)}
 
 
 class BigramModel:
