@@ -126,14 +126,17 @@ def test_sampling_is_reproducible_for_a_seed(decoder):
 
 
 def expected_distribution(logits, temperature, top_k, top_p):
-  """Independent numpy reference for the filtered next-token distribution."""
+  """Independent numpy reference for the filtered next-token distribution: scale, keep the top k,
+  renormalise, keep the smallest nucleus holding top_p of that (Hugging Face's order), renormalise."""
   probs = np.exp(logits / temperature - np.max(logits / temperature))
-  probs /= probs.sum()
   order = np.argsort(-probs)
+  if top_k:
+    probs[order[top_k:]] = 0.0
+  probs /= probs.sum()
   keep = np.zeros_like(probs, bool)
   mass = 0.0
-  for rank, token in enumerate(order):
-    if (top_k and rank >= top_k) or mass >= top_p:
+  for token in order:
+    if mass >= top_p or probs[token] == 0:
       break
     keep[token] = True
     mass += probs[token]
@@ -178,20 +181,23 @@ def kept_by_sorting(row, top_k, top_p):
   return keep
 
 
-@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (7, 1.0), (300, 1.0), (0, 0.3), (0, 0.95), (50, 0.9)])
-def test_filters_keep_what_sorting_keeps(top_k, top_p):
-  """Ties, negative and masked (NEG_INF) logits included; the filters search thresholds, not sort."""
+@pytest.mark.parametrize("top_k,top_p,temperature", [(1, 1.0, 1.0), (7, 1.0, 1.0), (300, 1.0, 0.5), (0, 0.3, 1.0),
+                                                     (0, 0.95, 2.0), (50, 0.9, 1.0), (50, 0.9, 0.7)])
+def test_filters_keep_what_sorting_keeps(top_k, top_p, temperature):
+  """Ties, negative and masked (NEG_INF) logits included; the filters search thresholds, not sort.
+  Logits of spread 3 make the temperature move both the nucleus and every probability."""
   rng = np.random.default_rng(top_k + int(100 * top_p))
   logits = rng.normal(0, 3, (6, 1000)).astype(np.float32)
   logits[0, :40] = logits[0, 40]  # a run of ties
   logits[1] = np.round(logits[1])  # many ties
   logits[2, ::3] = NEG_INF  # filtered before
   logits[3] = -np.abs(logits[3]) - 50  # all negative
-  scores = np.asarray(filter_logits(jnp.asarray(logits), temperature=1.0, top_k=top_k, top_p=top_p))
+  scores = np.asarray(filter_logits(jnp.asarray(logits), temperature=temperature, top_k=top_k, top_p=top_p))
   for row, score_row in zip(logits, scores):
-    kept = kept_by_sorting(row.astype(np.float64), top_k, top_p)
+    scaled = row.astype(np.float64) / temperature
+    kept = kept_by_sorting(scaled, top_k, top_p)
     np.testing.assert_array_equal(score_row > NEG_INF / 2, kept)
-    log_probs = row[kept] - scipy.special.logsumexp(row[kept].astype(np.float64))  # renormalised over the kept
+    log_probs = scaled[kept] - scipy.special.logsumexp(scaled[kept])  # renormalised over the kept
     np.testing.assert_allclose(score_row[kept], log_probs, rtol=1e-5, atol=1e-5)
 
 
