@@ -20,6 +20,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from models.config import ConfigError
 from t5x_like.data.tokenizer import EOS_ID, PAD_ID
@@ -49,7 +50,9 @@ def evaluate_split(trainer, tokenizer, split: str, num_batches: int) -> dict[str
   """Loss, perplexity, token accuracy and bits per byte over the first batches of a split."""
   prefix = "encoder" if trainer.model_config.arch == "encoder" else "decoder"
   batches = list(itertools.islice(trainer.loader(split), num_batches))
-  return _summary(trainer.eval_sums(batches), sum(_target_bytes(tokenizer, batch, prefix) for batch in batches))
+  local_bytes = sum(_target_bytes(tokenizer, batch, prefix) for batch in batches)
+  # The loss sums cover every process's rows; so must the bytes.
+  return _summary(trainer.eval_sums(batches), int(np.sum(multihost_utils.process_allgather(np.array(local_bytes)))))
 
 
 def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
@@ -68,9 +71,12 @@ def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
   inputs = padded[:-1].reshape(rows, length)
   targets = padded[1:].reshape(rows, length)
 
+  # Each process gives its share of every global batch's rows, as a loader would.
+  local = batch_size // jax.process_count()
+
   def batches():
     for start in range(0, rows, batch_size):
-      part = slice(start, start + batch_size)
+      part = slice(start + jax.process_index() * local, start + (jax.process_index() + 1) * local)
       batch = {"decoder_input_tokens": inputs[part], "decoder_target_tokens": targets[part],
                "decoder_loss_weights": weights[part], "decoder_segment_ids": np.ones_like(inputs[part]),
                "decoder_positions": np.broadcast_to(np.arange(length, dtype=np.int32), inputs[part].shape),

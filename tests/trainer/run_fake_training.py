@@ -1,5 +1,8 @@
 """Runs the trainer on PatternLoader data in its own process (for kill/resume and
-multi-process tests): python run_fake_training.py WORKDIR CONFIG_JSON [PROCESS_ID NUM_PROCESSES PORT]."""
+multi-process tests): python run_fake_training.py WORKDIR CONFIG_JSON [PROCESS_ID NUM_PROCESSES PORT].
+
+With EVALUATION_OUT set, process 0 then writes the split's and a text's evaluation there as JSON.
+"""
 
 import json
 import os
@@ -16,10 +19,21 @@ if len(sys.argv) > 3:
   distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fake_data import PatternLoader  # noqa: E402
+from fake_data import CharacterTokenizer, PatternLoader  # noqa: E402
 from trainer_configs import tiny_config  # noqa: E402
 
+import jax  # noqa: E402
+
+from t5x_like import evaluation  # noqa: E402
 from t5x_like.trainer import Trainer  # noqa: E402
 
 overrides = json.loads(sys.argv[2])
-Trainer(tiny_config(**overrides), sys.argv[1], make_loader=PatternLoader).train()
+trainer = Trainer(tiny_config(**overrides), sys.argv[1], make_loader=PatternLoader)
+trainer.train()
+if os.environ.get("EVALUATION_OUT"):
+  tokenizer = CharacterTokenizer()
+  results = {"split": evaluation.evaluate_split(trainer, tokenizer, "validation", num_batches=2),
+             "text": evaluation.evaluate_text(trainer, tokenizer, CharacterTokenizer.TEXT)}
+  if jax.process_index() == 0:
+    with open(os.environ["EVALUATION_OUT"], "w") as file:
+      json.dump(results, file)

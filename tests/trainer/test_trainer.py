@@ -18,9 +18,10 @@ import pytest
 import scipy.special
 from jax.sharding import PartitionSpec
 
-from fake_data import PatternLoader, RaggedPatternLoader
+from fake_data import CharacterTokenizer, PatternLoader, RaggedPatternLoader
 from models.config import ConfigError
 from models.model_size import train_flops_per_sequence
+from t5x_like import evaluation
 from t5x_like.checkpoints import Checkpointer
 from t5x_like.metrics import read_metrics
 from t5x_like.optimizers import decay_mask
@@ -240,16 +241,26 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
   assert losses(tmp_path / "victim") == losses(tmp_path / "reference")
 
 
-def test_two_processes_give_the_one_process_losses_and_resume_each_its_own_data(tmp_path):
-  """Two processes train 4 steps, then resume for 2 more: each must read back its own data position."""
+def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monkeypatch):
+  """Two processes train 4 steps, then resume for 2 more (each must read back its own data
+  position) and evaluate: bits per byte count every process's bytes, and a text once."""
+  monkeypatch.setenv("EVALUATION_OUT", str(tmp_path / "two.json"))
   for steps in (4, 6):
     port = portpicker.pick_unused_port()
     workers = [_run(tmp_path / "two", dict(steps=steps, mesh_shape=[2, 2, 2]), pid, 2, port) for pid in range(2)]
     for worker in workers:
       assert worker.wait(timeout=300) == 0, worker.stdout.read()
-  train(tiny_config(steps=6, mesh_shape=(2, 2, 2)), tmp_path / "one")
-  two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
-  np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], rtol=1e-5)
+  one, _ = train(tiny_config(steps=6, mesh_shape=(2, 2, 2)), tmp_path / "one")
+  two_losses, one_losses = losses(tmp_path / "two"), losses(tmp_path / "one")
+  np.testing.assert_allclose([two_losses[s] for s in range(1, 7)], [one_losses[s] for s in range(1, 7)], rtol=1e-5)
+  two = json.loads((tmp_path / "two.json").read_text())
+  tokenizer = CharacterTokenizer()
+  assert two["text"]["tokens"] == len(CharacterTokenizer.TEXT) + 1  # the text once, its eos included
+  for name, result in (("split", evaluation.evaluate_split(one, tokenizer, "validation", num_batches=2)),
+                       ("text", evaluation.evaluate_text(one, tokenizer, CharacterTokenizer.TEXT))):
+    assert two[name]["tokens"] == result["tokens"] and two[name]["bytes"] == result["bytes"], name
+    for key in ("loss", "bits_per_byte"):
+      assert two[name][key] == pytest.approx(result[key], rel=1e-5), (name, key)
 
 
 def test_restore_onto_another_mesh_shape(tmp_path):
