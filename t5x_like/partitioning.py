@@ -84,10 +84,20 @@ def _rules(config) -> tuple:
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.rules)
 
 
+# The config field behind each logical parameter axis, for naming a dim that does not divide.
+LOGICAL_AXIS_FIELDS = {"vocab": "model.vocab_size", "embed": "model.emb_dim", "mlp": "model.mlp_dim",
+                       "heads": "model.num_heads", "kv_heads": "model.num_kv_heads", "kv": "model.head_dim"}
+
+
 def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.ConfigDict):
-  """NamedShardings for every Variable in `state` (abstract or concrete), by the rules."""
+  """NamedShardings for every Variable in `state` (abstract or concrete), by the rules.
+
+  jax refuses a dim that does not split evenly over its mesh axes; such dims are collected
+  and named together, by config field, whatever the rules map where.
+  """
   rules = dict(_rules(config))
   mesh_axes = set(mesh.axis_names)
+  uneven = set()
 
   def sharding(variable):
     names = variable.get_metadata().get("out_sharding") or ()
@@ -96,14 +106,23 @@ def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.Confi
         raise ConfigError(f"logical axis {name!r} has no rule in partitioning.rules; add "
                           f"('{name}', None) to replicate it or name a mesh axis")
     spec = PartitionSpec(*(None if name is None else rules[name] for name in names))
-    for axes in spec:
-      for axis in (axes if isinstance(axes, tuple) else (axes,)):
+    for name, size, axes in zip(names, variable.get_value().shape, spec):
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      for axis in axes:
         if axis is not None and axis not in mesh_axes:
           raise ConfigError(f"partitioning.rules map to mesh axis {axis!r}, which is not in "
                             f"partitioning.mesh_axes={tuple(mesh.axis_names)}")
+      shards = math.prod(mesh.shape[axis] for axis in axes if axis is not None)
+      if size % shards:
+        field = LOGICAL_AXIS_FIELDS.get(name, f"the {name!r} dim")
+        uneven.add(f"{field}={size} does not divide over the {' x '.join(a for a in axes if a)} mesh axis "
+                   f"of size {shards} (logical axis {name!r}, by partitioning.rules)")
     return NamedSharding(mesh, spec)
 
-  return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  shardings = jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  if uneven:
+    raise ConfigError("; ".join(sorted(uneven)))
+  return shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

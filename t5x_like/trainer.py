@@ -106,13 +106,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
   if batch % jax.process_count():
     raise ConfigError(f"data.batch_size={batch} does not divide over {jax.process_count()} processes")
   model_config.check_length(max(_sequence_lengths(config, model_config)), "data length")
-  # The default rules shard these dims over these axes; jax refuses a shard of uneven size.
-  for axis, dims in (("tensor", ("num_heads", "kv_heads", "mlp_dim", "vocab_size")), ("fsdp", ("emb_dim",))):
-    for name in dims:
-      size = getattr(model_config, name)
-      if size % shape.get(axis, 1):
-        field = "num_kv_heads" if name == "kv_heads" else name
-        raise ConfigError(f"model.{field}={size} does not divide over the {axis} mesh axis of size {shape[axis]}")
   objective = OBJECTIVE_CLASSES.get(config.data.get("objective"))
   if objective is not None and model_config.arch not in objective.architectures:
     # A decoder would otherwise train on span corruption's target strings without their inputs.

@@ -378,6 +378,23 @@ def test_bad_partitioning_rules_name_the_axis(rules, message, tmp_path):
     Trainer(config, tmp_path, make_loader=PatternLoader)
 
 
+def test_dims_are_checked_against_the_configured_rules_not_the_default_ones(tmp_path):
+  """A replicated vocabulary need not divide over tensor; an MLP moved onto the data axis must divide over it."""
+  config = tiny_config(steps=1, mesh_shape=(2, 1, 4))
+  config.model.vocab_size = 66
+  config.partitioning.rules = [(name, None if name in ("vocab", "activation_vocab") else axes)
+                               for name, axes in config.partitioning.rules]
+  trainer, result = train(config, tmp_path / "vocab")
+  assert trainer.state["params"]["token_embed"]["embedding"].sharding.spec == PartitionSpec(None, "fsdp")
+  assert np.isfinite(result.validation["loss"])
+  config = tiny_config(mesh_shape=(4, 1, 2))
+  config.model.mlp_dim = 66
+  config.partitioning.rules = [(name, "data" if name == "mlp" else axes) for name, axes in config.partitioning.rules]
+  with pytest.raises(ConfigError, match=r"^model.mlp_dim=66 does not divide over the data mesh axis of size 4 "
+                                        r"\(logical axis 'mlp', by partitioning.rules\)$"):
+    Trainer(config, tmp_path / "mlp", make_loader=PatternLoader)
+
+
 def test_bad_model_and_data_configs_name_the_fields(tmp_path):
   config = tiny_config(mesh_shape=(1, 1, 8))
   with pytest.raises(ConfigError, match="model.num_heads=4 does not divide over the tensor mesh axis of size 8"):
