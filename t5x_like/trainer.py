@@ -212,13 +212,25 @@ class Trainer:
     return data_state
 
   @classmethod
-  def from_workdir(cls, workdir: str | pathlib.Path) -> "Trainer":
-    """The trainer of a finished or running run, with its newest checkpoint loaded."""
+  def from_workdir(cls, workdir: str | pathlib.Path, devices=None) -> "Trainer":
+    """The trainer of a finished or running run, with its newest checkpoint loaded.
+
+    Where the run's mesh does not fit these devices (a pod's run evaluated on one GPU), every
+    device goes on the data axis: checkpoints restore onto any mesh.
+    """
     workdir = pathlib.Path(workdir)
     config_file = workdir / "config.json"
     if not config_file.exists():
       raise ConfigError(f"{workdir} holds no config.json; is it a t5x-like train --workdir?")
-    trainer = cls(ml_collections.ConfigDict(json.loads(config_file.read_text())), workdir)
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    devices = jax.devices() if devices is None else devices
+    mesh_shape = tuple(config.partitioning.mesh_shape)
+    fixed = math.prod(size for size in mesh_shape if size != -1)
+    if (len(devices) % fixed) if -1 in mesh_shape else fixed != len(devices):
+      config.partitioning.mesh_shape = tuple(-1 if axis == "data" else 1 for axis in config.partitioning.mesh_axes)
+      logger.warning("the run's mesh %s does not fit %d devices; loading it onto mesh %s", mesh_shape,
+                     len(devices), tuple(config.partitioning.mesh_shape))
+    trainer = cls(config, workdir, devices=devices)
     if trainer.restore() is None:
       raise ConfigError(f"{workdir}/checkpoints holds no readable checkpoint")
     return trainer

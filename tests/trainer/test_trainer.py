@@ -286,6 +286,14 @@ def test_resuming_under_a_config_that_builds_other_arrays_stops_and_keeps_every_
   assert (tmp_path / "config.json").read_text() == saved_config  # still the config the checkpoints fit
 
 
+def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path):
+  trained, _ = train(tiny_config(steps=4, mesh_shape=(2, 2, 2)), tmp_path)
+  loaded = Trainer.from_workdir(tmp_path, devices=jax.devices()[:2])
+  assert loaded.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 1}
+  for a, b in zip(jax.tree.leaves(trained.state["params"]), jax.tree.leaves(loaded.state["params"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   train(tiny_config(steps=8), tmp_path)
   newest = tmp_path / "checkpoints" / "8"
