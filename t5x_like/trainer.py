@@ -120,6 +120,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
   return model_config
 
 
+def updates_applied(opt_state) -> jax.Array:
+  """The learning-rate schedule's own count: a skipped non-finite step advances train steps, not it."""
+  return optax.tree_utils.tree_get(opt_state, "count", filtering=lambda path, _: (
+      isinstance(path[-1], optax.tree_utils.NamedTupleKey) and path[-1].tuple_name == "ScaleByScheduleState"))
+
+
 @contextlib.contextmanager
 def threefry_as_gpu_kernels():
   """Random bits drawn by jax's threefry kernel on GPUs, not by threefry unrolled into XLA ops.
@@ -302,7 +308,7 @@ class Trainer:
 
     params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state["params"], state["opt_state"])
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-    metrics = dict(sums, grad_norm=grad_norm, learning_rate=self.schedule(state["step"]),
+    metrics = dict(sums, grad_norm=grad_norm, learning_rate=self.schedule(updates_applied(state["opt_state"])),
                    finite=finite)
     return new_state, metrics
 

@@ -353,6 +353,10 @@ def test_a_skipped_update_leaves_the_state_exactly_as_it_was(tmp_path):
   for old, new in zip(jax.tree.leaves((before["params"], before["opt_state"])),
                       jax.tree.leaves((after["params"], after["opt_state"]))):
     np.testing.assert_array_equal(np.asarray(new), old)
+  # The next update is the second applied: it runs, and is logged, at the schedule's second rate.
+  _, metrics = trainer.train_step(after, trainer.rest, trainer.global_batch(next(loader)))
+  assert bool(metrics["finite"]) and float(metrics["learning_rate"]) == pytest.approx(float(trainer.schedule(1)))
+  assert trainer.schedule(1) != trainer.schedule(2)
 
 
 @pytest.mark.parametrize("changes,message", [
