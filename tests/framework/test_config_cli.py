@@ -2,12 +2,17 @@
 
 import pathlib
 
+import jax
 import pytest
+from flax import nnx
 
 from models.config import ConfigError, ModelConfig
 from models.model_size import model_size
+from models.transformer import build_model
+from t5x_like import partitioning
 from t5x_like.cli import main
 from t5x_like.config import apply_overrides, load_config
+from t5x_like.trainer import validate_config
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments"
 
@@ -27,11 +32,15 @@ def test_reference_configs_have_the_published_sizes(spec):
   assert model_size(ModelConfig.from_dict(config.model)).total_params == REFERENCE_SIZES[spec]
 
 
-def test_every_experiment_config_validates():
-  files = sorted(EXPERIMENTS.glob("*.py"))
-  assert len(files) >= 6
-  for file in files:
-    ModelConfig.from_dict(load_config(str(file)).model)
+def test_every_experiment_config_validates_and_shards_over_eight_devices():
+  """The whole config, then each parameter's dims against the mesh axes its rules name."""
+  specs = [file.name for file in sorted(EXPERIMENTS.glob("*.py"))] + sorted(REFERENCE_SIZES)
+  assert len(specs) >= 10
+  for spec in specs:
+    config = load_config(str(EXPERIMENTS / spec))
+    model_config = validate_config(config, num_devices=jax.device_count())
+    abstract = nnx.state(nnx.eval_shape(lambda: build_model(model_config)))
+    partitioning.logical_shardings(abstract, partitioning.make_mesh(config.partitioning), config.partitioning)
 
 
 def test_overrides_keep_types_and_reject_unknown_fields():
