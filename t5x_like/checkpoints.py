@@ -26,25 +26,22 @@ from models.config import ConfigError
 logger = logging.getLogger(__name__)
 
 
-def _leaf_name(path) -> str:
-  """A pytree path as orbax names the array it saves: keys joined by dots."""
-  return ".".join(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path)
-
-
 def state_differences(saved_metadata, abstract_state, limit: int = 5) -> list[str]:
-  """What differs between a checkpoint's arrays and the state the config builds (at most `limit` lines)."""
+  """What differs between a checkpoint's arrays and the state the config builds (the first `limit`)."""
   saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(saved_metadata)}
   flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
-  wanted = {_leaf_name(path): tuple(leaf.shape) for path, leaf in flat}
+  wanted = {".".join(ocp.tree.str_keypath(path)): tuple(leaf.shape) for path, leaf in flat}  # orbax's names
   differences = [f"{name}: saved {saved[name]}, the config builds {wanted[name]}"
                  for name in sorted(saved.keys() & wanted.keys()) if saved[name] != wanted[name]]
   differences += [f"{name}: not in the checkpoint" for name in sorted(wanted.keys() - saved.keys())]
   differences += [f"{name}: saved, but the config does not build it" for name in sorted(saved.keys() - wanted.keys())]
-  return differences[:limit]
+  if len(differences) > limit:
+    differences = differences[:limit] + [f"and {len(differences) - limit} more"]
+  return differences
 
 
-def every_process(data_state: dict | None) -> dict[str, dict]:
-  """{process index: its data state} gathered from all processes: orbax writes a JSON item from
+def gather_data_positions(data_state: dict | None) -> dict[str, dict]:
+  """{process index: its data loader state}, from every process: orbax writes a JSON item from
   process 0 alone, and each process reads its own share of the data."""
   encoded = np.frombuffer(json.dumps(data_state or {}).encode(), np.uint8)
   lengths = np.asarray(multihost_utils.process_allgather(np.array([encoded.size]))).reshape(-1)
@@ -53,6 +50,18 @@ def every_process(data_state: dict | None) -> dict[str, dict]:
   rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
   return {str(index): json.loads(bytes(row[:length]).decode())
           for index, (row, length) in enumerate(zip(rows, lengths))}
+
+
+def this_process_position(positions: dict, directory: pathlib.Path) -> dict:
+  """This process's entry of gather_data_positions' dict. A checkpoint from before positions were
+  kept per process holds one loader state itself, which a single process takes as its own."""
+  if not all(key.isdigit() for key in positions):
+    positions = {"0": positions}
+  if str(jax.process_index()) not in positions:
+    raise ConfigError(f"the newest checkpoint in {directory} holds the data positions of processes "
+                      f"{sorted(positions)}, not of process {jax.process_index()} of {jax.process_count()}; "
+                      f"resume training with the process count it was saved with")
+  return positions[str(jax.process_index())]
 
 
 class Checkpointer:
@@ -71,47 +80,45 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict | None) -> None:
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(every_process(data_state))))
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(gather_data_positions(data_state))))
 
   def restore_latest(self, abstract_state):
-    """(step, state, this process's data state) from the newest readable checkpoint, or None if none."""
+    """(step, state, every process's data position) from the newest readable checkpoint, or None if none."""
     unreadable = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         metadata = self.manager.item_metadata(step)["state"]
-        differences = state_differences(metadata, abstract_state)
-        if not differences:
-          restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
       except Exception as error:  # orbax raises many types for unreadable files
-        moved = self._move_aside(step)
-        logger.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and falling back to "
-                       "an earlier checkpoint", self.directory / str(step), type(error).__name__,
-                       str(error).splitlines()[0][:200], moved)
-        unreadable.append(step)
+        self._set_aside(step, error, unreadable)
         continue
+      differences = state_differences(metadata, abstract_state)
       if differences:
         raise ConfigError(f"checkpoint {self.directory / str(step)} holds another train state than this config "
                           f"builds ({'; '.join(differences)}); resume with the config it was saved with "
                           f"(the workdir's config.json) or train in a new workdir")
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      except Exception as error:
+        self._set_aside(step, error, unreadable)
+        continue
       if unreadable:
         logger.warning("resuming from checkpoint %s, the newest readable one (unreadable: steps %s)",
                        self.directory / str(step), unreadable)
-      data = restored["data"]
-      if str(jax.process_index()) not in data:
-        raise ConfigError(f"checkpoint {self.directory / str(step)} holds the data positions of processes "
-                          f"{sorted(data, key=int)}, not of process {jax.process_index()} of "
-                          f"{jax.process_count()}; resume with the process count it was saved with")
-      return step, restored["state"], data[str(jax.process_index())]
+      return step, restored["state"], restored["data"]
     return None
 
-  def _move_aside(self, step: int) -> pathlib.Path:
+  def _set_aside(self, step: int, error: Exception, unreadable: list[int]) -> None:
+    """Moves an unreadable step into corrupt/ (never deletes it) and says so."""
     target = self.directory.parent / "corrupt" / f"{step}-{int(time.time())}"
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(self.directory / str(step)), str(target))
     self.manager = self._new_manager()  # forget the moved step
-    return target
+    logger.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and falling back to "
+                   "an earlier checkpoint", self.directory / str(step), type(error).__name__,
+                   str(error).splitlines()[0][:200], target)
+    unreadable.append(step)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

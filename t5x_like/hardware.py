@@ -36,8 +36,8 @@ def data_sheet_peak(device_kind: str) -> float | None:
 def call_seconds(fn, repeats: int, warmup: int = 0) -> list[float]:
   """Wall seconds of `repeats` calls of fn(), each waited for, after a compiling call and `warmup` untimed ones.
 
-  The one timing loop of the matmul peak and the bench scripts: jax dispatches asynchronously,
-  so a call is timed up to block_until_ready on what it returns.
+  The timing loop of the matmul peak, the matmul floor and layouts, and decoding: jax
+  dispatches asynchronously, so a call is timed up to block_until_ready on what it returns.
   """
   for _ in range(1 + warmup):
     jax.block_until_ready(fn())

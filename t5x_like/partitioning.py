@@ -85,8 +85,9 @@ def _rules(config) -> tuple:
 
 
 # The config field behind each logical parameter axis, for naming a dim that does not divide.
-LOGICAL_AXIS_FIELDS = {"vocab": "model.vocab_size", "embed": "model.emb_dim", "mlp": "model.mlp_dim",
-                       "heads": "model.num_heads", "kv_heads": "model.num_kv_heads", "kv": "model.head_dim"}
+LOGICAL_AXIS_FIELDS = {"vocab": "model.vocab_size", "embed": "model.emb_dim", "norm": "model.emb_dim",
+                       "mlp": "model.mlp_dim", "heads": "model.num_heads", "kv_heads": "model.num_kv_heads",
+                       "kv": "the head dim", "relpos_buckets": "model.relative_num_buckets"}
 
 
 def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.ConfigDict):
@@ -115,8 +116,10 @@ def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.Confi
       shards = math.prod(mesh.shape[axis] for axis in axes if axis is not None)
       if size % shards:
         field = LOGICAL_AXIS_FIELDS.get(name, f"the {name!r} dim")
-        uneven.add(f"{field}={size} does not divide over the {' x '.join(a for a in axes if a)} mesh axis "
-                   f"of size {shards} (logical axis {name!r}, by partitioning.rules)")
+        named = [axis for axis in axes if axis]
+        uneven.add(f"{field}={size} does not divide over the {' x '.join(named)} mesh "
+                   f"{'axes' if len(named) > 1 else 'axis'} of size {shards} (logical axis {name!r}, by "
+                   f"partitioning.rules)")
     return NamedSharding(mesh, spec)
 
   shardings = jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

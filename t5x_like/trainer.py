@@ -31,7 +31,7 @@ from models.config import ConfigError, ModelConfig
 from models.model_size import train_flops_per_sequence
 from models.transformer import build_model
 from t5x_like import partitioning
-from t5x_like.checkpoints import Checkpointer
+from t5x_like.checkpoints import Checkpointer, this_process_position
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter
@@ -85,7 +85,8 @@ def _sequence_lengths(config: ml_collections.ConfigDict, model_config: ModelConf
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
-  """Rejects configs that cannot work, before anything is compiled."""
+  """Rejects configs that cannot work, before anything is compiled (each parameter's dims against
+  its mesh axes are checked as its sharding is made, partitioning.logical_shardings)."""
   model_config = ModelConfig.from_dict(config.model)
   train = config.train
   for name in ("steps", "log_every", "eval_every", "eval_steps", "checkpoint_every", "grad_accum_steps",
@@ -206,23 +207,24 @@ class Trainer:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_shardings)
 
   def restore(self, checkpointer: Checkpointer | None = None) -> dict | None:
-    """Loads the newest readable checkpoint in the workdir; returns its data-loader position
-    (None when there is no checkpoint)."""
+    """Loads the newest readable checkpoint in the workdir; returns every process's data-loader
+    position in it (None when there is no checkpoint)."""
     if checkpointer is None:
       checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=self.config.train.keep_checkpoints)
     restored = checkpointer.restore_latest(self.abstract_state)
     if restored is None:
       return None
-    step, self.state, data_state = restored
+    step, self.state, data_positions = restored
     logger.info("restored step %d from %s", step, self.workdir)
-    return data_state
+    return data_positions
 
   @classmethod
   def from_workdir(cls, workdir: str | pathlib.Path, devices=None) -> "Trainer":
     """The trainer of a finished or running run, with its newest checkpoint loaded.
 
     Where the run's mesh does not fit these devices (a pod's run evaluated on one GPU), every
-    device goes on the data axis: checkpoints restore onto any mesh.
+    device goes on the data axis: checkpoints restore onto any mesh, though each device then
+    holds the whole model.
     """
     workdir = pathlib.Path(workdir)
     config_file = workdir / "config.json"
@@ -230,12 +232,12 @@ class Trainer:
       raise ConfigError(f"{workdir} holds no config.json; is it a t5x-like train --workdir?")
     config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
     devices = jax.devices() if devices is None else devices
-    mesh_shape = tuple(config.partitioning.mesh_shape)
-    fixed = math.prod(size for size in mesh_shape if size != -1)
-    if (len(devices) % fixed) if -1 in mesh_shape else fixed != len(devices):
+    try:
+      partitioning.resolve_mesh_shape(config.partitioning.mesh_shape, len(devices))
+    except ConfigError as error:
+      logger.warning("%s; loading the run with every device on the data axis", error)
       config.partitioning.mesh_shape = tuple(-1 if axis == "data" else 1 for axis in config.partitioning.mesh_axes)
-      logger.warning("the run's mesh %s does not fit %d devices; loading it onto mesh %s", mesh_shape,
-                     len(devices), tuple(config.partitioning.mesh_shape))
+      config.train.grad_accum_steps = 1  # nothing is trained: the batch need only divide over the devices
     trainer = cls(config, workdir, devices=devices)
     if trainer.restore() is None:
       raise ConfigError(f"{workdir}/checkpoints holds no readable checkpoint")
@@ -359,9 +361,9 @@ class Trainer:
     self.workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     train_loader = self.loader("train")
-    data_state = self.restore(checkpointer)
-    if data_state:
-      train_loader.set_state(data_state)
+    data_positions = self.restore(checkpointer)
+    if data_positions:
+      train_loader.set_state(this_process_position(data_positions, checkpointer.directory))
     # Only now: a config its checkpoints do not fit has stopped above and left the old one in place.
     if jax.process_index() == 0:
       (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
@@ -395,13 +397,13 @@ class Trainer:
             progress.set_postfix(loss=f"{last_loss:.3f}")
             pending, interval_start = [], time.perf_counter()
           progress.update(1)
-          evaluate = done % cfg.eval_every == 0 and done != cfg.steps
-          if save or evaluate:
+          due_for_eval = done % cfg.eval_every == 0 and done != cfg.steps
+          if save or due_for_eval:
             jax.block_until_ready(self.state)  # the steps already dispatched are training time
             pause_start = time.perf_counter()
             if save:
               checkpointer.save(done, self.state, train_loader.get_state())
-            if evaluate:
+            if due_for_eval:
               writer.write(done, "validation", self.evaluate(cfg.eval_steps))
             # Saving and evaluating are not: the throughput interval's clock skips them.
             interval_start += time.perf_counter() - pause_start

@@ -22,7 +22,7 @@ from fake_data import CharacterTokenizer, PatternLoader, RaggedPatternLoader
 from models.config import ConfigError
 from models.model_size import train_flops_per_sequence
 from t5x_like import evaluation
-from t5x_like.checkpoints import Checkpointer
+from t5x_like.checkpoints import Checkpointer, this_process_position
 from t5x_like.metrics import read_metrics
 from t5x_like.optimizers import decay_mask
 from t5x_like.trainer import NonFiniteLossError, Trainer, loss_means
@@ -244,8 +244,9 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
 def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monkeypatch):
   """Two processes train 4 steps, then resume for 2 more (each must read back its own data
   position) and evaluate: bits per byte count every process's bytes, and a text once."""
-  monkeypatch.setenv("EVALUATION_OUT", str(tmp_path / "two.json"))
   for steps in (4, 6):
+    if steps == 6:
+      monkeypatch.setenv("EVALUATION_OUT", str(tmp_path / "two.json"))
     port = portpicker.pick_unused_port()
     workers = [_run(tmp_path / "two", dict(steps=steps, mesh_shape=[2, 2, 2]), pid, 2, port) for pid in range(2)]
     for worker in workers:
@@ -271,6 +272,16 @@ def test_restore_onto_another_mesh_shape(tmp_path):
   for a, b in zip(jax.tree.leaves(first.state["params"]), jax.tree.leaves(second.state["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert result.validation["loss"] == pytest.approx(first.evaluate(2)["loss"], rel=1e-5)
+
+
+def test_each_process_takes_its_own_data_position(tmp_path, monkeypatch):
+  positions = {"0": {"position": 4, "process_index": 0}, "1": {"position": 4, "process_index": 1}}
+  assert this_process_position(positions, tmp_path) == positions["0"]
+  old_format = {"position": 4, "process_index": 0}  # one loader state, from before positions per process
+  assert this_process_position(old_format, tmp_path) == old_format
+  monkeypatch.setattr(jax, "process_index", lambda: 2)
+  with pytest.raises(ConfigError, match=r"holds the data positions of processes \['0', '1'\], not of process 2"):
+    this_process_position(positions, tmp_path)
 
 
 def test_resuming_under_a_config_that_builds_other_arrays_stops_and_keeps_every_checkpoint(tmp_path):
