@@ -54,6 +54,11 @@ def process_share(records: grain.MapDataset, process_index: int, process_count: 
   return records[process_index::process_count]
 
 
+# The data config fields each objective reads beyond the common ones (the others read seq_len).
+OBJECTIVE_FIELDS = {"mlm": ("seq_len", "mlm_probability"),
+                    "span_corruption": ("input_len", "target_len", "noise_density", "mean_noise_span_length")}
+
+
 def ordered_share(records: grain.MapDataset, split: str, seed: int, process_index: int,
                   process_count: int) -> grain.MapDataset:
   """This process's share, shuffled for training with a seed hashed from data.seed per process.
@@ -159,10 +164,9 @@ def make_loader(config: ml_collections.ConfigDict, split: str, *, process_index:
   if config.prefetch_batches:
     dataset = grain.experimental.ThreadPrefetchIterDataset(
         dataset, prefetch_buffer_size=config.prefetch_batches)
-  identity = {name: config[name] for name in
-              ("dataset", "tokenizer", "objective", "batch_size", "seed", "pack", "mlm_probability",
-               "noise_density", "mean_noise_span_length")}
-  identity.update({name: config[name] for name in ("input_len", "target_len")}
-                  if config.objective == "span_corruption" else {"seq_len": config.seq_len})
+  # What fixes the rows a position points at: the objective's own options, not the others'.
+  fields = ("dataset", "tokenizer", "objective", "batch_size", "seed", "pack") + OBJECTIVE_FIELDS.get(
+      config.objective, ("seq_len",))
+  identity = {name: config[name] for name in fields}
   identity.update(split=split, process_index=process_index, process_count=process_count)
   return Loader(dataset, identity, objective, len(records))

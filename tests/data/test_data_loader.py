@@ -81,11 +81,15 @@ def test_a_resumed_loader_yields_the_uninterrupted_batches(data_dir, objective, 
   _assert_same(_batches(used, 5), expected)
 
 
-def test_resuming_under_another_data_config_is_refused(data_dir):
+def test_resuming_under_another_data_config_is_refused_unless_the_objective_ignores_the_change(data_dir):
   state = make_loader(_config(data_dir), "train").get_state()
   loader = make_loader(_config(data_dir, batch_size=8), "train")
   with pytest.raises(ConfigError, match=r"data.batch_size was 4, now 8; resume with the data config"):
     loader.set_state(state)
+  make_loader(_config(data_dir, mlm_probability=0.3, noise_density=0.5), "train").set_state(state)  # causal LM
+  state = make_loader(_config(data_dir, objective="mlm"), "train").get_state()
+  with pytest.raises(ConfigError, match=r"data.mlm_probability was 0.15, now 0.3"):
+    make_loader(_config(data_dir, objective="mlm", mlm_probability=0.3), "train").set_state(state)
 
 
 def test_process_shares_are_disjoint_cover_and_are_all_a_process_reads():
