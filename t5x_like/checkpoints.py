@@ -114,7 +114,9 @@ class Checkpointer:
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(self.directory / str(step)), str(target))
-    self.manager = self._new_manager()  # forget the moved step
+    # Every process lists the steps again only once process 0 has moved this one.
+    multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+    self.manager = self._new_manager()
     logger.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and falling back to "
                    "an earlier checkpoint", self.directory / str(step), type(error).__name__,
                    str(error).splitlines()[0][:200], target)
