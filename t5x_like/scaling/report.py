@@ -49,7 +49,8 @@ def fit_report(rows: list[dict], *, loss_key: str = "validation_loss", bootstrap
                               confidence_95=intervals)
   compute = np.logspace(np.log10((6 * n * d).min()), np.log10((6 * n * d).max() * 100), 5)
   n_opt, d_opt = chinchilla.optimal_allocation(compute)
-  report["compute_optimal"] = [{"flops": float(c), "n": float(a), "d": float(b)}
+  # Compute here is Chinchilla's C = 6ND (N non-embedding), not the results' PaLM FLOP count.
+  report["compute_optimal"] = [{"compute_6nd": float(c), "n": float(a), "d": float(b)}
                                for c, a, b in zip(compute, n_opt, d_opt)]
   if len(rows) > holdout + 5:
     report["extrapolation"] = laws.extrapolation_error(n, d, loss, holdout=holdout, grid=grid)
@@ -87,8 +88,11 @@ def plot(rows: list[dict], report: dict, out_dir: pathlib.Path, *, loss_key: str
     plt.close(figure)
     paths.append(out_dir / name)
 
+  # Runs and frontier on one axis, the C = 6ND that optimal_allocation spends; the results'
+  # `flops` (PaLM's count, attention and vocabulary projection included) is up to 20x that
+  # for the smallest models, and would draw the frontier far below every run.
   figure, axis = plt.subplots(figsize=(6, 4))
-  compute = np.array([r["flops"] for r in rows])
+  compute = np.array([6 * r["non_embedding_params"] * r["tokens"] for r in rows], float)
   axis.scatter(compute, [r[loss_key] for r in rows], c=np.log10([r["non_embedding_params"] for r in rows]),
                cmap="viridis", label="runs (colour: log10 N)")
   frontier = np.logspace(np.log10(compute.min()), np.log10(compute.max() * 10), 60)
@@ -96,7 +100,7 @@ def plot(rows: list[dict], report: dict, out_dir: pathlib.Path, *, loss_key: str
   axis.plot(frontier, fit(n_opt, d_opt), "k-", label="fitted compute-optimal frontier")
   axis.set_xscale("log")
   axis.set_yscale("log")
-  axis.set_xlabel("training FLOPs C")
+  axis.set_xlabel("compute C = 6 N D (N non-embedding)")
   axis.set_ylabel(loss_key.replace("_", " "))
   axis.legend(fontsize=7)
   figure.tight_layout()

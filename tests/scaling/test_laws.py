@@ -7,6 +7,7 @@ the exponents, so they are checked through the losses they predict).
 
 import json
 
+import matplotlib.axes
 import numpy as np
 import pytest
 from scipy import optimize
@@ -123,15 +124,27 @@ def test_r_squared_is_the_explained_fraction_of_log_variance():
   assert laws.r_squared(np.full(4, np.exp(log_measured.mean())), measured) == pytest.approx(0.0)
 
 
-def test_report_and_plots(chinchilla_data, tmp_path):
+def test_report_and_plots(chinchilla_data, tmp_path, monkeypatch):
+  """Train losses 10% above validation's and PaLM FLOPs 3x 6ND, so a fit or plot reading the
+  wrong column shows."""
   n, d, loss, _ = chinchilla_data
   rows = [{"name": f"run{i}", "non_embedding_params": a, "total_params": a * 1.2, "tokens": b,
-           "flops": 6 * a * b, "train_loss": c, "validation_loss": c, "wall_seconds": 1.0}
+           "flops": 18 * a * b, "train_loss": 1.1 * c, "validation_loss": c, "wall_seconds": 1.0}
           for i, (a, b, c) in enumerate(zip(n, d, loss))]
   report = fit_report(rows, bootstrap_samples=20, grid=SMALL_GRID)
+  assert report["loss"] == "validation_loss" and report["chinchilla"]["e"] == pytest.approx(1.69, rel=0.03)
   assert report["chinchilla"]["alpha"] == pytest.approx(0.34, abs=0.02)
+  for point in report["compute_optimal"]:
+    assert 6 * point["n"] * point["d"] == pytest.approx(point["compute_6nd"])
   assert report["kaplan_n"]["alpha_n"] > 0 and report["kaplan_d"]["alpha_d"] > 0
   assert report["extrapolation"]["max_abs_relative_error"] < 0.02
   json.dumps(report)  # serialisable as the fit report file
+  scattered = []
+  scatter = matplotlib.axes.Axes.scatter
+  monkeypatch.setattr(matplotlib.axes.Axes, "scatter", lambda axis, x, y, **kw: scattered.append((x, y))
+                      or scatter(axis, x, y, **kw))
   for path in plot(rows, report, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+  (x, y), = scattered  # the loss-against-compute runs, at the compute the frontier spends
+  np.testing.assert_allclose(x, 6 * n * d)
+  np.testing.assert_allclose(y, loss)
