@@ -1,4 +1,4 @@
-"""Metric writers: `metrics.jsonl` (one object per logged step, with a `split`) and TensorBoard."""
+"""Metric writers: `metrics.jsonl` (one object per logged step, with a `split`) and TensorBoard; reading back."""
 
 from __future__ import annotations
 
@@ -36,6 +36,15 @@ class MetricWriter:
 
 
 def read_metrics(workdir: pathlib.Path, split: str | None = None) -> list[dict]:
-  """Rows of a run's metrics.jsonl, optionally of one split."""
-  rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  return [r for r in rows if split is None or r["split"] == split]
+  """Rows of a run's metrics.jsonl, optionally of one split, one per (split, step).
+
+  The file only grows: a resumed run logs again the steps it trains again after its last
+  checkpoint, and a rerun evaluates its end again. The newest row of each step counts.
+  """
+  newest = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if split is None or row["split"] == split:
+      newest.pop((row["split"], row["step"]), None)  # re-inserted: in the order last written
+      newest[(row["split"], row["step"])] = row
+  return list(newest.values())

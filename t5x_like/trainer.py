@@ -34,7 +34,7 @@ from t5x_like import partitioning
 from t5x_like.checkpoints import Checkpointer, this_process_position
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
 from t5x_like.hardware import peak_flops_per_device
-from t5x_like.metrics import MetricWriter
+from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import TrainingMode, make_mode
 from t5x_like.optimizers import default_optimizer_config, make_optimizer
 
@@ -379,7 +379,9 @@ class Trainer:
 
     pending: list[tuple[int, dict]] = []
     interval_start = time.perf_counter()
-    last_loss = float("nan")
+    # A run resumed at its last step trains nothing more: the loss it last logged stands.
+    logged = read_metrics(self.workdir, "train") if (self.workdir / "metrics.jsonl").exists() else []
+    last_loss = next((row["loss"] for row in reversed(logged) if row["step"] <= start_step), float("nan"))
     progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
                     dynamic_ncols=True)
     try:

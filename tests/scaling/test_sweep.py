@@ -53,9 +53,13 @@ def test_fit_writes_report_and_plots(sweep_dir, capsys):
 def test_rerun_skips_finished_points_and_runs_the_missing_one(sweep_dir):
   finished = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/result.json")}
   missing = sweep_dir / "s2_tokens4096_seed0" / "result.json"
+  lost = json.loads(missing.read_text())
   missing.unlink()
   assert main(["sweep", "--config", CONFIG, "--workdir", str(sweep_dir)]) == 0
-  assert missing.exists()
+  # Its final checkpoint was kept: it resumes there, trains nothing, and reports the same losses.
+  rerun = json.loads(missing.read_text())
+  assert rerun["train_loss"] == lost["train_loss"]
+  assert rerun["validation_loss"] == pytest.approx(lost["validation_loss"])
   for path, mtime in finished.items():
     if path != missing:
       assert path.stat().st_mtime_ns == mtime, f"{path.parent.name} was run again"

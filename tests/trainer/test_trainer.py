@@ -325,8 +325,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   assert f"resuming from checkpoint {tmp_path / 'checkpoints' / '4'}, the newest readable one" in caplog.text
   assert list((tmp_path / "corrupt").iterdir()), "the unreadable checkpoint must be kept, not deleted"
   # The rerun resumed from step 4: steps 5..8 were trained (and logged) a second time.
-  logged = [row["step"] for row in read_metrics(tmp_path, "train")]
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  logged = [row["step"] for row in rows if row["split"] == "train"]
   assert [logged.count(step) for step in range(1, 9)] == [1] * 4 + [2] * 4
+  assert [row["step"] for row in read_metrics(tmp_path, "train")] == list(range(1, 9))  # the newest of each
   assert int(trainer.state["step"]) == 8 and (newest / "state").exists()
 
 
