@@ -44,8 +44,13 @@ def _logits(q, k, mask, scale):
 
 
 def _forward_pair(q, k, v, mask, *, scale, causal):
-  """One pair: q [g, t, e], k and v [s, e], mask [t, s] -> (out [g, t, e] f32, lse [g, t])."""
-  outs, lses = [], []
+  """One pair: q [g, t, e], k and v [s, e], mask [t, s] -> (out [g, t, e] f32, lse [2, g, t]).
+
+  The log-sum-exp is kept as its two terms, the row's top logit and the log of its sum after
+  the shift: a query that sees no key has top MASKED_LOGIT, to which log(sum) adds nothing
+  in float32, and its weights (1 / keys, as the xla kernel's softmax gives) must come back.
+  """
+  outs, tops, log_totals = [], [], []
   for start, end, keys in _query_blocks(q.shape[1], k.shape[0], causal):
     logits = _logits(q[:, start:end], k[:keys], mask[start:end, :keys], scale)
     top = row_max(logits, keepdims=True)
@@ -53,8 +58,9 @@ def _forward_pair(q, k, v, mask, *, scale, causal):
     total = row_sum(weights, keepdims=True)
     out = jnp.einsum("gts,se->gte", weights.astype(v.dtype), v[:keys], preferred_element_type=jnp.float32)
     outs.append(out / total)
-    lses.append((top + jnp.log(total))[..., 0])
-  return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
+    tops.append(top[..., 0])
+    log_totals.append(jnp.log(total)[..., 0])
+  return jnp.concatenate(outs, axis=1), jnp.stack([jnp.concatenate(tops, axis=1), jnp.concatenate(log_totals, axis=1)])
 
 
 def _backward_pair(q, k, v, mask_t, out, lse, d_out, *, scale, causal):
@@ -67,9 +73,14 @@ def _backward_pair(q, k, v, mask_t, out, lse, d_out, *, scale, causal):
 
   The products take their inputs in q's dtype, as the forward pass does, and accumulate in
   float32: with bfloat16 q, k and v they run on bf16 matmul units (item 19).
+
+  A query that sees no key passes no gradient to q and k, as the xla kernel's mask does: its
+  row of d_logits is scaled by 0 rather than by `scale`.
   """
   g, t, e, dtype = *q.shape, q.dtype
   matmul = lambda a, b: jnp.matmul(a.astype(dtype), b, preferred_element_type=jnp.float32)  # noqa: E731
+  top, log_total = lse
+  row_scale = jnp.where(top > MASKED_LOGIT, scale, 0.0)  # [g, t]
   d_out = d_out.astype(jnp.float32)
   row_dots = row_sum(d_out * out)  # [g, t]: sum_s weights * d_weights, per row
   d_out = d_out.astype(dtype)
@@ -81,10 +92,10 @@ def _backward_pair(q, k, v, mask_t, out, lse, d_out, *, scale, causal):
     q_b, d_out_b = q[:, rows].reshape(n, e), d_out[:, rows].reshape(n, e)
     logits = matmul(k[:keys], q_t[:, :, rows].reshape(e, n)).reshape(keys, g, end - start) * scale
     logits = jnp.where(mask_t[:keys, None, rows], logits, MASKED_LOGIT)
-    weights = jnp.exp(logits - lse[None, :, rows]).reshape(keys, n)
+    weights = jnp.exp(logits - top[None, :, rows] - log_total[None, :, rows]).reshape(keys, n)
     dv = dv.at[:keys].add(matmul(weights, d_out_b))
     d_weights = matmul(v[:keys], d_out_t[:, :, rows].reshape(e, n))
-    d_logits = weights * (d_weights - row_dots[:, rows].reshape(1, n)) * scale
+    d_logits = weights * (d_weights - row_dots[:, rows].reshape(1, n)) * row_scale[:, rows].reshape(1, n)
     dk = dk.at[:keys].add(matmul(d_logits, q_b))
     dq_t.append(matmul(k_t[:, :keys], d_logits.astype(dtype)).reshape(e, g, end - start))
   return jnp.concatenate(dq_t, axis=2).transpose(1, 2, 0), dk, dv
@@ -104,7 +115,7 @@ def _forward_item(q, k, v, mask, *, scale, causal):
   pairs = [_forward_pair(q[:, j].swapaxes(0, 1), k[:, j], v[:, j], mask, scale=scale, causal=causal)
            for j in range(k.shape[1])]
   return (jnp.stack([out.swapaxes(0, 1) for out, _ in pairs], axis=1),  # [t, k, g, e]
-          jnp.stack([lse for _, lse in pairs]))  # [k, g, t]
+          jnp.stack([lse for _, lse in pairs]))  # [k, 2, g, t]
 
 
 def _backward_item(q, k, v, mask, out, lse, d_out, *, scale, causal):

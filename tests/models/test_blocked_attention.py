@@ -47,6 +47,20 @@ def weighted_loss(kernel, mask, real, cotangent, *, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+def test_queries_that_see_no_key_get_the_xla_kernels_gradients(causal):
+  """With gradient on the padding rows too (a packed encoder-decoder row whose cross-attention
+  sees no encoder token is one): uniform weights for dv, no gradient into q and k."""
+  q, k, v, cotangent = inputs(1)
+  segments = packed_segments(LENGTH)
+  mask = attention_mask(segments, segments, causal=causal)
+  every_row = jnp.ones(segments.shape, bool)
+  expected = weighted_loss("xla", mask, every_row, cotangent, causal=causal)(q, k, v)
+  got = jax.jit(weighted_loss("blocked", mask, every_row, cotangent, causal=causal))(q, k, v)
+  for ours, reference in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(ours, reference, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_values_and_gradients_match_the_xla_kernel(causal):
   q, k, v, cotangent = inputs(0)
   segments = packed_segments(LENGTH)
