@@ -8,7 +8,8 @@ LayerNorm, then the (tied) vocabulary projection plus an output bias.
 from __future__ import annotations
 
 from models.config import ModelConfig
-from models.huggingface.common import Tensor, activation, copy, linear, norm, output_head, require
+from models.huggingface.common import (Tensor, UnsupportedCheckpoint, activation, copy, linear, norm,
+                                      output_head, require)
 from models.transformer import EncoderMLM
 
 HF_CLASS = "BertForMaskedLM"
@@ -35,6 +36,9 @@ def config_from_hf(hf_config) -> ModelConfig:
 
 def tensors(model: EncoderMLM) -> list[Tensor]:
   stack = model.encoder
+  if stack.token_type_embed is None:
+    raise UnsupportedCheckpoint("BertForMaskedLM always has token type embeddings; this model has "
+                                "model.num_token_types=0")
   out = [copy("bert.embeddings.word_embeddings.weight", model.token_embed.embedding),
          copy("bert.embeddings.position_embeddings.weight", stack.position_embed.embedding),
          copy("bert.embeddings.token_type_embeddings.weight", stack.token_type_embed.embedding)]

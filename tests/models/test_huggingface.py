@@ -162,3 +162,12 @@ def test_export_rejects_a_config_no_family_has():
                                   num_heads=2, mlp_dim=16, num_layers=1, max_len=8))
   with pytest.raises(UnsupportedCheckpoint, match="matches no Hugging Face family"):
     export_to_hf(model)
+
+
+def test_export_of_a_bert_like_model_without_token_types_names_the_field():
+  model = build_model(ModelConfig(arch="encoder", norm="layernorm", norm_position="post", embedding_norm=True,
+                                  position="learned", mlp_gated=False, use_bias=True, mlm_head_transform=True,
+                                  num_token_types=0, vocab_size=16, emb_dim=8, num_heads=2, mlp_dim=16,
+                                  num_layers=1, max_len=8))
+  with pytest.raises(UnsupportedCheckpoint, match="always has token type embeddings; .* model.num_token_types=0"):
+    export_to_hf(model)
