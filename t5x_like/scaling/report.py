@@ -8,6 +8,7 @@ import pathlib
 
 import numpy as np
 
+from models.config import ConfigError
 from t5x_like.scaling import laws
 
 RESULT_FIELDS = ("name", "non_embedding_params", "total_params", "tokens", "flops", "train_loss",
@@ -17,7 +18,6 @@ RESULT_FIELDS = ("name", "non_embedding_params", "total_params", "tokens", "flop
 def load_results(sweep_dir: pathlib.Path) -> list[dict]:
   path = pathlib.Path(sweep_dir) / "results.json"
   if not path.exists():
-    from models.config import ConfigError
     raise ConfigError(f"{path} does not exist; run `t5x-like sweep` into {sweep_dir} first")
   return json.loads(path.read_text())
 
@@ -25,6 +25,10 @@ def load_results(sweep_dir: pathlib.Path) -> list[dict]:
 def fit_report(rows: list[dict], *, loss_key: str = "validation_loss", bootstrap_samples: int = 200,
                grid: dict | None = None, holdout: int = 1) -> dict:
   """Kaplan (per-variable and joint) and Chinchilla fits with bootstrap intervals."""
+  if bootstrap_samples < 1 or holdout < 1:
+    raise ConfigError(f"bootstrap samples ({bootstrap_samples}) and held-out runs ({holdout}) must be at least 1")
+  if any(loss_key not in r for r in rows):
+    raise ConfigError(f"the results lack {loss_key!r}; the losses they hold are train_loss and validation_loss")
   n = np.array([r["non_embedding_params"] for r in rows], float)
   d = np.array([r["tokens"] for r in rows], float)
   loss = np.array([r[loss_key] for r in rows], float)

@@ -1,7 +1,8 @@
 """N x D sweeps: every point an ordinary training run in its own workdir.
 
 Re-running a sweep skips points whose `result.json` exists and resumes interrupted ones
-from their checkpoints (the trainer resumes by itself), so the command is restartable.
+from their checkpoints (the trainer resumes by itself), so the command is restartable; a
+point whose config changed since it ran (its `point.json`) is refused, not mixed in.
 Model sizes follow one size parameter s at a fixed aspect ratio, as Kaplan et al. (2020,
 sec. 3.1) found shape matters little at fixed N: num_layers = s,
 emb_dim = aspect_ratio * s, num_heads = emb_dim / head_dim, mlp_dim = mlp_ratio * emb_dim.
@@ -50,22 +51,32 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
   if base.model.arch != "decoder":
     raise ConfigError(f"sweeps size decoders; base.model.arch={base.model.arch!r}")
   tokens_per_step = base.data.batch_size * base.data.seq_len
+  for field in ("sizes", "token_budgets", "seeds"):
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < (0 if field == "seeds" else 1)
+           for v in sweep[field]):
+      kind = "non-negative" if field == "seeds" else "positive"
+      raise ConfigError(f"sweep.{field}={tuple(sweep[field])} must hold {kind} integers")
   points = []
   for size in sweep.sizes:
     emb_dim = sweep.aspect_ratio * size
     if emb_dim % sweep.head_dim:
       raise ConfigError(f"sweep.aspect_ratio * size = {emb_dim} is not a multiple of sweep.head_dim="
                         f"{sweep.head_dim}")
+    num_heads = emb_dim // sweep.head_dim
+    kv_heads = base.model.get("num_kv_heads")
+    if kv_heads and num_heads % kv_heads:
+      raise ConfigError(f"size {size} has {num_heads} heads, which base.model.num_kv_heads={kv_heads} does not divide")
     for tokens in sweep.token_budgets:
+      if tokens % tokens_per_step:
+        raise ConfigError(f"sweep.token_budgets entry {tokens} is not a whole number of batches "
+                          f"({tokens_per_step} tokens each)")
       steps = tokens // tokens_per_step
-      if steps < 1:
-        raise ConfigError(f"sweep.token_budgets entry {tokens} is less than one batch "
-                          f"({tokens_per_step} tokens)")
       for seed in sweep.seeds:
         point = ml_collections.ConfigDict(base.to_dict())
-        point.model.update(num_layers=size, emb_dim=emb_dim, num_heads=emb_dim // sweep.head_dim,
-                           head_dim=None, num_kv_heads=None, mlp_dim=sweep.mlp_ratio * emb_dim)
-        point.train.update(steps=steps, seed=seed, checkpoint_every=max(steps // 4, 1),
+        # The sweep's head_dim sets the heads; the base's grouping of kv heads stays.
+        point.model.update(num_layers=size, emb_dim=emb_dim, num_heads=num_heads, head_dim=None,
+                           mlp_dim=sweep.mlp_ratio * emb_dim)
+        point.train.update(steps=steps, seed=base.train.seed + seed, checkpoint_every=max(steps // 4, 1),
                            eval_every=steps, log_every=max(steps // 20, 1))
         point.data.seed = base.data.seed + seed  # a replicate draws new weights and a new data order
         if sweep.learning_rate_rule == "kaplan":
@@ -125,6 +136,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> lis
   points = sweep_points(config)
   results, todo = {}, []
   for name, point in points:
+    check_same_point(sweep_dir / name, point)
     done_file = sweep_dir / name / "result.json"
     if done_file.exists():
       results[name] = json.loads(done_file.read_text())
@@ -145,6 +157,31 @@ def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> lis
   rows = [results[n] for n, _ in points]
   write_results(sweep_dir, rows)
   return rows
+
+
+def check_same_point(workdir: pathlib.Path, point: ml_collections.ConfigDict) -> None:
+  """Records a point's config in its workdir (point.json), or refuses one that differs from the
+  recorded: a rerun under another base config would otherwise keep old results and resume old
+  checkpoints under a name that says nothing of the change."""
+  wanted = json.loads(json.dumps(point.to_dict()))
+  recorded_file = workdir / "point.json"
+  if not recorded_file.exists():
+    workdir.mkdir(parents=True, exist_ok=True)
+    recorded_file.write_text(json.dumps(wanted, indent=1))
+    return
+  recorded, wanted = _flat(json.loads(recorded_file.read_text())), _flat(wanted)
+  changed = sorted(key for key in recorded.keys() | wanted.keys() if recorded.get(key) != wanted.get(key))
+  if changed:
+    raise ConfigError(f"{workdir} was run with another config ({', '.join(changed[:5])} differ); "
+                      f"sweep into a new directory, or remove that point's directory to rerun it")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{'train.optimizer.learning_rate': value, ...} for a nested dict."""
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+  return flat
 
 
 def write_results(sweep_dir: pathlib.Path, rows: list[dict]) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
+from models.config import ConfigError
 from t5x_like.scaling import laws
 from t5x_like.scaling.report import fit_report, plot
 
@@ -148,3 +149,14 @@ def test_report_and_plots(chinchilla_data, tmp_path, monkeypatch):
   (x, y), = scattered  # the loss-against-compute runs, at the compute the frontier spends
   np.testing.assert_allclose(x, 6 * n * d)
   np.testing.assert_allclose(y, loss)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(holdout=0), r"held-out runs \(0\) must be at least 1"),
+    (dict(bootstrap_samples=0), r"bootstrap samples \(0\)"),
+    (dict(loss_key="test_loss"), "the results lack 'test_loss'"),
+])
+def test_report_refuses_options_it_cannot_honour(options, message):
+  rows = [{"non_embedding_params": 1e6, "tokens": 1e9, "validation_loss": 3.0}]
+  with pytest.raises(ConfigError, match=message):
+    fit_report(rows, **options)

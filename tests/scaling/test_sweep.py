@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 
+from models.config import ConfigError
 from t5x_like.cli import main
 from t5x_like.config import load_config
 from t5x_like.scaling.sweep import sweep_points
@@ -63,6 +64,32 @@ def test_rerun_skips_finished_points_and_runs_the_missing_one(sweep_dir):
   for path, mtime in finished.items():
     if path != missing:
       assert path.stat().st_mtime_ns == mtime, f"{path.parent.name} was run again"
+
+
+def test_rerun_under_another_base_config_is_refused_before_training(sweep_dir, capsys):
+  assert main(["sweep", "--config", CONFIG, "--workdir", str(sweep_dir),
+               "--config.base.train.optimizer.weight_decay=0.2"]) == 2
+  assert "was run with another config (train.optimizer.weight_decay differ)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(token_budgets=(3000,)), "3000 is not a whole number of batches"),
+    (dict(sizes=(1.5,)), r"sweep.sizes=\(1.5,\) must hold positive integers"),
+    (dict(seeds=(-1,)), "must hold non-negative integers"),
+])
+def test_sweep_points_refuse_budgets_and_sizes_that_cannot_be_run_as_given(changes, message):
+  config = load_config(CONFIG)
+  config.sweep.update(changes)
+  with pytest.raises(ConfigError, match=message):
+    sweep_points(config)
+
+
+def test_points_keep_the_base_configs_kv_grouping_and_seed():
+  config = load_config(CONFIG)
+  config.base.model.num_kv_heads = 1
+  config.base.train.seed = 7
+  for _, point in sweep_points(config):
+    assert point.model.num_kv_heads == 1 and point.train.seed == 7
 
 
 def test_ray_executor_runs_points_as_ray_tasks(tmp_path):
