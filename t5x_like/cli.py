@@ -48,6 +48,11 @@ def _train(args, overrides) -> None:
   from t5x_like.trainer import Trainer  # heavy imports only for the commands that need them
   trainer = Trainer(config, args.workdir)
   result = trainer.train()
+  state = trainer.state["params"], trainer.rest
+  if jax.process_count() > 1:
+    # Process 0 samples alone, so it needs the whole model on its own devices: computing on
+    # arrays spread over processes takes them all, so every process helps gather it.
+    state = _gathered(state)
   if jax.process_index() != 0:
     return
   validation = result.validation
@@ -55,10 +60,21 @@ def _train(args, overrides) -> None:
         f"perplexity {validation['perplexity']:.2f}, token accuracy {validation['accuracy']:.3f}")
   from t5x_like.data.tokenizer import load_tokenizer
   from t5x_like.samples import sample_texts
-  model = trainer.model_from(trainer.state["params"])
+  model = trainer.model_from(*state)
   model.eval()
   for prompt, text in sample_texts(model, load_tokenizer(config.data.tokenizer), args.sample_prompt):
     print(f"--- {prompt!r}\n{text}")
+
+
+def _gathered(tree):
+  """Every global array of `tree` whole on this process's default device; all processes call it.
+  Random keys travel as their key data (process_allgather takes plain arrays)."""
+  from jax.experimental import multihost_utils
+  is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # noqa: E731
+  data = jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
+  whole = multihost_utils.process_allgather(data, tiled=True)
+  return jax.tree.map(lambda x, value: jax.random.wrap_key_data(value, impl=jax.random.key_impl(x)) if is_key(x)
+                      else jax.numpy.asarray(value), tree, whole)
 
 
 def _load(args, overrides):

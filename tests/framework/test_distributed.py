@@ -1,5 +1,11 @@
-"""Multi-process start-up: a half-described run fails before jax.distributed starts."""
+"""Multi-process runs: a half-described one fails before jax.distributed starts; a whole one trains and samples."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
+import portpicker
 import pytest
 
 from models.config import ConfigError
@@ -14,3 +20,36 @@ def test_process_flags_without_a_coordinator_are_refused(monkeypatch):
   with pytest.raises(ConfigError, match="coordinator address 127.0.0.1:1234 given without --num_processes"):
     distributed.initialize("127.0.0.1:1234", None, None)
   distributed.initialize(None, None, None)  # a single-process run: nothing to start
+
+
+TRAIN = """
+import sys
+from t5x_like.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_process_train_with_the_model_split_over_processes_prints_samples(tmp_path):
+  """FSDP over both processes' devices: process 0 samples alone, so it must gather the model first
+  (without, it waited on process 1 in the first sharded computation until the coordinator gave up)."""
+  port = portpicker.pick_unused_port()
+  experiment = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "decoder_tiny.py"
+  flags = ["--config.model.emb_dim=32", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+           "--config.model.mlp_dim=64", "--config.model.num_layers=2", "--config.data.seq_len=32",
+           "--config.train.steps=2", "--config.train.log_every=1", "--config.train.eval_steps=1",
+           "--config.train.checkpoint_every=2", "--config.data.worker_threads=0",
+           "--config.partitioning.mesh_shape=(1,-1,1)", "--sample-prompt", "Emma"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  workers = [subprocess.Popen([sys.executable, "-c", TRAIN, "train", "--config", str(experiment),
+                               "--workdir", str(tmp_path), "--coordinator_address", f"127.0.0.1:{port}",
+                               "--num_processes", "2", "--process_id", str(pid), *flags],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for pid in range(2)]
+  try:
+    outputs = [worker.communicate(timeout=240)[0] for worker in workers]
+  finally:
+    for worker in workers:
+      worker.kill()  # after a hang; a finished process ignores it
+  assert [worker.returncode for worker in workers] == [0, 0], outputs
+  assert "step 2: validation loss" in outputs[0] and "--- 'Emma'\nEmma" in outputs[0]
+  assert "--- 'Emma'" not in outputs[1]
