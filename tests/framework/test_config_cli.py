@@ -12,6 +12,7 @@ from models.transformer import build_model
 from t5x_like import partitioning
 from t5x_like.cli import main
 from t5x_like.config import apply_overrides, load_config
+from t5x_like.scaling.sweep import sweep_points
 from t5x_like.trainer import validate_config
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments"
@@ -32,12 +33,14 @@ def test_reference_configs_have_the_published_sizes(spec):
   assert model_size(ModelConfig.from_dict(config.model)).total_params == REFERENCE_SIZES[spec]
 
 
-def test_every_experiment_config_validates_and_shards_over_eight_devices():
+def test_every_experiment_config_and_sweep_point_validates_and_shards_over_eight_devices():
   """The whole config, then each parameter's dims against the mesh axes its rules name."""
   specs = [file.name for file in sorted(EXPERIMENTS.glob("*.py"))] + sorted(REFERENCE_SIZES)
-  assert len(specs) >= 10
-  for spec in specs:
-    config = load_config(str(EXPERIMENTS / spec))
+  configs = [load_config(str(EXPERIMENTS / spec)) for spec in specs]
+  for sweep in sorted((EXPERIMENTS / "scaling").glob("*.py")):
+    configs += [point for _, point in sweep_points(load_config(str(sweep)))]
+  assert len(specs) >= 10 and len(configs) >= 30
+  for config in configs:
     model_config = validate_config(config, num_devices=jax.device_count())
     abstract = nnx.state(nnx.eval_shape(lambda: build_model(model_config)))
     partitioning.logical_shardings(abstract, partitioning.make_mesh(config.partitioning), config.partitioning)
