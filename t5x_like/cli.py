@@ -10,13 +10,13 @@ import jax
 
 from models.config import ConfigError, ModelConfig
 from models.model_size import model_size, train_flops_per_token
-from t5x_like.config import apply_overrides, load_config
+from t5x_like.config import apply_overrides, load_config, load_run_config
 from t5x_like.host_memory import exec_with_huge_pages
 
 
 def _info(args, overrides) -> None:
   """Prints the config, its parameter counts and training FLOPs per token."""
-  config = load_config(args.config)
+  config = load_run_config(args.config)
   apply_overrides(config, overrides)
   model = ModelConfig.from_dict(config.model)
   size = model_size(model)
@@ -43,7 +43,7 @@ def _train(args, overrides) -> None:
   """Trains (or resumes) in the workdir, then reports validation loss and samples."""
   from t5x_like import distributed
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  config = load_config(args.config)
+  config = load_run_config(args.config)
   apply_overrides(config, overrides)
   from t5x_like.trainer import Trainer  # heavy imports only for the commands that need them
   trainer = Trainer(config, args.workdir)
@@ -173,6 +173,8 @@ def _sweep(args, overrides) -> None:
   """Runs (or continues) every point of a scaling sweep."""
   from t5x_like.scaling.sweep import run_sweep
   config = load_config(args.config)
+  if "sweep" not in config:
+    raise ConfigError(f"{args.config} has no sweep section; sweep configs live in experiments/scaling/")
   apply_overrides(config, overrides)
   rows = run_sweep(config, args.workdir)
   print(f"{len(rows)} runs; results in {args.workdir}/results.csv and results.json")

@@ -50,6 +50,15 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+def load_run_config(spec: str) -> ml_collections.ConfigDict:
+  """load_config for a single run (train, info): a sweep's config is named as one."""
+  config = load_config(spec)
+  if "model" not in config:
+    hint = "; it is a sweep config: use `t5x-like sweep`" if "sweep" in config else ""
+    raise ConfigError(f"{spec} has no model section{hint}")
+  return config
+
+
 def _parse_value(text: str):
   """Python literals (8, 0.1, True, None, 'x', (1, 2)); anything else is a string."""
   try:

@@ -86,3 +86,13 @@ def test_impossible_model_configs_name_the_field(changes, message):
 def test_unknown_model_field_is_an_error():
   with pytest.raises(ConfigError, match="unknown model config field"):
     ModelConfig.from_dict({"num_layer": 3})
+
+
+def test_a_sweep_config_given_to_train_or_info_and_a_run_config_to_sweep_are_named(tmp_path, capsys):
+  sweep, run = str(EXPERIMENTS / "scaling" / "tiny.py"), str(EXPERIMENTS / "decoder_tiny.py")
+  assert main(["info", "--config", sweep]) == 2
+  assert main(["train", "--config", sweep, "--workdir", str(tmp_path)]) == 2
+  assert main(["sweep", "--config", run, "--workdir", str(tmp_path)]) == 2
+  errors = capsys.readouterr().err
+  assert errors.count("has no model section; it is a sweep config: use `t5x-like sweep`") == 2
+  assert "has no sweep section" in errors
