@@ -111,10 +111,13 @@ class Checkpointer:
   def _set_aside(self, step: int, error: Exception, unreadable: list[int]) -> None:
     """Moves an unreadable step into corrupt/ (never deletes it) and says so."""
     target = self.directory.parent / "corrupt" / f"{step}-{int(time.time())}"
+    # Process 0 moves the step only once every process has found it unreadable (a process that
+    # listed the steps after the move would restore an older one alone), and the others list
+    # the steps again only once it is moved.
+    multihost_utils.sync_global_devices(f"checkpoint {step} unreadable")
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(self.directory / str(step)), str(target))
-    # Every process lists the steps again only once process 0 has moved this one.
     multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     self.manager = self._new_manager()
     logger.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and falling back to "
