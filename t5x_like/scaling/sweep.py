@@ -19,6 +19,7 @@ import pathlib
 import time
 
 import ml_collections
+from flax import traverse_util
 from tqdm import tqdm
 
 from models.config import ConfigError, ModelConfig
@@ -63,9 +64,6 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
       raise ConfigError(f"sweep.aspect_ratio * size = {emb_dim} is not a multiple of sweep.head_dim="
                         f"{sweep.head_dim}")
     num_heads = emb_dim // sweep.head_dim
-    kv_heads = base.model.get("num_kv_heads")
-    if kv_heads and num_heads % kv_heads:
-      raise ConfigError(f"size {size} has {num_heads} heads, which base.model.num_kv_heads={kv_heads} does not divide")
     for tokens in sweep.token_budgets:
       if tokens % tokens_per_step:
         raise ConfigError(f"sweep.token_budgets entry {tokens} is not a whole number of batches "
@@ -79,9 +77,9 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
         point.train.update(steps=steps, seed=base.train.seed + seed, checkpoint_every=max(steps // 4, 1),
                            eval_every=steps, log_every=max(steps // 20, 1))
         point.data.seed = base.data.seed + seed  # a replicate draws new weights and a new data order
+        model_config = ModelConfig.from_dict(point.model)  # refuses, e.g., kv heads that do not divide the heads
         if sweep.learning_rate_rule == "kaplan":
-          n = model_size(ModelConfig.from_dict(point.model)).non_embedding_params
-          point.train.optimizer.learning_rate = kaplan_learning_rate(n)
+          point.train.optimizer.learning_rate = kaplan_learning_rate(model_size(model_config).non_embedding_params)
         elif sweep.learning_rate_rule != "fixed":
           raise ConfigError(f"sweep.learning_rate_rule={sweep.learning_rate_rule!r} is not one of "
                             "('kaplan', 'fixed')")
@@ -169,19 +167,12 @@ def check_same_point(workdir: pathlib.Path, point: ml_collections.ConfigDict) ->
     workdir.mkdir(parents=True, exist_ok=True)
     recorded_file.write_text(json.dumps(wanted, indent=1))
     return
-  recorded, wanted = _flat(json.loads(recorded_file.read_text())), _flat(wanted)
+  recorded = traverse_util.flatten_dict(json.loads(recorded_file.read_text()), sep=".")
+  wanted = traverse_util.flatten_dict(wanted, sep=".")
   changed = sorted(key for key in recorded.keys() | wanted.keys() if recorded.get(key) != wanted.get(key))
   if changed:
     raise ConfigError(f"{workdir} was run with another config ({', '.join(changed[:5])} differ); "
                       f"sweep into a new directory, or remove that point's directory to rerun it")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  """{'train.optimizer.learning_rate': value, ...} for a nested dict."""
-  flat = {}
-  for key, value in tree.items():
-    flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-  return flat
 
 
 def write_results(sweep_dir: pathlib.Path, rows: list[dict]) -> None:
