@@ -45,7 +45,8 @@ def gather_data_positions(data_state: dict | None) -> dict[str, dict]:
   process 0 alone, and each process reads its own share of the data."""
   encoded = np.frombuffer(json.dumps(data_state or {}).encode(), np.uint8)
   lengths = np.asarray(multihost_utils.process_allgather(np.array([encoded.size]))).reshape(-1)
-  padded = np.zeros(int(lengths.max()), np.uint8)
+  # Padded to a power of two, so the gather compiles for a few sizes, not once per new JSON length.
+  padded = np.zeros(max(256, 1 << (int(lengths.max()) - 1).bit_length()), np.uint8)
   padded[:encoded.size] = encoded
   rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
   return {str(index): json.loads(bytes(row[:length]).decode())

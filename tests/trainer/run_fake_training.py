@@ -24,7 +24,7 @@ from trainer_configs import tiny_config  # noqa: E402
 
 import jax  # noqa: E402
 
-from t5x_like import evaluation  # noqa: E402
+from t5x_like import checkpoints, evaluation  # noqa: E402
 from t5x_like.trainer import Trainer  # noqa: E402
 
 overrides = json.loads(sys.argv[2])
@@ -34,6 +34,17 @@ if os.environ.get("EVALUATION_OUT"):
   tokenizer = CharacterTokenizer()
   results = {"split": evaluation.evaluate_split(trainer, tokenizer, "validation", num_batches=2),
              "text": evaluation.evaluate_text(trainer, tokenizer, CharacterTokenizer.TEXT)}
+  # Saves gather data positions whose JSON grows; a new length must not compile a new gather.
+  compiles = []
+
+  def count_compiles(event, seconds, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(count_compiles)
+  for length in (10, 40, 100):
+    checkpoints.gather_data_positions({"position": "x" * length})
+  results["gather_compiles"] = len(compiles)
   if jax.process_index() == 0:
     with open(os.environ["EVALUATION_OUT"], "w") as file:
       json.dump(results, file)

@@ -243,7 +243,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
 
 def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monkeypatch):
   """Two processes train 4 steps, then resume to 6, each reading back its own data position; then
-  they evaluate: bits per byte count every process's bytes, and a text once."""
+  they evaluate: bits per byte count every process's bytes, and a text once. Gathering data
+  positions of a new length compiles nothing new."""
   for steps in (4, 6):
     if steps == 6:
       monkeypatch.setenv("EVALUATION_OUT", str(tmp_path / "two.json"))
@@ -262,6 +263,7 @@ def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monk
   two = json.loads((tmp_path / "two.json").read_text())
   tokenizer = CharacterTokenizer()
   assert two["text"]["tokens"] == len(CharacterTokenizer.TEXT) + 1  # the text once, its eos included
+  assert two["gather_compiles"] == 0  # the saves compiled the gathers of every length here
   for name, result in (("split", evaluation.evaluate_split(one, tokenizer, "validation", num_batches=2)),
                        ("text", evaluation.evaluate_text(one, tokenizer, CharacterTokenizer.TEXT))):
     assert two[name]["tokens"] == result["tokens"] and two[name]["bytes"] == result["bytes"], name
