@@ -8,6 +8,7 @@ comes from the mode (t5x_like.modes).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -73,7 +74,7 @@ def default_train_config() -> ml_collections.ConfigDict:
 @dataclasses.dataclass
 class TrainResult:
   step: int
-  train_loss: float
+  train_loss: float  # per token over the last train.log_every steps, not one batch's noise
   validation: dict[str, float]
 
 
@@ -379,9 +380,12 @@ class Trainer:
 
     pending: list[tuple[int, dict]] = []
     interval_start = time.perf_counter()
-    # A run resumed at its last step trains nothing more: the loss it last logged stands.
+    # (cross-entropy sum, target tokens) of the latest finite steps, the logged ones first, so a
+    # run resumed at its last step reports the same train loss.
+    recent = collections.deque(maxlen=cfg.log_every)
     logged = read_metrics(self.workdir, "train") if (self.workdir / "metrics.jsonl").exists() else []
-    last_loss = next((row["loss"] for row in reversed(logged) if row["step"] <= start_step), float("nan"))
+    recent.extend((row["loss"] * row["target_tokens"], row["target_tokens"]) for row in logged
+                  if row["step"] <= start_step and math.isfinite(row["loss"]))
     progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
                     dynamic_ncols=True)
     try:
@@ -395,8 +399,8 @@ class Trainer:
           if done % cfg.log_every == 0 or save:
             # Checked before every save, so a non-finite step is never checkpointed.
             elapsed = time.perf_counter() - interval_start
-            last_loss = self._log(pending, writer, elapsed, tokens_per_step, flops_per_step, peak)
-            progress.set_postfix(loss=f"{last_loss:.3f}")
+            recent.extend(self._log(pending, writer, elapsed, tokens_per_step, flops_per_step, peak))
+            progress.set_postfix(loss=f"{_mean_loss(recent):.3f}")
             pending, interval_start = [], time.perf_counter()
           progress.update(1)
           due_for_eval = done % cfg.eval_every == 0 and done != cfg.steps
@@ -417,11 +421,12 @@ class Trainer:
       checkpointer.wait()
       checkpointer.close()
       writer.close()
-    return TrainResult(step=cfg.steps, train_loss=last_loss, validation=validation)
+    return TrainResult(step=cfg.steps, train_loss=_mean_loss(recent), validation=validation)
 
   def _log(self, pending, writer: MetricWriter, elapsed: float, tokens_per_step: int,
-           flops_per_step: float, peak: float) -> float:
-    """Fetches the interval's metrics, applies the non-finite policy, writes one row per step."""
+           flops_per_step: float, peak: float) -> list[tuple[float, float]]:
+    """Fetches the interval's metrics, applies the non-finite policy, writes one row per step.
+    Returns the finite steps' (cross-entropy sum, target tokens)."""
     rows = jax.device_get([m for _, m in pending])
     for (step, _), row in zip(pending, rows):
       if not row["finite"]:
@@ -440,7 +445,13 @@ class Trainer:
                      model_flops_per_second=flops_per_step * steps_per_second,
                      mfu=flops_per_step * steps_per_second / (peak * self.mesh.size))
       writer.write(step, "train", scalars)
-    return loss_means(rows[-1])["loss"]
+    return [(float(row["cross_entropy"]), float(row["weight"])) for row in rows if row["finite"]]
+
+
+def _mean_loss(recent: Iterable[tuple[float, float]]) -> float:
+  """Per-token cross-entropy over (sum, tokens) pairs; NaN before any finite step."""
+  total, tokens = map(sum, zip(*recent)) if recent else (0.0, 0.0)
+  return total / tokens if tokens else float("nan")
 
 
 def _scalar_and_aux(sums):

@@ -272,9 +272,17 @@ def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monk
 
 
 def test_restore_onto_another_mesh_shape(tmp_path):
-  first, _ = train(tiny_config(steps=8, mesh_shape=(8, 1, 1)), tmp_path)
-  second = Trainer(tiny_config(steps=8, mesh_shape=(1, 2, 4)), tmp_path, make_loader=PatternLoader)
+  first, first_result = train(tiny_config(steps=8, mesh_shape=(8, 1, 1), log_every=3), tmp_path,
+                              loader=RaggedPatternLoader)
+  # The train loss is per token over the last log_every steps, weighted by their target tokens.
+  rows = [row for row in read_metrics(tmp_path, "train") if row["step"] > 5]
+  assert first_result.train_loss == pytest.approx(
+      sum(r["loss"] * r["target_tokens"] for r in rows) / sum(r["target_tokens"] for r in rows), rel=1e-6)
+  assert len({r["target_tokens"] for r in rows}) > 1  # so a plain mean of the rows would differ
+  second = Trainer(tiny_config(steps=8, mesh_shape=(1, 2, 4), log_every=3), tmp_path,
+                   make_loader=RaggedPatternLoader)
   result = second.train()  # restores step 8 and has nothing left to train
+  assert result.train_loss == pytest.approx(first_result.train_loss, rel=1e-6)
   assert second.state["params"]["token_embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
   for a, b in zip(jax.tree.leaves(first.state["params"]), jax.tree.leaves(second.state["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
