@@ -104,7 +104,7 @@ def _decode(args, overrides) -> None:
   config = DecodeConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
-                        length_penalty=args.length_penalty)
+                        length_penalty=args.length_penalty, vocab_limit=tokenizer.vocab_size)
   model = trainer.model_from(trainer.state["params"])
   model.eval()
   decoder_prompts, encoder_inputs = generation_inputs(

@@ -39,6 +39,9 @@ class DecodeConfig:
   repetition_penalty: float = 1.0  # greedy and sample; 1: none
   num_beams: int = 4  # beam only
   length_penalty: float = 0.6  # beam only: alpha
+  # Ids at or above it are never chosen: the tokenizer's size where model.vocab_size pads past
+  # it (GPT-2's 50257 with an 8192-id tokenizer). 0: every id of the model.
+  vocab_limit: int = 0
 
   def validate(self) -> None:
     if self.strategy not in ("greedy", "sample", "beam"):
@@ -48,6 +51,8 @@ class DecodeConfig:
     if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
       raise ConfigError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1; got "
                         f"{self.temperature}, {self.top_k}, {self.top_p}")
+    if self.vocab_limit < 0:
+      raise ConfigError(f"vocab_limit={self.vocab_limit} must be at least 0 (0: every id)")
     if self.repetition_penalty <= 0 or self.num_beams < 1:
       raise ConfigError(f"need repetition_penalty > 0 and num_beams >= 1; got "
                         f"{self.repetition_penalty}, {self.num_beams}")
@@ -65,6 +70,13 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 # Logit filters -------------------------------------------------------------------------
+
+def limit_vocab(logits: jax.Array, limit: int) -> jax.Array:
+  """logits [b, v] with the ids at or above limit (0: none) at -inf."""
+  if not limit or limit >= logits.shape[-1]:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, NEG_INF)
+
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
   """Makes tokens already in the row less likely: positive logits / penalty, negative * penalty."""
@@ -134,7 +146,10 @@ def sample(key: jax.Array, scores: jax.Array) -> jax.Array:
   One uniform per row, where jax.random.categorical draws a Gumbel per token: 1.1 ms for
   [8, 8192] on a CPU, against 2.5 for the rest of a tiny decoder's step.
   """
-  cdf = jnp.cumsum(jnp.exp(scores), axis=-1)
+  probs = jnp.exp(scores)
+  # Flat at every filtered token: XLA:CPU's cumsum is a parallel scan, whose running sum can
+  # step up by an ulp at a token of probability 0, and a uniform landing there picked it.
+  cdf = jax.lax.cummax(jnp.where(probs > 0, jnp.cumsum(probs, axis=-1), 0.0), axis=scores.ndim - 1)
   total = cdf[..., -1]
   u = jnp.minimum(jax.random.uniform(key, total.shape) * total, jnp.nextafter(total, 0.0))
   return jnp.sum(cdf <= u[..., None], axis=-1)  # the first token whose cdf passes u
@@ -185,6 +200,7 @@ def _sample_loop(model, prompt, lengths, rng, encoder_inputs, *, config: DecodeC
 
   def body(carry):
     i, logits, cache, out, done, seen, rng = carry
+    logits = limit_vocab(logits, config.vocab_limit)
     if config.repetition_penalty != 1.0:
       logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
     if config.strategy == "greedy":
@@ -229,7 +245,7 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
 
   def body(i, carry):
     logits, cache, live_scores, live_tokens, done_scores, done_tokens = carry
-    log_probs = _log_softmax(logits.astype(jnp.float32)).reshape(b, k, vocab)
+    log_probs = _log_softmax(limit_vocab(logits.astype(jnp.float32), config.vocab_limit)).reshape(b, k, vocab)
     candidates = (live_scores[..., None] + log_probs).reshape(b, k * vocab)
     scores, flat = jax.lax.top_k(candidates, 2 * k)  # 2k: up to k of them may end here
     beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)

@@ -27,7 +27,7 @@ def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = 40) ->
   arch = model.config.arch
   ids = [tokenizer.encode(p).tolist() for p in prompts]
   # Greedy, with a mild repetition penalty: small models otherwise loop on "and, and, ...".
-  config = DecodeConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2)
+  config = DecodeConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2, vocab_limit=tokenizer.vocab_size)
   if arch == "decoder":
     outputs = generate(model, generation_inputs(arch, ids)[0], config)
     return [(p, p + tokenizer.decode(o)) for p, o in zip(prompts, outputs)]
@@ -38,6 +38,6 @@ def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = 40) ->
   results = []
   for prompt, tokens in zip(prompts, ids):
     masked = np.array([tokens[:-1] + [tokenizer.mask_id]], np.int32)
-    predicted = int(np.argmax(np.asarray(model(masked))[0, -1]))
+    predicted = int(np.argmax(np.asarray(model(masked))[0, -1, :tokenizer.vocab_size]))
     results.append((tokenizer.decode(masked[0]), tokenizer.decode(tokens[:-1] + [predicted])))
   return results

@@ -222,6 +222,33 @@ def test_sample_draws_each_token_at_its_probability():
   np.testing.assert_allclose(observed, probs, atol=4.5 * np.sqrt(0.25 / draws))
 
 
+def test_sample_never_draws_a_filtered_token_where_the_running_sum_steps_up(monkeypatch):
+  """XLA:CPU sums in a tree, so jnp.cumsum can step up by an ulp at a token of probability 0:
+  a uniform drawn onto that step must still pick a token the filters kept."""
+  logits = jnp.asarray(np.random.default_rng(0).normal(0, 3, (64, 8192)), jnp.float32)
+  scores = filter_logits(logits, temperature=1.0, top_k=50, top_p=0.9)
+  probs = np.asarray(jnp.exp(scores))
+  cdf = np.asarray(jnp.cumsum(jnp.exp(scores), axis=-1))
+  before = np.concatenate([np.zeros((64, 1), np.float32), cdf[:, :-1]], axis=1)
+  steps_up = (cdf > before) & (probs == 0)
+  rows = np.flatnonzero(steps_up.any(axis=1))
+  assert len(rows), "no step at a filtered token on this XLA: nothing to test"
+  uniforms = before[rows, np.argmax(steps_up[rows], axis=1)] / cdf[rows, -1]  # onto each row's first step
+  monkeypatch.setattr(jax.random, "uniform", lambda key, shape: jnp.asarray(uniforms, jnp.float32))
+  tokens = np.asarray(sample(jax.random.key(0), scores[rows]))
+  assert np.all(probs[rows, tokens] > 0)
+
+
+def test_vocab_limit_keeps_ids_the_tokenizer_lacks_out_of_every_strategy(decoder):
+  """A model vocabulary padded past its tokenizer's (GPT-2's 50257 with an 8192-id tokenizer):
+  no strategy may return an id the tokenizer cannot decode."""
+  limit = max(t for row in generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=6)) for t in row)
+  assert limit > EOS  # an id greedy picks when nothing stops it
+  for strategy in ("greedy", "sample", "beam"):
+    config = DecodeConfig(strategy=strategy, max_new_tokens=6, vocab_limit=limit, num_beams=2)
+    assert all(t < limit for row in generate(decoder, PROMPTS, config, seed=1) for t in row), strategy
+
+
 def test_beam_search_finds_the_exhaustive_best(decoder):
   """With as many beams as prefixes, beam search must return the best sequence (alpha = 0)."""
   vocab, steps, prompt = 24, 2, [5, 9, 3]
