@@ -147,12 +147,13 @@ def sample(key: jax.Array, scores: jax.Array) -> jax.Array:
   [8, 8192] on a CPU, against 2.5 for the rest of a tiny decoder's step.
   """
   probs = jnp.exp(scores)
-  # Flat at every filtered token: XLA:CPU's cumsum is a parallel scan, whose running sum can
-  # step up by an ulp at a token of probability 0, and a uniform landing there picked it.
-  cdf = jax.lax.cummax(jnp.where(probs > 0, jnp.cumsum(probs, axis=-1), 0.0), axis=scores.ndim - 1)
-  total = cdf[..., -1]
+  # 0 at every filtered token, so none passes u: XLA:CPU's cumsum sums in a tree, and its running
+  # sum can step up by an ulp at a token of probability 0, where a count of cdf <= u picked it.
+  cdf = jnp.where(probs > 0, jnp.cumsum(probs, axis=-1), 0.0)
+  total = row_max(cdf)
   u = jnp.minimum(jax.random.uniform(key, total.shape) * total, jnp.nextafter(total, 0.0))
-  return jnp.sum(cdf <= u[..., None], axis=-1)  # the first token whose cdf passes u
+  vocab = scores.shape[-1]
+  return jnp.min(jnp.where(cdf > u[..., None], jnp.arange(vocab), vocab), axis=-1)  # the first to pass u
 
 
 # The model side: one function per architecture to prefill and to step ---------------------
