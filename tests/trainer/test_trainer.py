@@ -242,14 +242,19 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
 
 
 def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monkeypatch):
-  """Two processes train 4 steps, then resume to 6, each reading back its own data position; then
-  they evaluate: bits per byte count every process's bytes, and a text once. Gathering data
-  positions of a new length compiles nothing new."""
+  """Two processes train 4 steps; with the step-4 checkpoint corrupted they set it aside together
+  and resume from step 2 to 6, each reading back its own data position. Then they evaluate:
+  bits per byte count every process's bytes, and a text once. Gathering data positions of a
+  new length compiles nothing new."""
   for steps in (4, 6):
     if steps == 6:
       monkeypatch.setenv("EVALUATION_OUT", str(tmp_path / "two.json"))
+      for file in (tmp_path / "two" / "checkpoints" / "4" / "state").rglob("*"):
+        if file.is_file():
+          file.write_bytes(b"garbage")
     port = portpicker.pick_unused_port()
-    workers = [_run(tmp_path / "two", dict(steps=steps, mesh_shape=[2, 2, 2]), pid, 2, port) for pid in range(2)]
+    workers = [_run(tmp_path / "two", dict(steps=steps, mesh_shape=[2, 2, 2], checkpoint_every=2), pid, 2, port)
+               for pid in range(2)]
     try:
       outputs = [worker.communicate(timeout=300)[0] for worker in workers]
     finally:
@@ -257,6 +262,8 @@ def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monk
         worker.kill()  # after a hang; a finished process ignores it
     for worker, output in zip(workers, outputs):
       assert worker.returncode == 0, output  # PatternLoader refuses another process's position
+      assert steps == 4 or f"resuming from checkpoint {tmp_path / 'two' / 'checkpoints' / '2'}" in output
+  assert [path.name.split("-")[0] for path in (tmp_path / "two" / "corrupt").iterdir()] == ["4"]
   one, _ = train(tiny_config(steps=6, mesh_shape=(2, 2, 2)), tmp_path / "one")
   two_losses, one_losses = losses(tmp_path / "two"), losses(tmp_path / "one")
   np.testing.assert_allclose([two_losses[s] for s in range(1, 7)], [one_losses[s] for s in range(1, 7)], rtol=1e-5)
