@@ -42,12 +42,23 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 
 def decay_mask(params):
-  """Weight decay on matrices only: norms' scales and biases (1-D) are not decayed."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """Weight decay on weight matrices and embeddings only, never on biases or norms' scales. By
+  name as well as rank: the query, key and value biases are [heads, head_dim]."""
+  def decayed(path, p) -> bool:
+    last = path[-1]
+    return p.ndim > 1 and getattr(last, "key", getattr(last, "name", None)) != "bias"
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   """Returns (optax transformation, schedule); its update may take the gradients' norm as `grad_norm=`."""
+  # A negative clip norm would flip every update's sign, and a negative rate or decay would too.
+  for name in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip_norm", "eps"):
+    if not config[name] >= 0:
+      raise ConfigError(f"train.optimizer.{name}={config[name]} must be at least 0")
+  for name in ("b1", "b2"):
+    if not 0 <= config[name] < 1:
+      raise ConfigError(f"train.optimizer.{name}={config[name]} must be in [0, 1)")
   schedule = make_schedule(config, total_steps)
   if config.name == "adamw":
     tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,

@@ -8,8 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from models.config import ConfigError
-from t5x_like.optimizers import clip_by_global_norm, default_optimizer_config, make_optimizer, make_schedule
+from flax import nnx
+from flax.traverse_util import flatten_dict
+
+from models.config import ConfigError, ModelConfig
+from models.transformer import build_model
+from t5x_like.optimizers import (clip_by_global_norm, decay_mask, default_optimizer_config, make_optimizer,
+                                 make_schedule)
 
 
 def config(**changes):
@@ -36,13 +41,30 @@ def test_rsqrt_is_flat_during_warmup_then_decays_as_one_over_sqrt_step():
 
 
 def test_adamw_decays_matrices_but_not_norms_or_biases():
-  params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,)), "bias": jnp.ones((2,))}
+  params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,)), "bias": jnp.ones((2,)),
+            "query": {"bias": jnp.ones((2, 3))}}  # per head: 2-D, and still a bias
   tx, _ = make_optimizer(config(schedule="constant", learning_rate=0.1, weight_decay=0.5), 10)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero_grads, tx.init(params), params)
   np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
-  np.testing.assert_array_equal(updates["scale"], 0.0)
-  np.testing.assert_array_equal(updates["bias"], 0.0)
+  for spared in (updates["scale"], updates["bias"], updates["query"]["bias"]):
+    np.testing.assert_array_equal(spared, 0.0)
+
+
+def test_a_biased_models_mask_spares_exactly_its_biases_and_norms():
+  model = build_model(ModelConfig(arch="decoder", vocab_size=32, emb_dim=16, num_heads=2, mlp_dim=32,
+                                  num_layers=1, use_bias=True, norm="layernorm", position="learned"), seed=0)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for path, decayed in flatten_dict(decay_mask(params)).items():
+    assert decayed == (path[-1] not in ("bias", "scale")), path
+
+
+@pytest.mark.parametrize("field, value", [("grad_clip_norm", -1.0), ("learning_rate", -1e-3),
+                                          ("weight_decay", -0.1), ("warmup_steps", -5), ("b2", 1.0)])
+def test_an_optimizer_setting_that_would_reverse_or_stall_updates_is_refused(field, value):
+  """A negative clip norm, for one, scaled every update by a negative number: gradient ascent."""
+  with pytest.raises(ConfigError, match=f"train.optimizer.{field}={value}"):
+    make_optimizer(config(**{field: value}), 10)
 
 
 def test_adafactor_without_decay_is_optax_adafactor():
