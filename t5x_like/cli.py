@@ -56,8 +56,10 @@ def _train(args, overrides) -> None:
   if jax.process_index() != 0:
     return
   validation = result.validation
-  print(f"step {result.step}: validation loss {validation['loss']:.4f}, "
-        f"perplexity {validation['perplexity']:.2f}, token accuracy {validation['accuracy']:.3f}")
+  shown = [f"validation loss {validation['loss']:.4f}"]  # a mode reports perplexity and accuracy if it can
+  shown += [f"perplexity {validation['perplexity']:.2f}"] if "perplexity" in validation else []
+  shown += [f"token accuracy {validation['accuracy']:.3f}"] if "accuracy" in validation else []
+  print(f"step {result.step}: {', '.join(shown)}")
   from t5x_like.data.tokenizer import load_tokenizer
   from t5x_like.samples import sample_texts
   model = trainer.model_from(*state)

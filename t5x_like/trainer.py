@@ -445,7 +445,7 @@ class Trainer:
                      model_flops_per_second=flops_per_step * steps_per_second,
                      mfu=flops_per_step * steps_per_second / (peak * self.mesh.size))
       writer.write(step, "train", scalars)
-    return [(float(row["cross_entropy"]), float(row["weight"])) for row in rows if row["finite"]]
+    return [(float(_reported_loss_sum(row)), float(row["weight"])) for row in rows if row["finite"]]
 
 
 def _mean_loss(recent: Iterable[tuple[float, float]]) -> float:
@@ -464,13 +464,22 @@ def add_sums(totals, sums):
 
 
 def loss_means(sums) -> dict[str, float]:
-  """Per-token loss, accuracy, perplexity and z-loss from summed loss terms.
+  """Per-token loss, and accuracy, perplexity and z-loss where the mode sums their terms.
 
-  "loss" is the cross-entropy alone, so runs with and without z-loss compare; the z-loss the
-  optimiser adds to it is reported beside it.
+  "loss" is the cross-entropy alone where there is one, so runs with and without z-loss
+  compare; the z-loss the optimiser adds to it is reported beside it. A mode whose loss is not
+  a cross-entropy (a reward model's, say) sums only `loss` and `weight`.
   """
   weight = max(float(sums["weight"]), 1.0)
-  loss = float(sums["cross_entropy"]) / weight
-  return {"loss": loss, "accuracy": float(sums["correct"]) / weight,
-          "perplexity": math.exp(min(loss, 700.0)), "z_loss": float(sums["z_loss"]) / weight,
-          "target_tokens": float(sums["weight"])}
+  loss = float(_reported_loss_sum(sums)) / weight
+  means = {"loss": loss, "target_tokens": float(sums["weight"])}
+  if "cross_entropy" in sums:
+    means["perplexity"] = math.exp(min(loss, 700.0))
+  for key, name in (("correct", "accuracy"), ("z_loss", "z_loss")):
+    if key in sums:
+      means[name] = float(sums[key]) / weight
+  return means
+
+
+def _reported_loss_sum(sums):
+  return sums["cross_entropy"] if "cross_entropy" in sums else sums["loss"]

@@ -24,5 +24,7 @@ class TrainingMode(abc.ABC):
 
   @abc.abstractmethod
   def loss_sums(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Summed loss statistics (see models.losses.cross_entropy_sums): `loss` and `weight`
-    at least; the trainer divides by the summed weight."""
+    """Summed loss statistics (see models.losses.cross_entropy_sums): `loss`, which is
+    minimised, and `weight`, by which the trainer divides every sum. `cross_entropy`,
+    `correct` and `z_loss` are optional: the trainer reports the loss, perplexity, accuracy
+    and z-loss from whichever are there (trainer.loss_means)."""

@@ -24,6 +24,8 @@ from models.model_size import train_flops_per_sequence
 from t5x_like import evaluation
 from t5x_like.checkpoints import Checkpointer, this_process_position
 from t5x_like.metrics import read_metrics
+from t5x_like.modes import MODES
+from t5x_like.modes.pretrain import Pretrain
 from t5x_like.optimizers import decay_mask
 from t5x_like.trainer import NonFiniteLossError, Trainer, loss_means
 from trainer_configs import tiny_config
@@ -276,6 +278,24 @@ def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monk
     assert two[name]["tokens"] == result["tokens"] and two[name]["bytes"] == result["bytes"], name
     for key in ("loss", "bits_per_byte"):
       assert two[name][key] == pytest.approx(result[key], rel=1e-5), (name, key)
+
+
+def test_a_mode_that_sums_only_its_loss_and_weight_trains_and_reports_that_loss(tmp_path, monkeypatch):
+  """A mode's loss need not be a cross-entropy (a reward model's is not): the trainer reports
+  loss / weight and nothing it cannot compute."""
+  class HalfLoss(Pretrain):
+    def loss_sums(self, model, batch):
+      sums = super().loss_sums(model, batch)
+      return {"loss": sums["loss"] / 2, "weight": sums["weight"]}
+
+  monkeypatch.setitem(MODES, "half_loss", HalfLoss)
+  _, half = train(tiny_config(steps=4, mode="half_loss"), tmp_path / "half")
+  _, full = train(tiny_config(steps=4), tmp_path / "full")
+  rows = read_metrics(tmp_path / "half", "train")
+  assert set(rows[0]) >= {"loss", "target_tokens"} and not {"accuracy", "perplexity", "z_loss"} & set(rows[0])
+  # Adam divides the gradient's scale away: half the loss trains the same weights, reported halved.
+  assert rows[0]["loss"] == pytest.approx(losses(tmp_path / "full")[1] / 2, rel=1e-5)
+  assert half.validation["loss"] == pytest.approx(full.validation["loss"] / 2, rel=1e-3)
 
 
 def test_restore_onto_another_mesh_shape(tmp_path):
