@@ -131,8 +131,11 @@ def load(model: nnx.Module, tensors: list[Tensor], state: dict[str, np.ndarray])
 
 
 def export(tensors: list[Tensor]) -> dict[str, np.ndarray]:
-  """Our parameters under HF names and shapes, in the HF state dict's order."""
-  return {t.name: t.to_hf(*(np.array(p[...]) for p in t.params)) for t in tensors}
+  """Our parameters under HF names and shapes, in the HF state dict's order. bfloat16 ones in
+  float32, which torch.from_numpy reads (numpy has no bfloat16 of its own)."""
+  def host(p):
+    return np.array(p[...], np.float32 if p[...].dtype == jnp.bfloat16 else None)
+  return {t.name: t.to_hf(*(host(p) for p in t.params)) for t in tensors}
 
 
 def output_head(name: str, model: nnx.Module) -> list[Tensor]:

@@ -128,6 +128,14 @@ def test_export_reproduces_the_state_dict(pair):
   hf_model.load_state_dict({name: torch.from_numpy(value) for name, value in exported.items()})
 
 
+def test_export_of_bfloat16_parameters_loads_into_torch(pair):
+  hf_model, _ = pair
+  exported = export_to_hf(import_from_hf(hf_model, param_dtype="bfloat16"))
+  for name, value in hf_model.state_dict().items():
+    rounded = value.to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(torch.from_numpy(exported[name]).numpy(), rounded, err_msg=name)
+
+
 def test_config_maps_eps_theta_activation_and_heads():
   cfg = config_from_hf(transformers.LlamaConfig(hidden_size=64, num_attention_heads=4,
                                                 num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-5,
