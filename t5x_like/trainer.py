@@ -96,6 +96,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
       raise ConfigError(f"train.{name}={train[name]} must be a positive integer")
   if train.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite={train.nonfinite!r} is not one of ('stop', 'skip')")
+  # Configs that run but do not train as meant: a short fine-tune under the default warmup, and
+  # bfloat16 weights, whose steps near 1.0 round away below a learning rate of about 4e-3.
+  if train.optimizer.schedule == "warmup_cosine" and train.optimizer.warmup_steps >= train.steps:
+    logger.warning("train.optimizer.warmup_steps=%d is not below train.steps=%d: the learning rate never "
+                   "reaches its peak nor decays", train.optimizer.warmup_steps, train.steps)
+  if model_config.param_dtype != "float32":
+    logger.warning("model.param_dtype=%r: the optimizer updates the weights in that dtype, where small "
+                   "steps round away; model.dtype='bfloat16' computes in bfloat16 from float32 weights",
+                   model_config.param_dtype)
   mesh_shape = partitioning.resolve_mesh_shape(config.partitioning.mesh_shape, num_devices)
   shape = dict(zip(config.partitioning.mesh_axes, mesh_shape))
   data_shards = math.prod(shape.get(a, 1) for a in partitioning.BATCH_AXES)

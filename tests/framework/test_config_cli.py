@@ -1,5 +1,6 @@
 """Experiment configs load, validate and override from the command line."""
 
+import logging
 import pathlib
 
 import jax
@@ -33,8 +34,8 @@ def test_reference_configs_have_the_published_sizes(spec):
   assert model_size(ModelConfig.from_dict(config.model)).total_params == REFERENCE_SIZES[spec]
 
 
-def test_every_experiment_config_and_sweep_point_validates_and_shards_over_eight_devices():
-  """The whole config, then each parameter's dims against the mesh axes its rules name."""
+def test_every_experiment_config_and_sweep_point_validates_and_shards_over_eight_devices(caplog):
+  """The whole config, with no warning, then each parameter's dims against the mesh axes its rules name."""
   specs = [file.name for file in sorted(EXPERIMENTS.glob("*.py"))] + sorted(REFERENCE_SIZES)
   configs = [load_config(str(EXPERIMENTS / spec)) for spec in specs]
   for sweep in sorted((EXPERIMENTS / "scaling").glob("*.py")):
@@ -44,6 +45,17 @@ def test_every_experiment_config_and_sweep_point_validates_and_shards_over_eight
     model_config = validate_config(config, num_devices=jax.device_count())
     abstract = nnx.state(nnx.eval_shape(lambda: build_model(model_config)))
     partitioning.logical_shardings(abstract, partitioning.make_mesh(config.partitioning), config.partitioning)
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_warmup_past_the_last_step_and_bfloat16_weights_are_warned_of(caplog):
+  config = load_config(str(EXPERIMENTS / "decoder_tiny.py"))
+  config.train.update(steps=50)
+  config.model.param_dtype = "bfloat16"
+  with caplog.at_level(logging.WARNING):
+    validate_config(config, num_devices=jax.device_count())
+  assert "warmup_steps=60 is not below train.steps=50" in caplog.text
+  assert "model.param_dtype='bfloat16'" in caplog.text
 
 
 def test_overrides_keep_types_and_reject_unknown_fields():
