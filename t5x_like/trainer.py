@@ -389,8 +389,8 @@ class Trainer:
 
     pending: list[tuple[int, dict]] = []
     interval_start = time.perf_counter()
-    # (cross-entropy sum, target tokens) of the latest finite steps, the logged ones first, so a
-    # run resumed at its last step reports the same train loss.
+    # (loss sum, target tokens) of the latest finite steps, the logged ones first, so a run
+    # resumed at its last step reports the same train loss.
     recent = collections.deque(maxlen=cfg.log_every)
     logged = read_metrics(self.workdir, "train") if (self.workdir / "metrics.jsonl").exists() else []
     recent.extend((row["loss"] * row["target_tokens"], row["target_tokens"]) for row in logged
@@ -435,7 +435,7 @@ class Trainer:
   def _log(self, pending, writer: MetricWriter, elapsed: float, tokens_per_step: int,
            flops_per_step: float, peak: float) -> list[tuple[float, float]]:
     """Fetches the interval's metrics, applies the non-finite policy, writes one row per step.
-    Returns the finite steps' (cross-entropy sum, target tokens)."""
+    Returns the finite steps' (loss sum, target tokens)."""
     rows = jax.device_get([m for _, m in pending])
     for (step, _), row in zip(pending, rows):
       if not row["finite"]:
@@ -458,7 +458,7 @@ class Trainer:
 
 
 def _mean_loss(recent: Iterable[tuple[float, float]]) -> float:
-  """Per-token cross-entropy over (sum, tokens) pairs; NaN before any finite step."""
+  """Per-token loss over (loss sum, tokens) pairs; NaN before any finite step."""
   total, tokens = map(sum, zip(*recent)) if recent else (0.0, 0.0)
   return total / tokens if tokens else float("nan")
 
@@ -491,4 +491,5 @@ def loss_means(sums) -> dict[str, float]:
 
 
 def _reported_loss_sum(sums):
+  """The cross-entropy alone (z-loss left out) where the mode sums one, else its loss."""
   return sums["cross_entropy"] if "cross_entropy" in sums else sums["loss"]
