@@ -7,9 +7,24 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="t5x_like_tests_compiled_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+@pytest.fixture
+def outputs_of():
+  """outputs_of(workers, timeout): each subprocess's output once all have ended; after a hang
+  (the timeout) every worker is killed, so a stuck process never outlives its test."""
+  def wait(workers, timeout):
+    try:
+      return [worker.communicate(timeout=timeout)[0] for worker in workers]
+    finally:
+      for worker in workers:
+        worker.kill()  # a finished process ignores it
+  return wait

@@ -65,7 +65,7 @@ def test_bad_files_fail_the_build_with_file_and_line(tmp_path):
     tfds_text.prepare([tmp_path / "missing.txt"], ("text",), tmp_path / "tfds")
 
 
-def test_processes_of_one_host_share_a_data_dir(small_corpus, tmp_path):
+def test_processes_of_one_host_share_a_data_dir(small_corpus, tmp_path, outputs_of):
   """Two processes prepare the same dataset at once: one builds, the other waits and reads it."""
   root = pathlib.Path(__file__).resolve().parents[2]
   script = ("import sys; from t5x_like.data import tfds_text; "
@@ -75,6 +75,6 @@ def test_processes_of_one_host_share_a_data_dir(small_corpus, tmp_path):
   runs = [subprocess.Popen([sys.executable, "-c", script, str(small_corpus), str(tmp_path / "tfds")],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
           for _ in range(2)]
-  outputs = [run.communicate(timeout=120)[0].split() for run in runs]
+  outputs = [output.split() for output in outputs_of(runs, timeout=120)]
   assert [run.returncode for run in runs] == [0, 0]
   assert [out[-1] for out in outputs] == [str(len(list(documents.paragraphs(small_corpus))))] * 2

@@ -29,7 +29,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_two_process_train_with_the_model_split_over_processes_prints_samples(tmp_path):
+def test_two_process_train_with_the_model_split_over_processes_prints_samples(tmp_path, outputs_of):
   """FSDP over both processes' devices: process 0 samples alone, so it must gather the model first
   (without, it waited on process 1 in the first sharded computation until the coordinator gave up)."""
   port = portpicker.pick_unused_port()
@@ -45,11 +45,7 @@ def test_two_process_train_with_the_model_split_over_processes_prints_samples(tm
                                "--num_processes", "2", "--process_id", str(pid), *flags],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for pid in range(2)]
-  try:
-    outputs = [worker.communicate(timeout=240)[0] for worker in workers]
-  finally:
-    for worker in workers:
-      worker.kill()  # after a hang; a finished process ignores it
+  outputs = outputs_of(workers, timeout=240)
   assert [worker.returncode for worker in workers] == [0, 0], outputs
   assert "step 2: validation loss" in outputs[0] and "--- 'Emma'\nEmma" in outputs[0]
   assert "--- 'Emma'" not in outputs[1]

@@ -243,7 +243,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
   assert losses(tmp_path / "victim") == losses(tmp_path / "reference")
 
 
-def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monkeypatch):
+def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monkeypatch, outputs_of):
   """Two processes train 4 steps; with the step-4 checkpoint corrupted they set it aside together
   and resume from step 2 to 6, each reading back its own data position. Then they evaluate:
   bits per byte count every process's bytes, and a text once. Gathering data positions of a
@@ -257,11 +257,7 @@ def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monk
     port = portpicker.pick_unused_port()
     workers = [_run(tmp_path / "two", dict(steps=steps, mesh_shape=[2, 2, 2], checkpoint_every=2), pid, 2, port)
                for pid in range(2)]
-    try:
-      outputs = [worker.communicate(timeout=300)[0] for worker in workers]
-    finally:
-      for worker in workers:
-        worker.kill()  # after a hang; a finished process ignores it
+    outputs = outputs_of(workers, timeout=300)
     for worker, output in zip(workers, outputs):
       assert worker.returncode == 0, output  # PatternLoader refuses another process's position
       assert steps == 4 or f"resuming from checkpoint {tmp_path / 'two' / 'checkpoints' / '2'}" in output
