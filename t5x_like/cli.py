@@ -64,7 +64,9 @@ def _train(args, overrides) -> None:
   from t5x_like.samples import sample_texts
   model = trainer.model_from(*state)
   model.eval()
-  for prompt, text in sample_texts(model, load_tokenizer(config.data.tokenizer), args.sample_prompt):
+  samples = sample_texts(model, load_tokenizer(config.data.tokenizer), args.sample_prompt,
+                         prefix_lm=trainer.prefix_lm)
+  for prompt, text in samples:
     print(f"--- {prompt!r}\n{text}")
 
 
@@ -106,7 +108,8 @@ def _decode(args, overrides) -> None:
   config = DecodeConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
-                        length_penalty=args.length_penalty, vocab_limit=tokenizer.vocab_size)
+                        length_penalty=args.length_penalty, vocab_limit=tokenizer.vocab_size,
+                        prefix_lm=trainer.prefix_lm)
   model = trainer.model_from(trainer.state["params"])
   model.eval()
   decoder_prompts, encoder_inputs = generation_inputs(
@@ -154,7 +157,8 @@ def _score(args, overrides) -> None:
   model = trainer.model_from(trainer.state["params"])
   model.eval()
   with jax.set_mesh(trainer.mesh):
-    report = evaluation.few_shot_score(model, tokenizer, items, shots=args.shots, seed=args.seed)
+    report = evaluation.few_shot_score(model, tokenizer, items, shots=args.shots, seed=args.seed,
+                                       prefix_lm=trainer.prefix_lm)
   report.update(task=args.task, workdir=str(args.workdir))
   if args.output:
     with open(args.output, "w", encoding="utf-8") as file:

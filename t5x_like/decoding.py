@@ -42,6 +42,9 @@ class DecodeConfig:
   # Ids at or above it are never chosen: the tokenizer's size where model.vocab_size pads past
   # it (GPT-2's 50257 with an 8192-id tokenizer). 0: every id of the model.
   vocab_limit: int = 0
+  # The prompt attends both ways, as a prefix LM (data.objective "prefix_lm") learned to read
+  # its prefix; the new tokens attend causally, as its targets did.
+  prefix_lm: bool = False
 
   def validate(self) -> None:
     if self.strategy not in ("greedy", "sample", "beam"):
@@ -158,7 +161,7 @@ def sample(key: jax.Array, scores: jax.Array) -> jax.Array:
 
 # The model side: one function per architecture to prefill and to step ---------------------
 
-def _prefill(model, prompt, lengths, cache_len, encoder_inputs):
+def _prefill(model, prompt, lengths, cache_len, encoder_inputs, prefix_lm):
   """Runs the prompt through the model; returns (last logits [b, v], cache)."""
   b, p = prompt.shape
   offset = p - lengths  # [b] pads before each prompt
@@ -171,7 +174,8 @@ def _prefill(model, prompt, lengths, cache_len, encoder_inputs):
   slots = jnp.arange(p)[None, :]
   segment_ids = (slots >= offset[:, None]).astype(jnp.int32)
   positions = jnp.maximum(slots - offset[:, None], 0)
-  logits, cache = model.decode(prompt, cache, segment_ids=segment_ids, positions=positions)
+  prefix = {"prefix_mask": segment_ids > 0} if prefix_lm else {}  # a decoder's only
+  logits, cache = model.decode(prompt, cache, segment_ids=segment_ids, positions=positions, **prefix)
   return logits[:, -1], cache
 
 
@@ -188,7 +192,7 @@ def _step(model, tokens, positions, cache):
 def _sample_loop(model, prompt, lengths, rng, encoder_inputs, *, config: DecodeConfig):
   b, p = prompt.shape
   vocab = model.config.vocab_size
-  logits, cache = _prefill(model, prompt, lengths, p + config.max_new_tokens, encoder_inputs)
+  logits, cache = _prefill(model, prompt, lengths, p + config.max_new_tokens, encoder_inputs, config.prefix_lm)
   seen = jnp.zeros((b, vocab), bool)
   if config.repetition_penalty != 1.0:
     real = jnp.arange(p)[None, :] >= (p - lengths)[:, None]
@@ -235,7 +239,8 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
   k, steps, vocab = config.num_beams, config.max_new_tokens, model.config.vocab_size
   repeat = lambda x: jnp.repeat(x, k, axis=0)
   encoder_inputs = None if encoder_inputs is None else jax.tree.map(repeat, encoder_inputs)
-  logits, cache = _prefill(model, repeat(prompt), repeat(lengths), p + steps, encoder_inputs)
+  logits, cache = _prefill(model, repeat(prompt), repeat(lengths), p + steps, encoder_inputs,
+                         config.prefix_lm)
   own_rows = jnp.broadcast_to(jnp.arange(b * k)[:, None], (b * k, p + steps))
   cache = _with_rows(cache, own_rows)
   # Only the first copy of each row is live at the start, so beams do not duplicate.
@@ -311,6 +316,8 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
   """Continues each prompt (for an encoder-decoder: decodes each encoder input, starting from
   the prompt, usually [pad_id]); returns the new tokens up to and including EOS."""
   config.validate()
+  if config.prefix_lm and model.config.arch != "decoder":
+    raise ConfigError(f"prefix_lm decoding needs a decoder, not model.arch={model.config.arch!r}")
   tokens, lengths = left_pad(prompts, config.pad_id)
   model.config.check_length(tokens.shape[1] + config.max_new_tokens, "the longest prompt plus max_new_tokens:")
   encoder = None

@@ -92,10 +92,12 @@ def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
 WIDTH_BUCKET = 64
 
 
-def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str]) -> list[tuple[float, int]]:
+def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str], *,
+                           prefix_lm: bool = False) -> list[tuple[float, int]]:
   """(sum of log p(option tokens | prompt), number of option tokens) for each option; the
   prompt follows the start token, as documents do in training (an empty prompt scores the
-  options unconditionally)."""
+  options unconditionally). With prefix_lm, the start token and prompt attend both ways,
+  as a prefix LM's prefix did in training."""
   prompt_ids = [PAD_ID] + tokenizer.encode(prompt).tolist()
   sequences = [prompt_ids + tokenizer.encode(option).tolist() for option in options]
   width = max(len(s) for s in sequences)
@@ -109,7 +111,8 @@ def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str]) ->
   for row, sequence in enumerate(sequences):
     tokens[row, :len(sequence)] = sequence
     segments[row, :len(sequence)] = 1
-  log_probs = jax.nn.log_softmax(model(jnp.asarray(tokens), segment_ids=jnp.asarray(segments)), axis=-1)
+  prefix = {"prefix_mask": jnp.arange(width)[None, :] < len(prompt_ids)} if prefix_lm else {}
+  log_probs = jax.nn.log_softmax(model(jnp.asarray(tokens), segment_ids=jnp.asarray(segments), **prefix), axis=-1)
   log_probs = np.asarray(log_probs)
   results = []
   for row, sequence in enumerate(sequences):
@@ -119,9 +122,11 @@ def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str]) ->
   return results
 
 
-def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int = 0) -> dict:
+def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int = 0,
+                   prefix_lm: bool = False) -> dict:
   """Accuracy of rank scoring on multiple-choice items {context, options, answer}; each item's
-  examples are `shots` other items with their answers, separated by blank lines."""
+  examples are `shots` other items with their answers, separated by blank lines. prefix_lm:
+  see option_log_likelihoods."""
   if model.config.arch != "decoder":
     raise ConfigError("few-shot scoring needs a decoder")
   rng = random.Random(seed)
@@ -130,10 +135,10 @@ def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int
     others = [other for j, other in enumerate(items) if j != index]
     examples = rng.sample(others, min(shots, len(others)))
     prompt = "".join(f"{e['context']}{e['options'][e['answer']]}\n\n" for e in examples) + item["context"]
-    scores = option_log_likelihoods(model, tokenizer, prompt, item["options"])
+    scores = option_log_likelihoods(model, tokenizer, prompt, item["options"], prefix_lm=prefix_lm)
     # Calibrated: log p(option | prompt) - log p(option), which removes the options' own
     # likelihood (Holtzman et al. 2021, "surface form competition"; Brown et al. 2020 sec. 2.4).
-    priors = option_log_likelihoods(model, tokenizer, "", item["options"])
+    priors = option_log_likelihoods(model, tokenizer, "", item["options"], prefix_lm=prefix_lm)
     choices = {"sum": [s for s, _ in scores], "per_token": [s / max(n, 1) for s, n in scores],
                "calibrated": [s - p for (s, _), (p, _) in zip(scores, priors)]}
     for name, values in choices.items():

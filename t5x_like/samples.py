@@ -19,15 +19,17 @@ def generation_inputs(arch: str, ids: list[list[int]]) -> tuple[list[list[int]],
   return [[PAD_ID] + i for i in ids], None
 
 
-def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = 40) -> list[tuple[str, str]]:
-  """(prompt, text) pairs by architecture: a decoder continues the prompt greedily; an
-  encoder-decoder fills a span corruption sentinel appended to the prompt; an encoder
-  fills a [MASK] put in place of the prompt's last token."""
+def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = 40,
+                 prefix_lm: bool = False) -> list[tuple[str, str]]:
+  """(prompt, text) pairs by architecture: a decoder continues the prompt greedily (a prefix
+  LM reads it as its prefix); an encoder-decoder fills a span corruption sentinel appended
+  to the prompt; an encoder fills a [MASK] put in place of the prompt's last token."""
   prompts = list(prompts or DEFAULT_PROMPTS)
   arch = model.config.arch
   ids = [tokenizer.encode(p).tolist() for p in prompts]
   # Greedy, with a mild repetition penalty: small models otherwise loop on "and, and, ...".
-  config = DecodeConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2, vocab_limit=tokenizer.vocab_size)
+  config = DecodeConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2, vocab_limit=tokenizer.vocab_size,
+                        prefix_lm=prefix_lm)
   if arch == "decoder":
     outputs = generate(model, generation_inputs(arch, ids)[0], config)
     return [(p, p + tokenizer.decode(o)) for p, o in zip(prompts, outputs)]

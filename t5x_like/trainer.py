@@ -179,6 +179,12 @@ class Trainer:
     self._build_state()
     self._compile_steps()
 
+  @property
+  def prefix_lm(self) -> bool:
+    """Whether the model learned to read a bidirectional prefix, so decoding and scoring
+    should read prompts that way."""
+    return "decoder_causal_attention" in self.features
+
   # State -------------------------------------------------------------------------
 
   def _new_model(self) -> nnx.Module:

@@ -41,9 +41,11 @@ def padded(tokens, width):
   return row, (jnp.arange(width) < len(tokens)).astype(jnp.int32)[None]
 
 
-def full_forward(model, tokens, width=16):
-  """Logits [len(tokens), v] of one full forward pass."""
+def full_forward(model, tokens, width=16, prefix_len=0):
+  """Logits [len(tokens), v] of one full forward pass; the first prefix_len tokens attend both ways."""
   row, segments = padded(tokens, width)
+  if prefix_len:
+    return _prefix_forward(model, row, segments, jnp.arange(width)[None, :] < prefix_len)[0, :len(tokens)]
   return _forward(model, row, segments)[0, :len(tokens)]
 
 
@@ -53,15 +55,20 @@ def _forward(model, row, segments):
 
 
 @nnx.jit
+def _prefix_forward(model, row, segments, prefix):
+  return model(row, segment_ids=segments, prefix_mask=prefix)
+
+
+@nnx.jit
 def _encoder_decoder_forward(model, source, row, segments):
   return model(source, row, decoder_segment_ids=segments)
 
 
-def greedy_by_recomputation(model, prompt, steps):
+def greedy_by_recomputation(model, prompt, steps, prefix_len=0):
   """Reference: the full forward pass over the whole sequence at every step, no cache."""
   tokens = list(prompt)
   for _ in range(steps):
-    next_token = int(jnp.argmax(full_forward(model, tokens)[-1]))
+    next_token = int(jnp.argmax(full_forward(model, tokens, prefix_len=prefix_len)[-1]))
     tokens.append(next_token)
     if next_token == EOS:
       break
@@ -87,6 +94,17 @@ def test_encoder_decoder_greedy_equals_recomputation(encoder_decoder):
       if tokens[-1] == EOS:
         break
     assert out == tokens[1:]
+
+
+def test_prefix_lm_decoding_reads_the_prompt_both_ways_and_the_new_tokens_causally(decoder, encoder_decoder):
+  config = DecodeConfig(max_new_tokens=6, eos_id=EOS, prefix_lm=True)
+  outputs = generate(decoder, PROMPTS, config)
+  for prompt, out in zip(PROMPTS, outputs):
+    assert out == greedy_by_recomputation(decoder, prompt, 6, prefix_len=len(prompt))
+  assert outputs != generate(decoder, PROMPTS, dataclasses.replace(config, prefix_lm=False))
+  assert generate(decoder, PROMPTS, dataclasses.replace(config, strategy="beam", num_beams=1)) == outputs
+  with pytest.raises(ConfigError, match="prefix_lm decoding needs a decoder"):
+    generate(encoder_decoder, [[0]], config, encoder_inputs=[[5, 9]])
 
 
 def test_learned_positions_decode_up_to_max_len_and_refuse_to_go_past_it():

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ TINY = ["--config.model.emb_dim=32", "--config.model.num_heads=2", "--config.mod
         "--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_steps=1",
         "--config.train.checkpoint_every=4", "--config.data.worker_threads=0"]
 logits = nnx.jit(lambda model, tokens: model(tokens))
+prefix_logits = nnx.jit(lambda model, tokens, prefix: model(tokens, prefix_mask=prefix))
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,25 @@ def test_decode_command_writes_what_generate_decodes_with_its_flags(flags, confi
   assert [r["completion"] for r in rows] == [tokenizer.decode(tokens) for tokens in expected]
 
 
+def test_decode_command_reads_a_prefix_lm_runs_prompts_both_ways(trained, run_dir, tmp_path):
+  _, model, tokenizer = trained
+  prefix_run = tmp_path / "prefix_lm"
+  shutil.copytree(run_dir, prefix_run)
+  config = json.loads((prefix_run / "config.json").read_text())
+  config["data"]["objective"] = "prefix_lm"
+  (prefix_run / "config.json").write_text(json.dumps(config))
+  prompts = ["Emma was", "Mr. Knightley said"]
+  out = tmp_path / "out.jsonl"
+  assert main(["decode", "--workdir", str(prefix_run), "--output", str(out), "--max-new-tokens", "8",
+               *[flag for p in prompts for flag in ("--prompt", p)]]) == 0
+  completions = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+  ids = [[0] + tokenizer.encode(p).tolist() for p in prompts]
+  expected = {prefix_lm: [tokenizer.decode(t) for t in generate(model, ids, DecodeConfig(max_new_tokens=8,
+                                                                                          prefix_lm=prefix_lm))]
+              for prefix_lm in (False, True)}
+  assert completions == expected[True] != expected[False]
+
+
 def test_text_file_loss_matches_a_direct_computation(trained, tmp_path):
   trainer, model, tokenizer = trained
   text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 3
@@ -161,14 +182,17 @@ def test_eval_command_on_split_and_held_out_text(run_dir, capsys):
   assert out.count("bits per byte") == 2
 
 
-def test_option_log_likelihoods_match_single_sequences(trained):
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_option_log_likelihoods_match_single_sequences(trained, prefix_lm):
   _, model, tokenizer = trained
   prompt, options = "She was", [" very happy.", " not", " gone to Bath with Anne and her father."]
-  scores = evaluation.option_log_likelihoods(model, tokenizer, prompt, options)
+  scores = evaluation.option_log_likelihoods(model, tokenizer, prompt, options, prefix_lm=prefix_lm)
   prompt_ids = [0] + tokenizer.encode(prompt).tolist()
   for (total, count), option in zip(scores, options):
     sequence = prompt_ids + tokenizer.encode(option).tolist()
-    log_probs = np.asarray(jax.nn.log_softmax(logits(model, np.array([sequence], np.int32)), axis=-1))[0]
+    # A prefix LM reads the start token and the prompt both ways.
+    prefix = np.arange(len(sequence))[None, :] < (len(prompt_ids) if prefix_lm else 0)
+    log_probs = np.asarray(jax.nn.log_softmax(prefix_logits(model, np.array([sequence], np.int32), prefix)))[0]
     expected = sum(log_probs[t - 1, sequence[t]] for t in range(len(prompt_ids), len(sequence)))
     assert count == len(sequence) - len(prompt_ids)
     assert total == pytest.approx(expected, abs=1e-4)
