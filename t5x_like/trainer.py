@@ -122,6 +122,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
     # A decoder would otherwise train on span corruption's target strings without their inputs.
     raise ConfigError(f"data.objective={config.data.objective!r} makes rows for model.arch in "
                       f"{objective.architectures}, not {model_config.arch!r}")
+  if objective is not None:
+    needed = make_mode(train.mode, z_loss=train.z_loss).batch_features(model_config, config.data.objective)
+    missing = [name for name in needed if name not in objective.feature_names]
+    if missing:  # preference pairs under pretrain: found here, not at the first batch
+      raise ConfigError(f"train.mode={train.mode!r} reads {missing}, which data.objective="
+                        f"{config.data.objective!r} does not make (it makes {list(objective.feature_names)})")
   if "tokenizer" in config.data:
     from t5x_like.data.tokenizer import load_tokenizer
     vocab = load_tokenizer(config.data.tokenizer).vocab_size

@@ -10,7 +10,7 @@ from models.config import ConfigError
 from t5x_like.data import documents, tfds_text
 from t5x_like.data.config import default_data_config
 from t5x_like.data.loader import make_loader, ordered_share, process_share
-from t5x_like.data.objectives import objective_model_inputs
+from t5x_like.data.objectives import OBJECTIVE_CLASSES, objective_model_inputs
 
 DECODER = {"decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
            "decoder_loss_weights"}
@@ -47,7 +47,7 @@ def test_batches_carry_the_t5x_features(data_dir, objective):
   dataset = "hhh" if objective == "sft" else "austen"
   batch = next(make_loader(_config(data_dir, objective=objective, dataset=dataset), "train",
                            process_index=1, process_count=2))
-  assert set(batch) == FEATURES[objective]
+  assert set(batch) == FEATURES[objective] == set(OBJECTIVE_CLASSES[objective].feature_names)
   assert set(objective_model_inputs(objective)) <= set(batch)  # what the trainer will ask for
   for name, values in batch.items():
     length = 16 if objective == "span_corruption" and name.startswith("decoder") else 64

@@ -44,6 +44,9 @@ def test_bundled_hhh_pairs_batch_unpacked(data_dir):
                 data_dir=data_dir)
   loader = make_loader(config, "train")
   batch = next(loader)
+  assert set(batch) == {f"{side}_decoder_{name}" for side in ("chosen", "rejected") for name in
+                        ("input_tokens", "target_tokens", "loss_weights", "segment_ids", "positions")}
+  assert set(batch) == set(PreferencePairs.feature_names)
   for side in ("chosen", "rejected"):
     assert batch[f"{side}_decoder_target_tokens"].shape == (4, 128)
     assert (batch[f"{side}_decoder_loss_weights"].sum(axis=1) > 0).all()

@@ -480,3 +480,8 @@ def test_bad_model_and_data_configs_name_the_fields(tmp_path):
   with pytest.raises(ConfigError, match=r"data.objective='span_corruption' makes rows for model.arch in "
                                         r"\('encoder_decoder',\), not 'decoder'"):
     Trainer(config, tmp_path, make_loader=PatternLoader)
+  config = tiny_config()
+  config.data.objective = "preference"  # pairs for a reward model or DPO, not for pretraining
+  with pytest.raises(ConfigError, match=r"train.mode='pretrain' reads \['decoder_input_tokens', .*\], which "
+                                        r"data.objective='preference' does not make \(it makes \['chosen_decoder_"):
+    Trainer(config, tmp_path, make_loader=PatternLoader)

@@ -48,6 +48,9 @@ class Objective(abc.ABC):
   # Features beyond the architecture's own that change what the model computes (a
   # prefix LM's bidirectional mask); training modes add them to the batch they read.
   model_inputs: tuple[str, ...] = ()
+  # The features of its rows, which a training mode's needs are checked against before a
+  # run builds anything.
+  feature_names: tuple[str, ...]
   lengths: dict[str, int]  # example feature -> row length
 
   def __init__(self, tokenizer: Tokenizer):

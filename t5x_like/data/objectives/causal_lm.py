@@ -12,11 +12,13 @@ from typing import Mapping
 import numpy as np
 
 from t5x_like.data.objectives.base import Example, Objective
-from t5x_like.data.objectives.features import decoder_features
+from t5x_like.data.objectives.features import decoder_feature_names, decoder_features
 from t5x_like.data.tokenizer import Tokenizer
 
 
 class CausalLM(Objective):
+
+  feature_names = decoder_feature_names()
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int):
     super().__init__(tokenizer)

@@ -25,6 +25,14 @@ def autoregressive_inputs(targets: np.ndarray, segment_ids: np.ndarray) -> np.nd
   return np.where(segment_ids == previous_segment, shifted, 0).astype(targets.dtype)
 
 
+DECODER_FEATURES = ("target_tokens", "input_tokens", "segment_ids", "positions", "loss_weights")
+
+
+def decoder_feature_names(prefix: str = "decoder") -> tuple[str, ...]:
+  """The names of the features decoder_features makes."""
+  return tuple(f"{prefix}_{name}" for name in DECODER_FEATURES)
+
+
 def decoder_features(targets: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray,
                      loss_weights: np.ndarray | None = None,
                      prefix: str = "decoder") -> dict[str, np.ndarray]:

@@ -38,6 +38,8 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, rate: float, ma
 class MaskedLM(Objective):
 
   architectures = ("encoder",)
+  feature_names = ("encoder_input_tokens", "encoder_target_tokens", "encoder_segment_ids", "encoder_positions",
+                   "encoder_loss_weights")
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int, rate: float):
     super().__init__(tokenizer)

@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from t5x_like.data.objectives.base import Example, Objective
-from t5x_like.data.objectives.features import decoder_features
+from t5x_like.data.objectives.features import decoder_feature_names, decoder_features
 from t5x_like.data.objectives.sft import fit_pair, prompt_response_sequence, response_ids
 from t5x_like.data.tokenizer import Tokenizer
 
@@ -26,6 +26,7 @@ SIDES = ("chosen", "rejected")
 class PreferencePairs(Objective):
 
   fields = ("prompt", "chosen", "rejected")
+  feature_names = decoder_feature_names("chosen_decoder") + decoder_feature_names("rejected_decoder")
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int):
     super().__init__(tokenizer)

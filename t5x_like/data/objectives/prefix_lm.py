@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from t5x_like.data.objectives.base import Example, Objective
-from t5x_like.data.objectives.features import decoder_features
+from t5x_like.data.objectives.features import decoder_feature_names, decoder_features
 from t5x_like.data.tokenizer import Tokenizer
 
 
@@ -31,6 +31,7 @@ def split_prefix(piece: np.ndarray, split: int) -> Example:
 class PrefixLM(Objective):
 
   model_inputs = ("decoder_causal_attention",)
+  feature_names = decoder_feature_names() + model_inputs
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int):
     super().__init__(tokenizer)

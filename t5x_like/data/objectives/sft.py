@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from t5x_like.data.objectives.base import Counts, Example, Objective
-from t5x_like.data.objectives.features import decoder_features
+from t5x_like.data.objectives.features import decoder_feature_names, decoder_features
 from t5x_like.data.tokenizer import EOS_ID, Tokenizer
 
 
@@ -50,6 +50,7 @@ def prompt_response_example(tokenizer: Tokenizer, prompt: str, response: str, le
 class SupervisedFineTuning(Objective):
 
   fields = ("prompt", "response")
+  feature_names = decoder_feature_names()
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int):
     super().__init__(tokenizer)

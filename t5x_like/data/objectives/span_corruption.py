@@ -21,7 +21,7 @@ import numpy as np
 
 from models.config import ConfigError
 from t5x_like.data.objectives.base import Example, Objective
-from t5x_like.data.objectives.features import decoder_features
+from t5x_like.data.objectives.features import decoder_feature_names, decoder_features
 from t5x_like.data.tokenizer import EOS_ID, NUM_SENTINELS, Tokenizer
 
 
@@ -86,6 +86,7 @@ def corrupt(tokens: np.ndarray, noise_mask: np.ndarray, first_sentinel_id: int) 
 class SpanCorruption(Objective):
 
   architectures = ("encoder_decoder",)
+  feature_names = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions") + decoder_feature_names()
 
   def __init__(self, tokenizer: Tokenizer, input_len: int, target_len: int,
                noise_density: float, mean_noise_span_length: float):
