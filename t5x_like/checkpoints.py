@@ -65,6 +65,55 @@ def this_process_position(positions: dict, directory: pathlib.Path) -> dict:
   return positions[str(jax.process_index())]
 
 
+def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
+  """The parameters saved in another run's newest readable checkpoint (`source`: its workdir or
+  its checkpoints/ directory), restored into the shapes and shardings of `targets` (keyed by
+  their path in the saved params tree). Only this run reads the source and nothing there is
+  moved. A saved parameter that targets lack or hold in another shape is a ConfigError; targets
+  the source did not save are left out of the result."""
+  source = pathlib.Path(source).absolute()
+  directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+  manager = directory.is_dir() and ocp.CheckpointManager(
+      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+  steps = sorted(manager.all_steps(), reverse=True) if manager else []
+  if not steps:
+    raise ConfigError(f"train.init_from={str(source)!r} holds no checkpoint (looked in {directory})")
+  skip = lambda step, error: logger.warning(  # noqa: E731
+      "init_from: checkpoint %s is unreadable (%s); trying an earlier one", directory / str(step), error)
+  names = {"params." + ".".join(map(str, path)): path for path in targets}
+  for step in steps:
+    try:
+      metadata = manager.item_metadata(step)["state"]
+    except Exception as error:  # orbax raises many types for unreadable files
+      skip(step, type(error).__name__)
+      continue
+    saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(metadata) if leaf.name.startswith("params.")}
+    problems = [f"{name}: saved, but this config does not build it" for name in sorted(saved.keys() - names.keys())]
+    problems += [f"{name}: saved {shape}, this config builds {targets[names[name]].shape}"
+                 for name, shape in sorted(saved.items()) if name in names and targets[names[name]].shape != shape]
+    if problems:
+      raise ConfigError(f"train.init_from checkpoint {directory / str(step)} holds other parameters than this "
+                        f"config builds ({'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''})")
+    item = {}
+    for name in saved:
+      *parents, leaf = names[name]
+      node = item
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[leaf] = targets[names[name]]
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item={"params": item}, restore_args=ocp.checkpoint_utils.construct_restore_args({"params": item}),
+          partial_restore=True)))
+    except Exception as error:
+      skip(step, type(error).__name__)
+      continue
+    flat, _ = jax.tree_util.tree_flatten_with_path(restored["state"]["params"])
+    logger.info("initialised %d parameters from %s", len(flat), directory / str(step))
+    return {tuple(key.key for key in path): value for path, value in flat}
+  raise ConfigError(f"train.init_from={str(source)!r}: no checkpoint in {directory} is readable (steps {steps})")
+
+
 class Checkpointer:
 
   def __init__(self, directory: pathlib.Path, *, max_to_keep: int):

@@ -32,7 +32,7 @@ from models.config import ConfigError, ModelConfig
 from models.model_size import train_flops_per_sequence
 from models.transformer import build_model
 from t5x_like import partitioning
-from t5x_like.checkpoints import Checkpointer, this_process_position
+from t5x_like.checkpoints import Checkpointer, read_params, this_process_position
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
@@ -67,6 +67,9 @@ def default_train_config() -> ml_collections.ConfigDict:
       # H200 initialises the 1b model in 10.7 s, the host in 25 (item 39). The whole state
       # must fit in host memory.
       init_on_host=False,
+      # Another run's workdir: its newest checkpoint's parameters start this run (a pretrained
+      # model to fine-tune) when this workdir has no checkpoint of its own. '': from scratch.
+      init_from="",
       optimizer=default_optimizer_config(),
   ))
 
@@ -240,6 +243,27 @@ class Trainer:
     logger.info("restored step %d from %s", step, self.workdir)
     return data_positions
 
+  def init_params_from(self, source: str | pathlib.Path) -> None:
+    """Starts from another run's newest checkpoint (a pretrained model to fine-tune): each
+    parameter saved there replaces this run's of the same name, trainable or frozen, and this
+    run's others (an adapter's new weights) keep their initialisation. The step, optimizer
+    state and data position start fresh."""
+    path_of = lambda keys: tuple(key.key for key in keys)  # noqa: E731
+    targets = {path_of(keys): jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+               for tree in (self.state["params"], self.rest)
+               for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    loaded = read_params(source, targets)
+    replace = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda keys, leaf: loaded.get(path_of(keys), leaf), tree)
+    params, self.rest = replace(self.state["params"]), replace(self.rest)
+    kept = [".".join(map(str, path_of(keys))) for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+            if path_of(keys) not in loaded]
+    if kept:
+      logger.info("%d trainable parameters keep their initialisation: %s", len(kept), ", ".join(kept[:5]))
+    fresh = lambda params: {"step": jnp.zeros((), jnp.int32), "params": params,  # noqa: E731
+                            "opt_state": self.tx.init(params)}
+    self.state = jax.jit(fresh, out_shardings=self.state_shardings)(params)
+
   @classmethod
   def from_workdir(cls, workdir: str | pathlib.Path, devices=None) -> "Trainer":
     """The trainer of a finished or running run, with its newest checkpoint loaded.
@@ -386,6 +410,8 @@ class Trainer:
     data_positions = self.restore(checkpointer)
     if data_positions:
       train_loader.set_state(this_process_position(data_positions, checkpointer.directory))
+    elif cfg.get("init_from"):  # absent from older runs' config.json
+      self.init_params_from(cfg.init_from)
     # Only now: a config its checkpoints do not fit has stopped above and left the old one in place.
     if jax.process_index() == 0:
       (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +28,11 @@ from t5x_like.metrics import read_metrics
 from t5x_like.modes import MODES
 from t5x_like.modes.pretrain import Pretrain
 from t5x_like.optimizers import decay_mask
-from t5x_like.trainer import NonFiniteLossError, Trainer, loss_means
+from t5x_like.trainer import NonFiniteLossError, Trainer, loss_means, updates_applied
 from trainer_configs import tiny_config
 
+flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]  # noqa: E731
+keystr = jax.tree_util.keystr
 HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parents[1]
 
@@ -294,6 +297,13 @@ def test_a_mode_that_sums_only_its_loss_and_weight_trains_and_reports_that_loss(
   assert half.validation["loss"] == pytest.approx(full.validation["loss"] / 2, rel=1e-3)
 
 
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("pretrained")
+  train(tiny_config(steps=4), workdir)
+  return workdir
+
+
 def test_restore_onto_another_mesh_shape(tmp_path):
   first, first_result = train(tiny_config(steps=8, mesh_shape=(8, 1, 1), log_every=3), tmp_path,
                               loader=RaggedPatternLoader)
@@ -341,6 +351,45 @@ def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path):
   assert loaded.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 1}
   for a, b in zip(jax.tree.leaves(trained.state["params"]), jax.tree.leaves(loaded.state["params"]), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_run_starts_from_another_runs_parameters_with_a_fresh_optimizer(tmp_path):
+  pretrained, _ = train(tiny_config(steps=4, mesh_shape=(2, 2, 2)), tmp_path / "pretrained")
+  # Biases the pretrained run lacks stand for an adapter's new weights; they start at zero, so the
+  # tuned model computes what the pretrained one does. At learning rate 0 nothing moves.
+  config = tiny_config(steps=4, mesh_shape=(8, 1, 1), init_from=str(tmp_path / "pretrained"))
+  config.model.use_bias = True
+  config.train.optimizer.learning_rate = 0.0
+  tuned = Trainer(config, tmp_path / "tuned", make_loader=PatternLoader)
+  initial = {keystr(path): np.asarray(leaf) for path, leaf in flat(tuned.state["params"])}
+  result = tuned.train()
+  saved = {keystr(path): np.asarray(leaf) for path, leaf in flat(pretrained.state["params"])}
+  final = {keystr(path): np.asarray(leaf) for path, leaf in flat(tuned.state["params"])}
+  assert saved.keys() < final.keys() and any("bias" in name for name in final.keys() - saved.keys())
+  for name, value in final.items():
+    np.testing.assert_array_equal(value, saved.get(name, initial[name]), err_msg=name)
+  assert int(tuned.state["step"]) == 4 and int(updates_applied(tuned.state["opt_state"])) == 4  # not 8
+  assert result.validation["loss"] == pytest.approx(pretrained.evaluate(2)["loss"], rel=1e-5)
+  # Resuming reads the run's own checkpoint, never init_from again.
+  shutil.rmtree(tmp_path / "pretrained" / "checkpoints")
+  config.train.steps = 6
+  assert Trainer(config, tmp_path / "tuned", make_loader=PatternLoader).train().step == 6
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(mlp_dim=96), r"mlp\.wi\.kernel: saved \(32, 64\), this config builds \(32, 96\)"),
+    (dict(num_layers=1), r"params\.decoder\.layers\.1\..*: saved, but this config does not build it"),
+])
+def test_init_from_a_run_of_another_shape_names_the_parameters_and_writes_nothing(change, message, tmp_path,
+                                                                                   pretrained_run):
+  config = tiny_config(steps=4, init_from=str(pretrained_run))
+  config.model.update(change)
+  with pytest.raises(ConfigError, match=r"train.init_from checkpoint .*/4 holds other parameters than this "
+                                        r"config builds \(.*" + message):
+    train(config, tmp_path / "tuned")
+  assert not (tmp_path / "tuned" / "config.json").exists() and not any((tmp_path / "tuned" / "checkpoints").iterdir())
+  with pytest.raises(ConfigError, match=r"train.init_from=.*empty' holds no checkpoint"):
+    train(tiny_config(steps=4, init_from=str(tmp_path / "empty")), tmp_path / "other")
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
