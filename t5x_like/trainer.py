@@ -99,15 +99,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
       raise ConfigError(f"train.{name}={train[name]} must be a positive integer")
   if train.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite={train.nonfinite!r} is not one of ('stop', 'skip')")
-  # Configs that run but do not train as meant: a short fine-tune under the default warmup, and
-  # bfloat16 weights, whose steps near 1.0 round away below a learning rate of about 4e-3.
-  if train.optimizer.schedule == "warmup_cosine" and train.optimizer.warmup_steps >= train.steps:
-    logger.warning("train.optimizer.warmup_steps=%d is not below train.steps=%d: the learning rate never "
-                   "reaches its peak nor decays", train.optimizer.warmup_steps, train.steps)
-  if model_config.param_dtype != "float32":
-    logger.warning("model.param_dtype=%r: the optimizer updates the weights in that dtype, where small "
-                   "steps round away; model.dtype='bfloat16' computes in bfloat16 from float32 weights",
-                   model_config.param_dtype)
   mesh_shape = partitioning.resolve_mesh_shape(config.partitioning.mesh_shape, num_devices)
   shape = dict(zip(config.partitioning.mesh_axes, mesh_shape))
   data_shards = math.prod(shape.get(a, 1) for a in partitioning.BATCH_AXES)
@@ -138,6 +129,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
       raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} has {vocab} ids but model.vocab_size="
                         f"{model_config.vocab_size}; make model.vocab_size at least {vocab}")
   return model_config
+
+
+def training_warnings(config: ml_collections.ConfigDict) -> list[str]:
+  """What makes a config run but not train as meant: a short fine-tune under the default
+  warmup, and bfloat16 weights, whose steps near 1.0 round away below a learning rate of about
+  4e-3. Logged when training starts, not when decode, eval or score load a run."""
+  warnings, train = [], config.train
+  if train.optimizer.schedule == "warmup_cosine" and train.optimizer.warmup_steps >= train.steps:
+    warnings.append(f"train.optimizer.warmup_steps={train.optimizer.warmup_steps} is not below "
+                    f"train.steps={train.steps}: the learning rate never reaches its peak nor decays")
+  if config.model.get("param_dtype", "float32") != "float32":
+    warnings.append(f"model.param_dtype={config.model.param_dtype!r}: the optimizer updates the weights in that "
+                    f"dtype, where small steps round away; model.dtype='bfloat16' computes in bfloat16 from "
+                    f"float32 weights")
+  return warnings
 
 
 def updates_applied(opt_state) -> jax.Array:
@@ -404,6 +410,8 @@ class Trainer:
 
   def train(self) -> TrainResult:
     cfg = self.config.train
+    for warning in training_warnings(self.config):
+      logger.warning(warning)
     self.workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     train_loader = self.loader("train")

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import logging
 import math
 import pathlib
 import shutil
@@ -64,12 +65,15 @@ def test_train_command_reports_and_samples(train_run):
   assert "--- 'Emma'\nEmma" in printed  # the sample continues its prompt
 
 
-def test_the_sft_experiment_starts_from_the_pretrained_run(trained, run_dir, tmp_path):
+def test_the_sft_experiment_starts_from_the_pretrained_run(trained, run_dir, tmp_path, caplog):
   sft = str(pathlib.Path(EXPERIMENT).with_name("decoder_tiny_sft.py"))
   # At learning rate 0 the tuned parameters stay those the run started from.
   assert main(["train", "--config", sft, "--workdir", str(tmp_path), *TINY, f"--config.train.init_from={run_dir}",
                "--config.train.steps=1", "--config.train.optimizer.learning_rate=0.0"]) == 0
+  assert "warmup_steps=10 is not below train.steps=1" in caplog.text  # warned of as it trains...
+  caplog.clear()
   tuned = Trainer.from_workdir(tmp_path)
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # ...not as it loads
   assert tuned.config.data.objective == "sft" and int(tuned.state["step"]) == 1
   for a, b in zip(jax.tree.leaves(trained[0].state["params"]), jax.tree.leaves(tuned.state["params"]), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -14,7 +14,7 @@ from t5x_like import partitioning
 from t5x_like.cli import main
 from t5x_like.config import apply_overrides, load_config
 from t5x_like.scaling.sweep import sweep_points
-from t5x_like.trainer import validate_config
+from t5x_like.trainer import training_warnings, validate_config
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments"
 
@@ -43,6 +43,7 @@ def test_every_experiment_config_and_sweep_point_validates_and_shards_over_eight
   assert len(specs) >= 10 and len(configs) >= 30
   for config in configs:
     model_config = validate_config(config, num_devices=jax.device_count())
+    assert training_warnings(config) == []
     abstract = nnx.state(nnx.eval_shape(lambda: build_model(model_config)))
     partitioning.logical_shardings(abstract, partitioning.make_mesh(config.partitioning), config.partitioning)
   assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -52,10 +53,12 @@ def test_a_warmup_past_the_last_step_and_bfloat16_weights_are_warned_of(caplog):
   config = load_config(str(EXPERIMENTS / "decoder_tiny.py"))
   config.train.update(steps=50)
   config.model.param_dtype = "bfloat16"
+  warmup, weights = training_warnings(config)
+  assert "warmup_steps=60 is not below train.steps=50" in warmup
+  assert "model.param_dtype='bfloat16'" in weights
   with caplog.at_level(logging.WARNING):
-    validate_config(config, num_devices=jax.device_count())
-  assert "warmup_steps=60 is not below train.steps=50" in caplog.text
-  assert "model.param_dtype='bfloat16'" in caplog.text
+    validate_config(config, num_devices=jax.device_count())  # as decode, eval and score load a run
+  assert not caplog.records
 
 
 def test_overrides_keep_types_and_reject_unknown_fields():
