@@ -8,6 +8,7 @@ causal stack, j comes no later than i, or both lie in the bidirectional prefix.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,18 +41,20 @@ def attention_mask(query_segments: jax.Array, key_segments: jax.Array, *,
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
                           bias: jax.Array | None, *, scale: float, kernel: str = "xla",
-                          causal: bool = False) -> jax.Array:
+                          causal: bool = False, dropout: Callable | None = None) -> jax.Array:
   """Softmax(q k^T * scale + bias) v with logits and softmax in float32.
 
   query [b, t, h, e]; key, value [b, s, k, e] with h a multiple of k (GQA: each kv head
   serves g = h / k query heads, MQA when k = 1); mask [b, 1, t, s]; bias [b|1, h, t, s].
   kernel "xla" materialises all scores at once; "blocked" (models/blocked_attention.py)
   loops over cache-sized blocks; "cudnn" is cuDNN's flash attention on GPUs (`fused_attention`).
-  Neither of the last two takes a bias. `causal` promises the mask is purely causal, which
-  lets both skip hidden keys.
+  Neither of the last two takes a bias or a dropout of the probabilities. `causal` promises
+  the mask is purely causal, which lets both skip hidden keys.
   """
   b, t, h, e = query.shape
   kv_heads = key.shape[2]
+  if kernel != "xla" and dropout is not None:
+    raise ValueError(f"the {kernel} attention kernel forms no probabilities to drop; use kernel='xla'")
   if kernel == "cudnn":
     if bias is not None:
       raise ValueError("the cudnn attention kernel takes no bias here; use kernel='xla'")
@@ -62,11 +65,13 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
     query = query.reshape(b, t, kv_heads, h // kv_heads, e)
     out = blocked_attention(query, key, value, mask, scale, causal)
     return out.reshape(b, t, h, e).astype(value.dtype)
-  return heads_first_attention(query, heads_first(key), heads_first(value), mask, bias, scale=scale)
+  return heads_first_attention(query, heads_first(key), heads_first(value), mask, bias, scale=scale,
+                               dropout=dropout)
 
 
 def heads_first_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-                          bias: jax.Array | None, *, scale: float, rows: jax.Array | None = None) -> jax.Array:
+                          bias: jax.Array | None, *, scale: float, rows: jax.Array | None = None,
+                          dropout: Callable | None = None) -> jax.Array:
   """dot_product_attention's xla kernel for key, value [b, k, s, e], the KV cache's layout.
 
   Heads-first layouts make both products plain batched matmuls over (b, k); mixing batch
@@ -93,6 +98,8 @@ def heads_first_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
     logits = logits + bias.reshape(bias.shape[0], kv_heads, h // kv_heads, t, -1)
   logits = jnp.where(mask[:, :, None], logits, MASKED_LOGIT)
   weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)  # as a bf16 cache would, if it is float32
+  if dropout is not None:
+    weights = dropout(weights)
   if rows is None:
     out = attention_product("bkgts,bkse->bkgte", weights, value)
   else:
@@ -167,6 +174,9 @@ class Attention(nnx.Module):
     self.key = Dense(cfg.emb_dim, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), cfg, use_bias=bias, rngs=rngs)
     self.value = Dense(cfg.emb_dim, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), cfg, use_bias=bias, rngs=rngs)
     self.out = Dense((heads, head_dim), cfg.emb_dim, ("heads", "kv", "embed"), cfg, use_bias=bias, rngs=rngs)
+    self.dropout = nnx.data(None)  # on the probabilities; the xla kernel applies it
+    if cfg.attention_dropout_rate:
+      self.dropout = nnx.Dropout(cfg.attention_dropout_rate, rngs=rngs)
 
   def project_kv(self, x: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Keys and values [b, s, k, e] for inputs x [b, s, d]; rotated when using RoPE."""
@@ -207,11 +217,16 @@ class Attention(nnx.Module):
       out = heads_first_attention(query, key, value, mask, bias, scale=self.scale, rows=cache.get("rows"))
     else:
       out = dot_product_attention(query, key, value, mask, bias, scale=self.scale,
-                                  kernel=self._kernel(bias, key.shape[1]), causal=causal)
+                                  kernel=self._kernel(bias, key.shape[1]), causal=causal, dropout=self._dropout)
     return self.out(out), cache
 
+  @property
+  def _dropout(self):
+    """The probabilities' dropout while training with it, else None."""
+    return None if self.dropout is None or self.dropout.deterministic else self.dropout
+
   def _kernel(self, bias: jax.Array | None, keys: int) -> str:
-    if bias is not None:
+    if bias is not None or self._dropout is not None:
       return "xla"
     if self.kernel == "auto":
       # cuDNN: 1.38x the xla kernel's 1b step on an H200 (docs/performance.md, item 39).

@@ -95,7 +95,14 @@ class ModelConfig:
   # AMX: docs/benchmarks_amx.md); about 0.8x as fast on CPUs without (docs/benchmarks_avx2.md).
   bf16_matmul_inputs: bool = False
 
+  # Dropout on the embeddings, each sublayer's output and the final hidden states (T5X, MaxText).
   dropout_rate: float = 0.0
+  # Dropout on the attention probabilities (GPT-2's attn_pdrop, BERT's
+  # attention_probs_dropout_prob, T5's dropout_rate), which the xla kernel alone computes:
+  # "auto" picks it while training with this on.
+  attention_dropout_rate: float = 0.0
+  # Dropout on the MLP's hidden activations, between wi and wo (T5; T5X's intermediate_dropout_rate).
+  mlp_dropout_rate: float = 0.0
   param_dtype: str = "float32"
   dtype: str = "float32"
 
@@ -204,8 +211,12 @@ class ModelConfig:
       raise ConfigError(f"model.attention_kernel='cudnn' {self.cudnn_misfit}")
     if self.num_decoder_layers is not None and self.arch != "encoder_decoder":
       raise ConfigError("model.num_decoder_layers applies only to model.arch='encoder_decoder'")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ConfigError(f"model.dropout_rate={self.dropout_rate} must be in [0, 1)")
+    for name in ("dropout_rate", "attention_dropout_rate", "mlp_dropout_rate"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+    if self.attention_kernel in ("blocked", "cudnn") and self.attention_dropout_rate:
+      raise ConfigError(f"model.attention_kernel={self.attention_kernel!r} never forms the attention probabilities "
+                        f"that model.attention_dropout_rate drops; use attention_kernel='auto' or 'xla'")
     if self.num_token_types < 0:
       raise ConfigError(f"model.num_token_types={self.num_token_types} must be >= 0")
     if self.norm_eps <= 0:

@@ -387,11 +387,14 @@ class Mlp(nnx.Module):
     if cfg.mlp_gated:
       self.wi_linear = Dense(cfg.emb_dim, cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=cfg.use_bias, rngs=rngs)
     self.wo = Dense(cfg.mlp_dim, cfg.emb_dim, ("mlp", "embed"), cfg, use_bias=cfg.use_bias, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.mlp_dropout_rate, rngs=rngs) if cfg.mlp_dropout_rate else nnx.data(None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.act(self.wi(x))  # [b, t, f]
     if self.wi_linear is not None:
       h = h * self.wi_linear(x)
+    if self.dropout is not None:
+      h = self.dropout(h)
     h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     return self.wo(h)
 

@@ -20,7 +20,7 @@ FIXED = dict(arch="encoder", norm="layernorm", norm_position="post", embedding_n
 
 
 def config_from_hf(hf_config) -> ModelConfig:
-  """Attention-probability dropout has no counterpart; hidden_dropout_prob is ours."""
+  """hidden_dropout_prob is our dropout_rate; attention_probs_dropout_prob our attention_dropout_rate."""
   require(hf_config, "position_embedding_type", "absolute",
           "relative_key position embeddings are not implemented")
   require(hf_config, "is_decoder", False, "EncoderMLM attends bidirectionally")
@@ -31,7 +31,8 @@ def config_from_hf(hf_config) -> ModelConfig:
       num_layers=hf_config.num_hidden_layers, max_len=hf_config.max_position_embeddings,
       norm_eps=hf_config.layer_norm_eps, mlp_activation=activation(hf_config, "hidden_act"),
       num_token_types=hf_config.type_vocab_size, tie_embeddings=hf_config.tie_word_embeddings,
-      dropout_rate=hf_config.hidden_dropout_prob))
+      dropout_rate=hf_config.hidden_dropout_prob,
+      attention_dropout_rate=hf_config.attention_probs_dropout_prob))
 
 
 def tensors(model: EncoderMLM) -> list[Tensor]:

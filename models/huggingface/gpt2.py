@@ -22,7 +22,7 @@ FIXED = dict(arch="decoder", norm="layernorm", norm_position="pre", embedding_no
 
 
 def config_from_hf(hf_config) -> ModelConfig:
-  """Attention-probability and embedding dropout have no counterpart; resid_pdrop is ours."""
+  """resid_pdrop is our dropout_rate, embeddings included (GPT-2's embd_pdrop is the same 0.1)."""
   require(hf_config, "scale_attn_by_inverse_layer_idx", False,
           "it divides layer i's attention logits by i + 1")
   require(hf_config, "add_cross_attention", False, "DecoderLM has no cross-attention")
@@ -32,7 +32,7 @@ def config_from_hf(hf_config) -> ModelConfig:
       max_len=hf_config.n_positions, norm_eps=hf_config.layer_norm_epsilon,
       mlp_activation=activation(hf_config, "activation_function"),
       scale_attn_logits=hf_config.scale_attn_weights, tie_embeddings=hf_config.tie_word_embeddings,
-      dropout_rate=hf_config.resid_pdrop))
+      dropout_rate=hf_config.resid_pdrop, attention_dropout_rate=hf_config.attn_pdrop))
 
 
 def tensors(model: DecoderLM) -> list[Tensor]:

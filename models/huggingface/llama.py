@@ -35,7 +35,7 @@ def config_from_hf(hf_config) -> ModelConfig:
       num_layers=hf_config.num_hidden_layers, max_len=hf_config.max_position_embeddings,
       norm_eps=hf_config.rms_norm_eps, mlp_activation=activation(hf_config, "hidden_act"),
       rope_theta=rope["rope_theta"], use_bias=hf_config.attention_bias,
-      tie_embeddings=hf_config.tie_word_embeddings))
+      tie_embeddings=hf_config.tie_word_embeddings, attention_dropout_rate=hf_config.attention_dropout))
 
 
 def tensors(model: DecoderLM) -> list[Tensor]:

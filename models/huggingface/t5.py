@@ -35,7 +35,8 @@ def config_from_hf(hf_config) -> ModelConfig:
       mlp_gated=hf_config.is_gated_act,
       relative_num_buckets=hf_config.relative_attention_num_buckets,
       relative_max_distance=hf_config.relative_attention_max_distance,
-      tie_embeddings=False, dropout_rate=hf_config.dropout_rate))
+      tie_embeddings=False, dropout_rate=hf_config.dropout_rate,
+      attention_dropout_rate=hf_config.dropout_rate, mlp_dropout_rate=hf_config.dropout_rate))
 
 
 def tensors(model: EncoderDecoder) -> list[Tensor]:

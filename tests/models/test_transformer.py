@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 from flax import nnx
 
@@ -603,6 +604,51 @@ def test_chunked_loss_kernel_matches_the_logits_path(arch, overrides):
   assert len(chunked_grads) == len(xla_grads)
   for chunked, expected in zip(chunked_grads, xla_grads):
     np.testing.assert_allclose(chunked, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_dropout_drops_softmax_probabilities_and_rescales_the_rest():
+  # With each value a unit vector, the output row is the (dropped) probability row itself.
+  rate, b, t, s = 0.4, 2, 8, 16
+  query = jax.random.normal(jax.random.key(0), (b, t, 1, s))
+  key = jax.random.normal(jax.random.key(1), (b, 1, s, s))
+  value = jnp.broadcast_to(jnp.eye(s), (b, 1, s, s))
+  mask = jnp.ones((b, 1, t, s), bool)
+  dropout = nnx.Dropout(rate, rngs=nnx.Rngs(dropout=0))
+  out = np.asarray(heads_first_attention(query, key, value, mask, None, scale=0.25, dropout=dropout))[:, :, 0]
+  probs = scipy.special.softmax(0.25 * np.einsum("bte,bse->bts", np.asarray(query)[:, :, 0], key[:, 0]), axis=-1)
+  kept = out != 0
+  np.testing.assert_allclose(out[kept], probs[kept] / (1 - rate), rtol=1e-5)
+  assert abs((~kept).mean() - rate) < 4 * math.sqrt(rate * (1 - rate) / kept.size)
+
+
+def test_mlp_dropout_drops_hidden_activations_between_wi_and_wo():
+  rate = 0.5
+  model = build_model(small(mlp_dropout_rate=rate, mlp_dim=32))
+  mlp = model.decoder.layers[0].mlp
+  mlp.wo.kernel[...] = jnp.eye(32)  # the output is then the dropped hidden activations
+  x = jax.random.normal(jax.random.key(2), (2, 5, 32))
+  hidden = np.asarray(jax.nn.gelu(x @ mlp.wi.kernel[...], approximate=False))
+  assert small().mlp_activation == "gelu"
+  out = np.asarray(mlp(x))
+  kept = out != 0
+  np.testing.assert_allclose(out[kept], hidden[kept] / (1 - rate), rtol=1e-5)
+  assert 0.3 < (~kept).mean() < 0.7
+  model.eval()
+  np.testing.assert_allclose(np.asarray(mlp(x)), hidden, rtol=1e-5)
+
+
+def test_attention_dropout_trains_through_the_xla_kernel_and_is_off_in_eval():
+  tokens = random_tokens(16, shape=(1, 160))  # past the blocked kernel's first block of keys
+  config = small(max_len=160, position="rope")
+  model, plain = build_model(config.replace(attention_dropout_rate=0.3)), build_model(config)
+  attention = model.decoder.layers[0].self_attention
+  model.train()
+  assert attention._kernel(None, 160) == "xla" and plain.decoder.layers[0].self_attention._kernel(None, 160) != "xla"
+  assert not np.allclose(model(tokens), model(tokens))
+  model.eval()
+  np.testing.assert_allclose(model(tokens), plain(tokens), rtol=1e-5, atol=1e-6)
+  with pytest.raises(Exception, match="attention_kernel='blocked' never forms the attention probabilities"):
+    config.replace(attention_kernel="blocked", attention_dropout_rate=0.1).validate()
 
 
 def test_dropout_is_active_in_training_and_off_in_eval():
