@@ -255,7 +255,9 @@ class DecoderLM(_LanguageModel):
     return self.decoder.init_cache(batch_size, max_len, dtype=dtype)
 
   def decode(self, tokens, cache, *, segment_ids=None, positions=None, prefix_mask=None):
-    """Extends the cache by tokens [b, t]; returns (logits [b, t, v], cache)."""
+    """Extends the cache by tokens [b, t]; returns (logits [b, t, v], cache). A prefix LM's
+    prefix_mask [b, t] goes with the whole prefix in the first call: tokens already cached
+    never see prefix keys that a later call adds."""
     segment_ids, positions = _defaults(tokens, segment_ids, positions, offset=cache["index"])
     hidden, cache = self.decoder(self.token_embed(tokens), segment_ids=segment_ids,
                                  positions=positions, prefix_mask=prefix_mask, cache=cache)

@@ -73,45 +73,62 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
   the source did not save are left out of the result."""
   source = pathlib.Path(source).absolute()
   directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-  manager = directory.is_dir() and ocp.CheckpointManager(
-      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
-  steps = sorted(manager.all_steps(), reverse=True) if manager else []
-  if not steps:
+  if not directory.is_dir():
     raise ConfigError(f"train.init_from={str(source)!r} holds no checkpoint (looked in {directory})")
-  skip = lambda step, error: logger.warning(  # noqa: E731
-      "init_from: checkpoint %s is unreadable (%s); trying an earlier one", directory / str(step), error)
-  names = {"params." + ".".join(map(str, path)): path for path in targets}
-  for step in steps:
-    try:
-      metadata = manager.item_metadata(step)["state"]
-    except Exception as error:  # orbax raises many types for unreadable files
-      skip(step, type(error).__name__)
-      continue
-    saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(metadata) if leaf.name.startswith("params.")}
-    problems = [f"{name}: saved, but this config does not build it" for name in sorted(saved.keys() - names.keys())]
-    problems += [f"{name}: saved {shape}, this config builds {targets[names[name]].shape}"
-                 for name, shape in sorted(saved.items()) if name in names and targets[names[name]].shape != shape]
-    if problems:
-      raise ConfigError(f"train.init_from checkpoint {directory / str(step)} holds other parameters than this "
-                        f"config builds ({'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''})")
-    item = {}
-    for name in saved:
-      *parents, leaf = names[name]
-      node = item
-      for key in parents:
-        node = node.setdefault(key, {})
-      node[leaf] = targets[names[name]]
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={"params": item}, restore_args=ocp.checkpoint_utils.construct_restore_args({"params": item}),
-          partial_restore=True)))
-    except Exception as error:
-      skip(step, type(error).__name__)
-      continue
-    flat, _ = jax.tree_util.tree_flatten_with_path(restored["state"]["params"])
-    logger.info("initialised %d parameters from %s", len(flat), directory / str(step))
-    return {tuple(key.key for key in path): value for path, value in flat}
-  raise ConfigError(f"train.init_from={str(source)!r}: no checkpoint in {directory} is readable (steps {steps})")
+  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                            "data": ocp.JsonCheckpointHandler()})
+  try:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+      raise ConfigError(f"train.init_from={str(source)!r} holds no checkpoint (looked in {directory})")
+    names = {"params." + ".".join(map(str, path)): path for path in targets}
+    for step in steps:
+      try:
+        saved = _saved_params(manager, step)
+      except Exception as error:  # orbax raises many types for unreadable files
+        _warn_unreadable(directory / str(step), error)
+        continue
+      problems = [f"{name}: saved, but this config does not build it" for name in sorted(saved.keys() - names.keys())]
+      problems += [f"{name}: saved {shape}, this config builds {targets[names[name]].shape}"
+                   for name, shape in sorted(saved.items()) if name in names and targets[names[name]].shape != shape]
+      if problems:
+        raise ConfigError(f"train.init_from checkpoint {directory / str(step)} holds other parameters than this "
+                          f"config builds ({'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''})")
+      item = {}
+      for name in saved:
+        *parents, leaf = names[name]
+        node = item
+        for key in parents:
+          node = node.setdefault(key, {})
+        node[leaf] = targets[names[name]]
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": item}, restore_args=ocp.checkpoint_utils.construct_restore_args({"params": item}),
+            partial_restore=True)))
+      except Exception as error:
+        _warn_unreadable(directory / str(step), error)
+        continue
+      flat, _ = jax.tree_util.tree_flatten_with_path(restored["state"]["params"])
+      logger.info("initialised %d parameters from %s", len(flat), directory / str(step))
+      return {tuple(key.key for key in path): value for path, value in flat}
+    raise ConfigError(f"train.init_from={str(source)!r}: no checkpoint in {directory} is readable (steps {steps})")
+  finally:
+    manager.close()
+
+
+def _saved_params(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
+  """{orbax name: shape} of a step's saved parameters; raises if its metadata is gone (orbax then
+  reads None, as if the step held nothing)."""
+  metadata = manager.item_metadata(step)["state"]
+  saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(metadata or {}) if leaf.name.startswith("params.")}
+  if not saved:
+    raise ValueError("its state metadata lists no parameters")
+  return saved
+
+
+def _warn_unreadable(step_directory: pathlib.Path, error: Exception) -> None:
+  logger.warning("init_from: checkpoint %s is unreadable (%s: %s); trying an earlier one", step_directory,
+                 type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
 
 
 class Checkpointer:
@@ -138,6 +155,8 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         metadata = self.manager.item_metadata(step)["state"]
+        if metadata is None:  # orbax reads a step whose metadata file is gone as holding nothing
+          raise ValueError("its state metadata is missing")
       except Exception as error:  # orbax raises many types for unreadable files
         self._set_aside(step, error, unreadable)
         continue

@@ -264,8 +264,9 @@ class Trainer:
     params, self.rest = replace(self.state["params"]), replace(self.rest)
     kept = [".".join(map(str, path_of(keys))) for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]
             if path_of(keys) not in loaded]
-    if kept:
-      logger.info("%d trainable parameters keep their initialisation: %s", len(kept), ", ".join(kept[:5]))
+    if kept:  # an adapter's new weights, or a head the source tied to its embedding
+      logger.warning("%d trainable parameters are not in %s and keep their initialisation: %s%s", len(kept),
+                     source, ", ".join(kept[:5]), ", ..." if len(kept) > 5 else "")
     fresh = lambda params: {"step": jnp.zeros((), jnp.int32), "params": params,  # noqa: E731
                             "opt_state": self.tx.init(params)}
     self.state = jax.jit(fresh, out_shardings=self.state_shardings)(params)
@@ -274,22 +275,29 @@ class Trainer:
   def from_workdir(cls, workdir: str | pathlib.Path, devices=None) -> "Trainer":
     """The trainer of a finished or running run, with its newest checkpoint loaded.
 
-    Where the run's mesh does not fit these devices (a pod's run evaluated on one GPU), every
-    device goes on the data axis: checkpoints restore onto any mesh, though each device then
-    holds the whole model.
+    Where the run's mesh or batch does not fit these devices (a pod's run evaluated on one GPU),
+    the devices the batch divides over all go on the data axis: checkpoints restore onto any
+    mesh, though each device then holds the whole model.
     """
     workdir = pathlib.Path(workdir)
     config_file = workdir / "config.json"
     if not config_file.exists():
       raise ConfigError(f"{workdir} holds no config.json; is it a t5x-like train --workdir?")
     config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    config.train.grad_accum_steps = 1  # nothing is trained: the batch need only divide over the data shards
     devices = jax.devices() if devices is None else devices
+    batch = config.data.batch_size
     try:
-      partitioning.resolve_mesh_shape(config.partitioning.mesh_shape, len(devices))
+      shape = partitioning.resolve_mesh_shape(config.partitioning.mesh_shape, len(devices))
+      data_shards = math.prod(size for axis, size in zip(config.partitioning.mesh_axes, shape)
+                              if axis in partitioning.BATCH_AXES)
+      if batch % data_shards:
+        raise ConfigError(f"data.batch_size={batch} does not divide over {data_shards} data shards")
     except ConfigError as error:
-      logger.warning("%s; loading the run with every device on the data axis", error)
+      count = max(k for k in range(1, len(devices) + 1) if batch % k == 0)
+      logger.warning("%s; loading the run with %d of the %d devices on the data axis", error, count, len(devices))
+      devices = devices[:count]
       config.partitioning.mesh_shape = tuple(-1 if axis == "data" else 1 for axis in config.partitioning.mesh_axes)
-      config.train.grad_accum_steps = 1  # nothing is trained: the batch need only divide over the devices
     trainer = cls(config, workdir, devices=devices)
     if trainer.restore() is None:
       raise ConfigError(f"{workdir}/checkpoints holds no readable checkpoint")
@@ -416,10 +424,10 @@ class Trainer:
     checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     train_loader = self.loader("train")
     data_positions = self.restore(checkpointer)
-    if data_positions:
-      train_loader.set_state(this_process_position(data_positions, checkpointer.directory))
-    elif cfg.get("init_from"):  # absent from older runs' config.json
+    if data_positions is None and cfg.get("init_from"):  # absent from older runs' config.json
       self.init_params_from(cfg.init_from)
+    elif data_positions:  # {}: a checkpoint from before data positions were saved
+      train_loader.set_state(this_process_position(data_positions, checkpointer.directory))
     # Only now: a config its checkpoints do not fit has stopped above and left the old one in place.
     if jax.process_index() == 0:
       (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))

@@ -300,7 +300,7 @@ def test_a_mode_that_sums_only_its_loss_and_weight_trains_and_reports_that_loss(
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pretrained")
-  train(tiny_config(steps=4), workdir)
+  train(tiny_config(steps=8), workdir)  # checkpoints 4 and 8
   return workdir
 
 
@@ -351,6 +351,15 @@ def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path):
   assert loaded.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 1}
   for a, b in zip(jax.tree.leaves(trained.state["params"]), jax.tree.leaves(loaded.state["params"]), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Batch 8 over 2 data shards x 4 accumulation steps: 4 devices load it without accumulating, and
+  # of 3 devices the 2 that the batch divides over.
+  accumulated, _ = train(tiny_config(steps=4, grad_accum_steps=4), tmp_path / "accumulated",
+                         devices=jax.devices()[:2])
+  for count, data_axis in ((4, 4), (3, 2)):
+    loaded = Trainer.from_workdir(tmp_path / "accumulated", devices=jax.devices()[:count])
+    assert loaded.mesh.shape == {"data": data_axis, "fsdp": 1, "tensor": 1}
+    for a, b in zip(jax.tree.leaves(accumulated.state["params"]), jax.tree.leaves(loaded.state["params"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_run_starts_from_another_runs_parameters_with_a_fresh_optimizer(tmp_path):
@@ -376,6 +385,27 @@ def test_a_run_starts_from_another_runs_parameters_with_a_fresh_optimizer(tmp_pa
   assert Trainer(config, tmp_path / "tuned", make_loader=PatternLoader).train().step == 6
 
 
+def test_init_from_passes_over_a_source_step_without_metadata_and_warns_of_a_head_left_random(
+    tmp_path, pretrained_run, caplog):
+  source = tmp_path / "source"
+  shutil.copytree(pretrained_run, source)
+  (source / "checkpoints" / "8" / "state" / "_METADATA").unlink()  # orbax reads it as a step holding nothing
+  files = {path: path.read_bytes() for path in source.rglob("*") if path.is_file()}
+  config = tiny_config(steps=4)
+  config.model.tie_embeddings = False  # the source tied its head to the embedding
+  tuned = Trainer(config, tmp_path / "tuned", make_loader=PatternLoader)
+  with caplog.at_level(logging.WARNING):
+    tuned.init_params_from(source)
+  assert f"checkpoint {source / 'checkpoints' / '8'} is unreadable" in caplog.text
+  assert "1 trainable parameters are not in" in caplog.text and "lm_head.kernel" in caplog.text
+  assert {path: path.read_bytes() for path in source.rglob("*") if path.is_file()} == files  # untouched
+  shutil.rmtree(source / "checkpoints" / "8")
+  step_4 = Trainer.from_workdir(source).state["params"]  # the run's own reader, at its step 4
+  for name, value in {keystr(path): leaf for path, leaf in flat(step_4)}.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(
+        {keystr(path): leaf for path, leaf in flat(tuned.state["params"])}[name]), err_msg=name)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(mlp_dim=96), r"mlp\.wi\.kernel: saved \(32, 64\), this config builds \(32, 96\)"),
     (dict(num_layers=1), r"params\.decoder\.layers\.1\..*: saved, but this config does not build it"),
@@ -384,7 +414,7 @@ def test_init_from_a_run_of_another_shape_names_the_parameters_and_writes_nothin
                                                                                    pretrained_run):
   config = tiny_config(steps=4, init_from=str(pretrained_run))
   config.model.update(change)
-  with pytest.raises(ConfigError, match=r"train.init_from checkpoint .*/4 holds other parameters than this "
+  with pytest.raises(ConfigError, match=r"train.init_from checkpoint .*/8 holds other parameters than this "
                                         r"config builds \(.*" + message):
     train(config, tmp_path / "tuned")
   assert not (tmp_path / "tuned" / "config.json").exists() and not any((tmp_path / "tuned" / "checkpoints").iterdir())
@@ -392,11 +422,14 @@ def test_init_from_a_run_of_another_shape_names_the_parameters_and_writes_nothin
     train(tiny_config(steps=4, init_from=str(tmp_path / "empty")), tmp_path / "other")
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["garbage", "metadata gone"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, caplog):
   train(tiny_config(steps=8), tmp_path)
   newest = tmp_path / "checkpoints" / "8"
+  if damage == "metadata gone":  # orbax reads the step as holding nothing, not as unreadable
+    (newest / "state" / "_METADATA").unlink()
   for file in (newest / "state").rglob("*"):
-    if file.is_file():
+    if file.is_file() and damage == "garbage":
       file.write_bytes(b"garbage")
   with caplog.at_level(logging.WARNING):
     trainer, _ = train(tiny_config(steps=8), tmp_path)
