@@ -15,6 +15,7 @@ import logging
 import pathlib
 import shutil
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -94,13 +95,7 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
       if problems:
         raise ConfigError(f"train.init_from checkpoint {directory / str(step)} holds other parameters than this "
                           f"config builds ({'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''})")
-      item = {}
-      for name in saved:
-        *parents, leaf = names[name]
-        node = item
-        for key in parents:
-          node = node.setdefault(key, {})
-        node[leaf] = targets[names[name]]
+      item = _nested({names[name]: targets[names[name]] for name in saved})
       try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item={"params": item}, restore_args=ocp.checkpoint_utils.construct_restore_args({"params": item}),
@@ -114,6 +109,17 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
     raise ConfigError(f"train.init_from={str(source)!r}: no checkpoint in {directory} is readable (steps {steps})")
   finally:
     manager.close()
+
+
+def _nested(leaves: dict[tuple, Any]) -> dict:
+  """{path: leaf} as nested dicts, each key kept as it is (orbax's from_flat_dict makes them strings)."""
+  tree = {}
+  for (*parents, last), leaf in leaves.items():
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = leaf
+  return tree
 
 
 def _saved_params(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
