@@ -95,8 +95,10 @@ class ModelConfig:
   # AMX: docs/benchmarks_amx.md); about 0.8x as fast on CPUs without (docs/benchmarks_avx2.md).
   bf16_matmul_inputs: bool = False
 
-  # Dropout on the embeddings, each sublayer's output and the final hidden states (T5X, MaxText).
+  # Dropout on the embeddings, each sublayer's output and, with final_dropout, the final hidden
+  # states (T5, T5X, MaxText; GPT-2 and BERT have none there).
   dropout_rate: float = 0.0
+  final_dropout: bool = True
   # Dropout on the attention probabilities (GPT-2's attn_pdrop, BERT's
   # attention_probs_dropout_prob, T5's dropout_rate), which the xla kernel alone computes:
   # "auto" picks it while training with this on.

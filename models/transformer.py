@@ -143,7 +143,8 @@ class Stack(nnx.Module):
         new_layers.append(layer_cache)
     if self.final_norm is not None:
       x = self.final_norm(x)
-    x = self.dropout(x)
+    if self.cfg.final_dropout:
+      x = self.dropout(x)
     if cache is None:
       return x, None
     new_cache = dict(cache, index=cache_index + x.shape[1], segment_ids=key_segments,

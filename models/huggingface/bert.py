@@ -32,7 +32,7 @@ def config_from_hf(hf_config) -> ModelConfig:
       norm_eps=hf_config.layer_norm_eps, mlp_activation=activation(hf_config, "hidden_act"),
       num_token_types=hf_config.type_vocab_size, tie_embeddings=hf_config.tie_word_embeddings,
       dropout_rate=hf_config.hidden_dropout_prob,
-      attention_dropout_rate=hf_config.attention_probs_dropout_prob))
+      attention_dropout_rate=hf_config.attention_probs_dropout_prob, final_dropout=False))
 
 
 def tensors(model: EncoderMLM) -> list[Tensor]:

@@ -32,7 +32,7 @@ def config_from_hf(hf_config) -> ModelConfig:
       max_len=hf_config.n_positions, norm_eps=hf_config.layer_norm_epsilon,
       mlp_activation=activation(hf_config, "activation_function"),
       scale_attn_logits=hf_config.scale_attn_weights, tie_embeddings=hf_config.tie_word_embeddings,
-      dropout_rate=hf_config.resid_pdrop, attention_dropout_rate=hf_config.attn_pdrop))
+      dropout_rate=hf_config.resid_pdrop, attention_dropout_rate=hf_config.attn_pdrop, final_dropout=False))
 
 
 def tensors(model: DecoderLM) -> list[Tensor]:

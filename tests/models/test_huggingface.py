@@ -147,15 +147,16 @@ def test_config_maps_eps_theta_activation_and_heads():
   assert (cfg.norm_position, cfg.norm_eps, cfg.mlp_activation, cfg.num_token_types) == (
       "post", 1e-7, "gelu_tanh", 3)
   assert not config_from_hf(transformers.GPT2Config(scale_attn_weights=False)).scale_attn_logits
-  # Dropout: T5 drops in all three places; GPT-2 and BERT name each rate; LLaMA drops only probabilities.
-  cfg = config_from_hf(transformers.LlamaConfig(attention_dropout=0.05))
-  assert (cfg.dropout_rate, cfg.attention_dropout_rate, cfg.mlp_dropout_rate) == (0.0, 0.05, 0.0)
-  cfg = config_from_hf(transformers.GPT2Config(resid_pdrop=0.1, attn_pdrop=0.2))
-  assert (cfg.dropout_rate, cfg.attention_dropout_rate, cfg.mlp_dropout_rate) == (0.1, 0.2, 0.0)
-  cfg = config_from_hf(transformers.BertConfig(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.3))
-  assert (cfg.dropout_rate, cfg.attention_dropout_rate, cfg.mlp_dropout_rate) == (0.1, 0.3, 0.0)
-  cfg = config_from_hf(transformers.T5Config(dropout_rate=0.15, tie_word_embeddings=False))
-  assert (cfg.dropout_rate, cfg.attention_dropout_rate, cfg.mlp_dropout_rate) == (0.15, 0.15, 0.15)
+  # Dropout: T5 drops in all four places; GPT-2 and BERT name each rate, with no final dropout; LLaMA
+  # drops only probabilities.
+  def dropouts(cfg):
+    return cfg.dropout_rate, cfg.attention_dropout_rate, cfg.mlp_dropout_rate, cfg.final_dropout
+  assert dropouts(config_from_hf(transformers.LlamaConfig(attention_dropout=0.05)))[:3] == (0.0, 0.05, 0.0)
+  assert dropouts(config_from_hf(transformers.GPT2Config(resid_pdrop=0.1, attn_pdrop=0.2))) == (0.1, 0.2, 0.0, False)
+  assert dropouts(config_from_hf(transformers.BertConfig(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.3))
+                  ) == (0.1, 0.3, 0.0, False)
+  assert dropouts(config_from_hf(transformers.T5Config(dropout_rate=0.15, tie_word_embeddings=False))
+                  ) == (0.15, 0.15, 0.15, True)
 
 
 @pytest.mark.parametrize("config_class, options, message", [

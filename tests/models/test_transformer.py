@@ -651,6 +651,20 @@ def test_attention_dropout_trains_through_the_xla_kernel_and_is_off_in_eval():
     config.replace(attention_kernel="blocked", attention_dropout_rate=0.1).validate()
 
 
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_final_dropout_drops_the_final_hidden_states_only_where_asked(norm_position):
+  # The same seeds draw the same masks inside the stack; only the last one differs.
+  rate, tokens = 0.5, random_tokens(17)
+  hidden = {}
+  for final_dropout in (True, False):
+    model = build_model(small(dropout_rate=rate, norm_position=norm_position, final_dropout=final_dropout))
+    model.train()
+    hidden[final_dropout] = np.asarray(model.hidden(tokens))
+  kept = hidden[True] != 0
+  np.testing.assert_allclose(hidden[True][kept], hidden[False][kept] / (1 - rate), rtol=1e-6)
+  assert 0.4 < 1 - kept.mean() < 0.6
+
+
 def test_dropout_is_active_in_training_and_off_in_eval():
   model = build_model(small(dropout_rate=0.3))
   tokens = random_tokens(15)
