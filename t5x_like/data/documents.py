@@ -1,11 +1,13 @@
 """Local files as documents: paragraphs of text files, records of JSON-lines files.
 
-A file named `*.jsonl` holds one JSON object per line; any other file is plain UTF-8 text.
-In a text file a blank line ends a paragraph and each paragraph is one document. Inside a
-paragraph the line breaks are the printer's layout (the bundled novels keep one printed
-line per line), so its lines are stripped and joined with single spaces; paragraphs of
-only whitespace are no documents. Text whose line breaks matter (verse, code) belongs in
-the `text` field of a JSONL file, where it is kept exactly.
+A file named `*.jsonl` holds one JSON object per line; any other file is plain UTF-8 text
+(a byte-order mark is dropped; CRLF and lone CR line ends read as LF). In a text file a
+blank line ends a paragraph and each paragraph is one document. Inside a paragraph the line
+breaks are the printer's layout (the bundled novels keep one printed line per line), so its
+lines are stripped and joined with single spaces; paragraphs of only whitespace are no
+documents, and neither are JSONL records whose fields read are all whitespace. Text whose
+line breaks matter (verse, code) belongs in the `text` field of a JSONL file, where it is
+kept exactly.
 
 Every problem with a file is a DataError naming the file, the line and the fix.
 """
@@ -24,7 +26,7 @@ class DataError(ConfigError):
 
 
 def is_jsonl(path: str | pathlib.Path) -> bool:
-  return pathlib.Path(path).suffix == ".jsonl"
+  return pathlib.Path(path).suffix.lower() == ".jsonl"
 
 
 def read_utf8(path: str | pathlib.Path) -> str:
@@ -34,7 +36,7 @@ def read_utf8(path: str | pathlib.Path) -> str:
     raise DataError(f"{path}: no such file")
   data = path.read_bytes()
   try:
-    text = data.decode("utf-8")
+    text = data.decode("utf-8-sig")
   except UnicodeDecodeError as error:
     line = data.count(b"\n", 0, error.start) + 1
     column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
@@ -43,7 +45,7 @@ def read_utf8(path: str | pathlib.Path) -> str:
         f"convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
   if not text.strip():
     raise DataError(f"{path} is empty; remove it from the data files")
-  return text.replace("\r\n", "\n")
+  return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def paragraphs(path: str | pathlib.Path) -> Iterator[tuple[int, str]]:
@@ -94,10 +96,12 @@ def jsonl_records(path: str | pathlib.Path, fields: Sequence[str] | None = None,
         raise DataError(f"{path}, line {number}: field {key!r} must be a string, "
                         f"got {type(record[key]).__name__}")
       values[field] = record[key]
+    if not any(value.strip() for value in values.values()):
+      continue  # no document, as a blank paragraph is none
     found = True
     yield number, values
   if not found:
-    raise DataError(f"{path} has no records; remove it from the data files")
+    raise DataError(f"{path} has no records with text; remove it from the data files")
 
 
 def texts(path: str | pathlib.Path) -> Iterator[str]:

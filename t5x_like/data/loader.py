@@ -101,7 +101,7 @@ class Loader:
     return next(self._iterator)
 
   def get_state(self) -> dict[str, Any]:
-    return {"pipeline": self.identity, "position": self._iterator.get_state()}
+    return {"pipeline": self.identity, "position": self._iterator.get_state(), "records": self.num_records}
 
   def set_state(self, state: dict[str, Any]) -> None:
     saved = json.loads(json.dumps(state["pipeline"]))
@@ -112,6 +112,13 @@ class Loader:
           "the saved data position belongs to another pipeline: "
           + ", ".join(f"data.{k} was {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
           + "; resume with the data config it was saved with, or start a new workdir")
+    # Positions count records, so files that changed since (another record count) would resume
+    # at an unrelated place. Positions saved before the count was kept are taken as they are.
+    if state.get("records", self.num_records) != self.num_records:
+      raise ConfigError(
+          f"data.dataset={self.identity['dataset']!r} has {self.num_records} {self.identity['split']} records "
+          f"for this process, but the saved data position counted {state['records']}: its files changed "
+          f"since; restore them, or start a new workdir")
     self._iterator.set_state(state["position"])
 
   def stats(self) -> dict[str, int]:

@@ -38,10 +38,15 @@ CATALOG_PREFIX = "tfds:"
 
 
 def local_files(spec: str) -> list[str]:
-  """The files a comma-separated list of paths or globs names, in a stable order."""
+  """The files a comma-separated list of paths or globs names, in a stable order, each once
+  (overlapping globs would otherwise train on a file twice). A path that exists is taken as
+  it is, even if it looks like a glob (`notes[2024].txt`); globs match files, not directories."""
   files = []
   for pattern in filter(None, (part.strip() for part in spec.split(","))):
-    matches = sorted(glob.glob(str(pathlib.Path(pattern).expanduser())))
+    path = pathlib.Path(pattern).expanduser()
+    if path.is_dir():
+      raise ConfigError(f"data.dataset={spec!r}: {pattern!r} is a directory; name its files, e.g. {pattern}/*.txt")
+    matches = [str(path)] if path.is_file() else sorted(m for m in glob.glob(str(path)) if pathlib.Path(m).is_file())
     if not matches:
       raise ConfigError(
           f"data.dataset={spec!r}: no file matches {pattern!r}; give a bundled corpus "
@@ -49,7 +54,12 @@ def local_files(spec: str) -> list[str]:
     files.extend(matches)
   if not files:
     raise ConfigError(f"data.dataset={spec!r} names no dataset")
-  return files
+  unique, seen = [], set()
+  for file in files:
+    if pathlib.Path(file).resolve() not in seen:
+      seen.add(pathlib.Path(file).resolve())
+      unique.append(file)
+  return unique
 
 
 def open_split(dataset: str, split: str, fields: Sequence[str], data_dir: str):

@@ -15,7 +15,8 @@ special ids (e.g. unk=0, bos=1, eos=2) is remapped to this layout on load.
 
 Training keeps an exact round trip, decode(encode(text)) == text: identity normalization,
 no whitespace cleanup, no dummy prefix (so encode(a) + encode(b) decodes to a + b, which
-prompt/response pairs rely on) and byte fallback for characters outside the vocabulary.
+prompt/response pairs rely on) and byte fallback for characters outside the vocabulary. One
+exception: U+2581 ("▁"), SentencePiece's own mark for a space, decodes as a space.
 
 The shipped tokenizer was trained, in under a second on 2 cores, with
   t5x-like tokenizer train --input t5x_like/data/corpora/austen/*.txt --vocab-size 8192 \

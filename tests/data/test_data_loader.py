@@ -92,6 +92,24 @@ def test_resuming_under_another_data_config_is_refused_unless_the_objective_igno
     make_loader(_config(data_dir, objective="mlm", mlm_probability=0.3), "train").set_state(state)
 
 
+def test_resuming_after_the_files_changed_is_refused(tmp_path):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("\n\n".join(f"Paragraph number {i} of the corpus." for i in range(60)) + "\n")
+  config = _config(str(tmp_path / "tfds"), dataset=str(corpus))
+  loader = make_loader(config, "train")
+  next(loader)
+  state = loader.get_state()
+  old_format = {key: value for key, value in state.items() if key != "records"}
+  with corpus.open("a") as file:  # the dataset is rebuilt, with more records
+    file.write("\n".join(f"\nAn added paragraph {i}.\n" for i in range(30)))
+  grown = make_loader(config, "train")
+  assert grown.num_records > loader.num_records
+  with pytest.raises(ConfigError, match=rf"corpus\.txt' has {grown.num_records} train records for this process, "
+                                        rf"but the saved data position counted {loader.num_records}: its files"):
+    grown.set_state(state)
+  grown.set_state(old_format)  # positions saved before the count was kept resume as before
+
+
 def test_process_shares_are_disjoint_cover_and_are_all_a_process_reads():
   read = []
 

@@ -16,10 +16,15 @@ def test_paragraphs_join_printed_lines_and_skip_blank_runs(tmp_path):
       (1, "CHAPTER 1"), (4, "It is a truth universally acknowledged,"), (9, "End.")]
 
 
-def test_windows_line_endings_read_like_unix(tmp_path):
+@pytest.mark.parametrize("content", [b"one\r\ntwo\r\n\r\nthree\r\n", b"one\rtwo\r\rthree\r",
+                                     b"\xef\xbb\xbfone\ntwo\n\nthree\n"])
+def test_windows_and_old_mac_line_endings_and_a_byte_order_mark_read_like_unix(tmp_path, content):
   path = tmp_path / "dos.txt"
-  path.write_bytes(b"one\r\ntwo\r\n\r\nthree\r\n")
+  path.write_bytes(content)
   assert [text for _, text in documents.paragraphs(path)] == ["one two", "three"]
+  path = tmp_path / "marked.JSONL"  # the suffix in any case
+  path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "one"}).encode() + b"\n")
+  assert documents.is_jsonl(path) and list(documents.jsonl_records(path, ("text",))) == [(1, {"text": "one"})]
 
 
 def test_jsonl_records_fields_aliases_and_blank_lines(tmp_path):
@@ -31,6 +36,12 @@ def test_jsonl_records_fields_aliases_and_blank_lines(tmp_path):
       (1, {"prompt": "Q1", "response": "A1"}), (3, {"prompt": "Q2", "response": "A2"})]
   # Without a field list: every string field (the tokenizer trains on them).
   assert list(documents.texts(path)) == ["Q1", "A1", "B1", "x", "Q2", "A2", "B2"]
+  # A record whose fields read are all blank is no document, as a blank paragraph is none.
+  path.write_text("\n".join([json.dumps({"text": " \n"}), json.dumps({"text": "kept"})]) + "\n", encoding="utf-8")
+  assert list(documents.jsonl_records(path, ("text",))) == [(2, {"text": "kept"})]
+  path.write_text(json.dumps({"text": ""}) + "\n", encoding="utf-8")
+  with pytest.raises(DataError, match=r"pairs\.jsonl has no records with text"):
+    list(documents.jsonl_records(path, ("text",)))
 
 
 @pytest.mark.parametrize("content", [b"", b"  \n\n\t\n"])

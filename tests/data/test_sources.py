@@ -41,6 +41,13 @@ def test_files_and_globs(tmp_path):
     sources.local_files(f"{tmp_path}/*.txt,{tmp_path}/*.json")
   with pytest.raises(ConfigError, match=r"data.dataset=' , ' names no dataset"):
     sources.local_files(" , ")
+  # Overlapping globs name a file once; an existing path is not read as a glob; a directory is named.
+  (tmp_path / "notes[2024].txt").write_text("Bracketed.\n", encoding="utf-8")
+  (tmp_path / "sub.txt").mkdir()
+  assert sources.local_files(f"{tmp_path}/a.txt,{tmp_path}/*.txt,{tmp_path}/notes[2024].txt") == [
+      str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), str(tmp_path / "notes[2024].txt")]
+  with pytest.raises(ConfigError, match=r"'.*/sub\.txt' is a directory; name its files, e\.g\. .*/sub\.txt/\*\.txt"):
+    sources.local_files(f"{tmp_path}/sub.txt")
 
 
 def test_a_split_no_record_falls_in_is_an_error(tmp_path):

@@ -95,6 +95,9 @@ def test_lengths_that_cannot_work_name_the_field(tokenizer):
     SpanCorruption(tokenizer, 512, 100, 0.15, 3.0)
   with pytest.raises(ConfigError, match=r"data.input_len=4096 makes 227 spans but the vocabulary has 100"):
     SpanCorruption(tokenizer, 4096, 2048, 0.15, 3.0)
+  with pytest.raises(ConfigError, match=r"data.input_len=1 leaves no room for text beside its eos; make it at least 2"):
+    SpanCorruption(tokenizer, 1, 8, 0.15, 3.0)
+  SpanCorruption(tokenizer, 2, 8, 0.15, 3.0)
 
 
 def test_an_empty_document_gives_no_example_and_is_counted(tokenizer):

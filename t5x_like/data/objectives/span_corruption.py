@@ -93,6 +93,9 @@ class SpanCorruption(Objective):
     super().__init__(tokenizer)
     self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
     self.tokens_length = tokens_length_for(input_len, noise_density, mean_noise_span_length)
+    if self.tokens_length < 1:
+      raise ConfigError(f"data.input_len={input_len} leaves no room for text beside its eos; "
+                        f"make it at least 2")
     needed_targets = corrupted_lengths(self.tokens_length, noise_density, mean_noise_span_length)[1]
     if needed_targets > target_len:
       raise ConfigError(f"data.target_len={target_len} is too short for span corruption of "
