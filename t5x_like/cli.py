@@ -209,9 +209,12 @@ def _fit(args, overrides) -> None:
   joint = report["kaplan_joint"]
   print(f"Kaplan joint: alpha_N {joint['alpha_n']:.3f}, alpha_D {joint['alpha_d']:.3f} "
         f"(R^2 {joint['r_squared']:.3f})")
-  if "extrapolation" in report:
-    print(f"extrapolation to the {report['extrapolation']['held_out_runs']} largest-compute run(s): "
-          f"max relative error {report['extrapolation']['max_abs_relative_error']:.2%}")
+  check = report.get("extrapolation", {})
+  if "skipped" in check:
+    print(f"extrapolation check skipped: {check['skipped']}")
+  elif check:
+    print(f"extrapolation to the {check['held_out_points']} largest-compute point(s), {check['held_out_runs']} "
+          f"run(s): max relative error {check['max_abs_relative_error']:.2%}")
   print(f"wrote {sweep_dir / 'fit.json'} and {', '.join(str(p) for p in paths)}")
 
 
@@ -278,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
   fit.add_argument("sweep_dir")
   fit.add_argument("--loss", default="validation_loss", choices=("validation_loss", "train_loss"))
   fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
-  fit.add_argument("--holdout", type=int, default=1, help="largest-compute runs held out to test extrapolation")
+  fit.add_argument("--holdout", type=int, default=1,
+                   help="largest-compute (N, D) points held out to test extrapolation (0: none)")
   fit.add_argument("--coarse-grid", action="store_true",
                    help="32 starting points instead of Hoffmann et al.'s 4500 (seconds instead of ~20 s)")
   fit.set_defaults(run=_fit)

@@ -1,4 +1,4 @@
-"""A 4-point sweep that runs in seconds: for tests and for trying the sweep machinery."""
+"""A 6-point sweep, the fewest `fit` takes, that runs in seconds: for tests and for trying the sweep machinery."""
 
 import ml_collections
 
@@ -12,6 +12,6 @@ def get_config() -> ml_collections.ConfigDict:
   base.train.update(eval_steps=2)
   base.train.optimizer.update(warmup_steps=2)
   sweep = default_sweep_config()
-  sweep.update(sizes=(1, 2), aspect_ratio=16, head_dim=8, mlp_ratio=2, token_budgets=(2**11, 2**12),
+  sweep.update(sizes=(1, 2), aspect_ratio=16, head_dim=8, mlp_ratio=2, token_budgets=(2**11, 2**12, 2**13),
                seeds=(0,))
   return ml_collections.ConfigDict(dict(base=base, sweep=sweep))

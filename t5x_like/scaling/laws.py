@@ -46,19 +46,29 @@ class KaplanJoint:
     return ((self.n_c / n) ** (self.alpha_n / self.alpha_d) + self.d_c / d) ** self.alpha_d
 
 
+# Kaplan et al.'s own fit (their eq. 1.5 and table 2: N_c 8.8e13 and D_c 5.4e13 tokens), a start
+# that needs no slope of the data: across an isoFLOP design, loss can rise with N.
+KAPLAN_START = KaplanJoint(n_c=8.8e13, d_c=5.4e13, alpha_n=0.076, alpha_d=0.095)
+MIN_ALPHA = 1e-3
+
+
 def fit_kaplan_joint(n, d, loss) -> KaplanJoint:
-  """Nonlinear least squares on log L, started from the one-variable fits."""
+  """Nonlinear least squares on log L, from the one-variable fits where their slopes are
+  usable and from Kaplan et al.'s values; the better fit is kept."""
   n, d, loss = map(lambda a: np.asarray(a, float), (n, d, loss))
-  start_n, start_d = fit_power_law(n, loss), fit_power_law(d, loss)
 
   def residuals(theta):
     log_n_c, log_d_c, alpha_n, alpha_d = theta
     inner = np.exp((alpha_n / alpha_d) * (log_n_c - np.log(n))) + np.exp(log_d_c - np.log(d))
     return alpha_d * np.log(inner) - np.log(loss)
 
-  theta0 = [np.log(start_n.scale), np.log(start_d.scale), start_n.alpha, start_d.alpha]
-  result = optimize.least_squares(residuals, theta0, bounds=([-np.inf, -np.inf, 1e-3, 1e-3], np.inf))
-  log_n_c, log_d_c, alpha_n, alpha_d = result.x
+  starts = [KAPLAN_START]
+  start_n, start_d = fit_power_law(n, loss), fit_power_law(d, loss)
+  if min(start_n.alpha, start_d.alpha) > MIN_ALPHA and np.isfinite([start_n.scale, start_d.scale]).all():
+    starts.append(KaplanJoint(start_n.scale, start_d.scale, start_n.alpha, start_d.alpha))
+  results = [optimize.least_squares(residuals, [np.log(s.n_c), np.log(s.d_c), s.alpha_n, s.alpha_d],
+                                    bounds=([-np.inf, -np.inf, MIN_ALPHA, MIN_ALPHA], np.inf)) for s in starts]
+  log_n_c, log_d_c, alpha_n, alpha_d = min(results, key=lambda result: result.cost).x
   return KaplanJoint(float(np.exp(log_n_c)), float(np.exp(log_d_c)), float(alpha_n), float(alpha_d))
 
 
@@ -118,8 +128,10 @@ def fit_chinchilla(n, d, loss, *, delta: float = 1e-3, grid: dict | None = None)
     result = optimize.minimize(_chinchilla_objective, [a, b, e, alpha, beta],
                                args=(log_n, log_d, log_loss, delta), method="L-BFGS-B", jac=True,
                                options=LBFGS_OPTIONS)
-    if best is None or result.fun < best.fun:
+    if np.isfinite(result.fun) and (best is None or result.fun < best.fun):
       best = result
+  if best is None:
+    raise ValueError("no start of the Chinchilla fit reached a finite loss; are the losses finite and positive?")
   a, b, e, alpha, beta = best.x
   return Chinchilla(e=float(np.exp(e)), a=float(np.exp(a)), b=float(np.exp(b)), alpha=float(alpha),
                     beta=float(beta))
@@ -147,20 +159,21 @@ def bootstrap_chinchilla(n, d, loss, fit: Chinchilla, *, samples: int = 200, see
 
 def extrapolation_error(n, d, loss, *, holdout: int = 1, law: str = "chinchilla",
                         grid: dict | None = None) -> dict:
-  """Fits `law` ("chinchilla" or Kaplan's joint "kaplan") without the `holdout` largest-compute
-  runs and reports the error predicting them."""
+  """Fits `law` ("chinchilla" or Kaplan's joint "kaplan") without the runs of the `holdout`
+  largest-compute (N, D) points, seed replicates included, and reports the error predicting them."""
   if law not in ("chinchilla", "kaplan"):
     raise ValueError(f"law={law!r} is not 'chinchilla' or 'kaplan'")
   n, d, loss = map(lambda x: np.asarray(x, float), (n, d, loss))
-  order = np.argsort(n * d)
-  train, test = order[:-holdout], order[-holdout:]
+  points = sorted(set(zip(n, d)), key=lambda point: (point[0] * point[1], point))
+  held_out = np.array([(a, b) in set(points[-holdout:]) for a, b in zip(n, d)])
+  train, test = np.flatnonzero(~held_out), np.flatnonzero(held_out)
   if law == "chinchilla":
     fit = fit_chinchilla(n[train], d[train], loss[train], grid=grid)
   else:
     fit = fit_kaplan_joint(n[train], d[train], loss[train])
   predicted = fit(n[test], d[test])
   relative = (predicted - loss[test]) / loss[test]
-  return {"law": law, "held_out_runs": int(holdout), "predicted": predicted.tolist(),
+  return {"law": law, "held_out_points": int(holdout), "held_out_runs": len(test), "predicted": predicted.tolist(),
           "measured": loss[test].tolist(), "relative_error": relative.tolist(),
           "max_abs_relative_error": float(np.max(np.abs(relative)))}
 

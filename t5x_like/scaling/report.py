@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 
 import numpy as np
 
 from models.config import ConfigError
 from t5x_like.scaling import laws
+
+logger = logging.getLogger(__name__)
 
 RESULT_FIELDS = ("name", "non_embedding_params", "total_params", "tokens", "flops", "train_loss",
                  "validation_loss", "wall_seconds")
@@ -22,29 +25,43 @@ def load_results(sweep_dir: pathlib.Path) -> list[dict]:
   return json.loads(path.read_text())
 
 
+# Chinchilla's law has 5 parameters: fewer distinct (N, D) points than 6 fit it exactly, with
+# intervals that mean nothing.
+MIN_POINTS = 6
+
+
 def fit_report(rows: list[dict], *, loss_key: str = "validation_loss", bootstrap_samples: int = 200,
                grid: dict | None = None, holdout: int = 1) -> dict:
-  """Kaplan (per-variable and joint) and Chinchilla fits with bootstrap intervals."""
-  if bootstrap_samples < 1 or holdout < 1:
-    raise ConfigError(f"bootstrap samples ({bootstrap_samples}) and held-out runs ({holdout}) must be at least 1")
+  """Kaplan (per-variable and joint) and Chinchilla fits with bootstrap intervals. Runs whose
+  loss is not finite (a diverged run) are left out and named; seed replicates are separate runs
+  in the fits and averaged in the one-variable laws."""
+  if bootstrap_samples < 1 or holdout < 0:
+    raise ConfigError(f"bootstrap samples ({bootstrap_samples}) must be at least 1 and held-out points "
+                      f"({holdout}) at least 0")
   if any(loss_key not in r for r in rows):
     raise ConfigError(f"the results lack {loss_key!r}; the losses they hold are train_loss and validation_loss")
+  dropped = [r.get("name", str(i)) for i, r in enumerate(rows) if not np.isfinite(r[loss_key])]
+  if dropped:
+    logger.warning("left out of the fits: %s (%s not finite)", ", ".join(dropped), loss_key)
+  rows = [r for r in rows if np.isfinite(r[loss_key])]
   n = np.array([r["non_embedding_params"] for r in rows], float)
   d = np.array([r["tokens"] for r in rows], float)
   loss = np.array([r[loss_key] for r in rows], float)
-  report: dict = {"runs": len(rows), "loss": loss_key}
-  # One-variable Kaplan laws use, for each N, the run with the most data (and vice versa),
-  # where the other variable limits least.
-  largest_d = {x: max((r for r in rows if r["non_embedding_params"] == x), key=lambda r: r["tokens"])
-               for x in set(n)}
-  largest_n = {x: max((r for r in rows if r["tokens"] == x), key=lambda r: r["non_embedding_params"])
-               for x in set(d)}
-  if len(largest_d) >= 2:
-    law = laws.fit_power_law(sorted(largest_d), [largest_d[x][loss_key] for x in sorted(largest_d)])
-    report["kaplan_n"] = {"n_c": law.scale, "alpha_n": law.alpha}
-  if len(largest_n) >= 2:
-    law = laws.fit_power_law(sorted(largest_n), [largest_n[x][loss_key] for x in sorted(largest_n)])
-    report["kaplan_d"] = {"d_c": law.scale, "alpha_d": law.alpha}
+  points = sorted(set(zip(n, d)))
+  if len(points) < MIN_POINTS or len(set(n)) < 2 or len(set(d)) < 2:
+    raise ConfigError(f"the fits need {MIN_POINTS} or more (N, D) points with finite {loss_key}, over 2 or more "
+                      f"model sizes and token budgets; these results have {len(points)} points, {len(set(n))} "
+                      f"sizes and {len(set(d))} budgets")
+  report: dict = {"runs": len(rows), "points": len(points), "loss": loss_key, "left_out": dropped}
+  # One-variable Kaplan laws use, for each N, the point with the most data (and vice versa),
+  # where the other variable limits least; its replicates' mean loss.
+  mean_loss = {point: float(np.mean(loss[(n == point[0]) & (d == point[1])])) for point in points}
+  largest_d = {x: max(b for a, b in points if a == x) for x in sorted(set(n))}
+  largest_n = {x: max(a for a, b in points if b == x) for x in sorted(set(d))}
+  law = laws.fit_power_law(list(largest_d), [mean_loss[(x, largest_d[x])] for x in largest_d])
+  report["kaplan_n"] = {"n_c": law.scale, "alpha_n": law.alpha}
+  law = laws.fit_power_law(list(largest_n), [mean_loss[(largest_n[x], x)] for x in largest_n])
+  report["kaplan_d"] = {"d_c": law.scale, "alpha_d": law.alpha}
   joint = laws.fit_kaplan_joint(n, d, loss)
   report["kaplan_joint"] = dict(dataclasses.asdict(joint), r_squared=laws.r_squared(joint(n, d), loss))
   chinchilla = laws.fit_chinchilla(n, d, loss, grid=grid)
@@ -56,8 +73,11 @@ def fit_report(rows: list[dict], *, loss_key: str = "validation_loss", bootstrap
   # Compute here is Chinchilla's C = 6ND (N non-embedding), not the results' PaLM FLOP count.
   report["compute_optimal"] = [{"compute_6nd": float(c), "n": float(a), "d": float(b)}
                                for c, a, b in zip(compute, n_opt, d_opt)]
-  if len(rows) > holdout + 5:
+  if holdout and len(points) - holdout >= MIN_POINTS:
     report["extrapolation"] = laws.extrapolation_error(n, d, loss, holdout=holdout, grid=grid)
+  elif holdout:
+    report["extrapolation"] = {"skipped": f"holding out {holdout} of {len(points)} points would leave "
+                                          f"{len(points) - holdout}, fewer than the {MIN_POINTS} a fit needs"}
   return report
 
 

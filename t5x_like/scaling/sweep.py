@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import functools
 import json
 import math
 import multiprocessing
@@ -57,6 +58,8 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
            for v in sweep[field]):
       kind = "non-negative" if field == "seeds" else "positive"
       raise ConfigError(f"sweep.{field}={tuple(sweep[field])} must hold {kind} integers")
+    if len(set(sweep[field])) < len(sweep[field]):  # a point trained twice, into one workdir
+      raise ConfigError(f"sweep.{field}={tuple(sweep[field])} names a value twice")
   points = []
   for size in sweep.sizes:
     emb_dim = sweep.aspect_ratio * size
@@ -105,7 +108,12 @@ def train_point(config_json: str, workdir: str) -> dict:
   return row
 
 
+class PointsFailed(ConfigError):
+  """Some points of a sweep raised; the message names each, and the others' results are written."""
+
+
 def _ray_submit(points):
+  """(name, a function returning the point's row or raising its error) as each point ends."""
   import ray
   if not ray.is_initialized():
     ray.init()
@@ -114,17 +122,17 @@ def _ray_submit(points):
   pending = list(refs)
   while pending:
     finished, pending = ray.wait(pending, num_returns=1)
-    yield refs[finished[0]], ray.get(finished[0])
+    yield refs[finished[0]], functools.partial(ray.get, finished[0])
 
 
 def _local_submit(points, workers: int):
-  # Spawned processes: each point gets a fresh JAX runtime.
+  """As _ray_submit, in spawned processes: each point gets a fresh JAX runtime."""
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
     futures = {pool.submit(train_point, json.dumps(config.to_dict()), str(workdir)): name
                for name, config, workdir in points}
     for future in concurrent.futures.as_completed(futures):
-      yield futures[future], future.result()
+      yield futures[future], future.result
 
 
 def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> list[dict]:
@@ -147,13 +155,21 @@ def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> lis
     finished = _local_submit(todo, config.sweep.workers)
   else:
     raise ConfigError(f"sweep.executor={config.sweep.executor!r} is not one of ('local', 'ray')")
-  for name, row in finished:
-    results[name] = row
+  failures = {}
+  for name, result in finished:
+    try:
+      results[name] = result()
+    except Exception as error:  # one point's failure (a NaN loss, a crash) leaves the others running
+      failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     write_results(sweep_dir, [results[n] for n, _ in points if n in results])
     progress.update(1)
   progress.close()
-  rows = [results[n] for n, _ in points]
+  rows = [results[n] for n, _ in points if n in results]
   write_results(sweep_dir, rows)
+  if failures:
+    raise PointsFailed(f"{len(failures)} of {len(points)} sweep points failed ("
+                       + "; ".join(f"{name}: {error}" for name, error in sorted(failures.items()))
+                       + f"); {sweep_dir}/results.json holds the other {len(rows)}; rerun the sweep to retry")
   return rows
 
 

@@ -34,13 +34,28 @@ def test_power_law_recovery():
   np.testing.assert_allclose(fit(n), truth(n), rtol=3 * NOISE)
 
 
+# Not Kaplan et al.'s own values, from which the joint fit also starts.
+KAPLAN_TRUTH = laws.KaplanJoint(n_c=2e12, d_c=9e12, alpha_n=0.11, alpha_d=0.14)
+
+
 def test_kaplan_joint_recovery():
   n, d, noise = grid_runs(1)
-  truth = laws.KaplanJoint(n_c=8.8e13, d_c=5.4e13, alpha_n=0.076, alpha_d=0.095)
-  fit = laws.fit_kaplan_joint(n, d, truth(n, d) * noise)
-  assert fit.alpha_n == pytest.approx(truth.alpha_n, abs=0.02)
-  assert fit.alpha_d == pytest.approx(truth.alpha_d, abs=0.02)
-  np.testing.assert_allclose(fit(n, d), truth(n, d), rtol=3 * NOISE)
+  fit = laws.fit_kaplan_joint(n, d, KAPLAN_TRUTH(n, d) * noise)
+  assert fit.alpha_n == pytest.approx(KAPLAN_TRUTH.alpha_n, abs=0.02)
+  assert fit.alpha_d == pytest.approx(KAPLAN_TRUTH.alpha_d, abs=0.02)
+  np.testing.assert_allclose(fit(n, d), KAPLAN_TRUTH(n, d), rtol=3 * NOISE)
+
+
+def test_kaplan_joint_fits_an_isoflop_design_where_loss_rises_with_n():
+  """D = C / 6N for three budgets C: over all runs a bigger model saw less data, so the one-variable
+  slope in N is negative, a start outside the exponents' bounds."""
+  n = np.tile(np.logspace(6, 8, 6), 3)
+  d = np.repeat([1e15, 1e16, 1e17], 6) / (6 * n)
+  loss = KAPLAN_TRUTH(n, d) * np.exp(np.random.default_rng(4).normal(0.0, NOISE, n.size))
+  assert laws.fit_power_law(n, loss).alpha < 0
+  fit = laws.fit_kaplan_joint(n, d, loss)
+  assert fit.alpha_n == pytest.approx(KAPLAN_TRUTH.alpha_n, abs=0.02)
+  np.testing.assert_allclose(fit(n, d), KAPLAN_TRUTH(n, d), rtol=3 * NOISE)
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +108,55 @@ def test_bootstrap_interval_width_matches_the_spread_over_fresh_noise():
 
 
 def test_extrapolation_to_held_out_largest_runs(chinchilla_data):
-  n, d, loss, _ = chinchilla_data
+  n, d, loss, truth = chinchilla_data
   check = laws.extrapolation_error(n, d, loss, holdout=3, grid=SMALL_GRID)
   assert check["held_out_runs"] == 3 and check["max_abs_relative_error"] < 0.02
+  # Seed replicates of a held-out point are held out with it, not left in the fit.
+  twice = laws.extrapolation_error(np.tile(n, 2), np.tile(d, 2), np.concatenate([loss, loss * 1.001]),
+                                   holdout=3, grid=SMALL_GRID)
+  assert (twice["held_out_points"], twice["held_out_runs"]) == (3, 6)
+  largest = np.argsort(n * d)[-3:]
+  np.testing.assert_allclose(sorted(twice["measured"]), sorted(np.concatenate([loss[largest], 1.001 * loss[largest]])))
+
+
+def test_a_non_finite_loss_is_left_out_named_not_fitted_from(chinchilla_data, caplog):
+  n, d, loss, _ = chinchilla_data
+  rows = [{"name": f"run{i}", "non_embedding_params": a, "tokens": b, "validation_loss": c}
+          for i, (a, b, c) in enumerate(zip(n, d, loss))]
+  rows[4]["validation_loss"], rows[7]["validation_loss"] = float("nan"), float("inf")
+  report = fit_report(rows, bootstrap_samples=2, grid=SMALL_GRID, holdout=0)
+  assert report["left_out"] == ["run4", "run7"] and "left out of the fits: run4, run7" in caplog.text
+  kept = np.isfinite([r["validation_loss"] for r in rows])
+  expected = laws.fit_chinchilla(n[kept], d[kept], loss[kept], grid=SMALL_GRID)
+  assert report["chinchilla"]["alpha"] == pytest.approx(expected.alpha, rel=1e-9)
+  # The fitter itself no longer returns its first grid start when every start's loss is NaN.
+  with pytest.raises(ValueError, match="no start of the Chinchilla fit reached a finite loss"):
+    laws.fit_chinchilla(n, d, np.where(kept, loss, np.nan), grid=SMALL_GRID)
+
+
+@pytest.mark.parametrize("sizes, budgets, message", [
+    (2, 2, r"these results have 4 points, 2 sizes and 2 budgets"),  # fewer points than 6
+    (1, 6, r"these results have 6 points, 1 sizes and 6 budgets"),  # a single model size
+])
+def test_fits_refuse_too_few_points_to_determine_them(sizes, budgets, message):
+  rows = [{"name": f"{a}_{b}", "non_embedding_params": 1e6 * (a + 1), "tokens": 1e8 * (b + 1),
+           "validation_loss": 3.0 - 0.1 * a - 0.1 * b} for a in range(sizes) for b in range(budgets)]
+  with pytest.raises(ConfigError, match=r"the fits need 6 or more \(N, D\) points .*" + message):
+    fit_report(rows)
+
+
+def test_a_holdout_that_leaves_too_few_points_is_reported_skipped(chinchilla_data):
+  n, d, loss, _ = chinchilla_data
+  rows = [{"name": str(i), "non_embedding_params": a, "tokens": b, "validation_loss": c}
+          for i, (a, b, c) in enumerate(zip(n, d, loss))]
+  report = fit_report(rows, bootstrap_samples=2, grid=SMALL_GRID, holdout=25)
+  assert report["extrapolation"] == {"skipped": "holding out 25 of 30 points would leave 5, fewer than the 6 "
+                                                "a fit needs"}
 
 
 def test_kaplan_extrapolation_to_held_out_largest_runs():
   n, d, noise = grid_runs(3)
-  loss = laws.KaplanJoint(n_c=8.8e13, d_c=5.4e13, alpha_n=0.076, alpha_d=0.095)(n, d) * noise
+  loss = KAPLAN_TRUTH(n, d) * noise
   check = laws.extrapolation_error(n, d, loss, holdout=3, law="kaplan")
   assert check["law"] == "kaplan" and check["max_abs_relative_error"] < 0.02
   with pytest.raises(ValueError, match="law='kaplan_joint'"):
@@ -152,8 +208,8 @@ def test_report_and_plots(chinchilla_data, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(holdout=0), r"held-out runs \(0\) must be at least 1"),
-    (dict(bootstrap_samples=0), r"bootstrap samples \(0\)"),
+    (dict(holdout=-1), r"held-out points \(-1\) at least 0"),
+    (dict(bootstrap_samples=0), r"bootstrap samples \(0\) must be at least 1"),
     (dict(loss_key="test_loss"), "the results lack 'test_loss'"),
 ])
 def test_report_refuses_options_it_cannot_honour(options, message):

@@ -9,6 +9,7 @@ import pytest
 from models.config import ConfigError
 from t5x_like.cli import main
 from t5x_like.config import load_config
+from t5x_like.scaling import sweep
 from t5x_like.scaling.sweep import sweep_points
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "scaling" / "tiny.py")
@@ -23,14 +24,15 @@ def sweep_dir(tmp_path_factory):
 
 def test_sweep_writes_one_row_per_point(sweep_dir):
   rows = json.loads((sweep_dir / "results.json").read_text())
-  assert [r["name"] for r in rows] == ["s1_tokens2048_seed0", "s1_tokens4096_seed0",
-                                       "s2_tokens2048_seed0", "s2_tokens4096_seed0"]
+  budgets = (2048, 4096, 8192)
+  assert [r["name"] for r in rows] == [f"s{size}_tokens{tokens}_seed0" for size in (1, 2) for tokens in budgets]
   for row in rows:
-    assert row["tokens"] in (2048, 4096) and row["flops"] > 6 * row["non_embedding_params"] * row["tokens"]
+    assert row["tokens"] in budgets and row["flops"] > 6 * row["non_embedding_params"] * row["tokens"]
     assert row["validation_loss"] > 0 and row["wall_seconds"] > 0
   # More data lowers the loss at each size.
-  assert rows[1]["train_loss"] < rows[0]["train_loss"] and rows[3]["train_loss"] < rows[2]["train_loss"]
-  assert (sweep_dir / "results.csv").read_text().count("\n") == 5
+  for size in (0, 3):
+    assert rows[size]["train_loss"] > rows[size + 1]["train_loss"] > rows[size + 2]["train_loss"]
+  assert (sweep_dir / "results.csv").read_text().count("\n") == 7
 
 
 def test_seed_replicates_vary_the_weights_and_the_data_order():
@@ -76,12 +78,32 @@ def test_rerun_under_another_base_config_is_refused_before_training(sweep_dir, c
     (dict(token_budgets=(3000,)), "3000 is not a whole number of batches"),
     (dict(sizes=(1.5,)), r"sweep.sizes=\(1.5,\) must hold positive integers"),
     (dict(seeds=(-1,)), "must hold non-negative integers"),
+    (dict(sizes=(1, 1)), r"sweep.sizes=\(1, 1\) names a value twice"),
 ])
 def test_sweep_points_refuse_budgets_and_sizes_that_cannot_be_run_as_given(changes, message):
   config = load_config(CONFIG)
   config.sweep.update(changes)
   with pytest.raises(ConfigError, match=message):
     sweep_points(config)
+
+
+def test_a_failed_point_leaves_the_others_results_written_and_is_named(tmp_path, monkeypatch):
+  config = load_config(CONFIG)
+  names = [name for name, _ in sweep_points(config)]
+
+  def submit(points, workers):  # in place of the process pool: the second point raises
+    for index, (name, _, workdir) in enumerate(points):
+      def result(name=name, index=index):
+        if index == 1:
+          raise FloatingPointError("the loss became NaN at step 3")
+        return {"name": name, "validation_loss": 3.0}
+      yield name, result
+
+  monkeypatch.setattr(sweep, "_local_submit", submit)
+  with pytest.raises(ConfigError, match=rf"1 of 6 sweep points failed \({names[1]}: FloatingPointError: the loss "
+                                        rf"became NaN at step 3\); .*results.json holds the other 5"):
+    sweep.run_sweep(config, tmp_path)
+  assert [r["name"] for r in json.loads((tmp_path / "results.json").read_text())] == names[:1] + names[2:]
 
 
 def test_points_keep_the_base_configs_kv_grouping_and_seed():
