@@ -18,6 +18,9 @@ from models.huggingface.common import UnsupportedCheckpoint
 from models.transformer import build_model
 
 FAMILIES = {"gpt2": gpt2, "llama": llama, "bert": bert, "t5": t5}
+# ModelConfig fields that change how the weights compute or train, not what they are.
+OVERRIDABLE = frozenset({"dtype", "param_dtype", "bf16_matmul_inputs", "attention_kernel", "loss_kernel", "remat",
+                         "dropout_rate", "attention_dropout_rate", "mlp_dropout_rate", "final_dropout"})
 
 
 def _family(model_type: str):
@@ -37,8 +40,12 @@ def import_from_hf(hf_model, **overrides) -> nnx.Module:
   Whether the output projection is tied is read from the model, not its config:
   transformers 5 ties T5's lm_head to the shared table unless the checkpoint it was
   loaded from stores a different one. `overrides` are ModelConfig fields that leave
-  the weights' shapes alone, e.g. dtype="bfloat16" or dropout_rate=0.0.
+  the weights alone (OVERRIDABLE), e.g. dtype="bfloat16" or dropout_rate=0.0.
   """
+  refused = sorted(set(overrides) - OVERRIDABLE)
+  if refused:
+    raise UnsupportedCheckpoint(f"import_from_hf cannot override {refused}: the checkpoint fixes them; "
+                                f"these may be overridden: {sorted(OVERRIDABLE)}")
   family = _family(hf_model.config.model_type)
   if type(hf_model).__name__ != family.HF_CLASS:
     raise UnsupportedCheckpoint(

@@ -117,11 +117,13 @@ def load(model: nnx.Module, tensors: list[Tensor], state: dict[str, np.ndarray])
         f"missing {missing}, unexpected {unexpected}")
   loaded = set()
   for tensor in tensors:
-    values = tensor.to_ours(state[tensor.name])
-    for param, value in zip(tensor.params, values, strict=True):
-      if value.shape != param.shape:
-        raise UnsupportedCheckpoint(
-            f"{tensor.name} has shape {value.shape}; our parameter has shape {param.shape}")
+    # Checked in HF's layout, before to_ours reshapes: a reshape would pass a same-sized
+    # tensor of another layout (other heads) and fail on another size without a name.
+    expected = tensor.to_hf(*(np.empty(param.shape, np.float32) for param in tensor.params)).shape
+    if state[tensor.name].shape != expected:
+      raise UnsupportedCheckpoint(f"{tensor.name} has shape {state[tensor.name].shape}; our parameters "
+                                  f"{[param.shape for param in tensor.params]} hold shape {expected}")
+    for param, value in zip(tensor.params, tensor.to_ours(state[tensor.name]), strict=True):
       param[...] = jnp.asarray(value, param.dtype)
       loaded.add(id(param))
   unloaded = ["/".join(map(str, path)) for path, node in nnx.iter_graph(model)

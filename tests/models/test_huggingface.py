@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from models.config import ModelConfig
-from models.huggingface import UnsupportedCheckpoint, config_from_hf, export_to_hf, import_from_hf
+from models.huggingface import UnsupportedCheckpoint, common, config_from_hf, export_to_hf, import_from_hf
+from models.huggingface import gpt2 as gpt2_family
 from models.transformer import build_model
 
 VOCAB, LENGTH, PADDED_LENGTH = 128, 12, 7
@@ -173,6 +174,18 @@ def test_unrepresentable_options_are_rejected(config_class, options, message):
   hf_config = getattr(transformers, config_class)(**options)
   with pytest.raises(UnsupportedCheckpoint, match=message):
     config_from_hf(hf_config)
+
+
+def test_overrides_that_would_change_the_weights_are_refused_and_shapes_checked_before_reshaping():
+  hf_model = gpt2()
+  # Same sizes, other heads: a reshape would load every projection in the wrong layout.
+  for overrides in (dict(num_heads=2), dict(tie_embeddings=False), dict(mlp_dim=64)):
+    with pytest.raises(UnsupportedCheckpoint, match=rf"cannot override \['{next(iter(overrides))}'\]"):
+      import_from_hf(hf_model, **overrides)
+  narrow = build_model(config_from_hf(hf_model.config).replace(mlp_dim=64))
+  with pytest.raises(UnsupportedCheckpoint, match=r"transformer\.h\.0\.mlp\.c_fc\.weight has shape \(64, 256\); "
+                                                  r"our parameters \[\(64, 64\)\] hold shape \(64, 64\)"):
+    common.load(narrow, gpt2_family.tensors(narrow), common.hf_state_dict(hf_model))
 
 
 def test_export_rejects_a_config_no_family_has():
