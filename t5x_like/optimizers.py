@@ -53,9 +53,11 @@ def decay_mask(params):
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   """Returns (optax transformation, schedule); its update may take the gradients' norm as `grad_norm=`."""
   # A negative clip norm would flip every update's sign, and a negative rate or decay would too.
-  for name in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip_norm", "eps"):
+  for name in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip_norm", "end_learning_rate_fraction"):
     if not config[name] >= 0:
       raise ConfigError(f"train.optimizer.{name}={config[name]} must be at least 0")
+  if not config.eps > 0:  # Adam's update of a parameter whose gradient is 0 would be 0 / 0
+    raise ConfigError(f"train.optimizer.eps={config.eps} must be positive")
   for name in ("b1", "b2"):
     if not 0 <= config[name] < 1:
       raise ConfigError(f"train.optimizer.{name}={config[name]} must be in [0, 1)")

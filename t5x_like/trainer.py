@@ -283,7 +283,11 @@ class Trainer:
     config_file = workdir / "config.json"
     if not config_file.exists():
       raise ConfigError(f"{workdir} holds no config.json; is it a t5x-like train --workdir?")
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    try:
+      config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as error:
+      raise ConfigError(f"{config_file} is not valid JSON ({error}); train writes it, and nothing "
+                        f"else should") from None
     config.train.grad_accum_steps = 1  # nothing is trained: the batch need only divide over the data shards
     devices = jax.devices() if devices is None else devices
     batch = config.data.batch_size
@@ -357,7 +361,7 @@ class Trainer:
 
   def _apply_gradients(self, state, grads, sums):
     weight = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
+    grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), grads)  # bfloat16 weights keep bf16 moments
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
 
@@ -460,7 +464,9 @@ class Trainer:
           done = step + 1
           save = done % cfg.checkpoint_every == 0 or done == cfg.steps
           if done % cfg.log_every == 0 or save:
-            # Checked before every save, so a non-finite step is never checkpointed.
+            # Checked before every save, so a non-finite step is never checkpointed. The steps
+            # are dispatched asynchronously: the interval ends when they have run, not when queued.
+            jax.block_until_ready(metrics)
             elapsed = time.perf_counter() - interval_start
             recent.extend(self._log(pending, writer, elapsed, tokens_per_step, flops_per_step, peak))
             progress.set_postfix(loss=f"{_mean_loss(recent):.3f}")
@@ -471,6 +477,7 @@ class Trainer:
             jax.block_until_ready(self.state)  # the steps already dispatched are training time
             pause_start = time.perf_counter()
             if save:
+              self._check_finite_params(done)
               checkpointer.save(done, self.state, train_loader.get_state())
             if due_for_eval:
               writer.write(done, "validation", self.evaluate(cfg.eval_steps))
@@ -491,7 +498,14 @@ class Trainer:
     """Fetches the interval's metrics, applies the non-finite policy, writes one row per step.
     Returns the finite steps' (loss sum, target tokens)."""
     rows = jax.device_get([m for _, m in pending])
+    steps_per_second = len(pending) / max(elapsed, 1e-9)
     for (step, _), row in zip(pending, rows):
+      scalars = loss_means(row)
+      scalars.update(grad_norm=float(row["grad_norm"]), learning_rate=float(row["learning_rate"]),
+                     tokens_per_second=tokens_per_step * steps_per_second,
+                     model_flops_per_second=flops_per_step * steps_per_second,
+                     mfu=flops_per_step * steps_per_second / (peak * self.mesh.size))
+      writer.write(step, "train", scalars)  # the steps up to a non-finite one too, to debug it
       if not row["finite"]:
         if self.config.train.nonfinite == "stop":
           raise NonFiniteLossError(
@@ -500,15 +514,21 @@ class Trainer:
               f"after it. Lower train.optimizer.learning_rate, enable train.z_loss, or set "
               f"train.nonfinite='skip'")
         logger.warning("skipped the update of step %d: non-finite loss or gradient", step)
-    steps_per_second = len(pending) / max(elapsed, 1e-9)
-    for (step, _), row in zip(pending, rows):
-      scalars = loss_means(row)
-      scalars.update(grad_norm=float(row["grad_norm"]), learning_rate=float(row["learning_rate"]),
-                     tokens_per_second=tokens_per_step * steps_per_second,
-                     model_flops_per_second=flops_per_step * steps_per_second,
-                     mfu=flops_per_step * steps_per_second / (peak * self.mesh.size))
-      writer.write(step, "train", scalars)
     return [(float(_reported_loss_sum(row)), float(row["weight"])) for row in rows if row["finite"]]
+
+  def _check_finite_params(self, step: int) -> None:
+    """Refuses to save parameters an update made non-finite from finite gradients (a rate far
+    too high): the checks on the loss and gradient would pass them, and every resume would fail."""
+    bad = [jax.tree_util.keystr(path) for path, finite in jax.tree_util.tree_flatten_with_path(
+        jax.device_get(_finite_leaves(self.state["params"])))[0] if not finite]
+    if bad:
+      raise NonFiniteLossError(f"the parameters became non-finite by step {step} ({', '.join(bad[:3])}); no "
+                               f"checkpoint was written. Lower train.optimizer.learning_rate")
+
+
+@jax.jit
+def _finite_leaves(tree):
+  return jax.tree.map(lambda x: jnp.isfinite(x).all(), tree)
 
 
 def _mean_loss(recent: Iterable[tuple[float, float]]) -> float:
@@ -533,7 +553,7 @@ def loss_means(sums) -> dict[str, float]:
   compare; the z-loss the optimiser adds to it is reported beside it. A mode whose loss is not
   a cross-entropy (a reward model's, say) sums only `loss` and `weight`.
   """
-  weight = max(float(sums["weight"]), 1.0)
+  weight = float(sums["weight"]) or float("nan")  # no scored token: no loss, not a perfect one
   loss = float(_reported_loss_sum(sums)) / weight
   means = {"loss": loss, "target_tokens": float(sums["weight"])}
   if "cross_entropy" in sums:

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec
 from fake_data import CharacterTokenizer, PatternLoader, RaggedPatternLoader
 from models.config import ConfigError
 from models.model_size import train_flops_per_sequence
-from t5x_like import evaluation
+from t5x_like import evaluation, partitioning
 from t5x_like.checkpoints import Checkpointer, this_process_position
 from t5x_like.metrics import read_metrics
 from t5x_like.modes import MODES
@@ -204,6 +204,26 @@ def test_a_run_keeps_its_last_checkpoints_evaluates_every_n_steps_and_reports_mf
     assert row["mfu"] == pytest.approx(row["model_flops_per_second"] / (1e12 * jax.device_count()), rel=1e-6)
 
 
+def test_logged_throughput_counts_the_steps_running_not_just_queued(tmp_path):
+  """Steps run asynchronously: a clock read when they are queued would log a throughput many
+  times the real one. Against the step timed directly after training."""
+  config = tiny_config(steps=12, log_every=6, checkpoint_every=12)
+  config.model.update(emb_dim=128, mlp_dim=512, max_len=64)  # steps long enough that queueing them is not
+  config.data.update(seq_len=64, batch_size=16)
+  trainer, _ = train(config, tmp_path, devices=jax.devices()[:1])  # one device queues steps furthest ahead
+  logged = read_metrics(tmp_path, "train")[-1]["tokens_per_second"]  # the second interval: no compiling
+  batch = trainer.global_batch(next(PatternLoader(config.data, "train", process_index=0, process_count=1)))
+  with jax.set_mesh(trainer.mesh), partitioning.activation_rules(config.partitioning):
+    state, metrics = trainer.train_step(trainer.state, trainer.rest, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(6):
+      state, metrics = trainer.train_step(state, trainer.rest, batch)
+    jax.block_until_ready(metrics)
+    measured = 6 * config.data.batch_size * config.data.seq_len / (time.perf_counter() - start)
+  assert 1 / 3 < logged / measured < 3
+
+
 def test_z_loss_is_the_scaled_mean_square_log_normaliser(tmp_path):
   """PaLM's z-loss against the model's logits; the reported loss stays the cross-entropy alone."""
   config = tiny_config(z_loss=1e-2)
@@ -345,6 +365,12 @@ def test_resuming_under_a_config_that_builds_other_arrays_stops_and_keeps_every_
   assert (tmp_path / "config.json").read_text() == saved_config  # still the config the checkpoints fit
 
 
+def test_a_workdir_whose_config_is_not_json_is_named(tmp_path):
+  (tmp_path / "config.json").write_text('{"model": ')
+  with pytest.raises(ConfigError, match=r"config\.json is not valid JSON"):
+    Trainer.from_workdir(tmp_path)
+
+
 def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path):
   trained, _ = train(tiny_config(steps=4, mesh_shape=(2, 2, 2)), tmp_path)
   loaded = Trainer.from_workdir(tmp_path, devices=jax.devices()[:2])
@@ -457,7 +483,9 @@ class NanAtStep(PatternLoader):
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
   with pytest.raises(NonFiniteLossError, match="at step 6"):
-    train(tiny_config(steps=12, checkpoint_every=4), tmp_path, loader=NanAtStep)
+    train(tiny_config(steps=12, checkpoint_every=4, log_every=4), tmp_path, loader=NanAtStep)
+  # The interval's steps up to the bad one are logged, though 6 stopped it before step 8's log.
+  assert [row["step"] for row in read_metrics(tmp_path, "train")] == [1, 2, 3, 4, 5, 6]
   assert (tmp_path / "checkpoints" / "4").exists()
   assert not (tmp_path / "checkpoints" / "8").exists()
   # Once the bad data is fixed, the rerun resumes from step 4 and trains on past step 6.
@@ -465,6 +493,29 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path)
   resumed.train()
   assert int(resumed.state["step"]) == 12 and all(np.isfinite(losses(tmp_path)[step]) for step in range(5, 13))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(resumed.state["params"]))
+
+
+def test_parameters_an_update_made_non_finite_are_never_saved(tmp_path):
+  # A rate past float32's range: the loss and gradient of step 1 are finite, its update is not.
+  config = tiny_config(steps=4, checkpoint_every=1, schedule="constant")
+  config.train.optimizer.update(learning_rate=1e39, schedule="constant")
+  with pytest.raises(NonFiniteLossError, match=r"the parameters became non-finite by step 1 \(.*\); no checkpoint"):
+    train(config, tmp_path)
+  assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def test_bfloat16_weights_train_with_adamw(tmp_path):
+  config = tiny_config(steps=2)
+  config.model.param_dtype = "bfloat16"
+  trainer, result = train(config, tmp_path)
+  assert np.isfinite(result.validation["loss"])
+  assert {leaf.dtype for leaf in jax.tree.leaves(trainer.state["params"])} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_a_batch_without_scored_tokens_has_no_loss_rather_than_a_perfect_one():
+  means = loss_means({"loss": 0.0, "cross_entropy": 0.0, "correct": 0.0, "weight": 0.0})
+  assert np.isnan(means["loss"]) and np.isnan(means["perplexity"]) and np.isnan(means["accuracy"])
+  assert means["target_tokens"] == 0.0
 
 
 def test_nonfinite_loss_can_skip_the_update(tmp_path, caplog):
