@@ -99,10 +99,7 @@ def _decode(args, overrides) -> None:
   trainer, tokenizer = _load(args, overrides)
   if trainer.model_config.arch == "encoder":
     raise ConfigError("decode needs a decoder or an encoder-decoder; this run trained an encoder")
-  prompts = list(args.prompt)
-  if args.input:
-    with open(args.input, encoding="utf-8") as file:
-      prompts += [json.loads(line)["prompt"] for line in file if line.strip()]
+  prompts = list(args.prompt) + (_read_prompts(args.input) if args.input else [])
   if not prompts:
     raise ConfigError("give --prompt TEXT (repeatable) or --input prompts.jsonl")
   config = DecodeConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
@@ -124,6 +121,23 @@ def _decode(args, overrides) -> None:
     for row in rows:
       print(f"--- {row['prompt']!r}\n{row['prompt'] if trainer.model_config.arch == 'decoder' else ''}"
             f"{row['completion']}")
+
+
+def _read_prompts(path: str) -> list[str]:
+  """The "prompt" of each line of a JSONL file, empty ones included; a bad line is named."""
+  import json
+  from t5x_like.data.documents import read_utf8
+  prompts = []
+  for number, line in enumerate(read_utf8(path).split("\n"), 1):
+    if line.strip():
+      try:
+        prompt = json.loads(line)["prompt"]
+      except (json.JSONDecodeError, KeyError, TypeError):
+        prompt = None
+      if not isinstance(prompt, str):
+        raise ConfigError(f"{path}, line {number}: not a JSON object with a string \"prompt\"")
+      prompts.append(prompt)
+  return prompts
 
 
 def _eval(args, overrides) -> None:
@@ -218,6 +232,16 @@ def _fit(args, overrides) -> None:
   print(f"wrote {sweep_dir / 'fit.json'} and {', '.join(str(p) for p in paths)}")
 
 
+def _at_least(minimum: int):
+  """An argparse type: an integer no smaller than minimum."""
+  def parse(text: str) -> int:
+    value = int(text)
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+    return value
+  return parse
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="t5x-like", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -256,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
   evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a trained run")
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--split", default="validation", choices=("train", "validation"))
-  evaluate.add_argument("--batches", type=int, default=20)
+  evaluate.add_argument("--batches", type=_at_least(1), default=20)
   evaluate.add_argument("--text-file", help="evaluate on this UTF-8 text instead of a split (decoders)")
   evaluate.set_defaults(run=_eval)
   score = commands.add_parser("score", help="few-shot rank scoring on a multiple-choice task")
@@ -264,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
   score.add_argument("--task", default="austen_sentence_completion",
                      help="JSONL of {context, options, answer}, or austen_sentence_completion (built "
                           "in: Austen's validation sentences, which ending fits)")
-  score.add_argument("--shots", type=int, default=0)
-  score.add_argument("--items", type=int, default=200)
+  score.add_argument("--shots", type=_at_least(0), default=0)
+  score.add_argument("--items", type=_at_least(1), default=200)
   score.add_argument("--seed", type=int, default=0)
   score.add_argument("--output", help="JSON report path")
   score.set_defaults(run=_score)

@@ -43,7 +43,11 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
-  config = module.get_config(variant) if variant else module.get_config()
+  try:
+    config = module.get_config(variant) if variant else module.get_config()
+  except (TypeError, ValueError, KeyError) as error:  # e.g. a variant the file does not know
+    raise ConfigError(f"{spec}: get_config({variant!r}) failed: {error}" if variant
+                      else f"{spec}: get_config() failed: {error}") from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict, "
                       f"got {type(config).__name__}")

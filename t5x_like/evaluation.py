@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from models.config import ConfigError
+from t5x_like.data.documents import read_utf8
 from t5x_like.data.tokenizer import EOS_ID, PAD_ID
 from t5x_like.trainer import loss_means
 
@@ -152,15 +153,23 @@ def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int
 def read_task(path: str | pathlib.Path) -> list[dict]:
   """Multiple-choice JSONL: {"context": str, "options": [str, ...], "answer": index} per line."""
   items = []
-  for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
+  for number, line in enumerate(read_utf8(path).split("\n"), 1):
     if not line.strip():
       continue
-    item = json.loads(line)
-    missing = {"context", "options", "answer"} - set(item)
+    where = f"{path}, line {number}"
+    try:
+      item = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise ConfigError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    missing = {"context", "options", "answer"} - set(item if isinstance(item, dict) else {})
     if missing:
-      raise ConfigError(f"{path}, line {number}: missing field(s) {sorted(missing)}")
-    if not 0 <= item["answer"] < len(item["options"]):
-      raise ConfigError(f"{path}, line {number}: answer {item['answer']} is not an index of the options")
+      raise ConfigError(f"{where}: missing field(s) {sorted(missing)}")
+    options, answer = item["options"], item["answer"]
+    if not isinstance(item["context"], str) or not isinstance(options, list) or not options or not all(
+        isinstance(option, str) for option in options):
+      raise ConfigError(f"{where}: context must be a string and options a non-empty list of strings")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+      raise ConfigError(f"{where}: answer {answer!r} is not an index of the options")
     items.append(item)
   return items
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import pathlib
+import re
 import shutil
 
 import jax
@@ -302,3 +303,32 @@ def test_bad_task_files_name_the_line(tmp_path):
   task.write_text('{"context": "a", "options": ["b"], "answer": 3}\n')
   with pytest.raises(ConfigError, match="line 1: answer 3"):
     evaluation.read_task(task)
+  for line, message in (('{"context": "a", "options": ["b"], "answer": "0"}', "line 1: answer '0' is not an index"),
+                        ('{"context": "a", "options": "bc", "answer": 0}', "line 1: context must be a string and "
+                                                                         "options a non-empty list of strings"),
+                        ('{"context": "a", "options": ["b"]', "line 1: not valid JSON"),
+                        ('["a"]', r"line 1: missing field\(s\) \['answer', 'context', 'options'\]")):
+    task.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=message):
+      evaluation.read_task(task)
+  task.write_bytes(b'{"context": "caf\xe9", "options": ["b"], "answer": 0}\n')
+  with pytest.raises(ConfigError, match=r"line 1, column \d+: byte 0xe9 is not UTF-8"):
+    evaluation.read_task(task)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["decode", "--input", "{prompts}"], r'prompts\.jsonl, line 2: not a JSON object with a string "prompt"'),
+    (["score", "--items", "0"], "0 is below 1"),
+    (["score", "--shots", "-1"], "-1 is below 0"),
+    (["eval", "--batches", "0"], "0 is below 1"),
+])
+def test_bad_command_arguments_are_one_line_errors(arguments, message, run_dir, tmp_path, capsys):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "Emma"}\n{"text": "no prompt"}\n')
+  arguments = [a.format(prompts=prompts) for a in arguments]
+  try:
+    code = main([arguments[0], "--workdir", str(run_dir), *arguments[1:]])
+  except SystemExit as exit:  # argparse's own refusals
+    code = exit.code
+  assert code == 2
+  assert re.search(message, capsys.readouterr().err)

@@ -103,6 +103,14 @@ def test_unknown_model_field_is_an_error():
     ModelConfig.from_dict({"num_layer": 3})
 
 
+def test_a_variant_the_config_file_does_not_know_is_named(capsys):
+  assert main(["info", "--config", str(EXPERIMENTS / "gpt2.py:huge")]) == 2
+  assert main(["info", "--config", str(EXPERIMENTS / "decoder_tiny.py:small")]) == 2
+  errors = capsys.readouterr().err.splitlines()
+  assert len(errors) == 2 and "gpt2.py:huge: get_config('huge') failed" in errors[0]
+  assert "decoder_tiny.py:small: get_config('small') failed" in errors[1]
+
+
 def test_a_sweep_config_given_to_train_or_info_and_a_run_config_to_sweep_are_named(tmp_path, capsys):
   sweep, run = str(EXPERIMENTS / "scaling" / "tiny.py"), str(EXPERIMENTS / "decoder_tiny.py")
   assert main(["info", "--config", sweep]) == 2
