@@ -165,7 +165,10 @@ def extrapolation_error(n, d, loss, *, holdout: int = 1, law: str = "chinchilla"
     raise ValueError(f"law={law!r} is not 'chinchilla' or 'kaplan'")
   n, d, loss = map(lambda x: np.asarray(x, float), (n, d, loss))
   points = sorted(set(zip(n, d)), key=lambda point: (point[0] * point[1], point))
-  held_out = np.array([(a, b) in set(points[-holdout:]) for a, b in zip(n, d)])
+  if not 1 <= holdout < len(points):
+    raise ValueError(f"holdout={holdout} must leave some of the {len(points)} (N, D) points on each side")
+  largest = set(points[-holdout:])
+  held_out = np.array([point in largest for point in zip(n, d)])
   train, test = np.flatnonzero(~held_out), np.flatnonzero(held_out)
   if law == "chinchilla":
     fit = fit_chinchilla(n[train], d[train], loss[train], grid=grid)
