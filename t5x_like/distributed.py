@@ -19,6 +19,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """
   address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if address == "auto":
+    if num_processes is not None or process_id is not None:
+      raise ConfigError("--coordinator_address auto finds the process count and id itself (TPU pods, "
+                        "SLURM); drop --num_processes and --process_id, or give an address")
     jax.distributed.initialize()
     return
   if address is None:

@@ -7,6 +7,7 @@ a few jitted float32 matmuls at start-up (about a second).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -56,8 +57,10 @@ def measured_matmul_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32)
   return 2 * size ** 3 / min(call_seconds(lambda: matmul(a, a), repeats))
 
 
+@functools.cache
 def peak_flops_per_device() -> tuple[float, str]:
-  """(peak FLOP/s of one device, where the figure comes from)."""
+  """(peak FLOP/s of one device, where the figure comes from); measured once a process, so
+  every run and resume in it divides by the same figure."""
   device = jax.devices()[0]
   kind = device.device_kind
   flops = data_sheet_peak(kind)

@@ -1,7 +1,9 @@
 """The device mesh and the logical-to-mesh axis rules: the only place that knows both.
 
 Models name their axes (`embed`, `mlp`, `heads`, ...); a rule list maps each name to a
-mesh axis (or None: replicated). Defaults follow T5X/MaxText: the batch is split over
+mesh axis (or None: replicated). As in T5X and flax, the first rule for a name whose mesh
+axes no earlier dim of the same array took is the one applied, to parameters and
+activations alike; a dim with none left is replicated. Defaults follow T5X/MaxText: the batch is split over
 `data` and `fsdp`, weights are sharded along `embed` over `fsdp` (ZeRO-3 style) and
 along heads/mlp/vocab over `tensor` (Megatron style).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen
 import jax
 import ml_collections
 import numpy as np
@@ -96,17 +99,18 @@ def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.Confi
   jax refuses a dim that does not split evenly over its mesh axes; such dims are collected
   and named together, by config field, whatever the rules map where.
   """
-  rules = dict(_rules(config))
+  rules = _rules(config)
+  known = {name for name, _ in rules}
   mesh_axes = set(mesh.axis_names)
   uneven = set()
 
   def sharding(variable):
     names = variable.get_metadata().get("out_sharding") or ()
     for name in names:
-      if name is not None and name not in rules:
+      if name is not None and name not in known:
         raise ConfigError(f"logical axis {name!r} has no rule in partitioning.rules; add "
                           f"('{name}', None) to replicate it or name a mesh axis")
-    spec = PartitionSpec(*(None if name is None else rules[name] for name in names))
+    spec = PartitionSpec(*flax.linen.logical_to_mesh_axes(names, rules))
     for name, size, axes in zip(names, variable.get_value().shape, spec):
       axes = axes if isinstance(axes, tuple) else (axes,)
       for axis in axes:
@@ -128,9 +132,15 @@ def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.Confi
   return shardings
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch dimension split over the data-parallel axes, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
+def batch_axes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The mesh axes the batch is split over: those of the activation_batch rule."""
+  (axes,) = flax.linen.logical_to_mesh_axes(("activation_batch",), _rules(config))
+  return tuple(axes) if isinstance(axes, tuple) else (axes,) if axes else ()
+
+
+def batch_sharding(mesh: Mesh, config: ml_collections.ConfigDict) -> NamedSharding:
+  """Batch dimension split over the activation_batch rule's axes, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(batch_axes(config)))
 
 
 def activation_rules(config: ml_collections.ConfigDict):

@@ -101,7 +101,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
     raise ConfigError(f"train.nonfinite={train.nonfinite!r} is not one of ('stop', 'skip')")
   mesh_shape = partitioning.resolve_mesh_shape(config.partitioning.mesh_shape, num_devices)
   shape = dict(zip(config.partitioning.mesh_axes, mesh_shape))
-  data_shards = math.prod(shape.get(a, 1) for a in partitioning.BATCH_AXES)
+  data_shards = math.prod(shape.get(a, 1) for a in partitioning.batch_axes(config.partitioning))
   batch, accum = config.data.batch_size, train.grad_accum_steps
   if batch % (data_shards * accum):
     raise ConfigError(
@@ -187,7 +187,7 @@ class Trainer:
       from t5x_like.data.loader import make_loader
     self.make_loader = make_loader
     self.mesh = partitioning.make_mesh(config.partitioning, devices)
-    self.batch_sharding = partitioning.batch_sharding(self.mesh)
+    self.batch_sharding = partitioning.batch_sharding(self.mesh, config.partitioning)
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.features = self.mode.batch_features(self.model_config, config.data.get("objective"))
     self.tx, self.schedule = make_optimizer(config.train.optimizer, config.train.steps)
@@ -293,15 +293,16 @@ class Trainer:
     batch = config.data.batch_size
     try:
       shape = partitioning.resolve_mesh_shape(config.partitioning.mesh_shape, len(devices))
-      data_shards = math.prod(size for axis, size in zip(config.partitioning.mesh_axes, shape)
-                              if axis in partitioning.BATCH_AXES)
+      batch_axes = partitioning.batch_axes(config.partitioning)
+      data_shards = math.prod(size for axis, size in zip(config.partitioning.mesh_axes, shape) if axis in batch_axes)
       if batch % data_shards:
         raise ConfigError(f"data.batch_size={batch} does not divide over {data_shards} data shards")
     except ConfigError as error:
       count = max(k for k in range(1, len(devices) + 1) if batch % k == 0)
       logger.warning("%s; loading the run with %d of the %d devices on the data axis", error, count, len(devices))
       devices = devices[:count]
-      config.partitioning.mesh_shape = tuple(-1 if axis == "data" else 1 for axis in config.partitioning.mesh_axes)
+      first = (partitioning.batch_axes(config.partitioning) or config.partitioning.mesh_axes)[0]
+      config.partitioning.mesh_shape = tuple(-1 if axis == first else 1 for axis in config.partitioning.mesh_axes)
     trainer = cls(config, workdir, devices=devices)
     if trainer.restore() is None:
       raise ConfigError(f"{workdir}/checkpoints holds no readable checkpoint")

@@ -20,6 +20,8 @@ def test_process_flags_without_a_coordinator_are_refused(monkeypatch):
   with pytest.raises(ConfigError, match="coordinator address 127.0.0.1:1234 given without --num_processes"):
     distributed.initialize("127.0.0.1:1234", None, None)
   distributed.initialize(None, None, None)  # a single-process run: nothing to start
+  with pytest.raises(ConfigError, match="--coordinator_address auto finds the process count and id itself"):
+    distributed.initialize("auto", 4, 3)
 
 
 TRAIN = """

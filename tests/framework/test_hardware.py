@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from t5x_like import hardware
 from t5x_like.hardware import call_seconds, data_sheet_peak
 
 
@@ -45,3 +46,15 @@ def test_call_seconds_times_each_call_up_to_its_result_after_untimed_calls():
   seconds = call_seconds(call, repeats=3, warmup=2)
   assert log == ["call", "ready"] * 6  # one compiling call, 2 warmup, 3 timed; each waited for in turn
   assert len(seconds) == 3 and all(0.02 <= s < 1.0 for s in seconds)  # the wait is inside the timing
+
+
+def test_the_cpu_peak_is_measured_once_a_process(monkeypatch):
+  """Every run and resume in a process divides its MFU by the same figure."""
+  calls = []
+  monkeypatch.setattr(hardware, "measured_matmul_flops", lambda **_: calls.append(1) or 1e11)
+  hardware.peak_flops_per_device.cache_clear()
+  try:
+    first = hardware.peak_flops_per_device()
+    assert hardware.peak_flops_per_device() == first and len(calls) == 1
+  finally:
+    hardware.peak_flops_per_device.cache_clear()

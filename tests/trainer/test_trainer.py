@@ -574,6 +574,30 @@ def test_bad_partitioning_rules_name_the_axis(rules, message, tmp_path):
     Trainer(config, tmp_path, make_loader=PatternLoader)
 
 
+def test_the_first_rule_for_a_name_applies_to_parameters_as_to_activations(tmp_path):
+  """T5X's and flax's order: the first rule whose mesh axis the array has not used yet; a dim left
+  with none is replicated rather than split twice over one axis."""
+  kernel = lambda trainer: trainer.state["params"]["decoder"]["layers"][0]["mlp"]["wi"]["kernel"]  # noqa: E731
+  config = tiny_config(mesh_shape=(2, 2, 2))
+  config.partitioning.rules = list(config.partitioning.rules) + [("mlp", None)]  # a later rule: ignored
+  assert kernel(Trainer(config, tmp_path, make_loader=PatternLoader)).sharding.spec == PartitionSpec("fsdp", "tensor")
+  config.partitioning.rules = [("embed", "tensor")] + list(config.partitioning.rules)  # embed takes tensor first
+  assert kernel(Trainer(config, tmp_path, make_loader=PatternLoader)).sharding.spec == PartitionSpec("tensor", None)
+
+
+def test_renamed_mesh_axes_split_the_batch_as_the_activation_batch_rule_says(tmp_path):
+  rename = {"data": "replica", "tensor": "model"}
+  config = tiny_config(mesh_shape=(4, 1, 2))
+  config.partitioning.mesh_axes = ("replica", "fsdp", "model")
+  config.partitioning.rules = [(name, tuple(rename.get(a, a) for a in axes) if isinstance(axes, tuple)
+                                else rename.get(axes, axes)) for name, axes in config.partitioning.rules]
+  trainer = Trainer(config, tmp_path, make_loader=PatternLoader)
+  assert trainer.batch_sharding.spec == PartitionSpec(("replica", "fsdp"))
+  config.data.batch_size = 6
+  with pytest.raises(ConfigError, match=r"data.batch_size=6 does not divide over 4 data shards"):
+    Trainer(config, tmp_path, make_loader=PatternLoader)
+
+
 def test_dims_are_checked_against_the_configured_rules_not_the_default_ones(tmp_path):
   """A replicated vocabulary need not divide over tensor; an MLP moved onto the data axis must divide over it."""
   config = tiny_config(steps=1, mesh_shape=(2, 1, 4))
