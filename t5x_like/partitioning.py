@@ -78,6 +78,12 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
     raise ConfigError(f"partitioning.mesh_shape={tuple(config.mesh_shape)} and "
                       f"partitioning.mesh_axes={tuple(config.mesh_axes)} differ in length")
   shape = resolve_mesh_shape(config.mesh_shape, len(devices))
+  # Every rule, activations' too: an activation rule naming a missing axis would fail only when traced.
+  for name, axes in _rules(config):
+    for axis in axes if isinstance(axes, tuple) else (axes,):
+      if axis is not None and axis not in config.mesh_axes:
+        raise ConfigError(f"partitioning.rules map {name!r} to mesh axis {axis!r}, which is not in "
+                          f"partitioning.mesh_axes={tuple(config.mesh_axes)}")
   # Auto axes: XLA propagates shardings from the annotated inputs and outputs.
   return Mesh(np.asarray(devices).reshape(shape), tuple(config.mesh_axes),
               axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
@@ -101,7 +107,6 @@ def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.Confi
   """
   rules = _rules(config)
   known = {name for name, _ in rules}
-  mesh_axes = set(mesh.axis_names)
   uneven = set()
 
   def sharding(variable):
@@ -113,10 +118,6 @@ def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.Confi
     spec = PartitionSpec(*flax.linen.logical_to_mesh_axes(names, rules))
     for name, size, axes in zip(names, variable.get_value().shape, spec):
       axes = axes if isinstance(axes, tuple) else (axes,)
-      for axis in axes:
-        if axis is not None and axis not in mesh_axes:
-          raise ConfigError(f"partitioning.rules map to mesh axis {axis!r}, which is not in "
-                            f"partitioning.mesh_axes={tuple(mesh.axis_names)}")
       shards = math.prod(mesh.shape[axis] for axis in axes if axis is not None)
       if size % shards:
         field = LOGICAL_AXIS_FIELDS.get(name, f"the {name!r} dim")

@@ -565,7 +565,9 @@ def test_bad_configs_fail_before_compiling(changes, message, tmp_path):
 @pytest.mark.parametrize("rules, message", [
     (lambda rules: [(name, axes) for name, axes in rules if name != "mlp"], "logical axis 'mlp' has no rule"),
     (lambda rules: [(name, "model" if name == "mlp" else axes) for name, axes in rules],
-     "map to mesh axis 'model', which is not in partitioning.mesh_axes"),
+     "map 'mlp' to mesh axis 'model', which is not in partitioning.mesh_axes"),
+    (lambda rules: [(name, "model" if name == "activation_heads" else axes) for name, axes in rules],
+     "map 'activation_heads' to mesh axis 'model', which is not in partitioning.mesh_axes"),
 ])
 def test_bad_partitioning_rules_name_the_axis(rules, message, tmp_path):
   config = tiny_config()
