@@ -139,6 +139,12 @@ def batch_axes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(axes) if isinstance(axes, tuple) else (axes,) if axes else ()
 
 
+def data_shards(config: ml_collections.ConfigDict, num_devices: int) -> int:
+  """How many ways the batch is split on num_devices: the size of the batch axes together."""
+  shape = dict(zip(config.mesh_axes, resolve_mesh_shape(config.mesh_shape, num_devices)))
+  return math.prod(shape.get(axis, 1) for axis in batch_axes(config))
+
+
 def batch_sharding(mesh: Mesh, config: ml_collections.ConfigDict) -> NamedSharding:
   """Batch dimension split over the activation_batch rule's axes, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(batch_axes(config)))

@@ -99,9 +99,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
       raise ConfigError(f"train.{name}={train[name]} must be a positive integer")
   if train.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite={train.nonfinite!r} is not one of ('stop', 'skip')")
-  mesh_shape = partitioning.resolve_mesh_shape(config.partitioning.mesh_shape, num_devices)
-  shape = dict(zip(config.partitioning.mesh_axes, mesh_shape))
-  data_shards = math.prod(shape.get(a, 1) for a in partitioning.batch_axes(config.partitioning))
+  data_shards = partitioning.data_shards(config.partitioning, num_devices)
   batch, accum = config.data.batch_size, train.grad_accum_steps
   if batch % (data_shards * accum):
     raise ConfigError(
@@ -292,11 +290,9 @@ class Trainer:
     devices = jax.devices() if devices is None else devices
     batch = config.data.batch_size
     try:
-      shape = partitioning.resolve_mesh_shape(config.partitioning.mesh_shape, len(devices))
-      batch_axes = partitioning.batch_axes(config.partitioning)
-      data_shards = math.prod(size for axis, size in zip(config.partitioning.mesh_axes, shape) if axis in batch_axes)
-      if batch % data_shards:
-        raise ConfigError(f"data.batch_size={batch} does not divide over {data_shards} data shards")
+      shards = partitioning.data_shards(config.partitioning, len(devices))
+      if batch % shards:
+        raise ConfigError(f"data.batch_size={batch} does not divide over {shards} data shards")
     except ConfigError as error:
       count = max(k for k in range(1, len(devices) + 1) if batch % k == 0)
       logger.warning("%s; loading the run with %d of the %d devices on the data axis", error, count, len(devices))
