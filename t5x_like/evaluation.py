@@ -35,16 +35,11 @@ def _summary(totals, num_bytes: int) -> dict[str, float]:
 
 
 def _target_bytes(tokenizer, batch: dict[str, np.ndarray], prefix: str) -> int:
-  """UTF-8 bytes of the scored targets' text, document by document. EOS, the mask and the
-  span-corruption sentinels stand for no text (decoded, a sentinel would add `<extra_id_N>`)."""
-  total = 0
+  """UTF-8 bytes of the scored targets' text, counted token by token (tokenizer.byte_lengths), so a
+  character that a row boundary cuts counts once. EOS, the mask and the span-corruption sentinels
+  stand for no text."""
   targets, weights = batch[f"{prefix}_target_tokens"], batch[f"{prefix}_loss_weights"]
-  segments = batch[f"{prefix}_segment_ids"]
-  for row in range(targets.shape[0]):
-    for segment in np.unique(segments[row][segments[row] > 0]):
-      ids = targets[row][(segments[row] == segment) & (weights[row] > 0)]
-      total += len(tokenizer.decode(ids[(ids != EOS_ID) & (ids < tokenizer.mask_id)]).encode("utf-8"))
-  return total
+  return int(tokenizer.byte_lengths[targets[weights > 0]].sum())
 
 
 def evaluate_split(trainer, tokenizer, split: str, num_batches: int) -> dict[str, float]:

@@ -71,6 +71,22 @@ class Tokenizer:
     self._to_piece = np.full(self.mask_id, -1, np.int64)  # our id -> SentencePiece id (-1: none)
     self._to_piece[self._to_id] = np.arange(pieces)
 
+  @functools.cached_property
+  def byte_lengths(self) -> np.ndarray:
+    """UTF-8 bytes of each id's piece [vocab_size]: a byte-fallback piece is one byte, so a text's
+    bytes are its tokens' sum even where a cut splits a character; pad, eos, the mask and the
+    sentinels stand for none, unk (with byte fallback, never made) for one. A model trained
+    elsewhere with a dummy prefix counts the space it adds before each text."""
+    lengths = np.zeros(self.vocab_size, np.int64)
+    for ours in range(FIRST_PIECE_ID, self.mask_id):
+      piece = int(self._to_piece[ours])
+      if self._sp.is_byte(piece):
+        lengths[ours] = 1
+      elif not self._sp.is_control(piece):
+        lengths[ours] = len(self._sp.id_to_piece(piece).replace("\u2581", " ").encode("utf-8"))
+    lengths[UNK_ID] = 1
+    return lengths
+
   def sentinel_id(self, index: int) -> int:
     """T5's <extra_id_{index}>: the last id is sentinel 0."""
     if not 0 <= index < NUM_SENTINELS:

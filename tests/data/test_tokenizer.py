@@ -33,6 +33,13 @@ def test_exact_round_trip(tokenizer, text):
   assert tokenizer.decode(ids) == text
 
 
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_token_byte_lengths_sum_to_the_texts_utf8_bytes(tokenizer, text):
+  assert tokenizer.byte_lengths[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
+  specials = [PAD_ID, EOS_ID, tokenizer.mask_id, tokenizer.sentinel_id(0)]
+  assert (tokenizer.byte_lengths[specials] == 0).all()
+
+
 def test_concatenated_encodings_decode_to_concatenated_text(tokenizer):
   prompt, response = "\n\nHuman: Who is Emma?\n\nAssistant:", " A heroine of Austen's."
   ids = np.concatenate([tokenizer.encode(prompt), tokenizer.encode(response)])

@@ -179,6 +179,20 @@ def test_split_bits_per_byte_count_each_packed_documents_bytes(trained, monkeypa
   assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / num_bytes, rel=1e-4)
 
 
+def test_a_character_cut_between_rows_counts_its_bytes_once(trained):
+  """Byte-fallback pieces of one character split over two rows (a long document's chunks)."""
+  _, _, tokenizer = trained
+  text = "Café 日本語, naïve"
+  ids = tokenizer.encode(text)
+  assert len(ids) > len(text)  # byte fallback: some characters take several ids
+  for cut in range(1, len(ids)):
+    targets = np.zeros((2, len(ids)), np.int32)
+    targets[0, :cut], targets[1, :len(ids) - cut] = ids[:cut], ids[cut:]
+    batch = {"decoder_target_tokens": targets, "decoder_loss_weights": (targets > 0).astype(np.float32),
+             "decoder_segment_ids": (targets > 0).astype(np.int32)}
+    assert evaluation._target_bytes(tokenizer, batch, "decoder") == len(text.encode("utf-8")), cut
+
+
 def test_span_corruption_targets_count_the_dropped_text_not_the_sentinels(trained):
   _, _, tokenizer = trained
   spans = [tokenizer.encode(" handsome"), tokenizer.encode(" rich")]
