@@ -145,8 +145,9 @@ def _eval(args, overrides) -> None:
   from t5x_like import evaluation
   trainer, tokenizer = _load(args, overrides)
   if args.text_file:
-    from t5x_like.data.documents import read_utf8
-    result = evaluation.evaluate_text(trainer, tokenizer, read_utf8(args.text_file))
+    from t5x_like.data import documents
+    texts = [record["text"] for _, record in documents.records(args.text_file, ("text",))]
+    result = evaluation.evaluate_documents(trainer, tokenizer, texts)
     where = args.text_file
   else:
     result = evaluation.evaluate_split(trainer, tokenizer, args.split, args.batches)
@@ -281,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--split", default="validation", choices=("train", "validation"))
   evaluate.add_argument("--batches", type=_at_least(1), default=20)
-  evaluate.add_argument("--text-file", help="evaluate on this UTF-8 text instead of a split (decoders)")
+  evaluate.add_argument("--text-file", help="evaluate on this file's documents instead of a split (decoders): "
+                        "a text file's paragraphs or a JSONL file's `text` fields, read as training reads them")
   evaluate.set_defaults(run=_eval)
   score = commands.add_parser("score", help="few-shot rank scoring on a multiple-choice task")
   score.add_argument("--workdir", required=True)

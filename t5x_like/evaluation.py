@@ -16,7 +16,9 @@ import math
 import pathlib
 import random
 import re
+from typing import Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +26,9 @@ from jax.experimental import multihost_utils
 
 from models.config import ConfigError
 from t5x_like.data.documents import read_utf8
-from t5x_like.data.tokenizer import EOS_ID, PAD_ID
+from t5x_like.data.loader import feature_rows
+from t5x_like.data.objectives.causal_lm import CausalLM
+from t5x_like.data.tokenizer import PAD_ID
 from t5x_like.trainer import loss_means
 
 
@@ -51,36 +55,32 @@ def evaluate_split(trainer, tokenizer, split: str, num_batches: int) -> dict[str
   return _summary(trainer.eval_sums(batches), int(np.sum(multihost_utils.process_allgather(np.array(local_bytes)))))
 
 
-def evaluate_text(trainer, tokenizer, text: str) -> dict[str, float]:
-  """The same figures for a decoder on one text, cut into consecutive rows of data.seq_len."""
+def evaluate_documents(trainer, tokenizer, texts: Sequence[str]) -> dict[str, float]:
+  """The same figures for a decoder on documents (a held-out file's), each scored once and read as
+  training reads one: start token, text, eos, cut into pieces of data.seq_len, packed into rows."""
   if trainer.model_config.arch != "decoder":
     raise ConfigError("evaluating a text file needs a decoder; use --split for other architectures")
-  # The start token, the text, eos: every token of the text is scored, as in training.
-  ids = np.concatenate([[PAD_ID], tokenizer.encode(text), [EOS_ID]]).astype(np.int32)
-  length, batch_size = trainer.config.data.seq_len, trainer.config.data.batch_size
-  # Row r predicts ids[r*length + 1 : (r+1)*length + 1] from the ids before them.
-  rows = -(-(len(ids) - 1) // length)
-  rows = -(-rows // batch_size) * batch_size
-  padded = np.full(rows * length + 1, PAD_ID, np.int32)
-  padded[:len(ids)] = ids
-  weights = (np.arange(1, rows * length + 1) < len(ids)).astype(np.float32).reshape(rows, length)
-  inputs = padded[:-1].reshape(rows, length)
-  targets = padded[1:].reshape(rows, length)
-
-  # Each process gives its share of every global batch's rows, as a loader would.
-  local = batch_size // jax.process_count()
+  data = trainer.config.data
+  records = grain.MapDataset.source([{"text": text.encode("utf-8")} for text in texts])
+  rows = list(feature_rows(records, CausalLM(tokenizer, data.seq_len), seed=0, pack=data.pack, shuffle_bins=False))
+  if not rows:
+    raise ConfigError("there is no text to evaluate")
+  # Every process makes all rows and gives its share of each global batch, as a loader would;
+  # rows of padding (segment 0, weight 0) fill the last batch.
+  batch_size, local = data.batch_size, data.batch_size // jax.process_count()
+  padding = {name: np.zeros_like(value) for name, value in rows[0].items()}
+  rows += [padding] * (-len(rows) % batch_size)
+  # A prefix LM's run reads this too: plain text has no prefix, all of it is continued.
+  causal = np.zeros((local, data.seq_len), bool)
 
   def batches():
-    for start in range(0, rows, batch_size):
-      part = slice(start + jax.process_index() * local, start + (jax.process_index() + 1) * local)
-      batch = {"decoder_input_tokens": inputs[part], "decoder_target_tokens": targets[part],
-               "decoder_loss_weights": weights[part], "decoder_segment_ids": np.ones_like(inputs[part]),
-               "decoder_positions": np.broadcast_to(np.arange(length, dtype=np.int32), inputs[part].shape),
-               # A prefix LM's run reads this too: plain text has no prefix, all of it is continued.
-               "decoder_causal_attention": np.zeros(inputs[part].shape, bool)}
+    for start in range(0, len(rows), batch_size):
+      first = start + jax.process_index() * local
+      batch = {name: np.stack([row[name] for row in rows[first:first + local]]) for name in rows[0]}
+      batch["decoder_causal_attention"] = causal
       yield {feature: batch[feature] for feature in trainer.features}
 
-  return _summary(trainer.eval_sums(batches()), len(text.encode("utf-8")))
+  return _summary(trainer.eval_sums(batches()), sum(len(text.encode("utf-8")) for text in texts))
 
 
 # Few-shot rank scoring ------------------------------------------------------------------

@@ -104,6 +104,19 @@ def jsonl_records(path: str | pathlib.Path, fields: Sequence[str] | None = None,
     raise DataError(f"{path} has no records with text; remove it from the data files")
 
 
+def records(path: str | pathlib.Path, fields: Sequence[str],
+            aliases: Mapping[str, str] | None = None) -> Iterator[tuple[int, dict[str, str]]]:
+  """(line number, {field: text}) for each document of a file, JSONL or text, as training reads them."""
+  if is_jsonl(path):
+    yield from jsonl_records(path, fields, aliases)
+  elif tuple(fields) == ("text",):
+    for line, text in paragraphs(path):
+      yield line, {"text": text}
+  else:
+    raise DataError(f"{path} is a text file, which has only a `text` field, but "
+                    f"{sorted(fields)} are needed; use a .jsonl file with these fields")
+
+
 def texts(path: str | pathlib.Path) -> Iterator[str]:
   """Every text of a file, for training a tokenizer: paragraphs, or a record's string fields."""
   if is_jsonl(path):

@@ -73,19 +73,8 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder):
   def _keyed_records(self):
     config = self.builder_config
     for index, path in enumerate(config.files):
-      for line, record in _records(path, config.fields, dict(config.aliases)):
+      for line, record in documents.records(path, config.fields, dict(config.aliases)):
         yield f"{index}:{line}", record
-
-
-def _records(path: str, fields: Sequence[str], aliases: Mapping[str, str]):
-  if documents.is_jsonl(path):
-    yield from documents.jsonl_records(path, fields, aliases)
-  elif tuple(fields) == ("text",):
-    for line, text in documents.paragraphs(path):
-      yield line, {"text": text}
-  else:
-    raise documents.DataError(f"{path} is a text file, which has only a `text` field, but "
-                              f"{sorted(fields)} are needed; use a .jsonl file with these fields")
 
 
 def _fingerprint(files: Sequence[str], fields: Sequence[str], aliases: Mapping[str, str]) -> str:

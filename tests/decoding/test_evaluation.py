@@ -88,10 +88,10 @@ def test_text_file_loss_of_a_prefix_lm_run(trained):
   prefix_lm.state = trainer.state  # the trained parameters
   assert "decoder_causal_attention" in prefix_lm.features
   text = "Emma was handsome, clever, and rich."
-  result = evaluation.evaluate_text(prefix_lm, tokenizer, text)
+  result = evaluation.evaluate_documents(prefix_lm, tokenizer, [text])
   assert result["tokens"] == len(tokenizer.encode(text)) + 1
   # Plain text has no prefix, so the prefix LM attends causally, as the decoder run does.
-  assert result["loss"] == pytest.approx(evaluation.evaluate_text(trainer, tokenizer, text)["loss"], rel=1e-5)
+  assert result["loss"] == pytest.approx(evaluation.evaluate_documents(trainer, tokenizer, [text])["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("flags, config", [
@@ -134,20 +134,33 @@ def test_decode_command_reads_a_prefix_lm_runs_prompts_both_ways(trained, run_di
   assert completions == expected[True] != expected[False]
 
 
-def test_text_file_loss_matches_a_direct_computation(trained, tmp_path):
+def test_text_file_scores_each_paragraph_as_training_reads_it(trained, tmp_path, capsys):
+  """Paragraphs with their line breaks joined by spaces, each its own document: start token, text,
+  eos, cut into pieces of seq_len that each start again from the start token."""
   trainer, model, tokenizer = trained
-  text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 3
-  result = evaluation.evaluate_text(trainer, tokenizer, text)
-  ids = np.concatenate([[0], tokenizer.encode(text), [1]])  # start token, text, eos
   length = trainer.config.data.seq_len
-  nats = 0.0
-  for start in range(0, len(ids) - 1, length):
-    chunk = ids[start:start + length + 1]
-    log_probs = np.asarray(jax.nn.log_softmax(model(chunk[None, :-1].astype(np.int32)), axis=-1))[0]
-    nats -= sum(log_probs[t, chunk[t + 1]] for t in range(len(chunk) - 1))
-  assert result["tokens"] == len(ids) - 1
-  assert result["loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-4)
-  assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-4)
+  lines = [["It is a truth universally acknowledged,", "that a single man in possession"],
+           ["Emma Woodhouse, handsome, clever, and rich, " * 12], ["Café au lait."]]
+  path = tmp_path / "held_out.txt"
+  path.write_text("\n\n".join("\n".join(paragraph) for paragraph in lines) + "\n")
+  texts = [" ".join(line.strip() for line in paragraph) for paragraph in lines]
+  nats, tokens = 0.0, 0
+  for text in texts:
+    ids = np.append(tokenizer.encode(text), 1)  # eos
+    for start in range(0, len(ids), length):
+      piece = ids[start:start + length]
+      inputs = np.concatenate([[0], piece[:-1]]).astype(np.int32)  # the start token, then the piece
+      log_probs = np.asarray(jax.nn.log_softmax(logits(model, inputs[None]), axis=-1))[0]
+      nats -= sum(log_probs[t, piece[t]] for t in range(len(piece)))
+      tokens += len(piece)
+  assert tokens > 3 * length  # one paragraph spans several rows
+  assert main(["eval", "--workdir", str(trainer.workdir), "--text-file", str(path)]) == 0
+  num_bytes = sum(len(text.encode("utf-8")) for text in texts)
+  assert f"({tokens} tokens, {num_bytes} bytes)" in capsys.readouterr().out
+  result = evaluation.evaluate_documents(trainer, tokenizer, texts)
+  assert result["tokens"] == tokens and result["bytes"] == num_bytes
+  assert result["loss"] == pytest.approx(nats / tokens, rel=1e-4)
+  assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / num_bytes, rel=1e-4)
 
 
 def test_split_bits_per_byte_count_each_packed_documents_bytes(trained, monkeypatch):

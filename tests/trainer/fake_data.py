@@ -82,7 +82,7 @@ class CharacterTokenizer:
   every id decodes to one byte, so bits per byte are the loss in bits per token."""
 
   TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 2
-  mask_id = 64
+  byte_lengths = np.array([0, 0] + [1] * 62)  # pad and eos stand for no text
 
   def encode(self, text):
     return np.array([3 + ord(c) % 61 for c in text], np.int32)

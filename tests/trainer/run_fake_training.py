@@ -33,7 +33,7 @@ trainer.train()
 if os.environ.get("EVALUATION_OUT"):
   tokenizer = CharacterTokenizer()
   results = {"split": evaluation.evaluate_split(trainer, tokenizer, "validation", num_batches=2),
-             "text": evaluation.evaluate_text(trainer, tokenizer, CharacterTokenizer.TEXT)}
+             "text": evaluation.evaluate_documents(trainer, tokenizer, [CharacterTokenizer.TEXT])}
   # Saves gather data positions whose JSON grows; a new length must not compile a new gather.
   compiles = []
 

@@ -293,7 +293,7 @@ def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monk
   assert two["text"]["tokens"] == len(CharacterTokenizer.TEXT) + 1  # the text once, its eos included
   assert two["gather_compiles"] == 0  # the saves compiled the gathers of every length here
   for name, result in (("split", evaluation.evaluate_split(one, tokenizer, "validation", num_batches=2)),
-                       ("text", evaluation.evaluate_text(one, tokenizer, CharacterTokenizer.TEXT))):
+                       ("text", evaluation.evaluate_documents(one, tokenizer, [CharacterTokenizer.TEXT]))):
     assert two[name]["tokens"] == result["tokens"] and two[name]["bytes"] == result["bytes"], name
     for key in ("loss", "bits_per_byte"):
       assert two[name][key] == pytest.approx(result[key], rel=1e-5), (name, key)

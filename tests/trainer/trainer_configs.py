@@ -14,7 +14,7 @@ def tiny_config(arch="decoder", steps=12, mesh_shape=(-1, 1, 1), **train) -> ml_
   if arch == "encoder_decoder":
     config.data = ml_collections.ConfigDict(dict(input_len=12, target_len=8, batch_size=8))
   else:
-    config.data = ml_collections.ConfigDict(dict(seq_len=16, batch_size=8))
+    config.data = ml_collections.ConfigDict(dict(seq_len=16, batch_size=8, pack=True))
   config.train = default_train_config()
   config.train.update(steps=steps, log_every=1, eval_every=1000, eval_steps=2, checkpoint_every=4)
   config.train.optimizer.update(warmup_steps=3, learning_rate=1e-2)
