@@ -199,8 +199,12 @@ class ModelConfig:
           "(grouped-query attention shares each key/value head by a whole group of query heads)")
     if self.position == "rope" and self.dim_per_head % 2:
       raise ConfigError(f"model.position='rope' needs an even head dimension, got {self.dim_per_head}")
-    # T5's buckets are log-spaced from max_exact (half a direction's buckets) to max_distance.
-    max_exact = self.relative_num_buckets // (4 if self.arch == "encoder" else 2)
+    # T5's buckets are exact below max_exact (half a direction's buckets), then log-spaced to
+    # max_distance; an encoder stack, bidirectional, gives each direction half the buckets.
+    max_exact = self.relative_num_buckets // (2 if self.arch == "decoder" else 4)
+    if self.position == "relative" and max_exact < 1:
+      raise ConfigError(f"model.relative_num_buckets={self.relative_num_buckets} is too few for "
+                        f"model.arch={self.arch!r}: {2 if self.arch == 'decoder' else 4} or more are needed")
     if self.position == "relative" and self.relative_max_distance <= max_exact:
       raise ConfigError(f"model.relative_max_distance={self.relative_max_distance} must exceed {max_exact}, where "
                         f"model.relative_num_buckets={self.relative_num_buckets} stop being exact")
