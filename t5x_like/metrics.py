@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import jax
+
+from models.config import ConfigError
 
 
 class MetricWriter:
@@ -17,7 +20,11 @@ class MetricWriter:
     self.tensorboard = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported here: a writer, not a training dependency
-      self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
+      path = pathlib.Path(workdir) / "metrics.jsonl"
+      if path.exists():  # a row torn by a crash would run into the first new one: cut it off
+        data = path.read_bytes()
+        os.truncate(path, data.rfind(b"\n") + 1)
+      self.jsonl = open(path, "a", encoding="utf-8")
       self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
@@ -40,10 +47,17 @@ def read_metrics(workdir: pathlib.Path, split: str | None = None) -> list[dict]:
 
   The file only grows: a resumed run logs again the steps it trains again after its last
   checkpoint, and a rerun evaluates its end again. The newest row of each step counts.
+  A row a crash tore is skipped, and the next writer cuts it off.
   """
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  text = path.read_text(encoding="utf-8")
   newest = {}
-  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
+  # A last line without its newline is a row torn by a crash (or still being written).
+  for number, line in enumerate(text[:text.rfind("\n") + 1].splitlines(), start=1):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise ConfigError(f"{path}, line {number}: not a metrics row ({error.msg}); remove the line") from None
     if split is None or row["split"] == split:
       newest.pop((row["split"], row["step"]), None)  # re-inserted: in the order last written
       newest[(row["split"], row["step"])] = row
