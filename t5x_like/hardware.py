@@ -17,13 +17,16 @@ import jax.numpy as jnp
 # ("NVIDIA H100 80GB HBM3"). The first match wins, so a variant comes before its family.
 PEAK_BF16_FLOPS = {
     "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
     "NVIDIA H100": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
     "NVIDIA H200": 989e12,
     "NVIDIA A100": 312e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # jax's name for a v5p
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
 }

@@ -11,9 +11,12 @@ from t5x_like.hardware import call_seconds, data_sheet_peak
 @pytest.mark.parametrize("device_kind, dense_bf16_flops", [
     ("NVIDIA H100 80GB HBM3", 989e12),  # SXM: 1979 TFLOP/s with sparsity
     ("NVIDIA H100 PCIe", 756e12),  # 1513 with sparsity
+    ("NVIDIA H100 NVL", 835e12),  # 1671 with sparsity
     ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12),
     ("NVIDIA A100-SXM4-40GB", 312e12),
     ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),  # a v5p
 ])
 def test_data_sheet_peaks(device_kind, dense_bf16_flops):
   assert data_sheet_peak(device_kind) == dense_bf16_flops
