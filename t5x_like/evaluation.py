@@ -163,6 +163,8 @@ def read_task(path: str | pathlib.Path) -> list[dict]:
     if not isinstance(item["context"], str) or not isinstance(options, list) or not options or not all(
         isinstance(option, str) for option in options):
       raise ConfigError(f"{where}: context must be a string and options a non-empty list of strings")
+    if not all(options):  # no tokens: a log-likelihood of 0, which would beat every real option
+      raise ConfigError(f"{where}: option {options.index('')} is empty; every option needs text")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
       raise ConfigError(f"{where}: answer {answer!r} is not an index of the options")
     items.append(item)

@@ -334,6 +334,7 @@ def test_bad_task_files_name_the_line(tmp_path):
                         ('{"context": "a", "options": "bc", "answer": 0}', "line 1: context must be a string and "
                                                                          "options a non-empty list of strings"),
                         ('{"context": "a", "options": ["b"]', "line 1: not valid JSON"),
+                        ('{"context": "a", "options": ["b", ""], "answer": 0}', "line 1: option 1 is empty"),
                         ('["a"]', r"line 1: missing field\(s\) \['answer', 'context', 'options'\]")):
     task.write_text(line + "\n")
     with pytest.raises(ConfigError, match=message):
