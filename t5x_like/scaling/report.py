@@ -14,6 +14,8 @@ from t5x_like.scaling import laws
 
 logger = logging.getLogger(__name__)
 
+# tokens: every token slot of every batch, padding included (a few percent when packed), as
+# the FLOPs count them; wall_seconds: the run that finished the point (a resumed one's last part).
 RESULT_FIELDS = ("name", "non_embedding_params", "total_params", "tokens", "flops", "train_loss",
                  "validation_loss", "wall_seconds")
 
