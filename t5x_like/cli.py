@@ -95,7 +95,7 @@ def _decode(args, overrides) -> None:
   """Continues prompts (a decoder) or decodes inputs (an encoder-decoder) from a trained run."""
   import json
   from t5x_like.decoding import DecodeConfig, generate
-  from t5x_like.samples import generation_inputs
+  from t5x_like.samples import generation_inputs, prompt_ids
   trainer, tokenizer = _load(args, overrides)
   if trainer.model_config.arch == "encoder":
     raise ConfigError("decode needs a decoder or an encoder-decoder; this run trained an encoder")
@@ -109,8 +109,8 @@ def _decode(args, overrides) -> None:
                         prefix_lm=trainer.prefix_lm)
   model = trainer.model_from(trainer.state["params"])
   model.eval()
-  decoder_prompts, encoder_inputs = generation_inputs(
-      trainer.model_config.arch, [tokenizer.encode(p).tolist() for p in prompts])
+  arch = trainer.model_config.arch
+  decoder_prompts, encoder_inputs = generation_inputs(arch, [prompt_ids(tokenizer, arch, p) for p in prompts])
   with jax.set_mesh(trainer.mesh):
     outputs = generate(model, decoder_prompts, config, seed=args.seed, encoder_inputs=encoder_inputs)
   rows = [{"prompt": p, "completion": tokenizer.decode(o)} for p, o in zip(prompts, outputs)]
@@ -265,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
 
   decode = commands.add_parser("decode", help="generate from a trained run")
   decode.add_argument("--workdir", required=True)
-  decode.add_argument("--prompt", action="append", default=[], help="repeatable")
+  decode.add_argument("--prompt", action="append", default=[],
+                      help="repeatable; an encoder-decoder's may mark the spans to fill with <extra_id_N> "
+                           "(without one, <extra_id_0> is put at its end)")
   decode.add_argument("--input", help="JSONL with a 'prompt' field per line")
   decode.add_argument("--output", help="JSONL to write {prompt, completion} rows to (default: print)")
   decode.add_argument("--strategy", default="greedy", choices=("greedy", "sample", "beam"))

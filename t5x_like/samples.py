@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from t5x_like.data.tokenizer import EOS_ID, PAD_ID
+from t5x_like.data.tokenizer import EOS_ID, FIRST_PIECE_ID, PAD_ID
 from t5x_like.decoding import DecodeConfig, generate
 
 DEFAULT_PROMPTS = ("It is a truth universally acknowledged", "Mr. Darcy", "She was")
+
+
+def prompt_ids(tokenizer, arch: str, prompt: str) -> list[int]:
+  """A prompt's ids. An encoder-decoder's (span corruption trained it) read `<extra_id_N>` written
+  in the text as that sentinel, and one without a sentinel gets sentinel 0 at its end: the span
+  to fill, as every input it trained on marks at least one."""
+  if arch != "encoder_decoder":
+    return tokenizer.encode(prompt).tolist()
+  ids = tokenizer.encode_marked(prompt).tolist()
+  if not any(i > tokenizer.mask_id for i in ids):
+    ids.append(tokenizer.sentinel_id(0))
+  return ids
 
 
 def generation_inputs(arch: str, ids: list[list[int]]) -> tuple[list[list[int]], list[list[int]] | None]:
@@ -22,11 +34,11 @@ def generation_inputs(arch: str, ids: list[list[int]]) -> tuple[list[list[int]],
 def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = 40,
                  prefix_lm: bool = False) -> list[tuple[str, str]]:
   """(prompt, text) pairs by architecture: a decoder continues the prompt greedily (a prefix
-  LM reads it as its prefix); an encoder-decoder fills a span corruption sentinel appended
-  to the prompt; an encoder fills a [MASK] put in place of the prompt's last token."""
+  LM reads it as its prefix); an encoder-decoder fills the span its prompt marks (prompt_ids);
+  an encoder fills a [MASK] put in place of the prompt's last token, with an ordinary piece."""
   prompts = list(prompts or DEFAULT_PROMPTS)
   arch = model.config.arch
-  ids = [tokenizer.encode(p).tolist() for p in prompts]
+  ids = [prompt_ids(tokenizer, arch, p) for p in prompts]
   # Greedy, with a mild repetition penalty: small models otherwise loop on "and, and, ...".
   config = DecodeConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2, vocab_limit=tokenizer.vocab_size,
                         prefix_lm=prefix_lm)
@@ -34,12 +46,15 @@ def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = 40,
     outputs = generate(model, generation_inputs(arch, ids)[0], config)
     return [(p, p + tokenizer.decode(o)) for p, o in zip(prompts, outputs)]
   if arch == "encoder_decoder":
-    decoder_prompts, inputs = generation_inputs(arch, [i + [tokenizer.sentinel_id(0)] for i in ids])
+    decoder_prompts, inputs = generation_inputs(arch, ids)
     outputs = generate(model, decoder_prompts, config, encoder_inputs=inputs)
-    return [(p + " <extra_id_0>", tokenizer.decode(o)) for p, o in zip(prompts, outputs)]
+    return [(tokenizer.decode(i), tokenizer.decode(o)) for i, o in zip(ids, outputs)]
   results = []
-  for prompt, tokens in zip(prompts, ids):
-    masked = np.array([tokens[:-1] + [tokenizer.mask_id]], np.int32)
-    predicted = int(np.argmax(np.asarray(model(masked))[0, -1, :tokenizer.vocab_size]))
-    results.append((tokenizer.decode(masked[0]), tokenizer.decode(tokens[:-1] + [predicted])))
+  for tokens in ids:
+    # A document as masked LM trained on it: its pieces, then eos; the mask is never a target,
+    # nor are eos, pad, unk or the sentinels.
+    masked = tokens[:-1] + [tokenizer.mask_id]
+    logits = np.asarray(model(np.array([masked + [EOS_ID]], np.int32)))[0, len(masked) - 1]
+    predicted = FIRST_PIECE_ID + int(np.argmax(logits[FIRST_PIECE_ID:tokenizer.mask_id]))
+    results.append((tokenizer.decode(masked), tokenizer.decode(tokens[:-1] + [predicted])))
   return results

@@ -31,6 +31,7 @@ import functools
 import io
 import os
 import pathlib
+import re
 from typing import Sequence
 
 import numpy as np
@@ -44,6 +45,7 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 FIRST_PIECE_ID = 3
 NUM_SENTINELS = 100
 BYTE_PIECES = 256
+SPECIAL_NAME = re.compile(r"<extra_id_(\d+)>|<mask>")
 SHIPPED = {"austen_bpe_8k": pathlib.Path(__file__).parent / "tokenizers" / "austen_bpe_8k.model"}
 
 
@@ -96,6 +98,19 @@ class Tokenizer:
   def encode(self, text: str) -> np.ndarray:
     """Ids [n] (int32) of the text, without eos."""
     return self._to_id[np.asarray(self._sp.encode(text), np.int64)]
+
+  def encode_marked(self, text: str) -> np.ndarray:
+    """encode, where `<mask>` and `<extra_id_N>` written in the text stand for those ids (the
+    names decode writes): a prompt marks the spans a span-corruption model fills."""
+    ids, start = [], 0
+    for match in SPECIAL_NAME.finditer(text):
+      index = match.group(1)
+      if index is not None and int(index) >= NUM_SENTINELS:
+        raise DataError(f"{match.group(0)} in {text!r} names no sentinel: there are {NUM_SENTINELS}")
+      ids += [self.encode(text[start:match.start()]),
+              [self.mask_id if index is None else self.sentinel_id(int(index))]]
+      start = match.end()
+    return np.concatenate(ids + [self.encode(text[start:])]).astype(np.int32)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Text up to the first eos; pads are skipped, the mask and sentinels shown by name."""

@@ -96,7 +96,8 @@ def test_info_prints_counts_and_names_the_bad_field(capsys):
     (dict(arch="encoder_decoder", position="relative", relative_max_distance=8),
      "model.relative_max_distance=8 must exceed 8"),
     (dict(arch="encoder", position="relative", relative_num_buckets=3), "model.relative_num_buckets=3 is too few"),
-    (dict(position="relative", relative_num_buckets=1), "model.relative_num_buckets=1 is too few for model.arch='decoder': 2"),
+    (dict(position="relative", relative_num_buckets=1),
+     "model.relative_num_buckets=1 is too few for model.arch='decoder': 2"),
 ])
 def test_impossible_model_configs_name_the_field(changes, message):
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
