@@ -91,6 +91,10 @@ def _load(args, overrides):
   return trainer, load_tokenizer(trainer.config.data.tokenizer)
 
 
+# The decode flags that only one strategy reads (DecodeConfig's defaults where not given).
+STRATEGY_FLAGS = {"sample": ("temperature", "top_k", "top_p"), "beam": ("num_beams", "length_penalty")}
+
+
 def _decode(args, overrides) -> None:
   """Continues prompts (a decoder) or decodes inputs (an encoder-decoder) from a trained run."""
   import json
@@ -102,11 +106,16 @@ def _decode(args, overrides) -> None:
   prompts = list(args.prompt) + (_read_prompts(args.input) if args.input else [])
   if not prompts:
     raise ConfigError("give --prompt TEXT (repeatable) or --input prompts.jsonl")
+  chosen = {}
+  for strategy, flags in STRATEGY_FLAGS.items():
+    given = {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
+    if given and args.strategy != strategy:  # it would change nothing: say so, not ignore it
+      raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in given)} apply to --strategy {strategy}, "
+                        f"not {args.strategy}")
+    chosen.update(given)
   config = DecodeConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
-                        length_penalty=args.length_penalty, vocab_limit=tokenizer.vocab_size,
-                        prefix_lm=trainer.prefix_lm)
+                        repetition_penalty=args.repetition_penalty, vocab_limit=tokenizer.vocab_size,
+                        prefix_lm=trainer.prefix_lm, **chosen)
   model = trainer.model_from(trainer.state["params"])
   model.eval()
   arch = trainer.model_config.arch
@@ -272,12 +281,12 @@ def main(argv: list[str] | None = None) -> int:
   decode.add_argument("--output", help="JSONL to write {prompt, completion} rows to (default: print)")
   decode.add_argument("--strategy", default="greedy", choices=("greedy", "sample", "beam"))
   decode.add_argument("--max-new-tokens", type=int, default=64)
-  decode.add_argument("--temperature", type=float, default=1.0)
-  decode.add_argument("--top-k", type=int, default=0)
-  decode.add_argument("--top-p", type=float, default=1.0)
+  decode.add_argument("--temperature", type=float, help="sample only (default 1.0)")
+  decode.add_argument("--top-k", type=int, help="sample only (default 0: off)")
+  decode.add_argument("--top-p", type=float, help="sample only (default 1.0: off)")
   decode.add_argument("--repetition-penalty", type=float, default=1.0)
-  decode.add_argument("--num-beams", type=int, default=4)
-  decode.add_argument("--length-penalty", type=float, default=0.6)
+  decode.add_argument("--num-beams", type=int, help="beam only (default 4)")
+  decode.add_argument("--length-penalty", type=float, help="beam only (default 0.6)")
   decode.add_argument("--seed", type=int, default=0)
   decode.set_defaults(run=_decode)
   evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a trained run")

@@ -115,6 +115,16 @@ def test_decode_command_writes_what_generate_decodes_with_its_flags(flags, confi
   assert [r["completion"] for r in rows] == [tokenizer.decode(tokens) for tokens in expected]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "0.7"], "--temperature apply to --strategy sample, not greedy"),
+    (["--strategy", "beam", "--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p apply to --strategy sample, not beam"),
+    (["--strategy", "sample", "--num-beams", "2"], "--num-beams apply to --strategy beam, not sample"),
+])
+def test_decode_flags_its_strategy_would_ignore_are_refused(flags, message, run_dir, capsys):
+  assert main(["decode", "--workdir", str(run_dir), "--prompt", "Emma", *flags]) == 2
+  assert message in capsys.readouterr().err
+
+
 def test_decode_command_reads_a_prefix_lm_runs_prompts_both_ways(trained, run_dir, tmp_path):
   _, model, tokenizer = trained
   prefix_run = tmp_path / "prefix_lm"
