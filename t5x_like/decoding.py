@@ -318,6 +318,11 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
   config.validate()
   if config.prefix_lm and model.config.arch != "decoder":
     raise ConfigError(f"prefix_lm decoding needs a decoder, not model.arch={model.config.arch!r}")
+  if (encoder_inputs is not None) != (model.config.arch == "encoder_decoder"):
+    raise ConfigError(f"encoder_inputs go with an encoder-decoder, and it needs them; model.arch="
+                      f"{model.config.arch!r}, encoder_inputs {'given' if encoder_inputs is not None else 'not given'}")
+  if encoder_inputs is not None and len(encoder_inputs) != len(prompts):
+    raise ConfigError(f"{len(prompts)} decoder prompts for {len(encoder_inputs)} encoder inputs; give one each")
   tokens, lengths = left_pad(prompts, config.pad_id)
   model.config.check_length(tokens.shape[1] + config.max_new_tokens, "the longest prompt plus max_new_tokens:")
   encoder = None

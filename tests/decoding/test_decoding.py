@@ -107,6 +107,16 @@ def test_prefix_lm_decoding_reads_the_prompt_both_ways_and_the_new_tokens_causal
     generate(encoder_decoder, [[0]], config, encoder_inputs=[[5, 9]])
 
 
+def test_encoder_inputs_must_match_the_model_and_the_prompts(decoder, encoder_decoder):
+  config = DecodeConfig(max_new_tokens=2)
+  with pytest.raises(ConfigError, match="model.arch='decoder', encoder_inputs given"):
+    generate(decoder, [[0]], config, encoder_inputs=[[5, 9]])
+  with pytest.raises(ConfigError, match="model.arch='encoder_decoder', encoder_inputs not given"):
+    generate(encoder_decoder, [[0]], config)
+  with pytest.raises(ConfigError, match="1 decoder prompts for 2 encoder inputs"):
+    generate(encoder_decoder, [[0]], config, encoder_inputs=[[5, 9], [7]])
+
+
 def test_learned_positions_decode_up_to_max_len_and_refuse_to_go_past_it():
   # Past the table, jnp.take embeds positions as NaN and greedy quietly returns the last id.
   model = build_model(ModelConfig(arch="decoder", vocab_size=24, emb_dim=32, num_heads=4, mlp_dim=48,
