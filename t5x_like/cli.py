@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
   fit.add_argument("--holdout", type=int, default=1,
                    help="largest-compute (N, D) points held out to test extrapolation (0: none)")
   fit.add_argument("--coarse-grid", action="store_true",
-                   help="32 starting points instead of Hoffmann et al.'s 4500 (seconds instead of ~20 s)")
+                   help="32 starting points instead of Hoffmann et al.'s 4500: seconds instead of about a minute "
+                        "per Chinchilla fit (2 for the fit and its extrapolation check)")
   fit.set_defaults(run=_fit)
 
   args, overrides = parser.parse_known_args(argv)

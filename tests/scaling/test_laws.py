@@ -5,7 +5,9 @@ within 3%; fitted losses within 3 noise standard deviations (scales trade off ag
 the exponents, so they are checked through the losses they predict).
 """
 
+import dataclasses
 import json
+import pathlib
 
 import matplotlib.axes
 import numpy as np
@@ -74,6 +76,34 @@ def test_chinchilla_recovery(chinchilla_data):
   np.testing.assert_allclose(fit(n, d), truth(n, d), rtol=3 * NOISE)
 
 
+def converged_from_every_start(n, d, loss, grid, delta=1e-3):
+  """The slow reference: every start run to convergence, the best kept."""
+  args = (np.log(n), np.log(d), np.log(loss), delta)
+  starts = [[a, b, e, alpha, beta] for alpha in grid["alpha"] for beta in grid["beta"] for e in grid["e"]
+            for a in grid["a"] for b in grid["b"]]
+  best = min((optimize.minimize(laws._chinchilla_objective, start, args=args, method="L-BFGS-B", jac=True,
+                                options=laws.LBFGS_OPTIONS) for start in starts), key=lambda result: result.fun)
+  return best.fun, laws.Chinchilla(*np.exp(best.x[[2, 0, 1]]), *best.x[3:])
+
+
+@pytest.mark.parametrize("data", ["synthetic", "shipped sweep"])
+def test_polishing_the_best_starts_finds_the_fit_of_converging_every_start(chinchilla_data, data):
+  if data == "synthetic":
+    n, d, loss, _ = chinchilla_data
+  else:
+    rows = json.loads((pathlib.Path(__file__).parents[2] / "docs" / "scaling" / "results.json").read_text())
+    n, d, loss = (np.array([row[key] for row in rows], float)
+                  for key in ("non_embedding_params", "tokens", "validation_loss"))
+  grid = dict(SMALL_GRID, e=[-1.0, 0.0, 1.0])  # 48 starts, more than are polished
+  fit = laws.fit_chinchilla(n, d, loss, grid=grid)
+  best, reference = converged_from_every_start(n, d, loss, grid)
+  args = (np.log(n), np.log(d), np.log(loss), 1e-3)
+  theta = [np.log(fit.a), np.log(fit.b), np.log(max(fit.e, 1e-300)), fit.alpha, fit.beta]
+  assert laws._chinchilla_objective(np.array(theta), *args)[0] == pytest.approx(best, rel=1e-6)
+  assert (fit.alpha, fit.beta) == pytest.approx((reference.alpha, reference.beta), abs=1e-4)
+  np.testing.assert_allclose(fit(n, d), reference(n, d), rtol=1e-5)
+
+
 def test_compute_optimal_allocation_minimises_loss_at_fixed_compute(chinchilla_data):
   truth = chinchilla_data[3]
   compute = 1e21
@@ -90,6 +120,16 @@ def test_bootstrap_intervals_bracket_the_fit(chinchilla_data):
   intervals = laws.bootstrap_chinchilla(n, d, loss, fit, samples=40)
   for name, (low, high) in intervals.items():
     assert low <= getattr(fit, name) <= high and low < high
+
+
+def test_bootstrap_from_a_fit_whose_irreducible_loss_went_to_zero():
+  """Losses with no floor: the fitted E underflows to 0.0, and its log is no start for the refits."""
+  n, d, noise = grid_runs(3)
+  loss = laws.Chinchilla(e=0.0, a=406.4, b=410.7, alpha=0.34, beta=0.28)(n, d) * noise
+  fit = dataclasses.replace(laws.fit_chinchilla(n, d, loss, grid=SMALL_GRID), e=0.0)
+  intervals = laws.bootstrap_chinchilla(n, d, loss, fit, samples=10)
+  assert intervals["alpha"][0] <= fit.alpha <= intervals["alpha"][1]
+  assert 0.0 <= intervals["e"][0] <= intervals["e"][1] < 0.01
 
 
 def test_bootstrap_interval_width_matches_the_spread_over_fresh_noise():
