@@ -36,7 +36,7 @@ def _info(args, overrides) -> None:
   print(f"  non-embedding (N):    {size.non_embedding_params:,}")
   print(f"  embedding:            {size.embedding_params:,}")
   print(f"  matmul (for MFU):     {size.matmul_params:,}")
-  print(f"train FLOPs per token:  {flops:.4g} ({length_text}; 6N + attention, PaLM app. B)")
+  print(f"train FLOPs per token:  {flops:.4g} ({length_text}; 6 x matmul + attention, PaLM app. B)")
 
 
 def _train(args, overrides) -> None:
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
   evaluate.add_argument("--text-file", help="evaluate on this file's documents instead of a split (decoders): "
                         "a text file's paragraphs or a JSONL file's `text` fields, read as training reads them")
   evaluate.set_defaults(run=_eval)
-  score = commands.add_parser("score", help="few-shot rank scoring on a multiple-choice task")
+  score = commands.add_parser("score", help="few-shot rank scoring on a multiple-choice task (decoders)")
   score.add_argument("--workdir", required=True)
   score.add_argument("--task", default="austen_sentence_completion",
                      help="JSONL of {context, options, answer}, or austen_sentence_completion (built "
