@@ -218,6 +218,9 @@ class Trainer:
         abstract_opt, param_shardings, nnx.as_pure(abstract_params), transform_non_params=lambda _: self.replicated)
     self.state_shardings = {"step": self.replicated, "params": param_shardings, "opt_state": opt_shardings}
     self.rest_shardings = rest_shardings
+    # Parameters the mode does not train (a fine-tuning mode's pretrained base) sit in `rest`
+    # beside the dropout keys, yet belong to the run: its checkpoints hold them beside `state`.
+    self.frozen_template = nnx.as_pure(nnx.filter_state(abstract_rest, nnx.Param))
 
     def init():
       _, params, rest = nnx.split(self._new_model(), self.mode.trainable, ...)
@@ -232,18 +235,28 @@ class Trainer:
     else:
       with jax.set_mesh(self.mesh), threefry_as_gpu_kernels():
         self.state, self.rest = jax.jit(init, out_shardings=(self.state_shardings, rest_shardings))()
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_shardings)
+
+  def checkpointed(self) -> dict:
+    """What a checkpoint holds: `state`, and the parameters the mode freezes (if any) as `frozen`."""
+    if not jax.tree.leaves(self.frozen_template):
+      return self.state
+    rest = _leaves_by_path(self.rest)
+    frozen = jax.tree_util.tree_map_with_path(lambda keys, _: rest[_path_of(keys)], self.frozen_template)
+    return {**self.state, "frozen": frozen}
 
   def restore(self, checkpointer: Checkpointer | None = None) -> dict | None:
     """Loads the newest readable checkpoint in the workdir; returns every process's data-loader
     position in it (None when there is no checkpoint)."""
     if checkpointer is None:
       checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=self.config.train.keep_checkpoints)
-    restored = checkpointer.restore_latest(self.abstract_state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.checkpointed())
+    restored = checkpointer.restore_latest(abstract)
     if restored is None:
       return None
-    step, self.state, data_positions = restored
+    step, saved, data_positions = restored
+    self.state = {key: saved[key] for key in self.state}
+    if "frozen" in saved:
+      self.rest = _replace_leaves(self.rest, _leaves_by_path(saved["frozen"]))
     logger.info("restored step %d from %s", step, self.workdir)
     return data_positions
 
@@ -252,16 +265,13 @@ class Trainer:
     parameter saved there replaces this run's of the same name, trainable or frozen, and this
     run's others (an adapter's new weights) keep their initialisation. The step, optimizer
     state and data position start fresh."""
-    path_of = lambda keys: tuple(key.key for key in keys)  # noqa: E731
-    targets = {path_of(keys): jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    targets = {_path_of(keys): jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
                for tree in (self.state["params"], self.rest)
                for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     loaded = read_params(source, targets)
-    replace = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
-        lambda keys, leaf: loaded.get(path_of(keys), leaf), tree)
-    params, self.rest = replace(self.state["params"]), replace(self.rest)
-    kept = [".".join(map(str, path_of(keys))) for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-            if path_of(keys) not in loaded]
+    params, self.rest = _replace_leaves(self.state["params"], loaded), _replace_leaves(self.rest, loaded)
+    kept = [".".join(map(str, _path_of(keys))) for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+            if _path_of(keys) not in loaded]
     if kept:  # an adapter's new weights, or a head the source tied to its embedding
       logger.warning("%d trainable parameters are not in %s and keep their initialisation: %s%s", len(kept),
                      source, ", ".join(kept[:5]), ", ..." if len(kept) > 5 else "")
@@ -475,7 +485,7 @@ class Trainer:
             pause_start = time.perf_counter()
             if save:
               self._check_finite_params(done)
-              checkpointer.save(done, self.state, train_loader.get_state())
+              checkpointer.save(done, self.checkpointed(), train_loader.get_state())
             if due_for_eval:
               writer.write(done, "validation", self.evaluate(cfg.eval_steps))
             # Saving and evaluating are not: the throughput interval's clock skips them.
@@ -521,6 +531,20 @@ class Trainer:
     if bad:
       raise NonFiniteLossError(f"the parameters became non-finite by step {step} ({', '.join(bad[:3])}); no "
                                f"checkpoint was written. Lower train.optimizer.learning_rate")
+
+
+def _path_of(keys) -> tuple:
+  """A leaf's path in a State tree of the model, as plain keys ('decoder', 'layers', 0, ...)."""
+  return tuple(key.key for key in keys)
+
+
+def _leaves_by_path(tree) -> dict[tuple, jax.Array]:
+  return {_path_of(keys): leaf for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _replace_leaves(tree, leaves: dict[tuple, jax.Array]):
+  """The tree with each leaf that `leaves` holds at its path replaced."""
+  return jax.tree_util.tree_map_with_path(lambda keys, leaf: leaves.get(_path_of(keys), leaf), tree)
 
 
 @jax.jit

@@ -17,6 +17,7 @@ import optax
 import portpicker
 import pytest
 import scipy.special
+from flax import nnx
 from jax.sharding import PartitionSpec
 
 from fake_data import CharacterTokenizer, PatternLoader, RaggedPatternLoader
@@ -409,6 +410,40 @@ def test_a_run_starts_from_another_runs_parameters_with_a_fresh_optimizer(tmp_pa
   shutil.rmtree(tmp_path / "pretrained" / "checkpoints")
   config.train.steps = 6
   assert Trainer(config, tmp_path / "tuned", make_loader=PatternLoader).train().step == 6
+
+
+def test_parameters_a_mode_freezes_are_the_pretrained_ones_through_training_resume_and_loading(
+    tmp_path, pretrained_run, monkeypatch):
+  """A mode that trains only some parameters (LoRA, prompt tuning, adapters): the frozen ones come
+  from init_from, training leaves them alone, and the run's checkpoints hold them, so a resume and
+  from_workdir read them there instead of initialising them afresh."""
+  class MlpOnly(Pretrain):
+    trainable = nnx.All(nnx.Param, nnx.PathContains("mlp"))
+
+  monkeypatch.setitem(MODES, "mlp_only", MlpOnly)
+  source = Trainer.from_workdir(pretrained_run)
+  pretrained = {keystr(path): np.asarray(leaf) for path, leaf in flat(source.state["params"])}
+  config = tiny_config(steps=2, mode="mlp_only", init_from=str(pretrained_run))
+  tuned = Trainer(config, tmp_path / "tuned", make_loader=PatternLoader)
+
+  def frozen(trainer):
+    return {keystr(path): np.asarray(leaf) for path, leaf in flat(trainer.rest) if keystr(path) in pretrained}
+
+  def trained(trainer):
+    return {keystr(path): np.asarray(leaf) for path, leaf in flat(trainer.state["params"])}
+
+  tuned.train()
+  assert frozen(tuned).keys() == {name for name in pretrained if "['mlp']" not in name} and trained(tuned).keys() == {
+      name for name in pretrained if "['mlp']" in name}
+  for trainer in (tuned, Trainer.from_workdir(tmp_path / "tuned")):
+    for name, value in frozen(trainer).items():
+      np.testing.assert_array_equal(value, pretrained[name], err_msg=name)
+    assert all(not np.array_equal(value, pretrained[name]) for name, value in trained(trainer).items())
+  config.train.steps = 4  # resumes from step 2: init_from is not read again
+  resumed = Trainer(config, tmp_path / "tuned", make_loader=PatternLoader)
+  resumed.train()
+  for name, value in frozen(resumed).items():
+    np.testing.assert_array_equal(value, pretrained[name], err_msg=name)
 
 
 def test_init_from_passes_over_a_source_step_without_metadata_and_warns_of_a_head_left_random(
