@@ -66,6 +66,10 @@ def this_process_position(positions: dict, directory: pathlib.Path) -> dict:
   return positions[str(jax.process_index())]
 
 
+# The parameters a checkpoint's state holds: those trained, and those the run's mode froze.
+SAVED_PARAMS = ("params", "frozen")
+
+
 def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
   """The parameters saved in another run's newest readable checkpoint (`source`: its workdir or
   its checkpoints/ directory), restored into the shapes and shardings of `targets` (keyed by
@@ -82,7 +86,8 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
       raise ConfigError(f"train.init_from={str(source)!r} holds no checkpoint (looked in {directory})")
-    names = {"params." + ".".join(map(str, path)): path for path in targets}
+    # A run whose mode froze parameters saved them under `frozen`: they load by name as well.
+    names = {f"{group}.{'.'.join(map(str, path))}": path for path in targets for group in SAVED_PARAMS}
     for step in steps:
       try:
         saved = _saved_params(manager, step)
@@ -95,17 +100,18 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
       if problems:
         raise ConfigError(f"train.init_from checkpoint {directory / str(step)} holds other parameters than this "
                           f"config builds ({'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''})")
-      item = _nested({names[name]: targets[names[name]] for name in saved})
+      item = {group: _nested({names[name]: targets[names[name]] for name in saved if name.startswith(group + ".")})
+              for group in SAVED_PARAMS}
+      item = {group: tree for group, tree in item.items() if tree}
       try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": item}, restore_args=ocp.checkpoint_utils.construct_restore_args({"params": item}),
-            partial_restore=True)))
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
       except Exception as error:
         _warn_unreadable(directory / str(step), error)
         continue
-      flat, _ = jax.tree_util.tree_flatten_with_path(restored["state"]["params"])
+      flat, _ = jax.tree_util.tree_flatten_with_path({group: restored["state"][group] for group in item})
       logger.info("initialised %d parameters from %s", len(flat), directory / str(step))
-      return {tuple(key.key for key in path): value for path, value in flat}
+      return {tuple(key.key for key in path[1:]): value for path, value in flat}
     raise ConfigError(f"train.init_from={str(source)!r}: no checkpoint in {directory} is readable (steps {steps})")
   finally:
     manager.close()
@@ -126,7 +132,8 @@ def _saved_params(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[
   """{orbax name: shape} of a step's saved parameters; raises if its metadata is gone (orbax then
   reads None, as if the step held nothing)."""
   metadata = manager.item_metadata(step)["state"]
-  saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(metadata or {}) if leaf.name.startswith("params.")}
+  saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(metadata or {})
+           if leaf.name.split(".")[0] in SAVED_PARAMS}
   if not saved:
     raise ValueError("its state metadata lists no parameters")
   return saved

@@ -444,6 +444,13 @@ def test_parameters_a_mode_freezes_are_the_pretrained_ones_through_training_resu
   resumed.train()
   for name, value in frozen(resumed).items():
     np.testing.assert_array_equal(value, pretrained[name], err_msg=name)
+  # A run that starts from this one reads the frozen parameters as well as the trained ones.
+  chained = Trainer(tiny_config(steps=2), tmp_path / "chained", make_loader=PatternLoader)
+  chained.init_params_from(tmp_path / "tuned")
+  expected = {**frozen(resumed), **trained(resumed)}
+  assert trained(chained).keys() == expected.keys()
+  for name, value in trained(chained).items():
+    np.testing.assert_array_equal(value, expected[name], err_msg=name)
 
 
 def test_init_from_passes_over_a_source_step_without_metadata_and_warns_of_a_head_left_random(
