@@ -200,11 +200,13 @@ class ModelConfig:
     if self.position == "rope" and self.dim_per_head % 2:
       raise ConfigError(f"model.position='rope' needs an even head dimension, got {self.dim_per_head}")
     # T5's buckets are exact below max_exact (half a direction's buckets), then log-spaced to
-    # max_distance; an encoder stack, bidirectional, gives each direction half the buckets.
-    max_exact = self.relative_num_buckets // (2 if self.arch == "decoder" else 4)
-    if self.position == "relative" and max_exact < 1:
+    # max_distance; an encoder stack, bidirectional, gives each direction half the buckets. Each
+    # stack needs max_exact >= 1 and max_distance past it: an encoder-decoder has both kinds.
+    shares = {"decoder": (2,), "encoder": (4,), "encoder_decoder": (4, 2)}[self.arch]
+    if self.position == "relative" and self.relative_num_buckets // max(shares) < 1:
       raise ConfigError(f"model.relative_num_buckets={self.relative_num_buckets} is too few for "
-                        f"model.arch={self.arch!r}: {2 if self.arch == 'decoder' else 4} or more are needed")
+                        f"model.arch={self.arch!r}: {max(shares)} or more are needed")
+    max_exact = self.relative_num_buckets // min(shares)
     if self.position == "relative" and self.relative_max_distance <= max_exact:
       raise ConfigError(f"model.relative_max_distance={self.relative_max_distance} must exceed {max_exact}, where "
                         f"model.relative_num_buckets={self.relative_num_buckets} stop being exact")

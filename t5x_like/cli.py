@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
   decode.add_argument("--workdir", required=True)
   decode.add_argument("--prompt", action="append", default=[],
                       help="repeatable; an encoder-decoder's may mark the spans to fill with <extra_id_N> "
-                           "(without one, <extra_id_0> is put at its end)")
+                           "written against the word before it, as span corruption cuts before a word's space "
+                           "('Mr. Darcy<extra_id_0> Elizabeth'); without one, <extra_id_0> is put at its end")
   decode.add_argument("--input", help="JSONL with a 'prompt' field per line")
   decode.add_argument("--output", help="JSONL to write {prompt, completion} rows to (default: print)")
   decode.add_argument("--strategy", default="greedy", choices=("greedy", "sample", "beam"))

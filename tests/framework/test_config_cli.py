@@ -92,9 +92,11 @@ def test_info_prints_counts_and_names_the_bad_field(capsys):
     (dict(vocab_size=0), "model.vocab_size=0"),
     (dict(position="relative", relative_max_distance=16), "model.relative_max_distance=16 must exceed 16"),
     (dict(arch="encoder", position="relative", relative_max_distance=8), "model.relative_max_distance=8 must exceed 8"),
-    # An encoder-decoder's encoder stack is bidirectional: a direction has a quarter of the buckets.
-    (dict(arch="encoder_decoder", position="relative", relative_max_distance=8),
-     "model.relative_max_distance=8 must exceed 8"),
+    # An encoder-decoder has a causal stack (half the buckets exact) and a bidirectional one (a quarter).
+    (dict(arch="encoder_decoder", position="relative", relative_max_distance=16),
+     "model.relative_max_distance=16 must exceed 16"),
+    (dict(arch="encoder_decoder", position="relative", relative_num_buckets=3, relative_max_distance=8),
+     "model.relative_num_buckets=3 is too few for model.arch='encoder_decoder': 4"),
     (dict(arch="encoder", position="relative", relative_num_buckets=3), "model.relative_num_buckets=3 is too few"),
     (dict(position="relative", relative_num_buckets=1),
      "model.relative_num_buckets=1 is too few for model.arch='decoder': 2"),
