@@ -410,6 +410,12 @@ class Trainer:
       raise ConfigError(f"the data pipeline's batches lack {missing}, which train.mode="
                         f"{self.config.train.mode!r} needs for model.arch={self.model_config.arch!r}; "
                         f"check data.objective")
+    vocab = self.model_config.vocab_size
+    for name in (f for f in self.features if f.endswith("_tokens")):
+      ids = np.asarray(local_batch[name])
+      if ids.size and (ids.min() < 0 or ids.max() >= vocab):  # an embedding or loss lookup would make NaN
+        raise ConfigError(f"the batch's {name} hold ids from {ids.min()} to {ids.max()}, outside model.vocab_size="
+                          f"{vocab}; a target left out of the loss takes loss weight 0, not an id like -100")
     return {f: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[f]))
             for f in self.features}
 

@@ -585,6 +585,19 @@ def test_a_skipped_update_leaves_the_state_exactly_as_it_was(tmp_path):
   assert trainer.schedule(1) != trainer.schedule(2)
 
 
+def test_token_ids_outside_the_vocabulary_are_named_before_they_become_a_nan_loss(tmp_path):
+  """Hugging Face marks ignored targets -100; here they take loss weight 0. The lookup of an id
+  outside the table is NaN, even at weight 0, and the loss check would blame the learning rate."""
+  trainer = Trainer(tiny_config(), tmp_path, make_loader=PatternLoader)
+  batch = next(PatternLoader(trainer.config.data, "train", process_index=0, process_count=1))
+  trainer.global_batch(batch)
+  for name, value in (("decoder_target_tokens", -100), ("decoder_input_tokens", 64)):
+    bad = dict(batch, **{name: batch[name].copy()})
+    bad[name][0, 3] = value
+    with pytest.raises(ConfigError, match=f"the batch's {name} hold ids from .*{value}.* outside model.vocab_size=64"):
+      trainer.global_batch(bad)
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(mesh_shape=(3, -1, 1)), r"partitioning.mesh_shape=\(3, -1, 1\) does not divide the 8"),
     (dict(mesh_shape=(4, 4, 1)), r"uses 16 devices but 8 are available"),
