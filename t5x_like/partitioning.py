@@ -3,9 +3,9 @@
 Models name their axes (`embed`, `mlp`, `heads`, ...); a rule list maps each name to a
 mesh axis (or None: replicated). As in T5X and flax, the first rule for a name whose mesh
 axes no earlier dim of the same array took is the one applied, to parameters and
-activations alike; a dim with none left is replicated. Defaults follow T5X/MaxText: the batch is split over
-`data` and `fsdp`, weights are sharded along `embed` over `fsdp` (ZeRO-3 style) and
-along heads/mlp/vocab over `tensor` (Megatron style).
+activations alike; a dim with none left is replicated. Defaults follow T5X/MaxText: the
+batch is split over `data` and `fsdp`, weights are sharded along `embed` over `fsdp`
+(ZeRO-3 style) and along heads/mlp/vocab over `tensor` (Megatron style).
 """
 
 from __future__ import annotations
