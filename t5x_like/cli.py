@@ -159,6 +159,8 @@ def _eval(args, overrides) -> None:
     result = evaluation.evaluate_documents(trainer, tokenizer, texts)
     where = args.text_file
   else:
+    if warning := trainer.split_too_small(args.split, args.batches, "--batches"):
+      logging.getLogger(__name__).warning(warning)
     result = evaluation.evaluate_split(trainer, tokenizer, args.split, args.batches)
     where = f"{args.split} split ({args.batches} batches)"
   print(f"{where}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "

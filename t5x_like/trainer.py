@@ -433,10 +433,23 @@ class Trainer:
     """Loss, token accuracy and perplexity over the first batches of the validation split."""
     return loss_means(self.eval_sums(itertools.islice(self.loader("validation"), num_batches)))
 
+  def split_too_small(self, split: str, num_batches: int, setting: str) -> str | None:
+    """A warning when num_batches go round a split more than once: batches repeat it, so the
+    figures would weigh some rows twice. Loaders other than the default one do not count."""
+    count = getattr(self.loader(split), "rows_in_one_pass", None)
+    wanted = num_batches * (self.config.data.batch_size // jax.process_count())
+    rows = wanted if count is None else count(wanted)
+    if rows >= wanted:
+      return None
+    return (f"{setting}={num_batches} batches take {wanted} rows of the {split} split on this process, which has "
+            f"{rows}: they go round it and count some rows more than once; lower {setting}")
+
   def train(self) -> TrainResult:
     cfg = self.config.train
-    for warning in training_warnings(self.config):
-      logger.warning(warning)
+    for warning in training_warnings(self.config) + [self.split_too_small("validation", cfg.eval_steps,
+                                                                           "train.eval_steps")]:
+      if warning:
+        logger.warning(warning)
     self.workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     train_loader = self.loader("train")

@@ -21,9 +21,10 @@ uninterrupted one would have, whatever the thread counts.
 
 from __future__ import annotations
 
+import itertools
 import json
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import ml_collections
@@ -81,8 +82,9 @@ class Loader:
   """Local batches, dicts of numpy arrays [batch_size / process_count, ...], and their position."""
 
   def __init__(self, dataset: grain.IterDataset, identity: dict[str, Any], objective: Objective,
-               num_records: int):
+               num_records: int, one_pass: Callable[[], grain.IterDataset]):
     self._holder = [iter(dataset)]
+    self._one_pass = one_pass
     self.identity = identity
     self.objective = objective
     self.num_records = num_records  # this process's share of the split
@@ -121,6 +123,11 @@ class Loader:
           f"since; restore them, or start a new workdir")
     self._iterator.set_state(state["position"])
 
+  def rows_in_one_pass(self, limit: int) -> int:
+    """Rows that one pass over this process's share makes, counting at most `limit`. The batches
+    repeat the split, so rows beyond these have been seen before."""
+    return sum(1 for _ in itertools.islice(self._one_pass(), limit))
+
   def stats(self) -> dict[str, int]:
     """Counts of documents read, split into chunks, empty or truncated (objectives.base)."""
     return self.objective.counts.snapshot()
@@ -155,19 +162,8 @@ def make_loader(config: ml_collections.ConfigDict, split: str, *, process_index:
                 process_count: int = 1) -> Loader:
   """This process's batches of `split` ('train' or 'validation') for the data config."""
   config = resolve_data_config(config, process_count)
-  objective = make_objective(config, load_tokenizer(config.tokenizer))
-  source = sources.open_split(config.dataset, split, objective.fields, config.data_dir)
-  if len(source) < process_count:
-    raise ConfigError(f"data.dataset={config.dataset!r} has {len(source)} {split} records, fewer "
-                      f"than the {process_count} processes; use more data")
-  local_batch = config.batch_size // process_count
-  records = ordered_share(grain.MapDataset.source(source), split, config.seed, process_index, process_count)
-  # A seed per process and split, so equal positions in different shares draw differently.
-  seed = int(np.random.SeedSequence([config.seed, process_index, split == "train"]).generate_state(1)[0])
-  dataset = feature_rows(records.repeat(), objective, seed=seed, pack=config.pack,
-                         shuffle_bins=split == "train", worker_threads=config.worker_threads,
-                         num_bins=max(PACKING_BINS, local_batch))
-  dataset = dataset.batch(local_batch, drop_remainder=True)
+  rows, objective, num_records = _share_rows(config, split, process_index, process_count, repeat=True)
+  dataset = rows.batch(config.batch_size // process_count, drop_remainder=True)
   if config.prefetch_batches:
     dataset = grain.experimental.ThreadPrefetchIterDataset(
         dataset, prefetch_buffer_size=config.prefetch_batches)
@@ -176,4 +172,23 @@ def make_loader(config: ml_collections.ConfigDict, split: str, *, process_index:
       config.objective, ("seq_len",))
   identity = {name: config[name] for name in fields}
   identity.update(split=split, process_index=process_index, process_count=process_count)
-  return Loader(dataset, identity, objective, len(records))
+  return Loader(dataset, identity, objective, num_records,
+                one_pass=lambda: _share_rows(config, split, process_index, process_count, repeat=False)[0])
+
+
+def _share_rows(config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int, *,
+                repeat: bool) -> tuple[grain.IterDataset, Objective, int]:
+  """This process's rows of a split (once, or repeated without end), its objective and record count."""
+  objective = make_objective(config, load_tokenizer(config.tokenizer))
+  source = sources.open_split(config.dataset, split, objective.fields, config.data_dir)
+  if len(source) < process_count:
+    raise ConfigError(f"data.dataset={config.dataset!r} has {len(source)} {split} records, fewer "
+                      f"than the {process_count} processes; use more data")
+  records = ordered_share(grain.MapDataset.source(source), split, config.seed, process_index, process_count)
+  # A seed per process and split, so equal positions in different shares draw differently.
+  seed = int(np.random.SeedSequence([config.seed, process_index, split == "train"]).generate_state(1)[0])
+  rows = feature_rows(records.repeat() if repeat else records, objective, seed=seed, pack=config.pack,
+                      shuffle_bins=split == "train", worker_threads=config.worker_threads,
+                      num_bins=max(PACKING_BINS, config.batch_size // process_count))
+  return rows, objective, len(records)
+

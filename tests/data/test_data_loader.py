@@ -176,6 +176,21 @@ def test_two_processes_read_disjoint_documents_covering_the_split(small_corpus, 
     assert [any(word in t for t in texts) for texts in seen].count(True) == int(any(word in t for t in train))
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_one_pass_over_a_split_counts_its_rows(tmp_path, pack):
+  """Unpacked, each short paragraph of the validation split is one row; packed, they share rows."""
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("\n\n".join(f"Paragraph number {i} of the corpus." for i in range(200)) + "\n")
+  validation = [text for _, text in documents.paragraphs(corpus) if tfds_text.split_of(text) == "validation"]
+  loader = make_loader(_config(str(tmp_path / "tfds"), dataset=str(corpus), pack=pack), "validation")
+  rows = loader.rows_in_one_pass(limit=10 ** 6)
+  if pack:
+    assert 1 < rows < len(validation) / 2  # about 10 tokens each, 64 to a row
+  else:
+    assert rows == len(validation) > 2
+  assert loader.rows_in_one_pass(limit=2) == 2
+
+
 def test_fewer_records_than_processes_is_an_error(tmp_path):
   text = next(t for t in (f"Only paragraph {i}." for i in range(100)) if tfds_text.split_of(t) == "train")
   (tmp_path / "one.txt").write_text(text + "\n", encoding="utf-8")

@@ -235,6 +235,17 @@ def test_eval_command_on_split_and_held_out_text(run_dir, capsys):
   assert out.count("bits per byte") == 2
 
 
+def test_evaluating_more_batches_than_the_split_holds_is_named(trained, run_dir, caplog):
+  trainer, _, _ = trained
+  rows = trainer.loader("validation").rows_in_one_pass(limit=10 ** 6)
+  batches = rows // trainer.config.data.batch_size
+  assert trainer.split_too_small("validation", batches, "--batches") is None
+  with caplog.at_level(logging.WARNING):
+    assert main(["eval", "--workdir", str(run_dir), "--batches", str(batches + 1)]) == 0
+  assert (f"--batches={batches + 1} batches take {(batches + 1) * trainer.config.data.batch_size} rows of the "
+          f"validation split on this process, which has {rows}") in caplog.text
+
+
 @pytest.mark.parametrize("prefix_lm", [False, True])
 def test_option_log_likelihoods_match_single_sequences(trained, prefix_lm):
   _, model, tokenizer = trained
