@@ -141,14 +141,11 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   assert_same_training((accum, tmp_path / "accum"), (full, tmp_path / "full"), rtol=2e-3)
 
 
-def test_a_step_is_optax_clipping_and_adamw_on_the_mean_cross_entropy_gradient(tmp_path):
-  """One step against a reference outside the trainer's loss code: jax.grad of the mean, over
-  scored tokens, of optax's softmax cross-entropy of the model's logits, through optax's own
-  clip and AdamW. The trainer sums over tokens, divides, and clips with the norm it logs."""
-  config = tiny_config()
-  config.model.dropout_rate = 0.0
-  config.train.optimizer.update(grad_clip_norm=0.05, schedule="constant")  # clipping acts; the step moves
-  trainer = Trainer(config, tmp_path, make_loader=RaggedPatternLoader)
+def _one_step_and_optax(config, workdir):
+  """A trainer's first step on a ragged batch, and optax's clip and AdamW on jax.grad of the mean,
+  over scored tokens, of optax's softmax cross-entropy of the model's logits: (params before,
+  optax's gradients, updates and state; the trainer's state and metrics after)."""
+  trainer = Trainer(config, workdir, make_loader=RaggedPatternLoader)
   local = next(RaggedPatternLoader(config.data, "train", process_index=0, process_count=1))
   params = jax.tree.map(np.asarray, trainer.state["params"])  # the step donates the state's buffers
 
@@ -164,6 +161,18 @@ def test_a_step_is_optax_clipping_and_adamw_on_the_mean_cross_entropy_gradient(t
       trainer.schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask))
   updates, reference_state = reference.update(grads, reference.init(params), params)
   state, metrics = trainer.train_step(trainer.state, trainer.rest, trainer.global_batch(local))
+  return params, grads, updates, reference_state, state, metrics
+
+
+def test_a_step_is_optax_clipping_and_adamw_on_the_mean_cross_entropy_gradient(tmp_path):
+  """One step against a reference outside the trainer's loss code: jax.grad of the mean, over
+  scored tokens, of optax's softmax cross-entropy of the model's logits, through optax's own
+  clip and AdamW. The trainer sums over tokens, divides, and clips with the norm it logs."""
+  config = tiny_config()
+  config.model.dropout_rate = 0.0
+  config.train.optimizer.update(grad_clip_norm=0.05, schedule="constant")  # clipping acts; the step moves
+  params, grads, updates, reference_state, state, metrics = _one_step_and_optax(config, tmp_path)
+  c = config.train.optimizer
   assert float(metrics["grad_norm"]) > 2 * c.grad_clip_norm
   np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
   for ours, theirs in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(reference_state), strict=True):
@@ -546,12 +555,21 @@ def test_parameters_an_update_made_non_finite_are_never_saved(tmp_path):
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
-def test_bfloat16_weights_train_with_adamw(tmp_path):
-  config = tiny_config(steps=2)
-  config.model.param_dtype = "bfloat16"
-  trainer, result = train(config, tmp_path)
-  assert np.isfinite(result.validation["loss"])
-  assert {leaf.dtype for leaf in jax.tree.leaves(trainer.state["params"])} == {jnp.dtype(jnp.bfloat16)}
+def test_bfloat16_weights_take_optax_adamws_step(tmp_path):
+  """bfloat16 weights, gradients and moments: every weight moves (a rate of 0.05 is above their
+  rounding) and lands where optax's AdamW in bfloat16 puts it, to within bfloat16's rounding."""
+  config = tiny_config()
+  config.model.update(dropout_rate=0.0, param_dtype="bfloat16")
+  config.train.optimizer.update(learning_rate=0.05, schedule="constant")
+  params, _, updates, _, state, _ = _one_step_and_optax(config, tmp_path)
+  for ours, theirs, before in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(optax.apply_updates(
+      params, updates)), jax.tree.leaves(params), strict=True):
+    assert ours.dtype == theirs.dtype == jnp.bfloat16
+    ours, theirs, before = (np.asarray(x, np.float32) for x in (ours, theirs, before))
+    assert np.all(ours != before)
+    # A weight's bfloat16 spacing (2^-7 of it), plus 2^-5 of the step: Adam's step, about the
+    # rate, is a ratio of bfloat16 moments whose roundings differ with the order of the sums.
+    np.testing.assert_allclose(ours, theirs, rtol=2.0 ** -7, atol=0.05 * 2.0 ** -5)
 
 
 def test_a_batch_without_scored_tokens_has_no_loss_rather_than_a_perfect_one():
