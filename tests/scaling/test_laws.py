@@ -141,7 +141,7 @@ def test_bootstrap_interval_width_matches_the_spread_over_fresh_noise():
   fits = [laws.fit_chinchilla(n, d, truth(n, d) * grid_runs(10 + seed)[2], grid=SMALL_GRID) for seed in range(8)]
   loss = truth(n, d) * grid_runs(9)[2]
   intervals = laws.bootstrap_chinchilla(n, d, loss, laws.fit_chinchilla(n, d, loss, grid=SMALL_GRID), samples=60)
-  for name in ("alpha", "beta"):
+  for name in ("alpha", "beta", "e", "a", "b"):
     spread = np.std([getattr(fit, name) for fit in fits], ddof=1)
     low, high = intervals[name]
     assert 0.5 < (high - low) / (2 * 1.96 * spread) < 2.0, name
@@ -206,8 +206,11 @@ def test_kaplan_extrapolation_to_held_out_largest_runs():
 def test_chinchilla_grid_is_hoffmann_et_al_appendix_d2():
   grid = laws.CHINCHILLA_GRID
   np.testing.assert_allclose(grid["e"], [-1, -0.5, 0, 0.5, 1])
-  np.testing.assert_allclose(grid["alpha"], [0, 0.5, 1, 1.5, 2])
-  np.testing.assert_allclose(grid["a"], [0, 5, 10, 15, 20, 25])
+  for exponent in ("alpha", "beta"):
+    np.testing.assert_allclose(grid[exponent], [0, 0.5, 1, 1.5, 2])
+  for log_coefficient in ("a", "b"):
+    np.testing.assert_allclose(grid[log_coefficient], [0, 5, 10, 15, 20, 25])
+  assert sorted(grid) == ["a", "alpha", "b", "beta", "e"]
   assert np.prod([len(values) for values in grid.values()]) == 4500
 
 

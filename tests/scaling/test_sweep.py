@@ -4,13 +4,17 @@ points; the Ray executor against a real local Ray instance."""
 import json
 import pathlib
 
+import jax
+import numpy as np
 import pytest
 
 from models.config import ConfigError
 from t5x_like.cli import main
 from t5x_like.config import load_config
+from t5x_like.data.loader import make_loader
 from t5x_like.scaling import sweep
 from t5x_like.scaling.sweep import sweep_points
+from t5x_like.trainer import Trainer
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "scaling" / "tiny.py")
 
@@ -22,12 +26,25 @@ def sweep_dir(tmp_path_factory):
   return directory
 
 
+def palm_flops(model, seq_len: int, tokens: int) -> int:
+  """PaLM's count (app. B) by hand for the sweep's blocks (multi-head, ungated MLP, tied output):
+  6 x matmul parameters + 12 x layers x context x attention width, per token."""
+  d, layers = model.emb_dim, model.num_layers
+  assert model.head_dim is None and model.num_kv_heads is None and not model.mlp_gated
+  matmul_params = layers * (4 * d * d + 2 * d * model.mlp_dim) + d * model.vocab_size
+  return tokens * (6 * matmul_params + 12 * layers * seq_len * d)
+
+
 def test_sweep_writes_one_row_per_point(sweep_dir):
   rows = json.loads((sweep_dir / "results.json").read_text())
   budgets = (2048, 4096, 8192)
   assert [r["name"] for r in rows] == [f"s{size}_tokens{tokens}_seed0" for size in (1, 2) for tokens in budgets]
+  points = dict(sweep_points(load_config(CONFIG)))
   for row in rows:
-    assert row["tokens"] in budgets and row["flops"] > 6 * row["non_embedding_params"] * row["tokens"]
+    config = points[row["name"]]
+    seq_len = config.data.seq_len
+    assert row["tokens"] in budgets and row["tokens"] == config.train.steps * config.data.batch_size * seq_len
+    assert row["flops"] == palm_flops(config.model, seq_len, row["tokens"])
     assert row["validation_loss"] > 0 and row["wall_seconds"] > 0
   # More data lowers the loss at each size.
   for size in (0, 3):
@@ -35,13 +52,18 @@ def test_sweep_writes_one_row_per_point(sweep_dir):
   assert (sweep_dir / "results.csv").read_text().count("\n") == 7
 
 
-def test_seed_replicates_vary_the_weights_and_the_data_order():
+def test_seed_replicates_vary_the_weights_and_the_data_order(tmp_path):
   config = load_config(CONFIG)
   config.sweep.seeds = (0, 1)
   points = dict(sweep_points(config))
   first, second = points["s1_tokens2048_seed0"], points["s1_tokens2048_seed1"]
   assert (first.train.seed, first.data.seed) == (0, config.base.data.seed)
   assert (second.train.seed, second.data.seed) == (1, config.base.data.seed + 1)
+  weights = [Trainer(point, tmp_path / str(seed)).state["params"] for seed, point in enumerate((first, second))]
+  for ours, other in zip(jax.tree.leaves(weights[0]), jax.tree.leaves(weights[1]), strict=True):
+    assert not np.array_equal(ours, other) or np.all(ours == 1)  # norm scales start at 1 for every seed
+  batches = [next(make_loader(point.data, "train"))["decoder_target_tokens"] for point in (first, second)]
+  assert not np.array_equal(*batches)
 
 
 def test_fit_writes_report_and_plots(sweep_dir, capsys):
