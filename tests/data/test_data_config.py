@@ -39,6 +39,7 @@ def test_errors_name_the_field(fields, process_count, message):
     resolve_data_config(fields, process_count)
 
 
-def test_every_objective_resolves():
+def test_every_objective_resolves_to_the_defaults_it_does_not_set():
   for objective in OBJECTIVES:
-    resolve_data_config(dict(objective=objective, pack=objective != "preference"))
+    fields = dict(objective=objective, pack=objective != "preference")
+    assert resolve_data_config(fields).to_dict() == {**default_data_config().to_dict(), **fields}

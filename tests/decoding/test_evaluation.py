@@ -227,12 +227,17 @@ def test_span_corruption_targets_count_the_dropped_text_not_the_sentinels(traine
   assert evaluation._target_bytes(tokenizer, batch, "decoder") == len(text)
 
 
-def test_eval_command_on_split_and_held_out_text(run_dir, capsys):
-  assert main(["eval", "--workdir", str(run_dir), "--batches", "1"]) == 0
+def test_eval_command_on_split_and_held_out_text(trained, run_dir, capsys):
+  trainer, _, tokenizer = trained
+  assert main(["eval", "--workdir", str(run_dir), "--batches", "2"]) == 0
+  split = evaluation.evaluate_split(trainer, tokenizer, "validation", num_batches=2)
+  assert capsys.readouterr().out.strip().endswith(
+      f"validation split (2 batches): loss {split['loss']:.4f}, perplexity {split['perplexity']:.2f}, bits per byte "
+      f"{split['bits_per_byte']:.4f}, token accuracy {split['accuracy']:.3f} ({int(split['tokens'])} tokens, "
+      f"{split['bytes']} bytes)")
   assert main(["eval", "--workdir", str(run_dir), "--text-file",
                str(pathlib.Path(evaluation.__file__).parent / "data" / "corpora" / "austen" / "persuasion.txt")]) == 0
-  out = capsys.readouterr().out
-  assert out.count("bits per byte") == 2
+  assert capsys.readouterr().out.count("bits per byte") == 1
 
 
 def test_evaluating_more_batches_than_the_split_holds_is_named(trained, run_dir, caplog):

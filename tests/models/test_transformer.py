@@ -12,7 +12,7 @@ import scipy.stats
 from flax import nnx
 
 from models.attention import Attention, attention_mask, dot_product_attention, heads_first_attention
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
 from models.layers import (add_bias, apply_rope, gelu_exact, gelu_tanh, project, relative_position_bucket,
                            row_max, row_sum, scale_and_shift, sinusoidal_embedding, token_sum,
                            tokens_contracted)
@@ -348,8 +348,9 @@ def test_relative_position_buckets_follow_t5():
   causal = np.asarray(relative_position_bucket(rel, bidirectional=False, num_buckets=32, max_distance=128))
   # Future keys all share bucket 0 in a causal stack.
   np.testing.assert_array_equal(causal[[0, 6, 7, 8]], [0, 0, 0, 0])
-  np.testing.assert_array_equal(causal[[1, 2]], [1, 7])
+  np.testing.assert_array_equal(causal[[1, 2, 3]], [1, 7, 8])  # exact below 16 one-way
   assert causal[4] == 16 + int(np.log(127 / 16) / np.log(128 / 16) * 16)
+  assert causal[5] == 31  # past max_distance: the last bucket
 
 
 # Precision and dropout ----------------------------------------------------------------
@@ -647,7 +648,7 @@ def test_attention_dropout_trains_through_the_xla_kernel_and_is_off_in_eval():
   assert not np.allclose(model(tokens), model(tokens))
   model.eval()
   np.testing.assert_allclose(model(tokens), plain(tokens), rtol=1e-5, atol=1e-6)
-  with pytest.raises(Exception, match="attention_kernel='blocked' never forms the attention probabilities"):
+  with pytest.raises(ConfigError, match="attention_kernel='blocked' never forms the attention probabilities"):
     config.replace(attention_kernel="blocked", attention_dropout_rate=0.1).validate()
 
 
