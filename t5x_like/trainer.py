@@ -458,11 +458,11 @@ class Trainer:
       self.init_params_from(cfg.init_from)
     elif data_positions:  # {}: a checkpoint from before data positions were saved
       train_loader.set_state(this_process_position(data_positions, checkpointer.directory))
-    # Only now: a config its checkpoints do not fit has stopped above and left the old one in place.
-    if jax.process_index() == 0:
-      (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
-    writer = MetricWriter(self.workdir)
     start_step = int(jax.device_get(self.state["step"]))
+    if start_step > cfg.steps:
+      raise ConfigError(f"{checkpointer.directory} holds step {start_step}, past train.steps={cfg.steps}; "
+                        f"set train.steps to {start_step} or more to go on, or start a new workdir")
+    writer = MetricWriter(self.workdir)
 
     lengths = _sequence_lengths(self.config, self.model_config)
     batch_size = self.config.data.batch_size
@@ -472,6 +472,7 @@ class Trainer:
     logger.info("MFU relative to %s", peak_source)
 
     pending: list[tuple[int, dict]] = []
+    config_written = False
     interval_start = time.perf_counter()
     # (loss sum, target tokens) of the latest finite steps, the logged ones first, so a run
     # resumed at its last step reports the same train loss.
@@ -504,6 +505,11 @@ class Trainer:
             pause_start = time.perf_counter()
             if save:
               self._check_finite_params(done)
+              # config.json describes the checkpoints, so it changes with the first one made under
+              # this config: a resume that fails first (a NaN, a kernel) leaves the old one in place.
+              if not config_written and jax.process_index() == 0:
+                (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
+              config_written = True
               checkpointer.save(done, self.checkpointed(), train_loader.get_state())
             if due_for_eval:
               writer.write(done, "validation", self.evaluate(cfg.eval_steps))

@@ -375,6 +375,20 @@ def test_resuming_under_a_config_that_builds_other_arrays_stops_and_keeps_every_
   assert (tmp_path / "config.json").read_text() == saved_config  # still the config the checkpoints fit
 
 
+def test_a_resume_that_stops_before_saving_leaves_the_runs_config_and_checkpoints(tmp_path):
+  train(tiny_config(steps=4), tmp_path)
+  saved_config = (tmp_path / "config.json").read_text()
+  diverging = tiny_config(steps=8, schedule="constant")
+  diverging.train.optimizer.update(learning_rate=1e39, schedule="constant")
+  with pytest.raises(NonFiniteLossError):
+    train(diverging, tmp_path)
+  assert (tmp_path / "config.json").read_text() == saved_config  # eval and decode still read the right model
+  with pytest.raises(ConfigError, match=r"checkpoints holds step 4, past train.steps=2; set train.steps to 4 or more"):
+    train(tiny_config(steps=2), tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+  assert (tmp_path / "config.json").read_text() == saved_config
+
+
 def test_a_workdir_whose_config_is_not_json_is_named(tmp_path):
   (tmp_path / "config.json").write_text('{"model": ')
   with pytest.raises(ConfigError, match=r"config\.json is not valid JSON"):
