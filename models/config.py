@@ -229,6 +229,8 @@ class ModelConfig:
       raise ConfigError(f"model.num_token_types={self.num_token_types} must be >= 0")
     if self.norm_eps <= 0:
       raise ConfigError(f"model.norm_eps={self.norm_eps} must be > 0")
+    if not self.rope_theta > 0:  # the rotation frequencies are powers of it
+      raise ConfigError(f"model.rope_theta={self.rope_theta} must be > 0")
 
 
 def model_config_dict(**overrides) -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ import jax
 
 from models.config import ConfigError, ModelConfig
 from models.model_size import model_size, train_flops_per_token
-from t5x_like.config import apply_overrides, load_config, load_run_config
+from t5x_like.config import apply_overrides, base_config, check_known_fields, load_config, load_run_config
 from t5x_like.host_memory import exec_with_huge_pages
 
 
@@ -203,10 +203,13 @@ def _tokenizer(args, overrides) -> None:
 
 def _sweep(args, overrides) -> None:
   """Runs (or continues) every point of a scaling sweep."""
-  from t5x_like.scaling.sweep import run_sweep
+  import ml_collections
+  from t5x_like.scaling.sweep import default_sweep_config, run_sweep
   config = load_config(args.config)
   if "sweep" not in config:
     raise ConfigError(f"{args.config} has no sweep section; sweep configs live in experiments/scaling/")
+  check_known_fields(config, args.config, ml_collections.ConfigDict(dict(base=base_config(),
+                                                                          sweep=default_sweep_config())))
   apply_overrides(config, overrides)
   rows = run_sweep(config, args.workdir)
   print(f"{len(rows)} runs; results in {args.workdir}/results.csv and results.json")

@@ -39,6 +39,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   if not file.is_file():
     raise ConfigError(f"config file {path} does not exist")
   module_spec = importlib.util.spec_from_file_location(f"t5x_like_config_{file.stem}", file)
+  if module_spec is None:
+    raise ConfigError(f"config file {path} is not a Python file (.py) defining get_config()")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
@@ -60,7 +62,21 @@ def load_run_config(spec: str) -> ml_collections.ConfigDict:
   if "model" not in config:
     hint = "; it is a sweep config: use `t5x-like sweep`" if "sweep" in config else ""
     raise ConfigError(f"{spec} has no model section{hint}")
+  check_known_fields(config, spec)
   return config
+
+
+def check_known_fields(config: ml_collections.ConfigDict, spec: str,
+                       known: ml_collections.ConfigDict | None = None) -> None:
+  """Refuses a field that `known` (base_config) lacks: a misspelt `train.stepz` would go unused."""
+  def walk(node, known, path):
+    for name in node:
+      if name not in known:
+        raise ConfigError(f"{spec}: {path}{name} is not a config field; the fields {path or 'at the top'} "
+                          f"are {sorted(known)}")
+      if isinstance(node[name], ml_collections.ConfigDict) and isinstance(known[name], ml_collections.ConfigDict):
+        walk(node[name], known[name], f"{path}{name}.")
+  walk(config, base_config() if known is None else known, "")
 
 
 def _parse_value(text: str):

@@ -56,6 +56,9 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   for name in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip_norm", "end_learning_rate_fraction"):
     if not config[name] >= 0:
       raise ConfigError(f"train.optimizer.{name}={config[name]} must be at least 0")
+  if config.end_learning_rate_fraction > 1:  # a fraction of the peak: above 1 the decay would climb
+    raise ConfigError(f"train.optimizer.end_learning_rate_fraction={config.end_learning_rate_fraction} "
+                      f"must be at most 1")
   if not config.eps > 0:  # Adam's update of a parameter whose gradient is 0 would be 0 / 0
     raise ConfigError(f"train.optimizer.eps={config.eps} must be positive")
   for name in ("b1", "b2"):

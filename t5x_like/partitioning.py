@@ -90,6 +90,11 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
 
 
 def _rules(config) -> tuple:
+  """(logical axis, mesh axis or axes or None) pairs; JSON gives lists where files give tuples."""
+  malformed = [rule for rule in config.rules if not isinstance(rule, (tuple, list)) or len(rule) != 2]
+  if malformed:
+    raise ConfigError(f"partitioning.rules holds {malformed[0]!r}; each rule is a pair "
+                      f"(logical axis, mesh axis or axes or None)")
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.rules)
 
 

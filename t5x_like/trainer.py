@@ -99,6 +99,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
       raise ConfigError(f"train.{name}={train[name]} must be a positive integer")
   if train.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite={train.nonfinite!r} is not one of ('stop', 'skip')")
+  if not train.z_loss >= 0:  # a negative weight would reward large logits
+    raise ConfigError(f"train.z_loss={train.z_loss} must be at least 0")
+  if model_config.attention_kernel == "cudnn" and jax.default_backend() != "gpu":
+    raise ConfigError(f"model.attention_kernel='cudnn' runs on NVIDIA GPUs only, not on this "
+                      f"{jax.default_backend()} backend; use attention_kernel='auto'")
   data_shards = partitioning.data_shards(config.partitioning, num_devices)
   batch, accum = config.data.batch_size, train.grad_accum_steps
   if batch % (data_shards * accum):
@@ -134,6 +139,8 @@ def training_warnings(config: ml_collections.ConfigDict) -> list[str]:
   warmup, and bfloat16 weights, whose steps near 1.0 round away below a learning rate of about
   4e-3. Logged when training starts, not when decode, eval or score load a run."""
   warnings, train = [], config.train
+  if train.optimizer.learning_rate == 0:
+    warnings.append("train.optimizer.learning_rate=0: the weights never change")
   if train.optimizer.schedule == "warmup_cosine" and train.optimizer.warmup_steps >= train.steps:
     warnings.append(f"train.optimizer.warmup_steps={train.optimizer.warmup_steps} is not below "
                     f"train.steps={train.steps}: the learning rate never reaches its peak nor decays")

@@ -49,7 +49,7 @@ def test_every_experiment_config_and_sweep_point_validates_and_shards_over_eight
   assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_a_warmup_past_the_last_step_and_bfloat16_weights_are_warned_of(caplog):
+def test_a_warmup_past_the_last_step_bfloat16_weights_and_a_zero_rate_are_warned_of(caplog):
   config = load_config(str(EXPERIMENTS / "decoder_tiny.py"))
   config.train.update(steps=50)
   config.model.param_dtype = "bfloat16"
@@ -59,6 +59,8 @@ def test_a_warmup_past_the_last_step_and_bfloat16_weights_are_warned_of(caplog):
   with caplog.at_level(logging.WARNING):
     validate_config(config, num_devices=jax.device_count())  # as decode, eval and score load a run
   assert not caplog.records
+  config.train.optimizer.learning_rate = 0.0
+  assert training_warnings(config)[0] == "train.optimizer.learning_rate=0: the weights never change"
 
 
 def test_overrides_keep_types_and_reject_unknown_fields():
@@ -100,6 +102,7 @@ def test_info_prints_counts_and_names_the_bad_field(capsys):
     (dict(arch="encoder", position="relative", relative_num_buckets=3), "model.relative_num_buckets=3 is too few"),
     (dict(position="relative", relative_num_buckets=1),
      "model.relative_num_buckets=1 is too few for model.arch='decoder': 2"),
+    (dict(rope_theta=0.0), "model.rope_theta=0.0 must be > 0"),
 ])
 def test_impossible_model_configs_name_the_field(changes, message):
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -127,3 +130,26 @@ def test_a_sweep_config_given_to_train_or_info_and_a_run_config_to_sweep_are_nam
   errors = capsys.readouterr().err
   assert errors.count("has no model section; it is a sweep config: use `t5x-like sweep`") == 2
   assert "has no sweep section" in errors
+
+
+def test_a_field_no_section_has_is_named_wherever_the_file_sets_it(tmp_path, capsys):
+  """ConfigDict.update adds any key, so a misspelt field in a file would otherwise go unused."""
+  header = "from t5x_like.config import base_config\n"
+  files = {"train": "c.train.update(stepz=5)", "optimizer": "c.train.optimizer.lr = 0.1",
+           "section": "c.partitoning = dict(mesh_shape=(-1, 1, 1))"}
+  for name, line in files.items():
+    (tmp_path / f"{name}.py").write_text(f"{header}def get_config():\n  c = base_config()\n  {line}\n  return c\n")
+  sweep = (EXPERIMENTS / "scaling" / "tiny.py").read_text().replace("seeds=(0,))", "seeds=(0,), sizez=(3,))")
+  (tmp_path / "sweep.py").write_text(sweep)
+  (tmp_path / "notes.md").write_text("# not a config\n")
+  for name in files:
+    assert main(["info", "--config", str(tmp_path / f"{name}.py")]) == 2
+  assert main(["sweep", "--config", str(tmp_path / "sweep.py"), "--workdir", str(tmp_path / "run")]) == 2
+  assert main(["info", "--config", str(tmp_path / "notes.md")]) == 2
+  errors = capsys.readouterr().err.splitlines()
+  assert len(errors) == 5 and not (tmp_path / "run").exists()
+  assert "train.py: train.stepz is not a config field; the fields train. are [" in errors[0]
+  assert "optimizer.py: train.optimizer.lr is not a config field" in errors[1]
+  assert "section.py: partitoning is not a config field; the fields at the top are ['data', 'model'," in errors[2]
+  assert "sweep.py: sweep.sizez is not a config field" in errors[3]
+  assert "notes.md is not a Python file (.py) defining get_config()" in errors[4]

@@ -61,7 +61,8 @@ def test_a_biased_models_mask_spares_exactly_its_biases_and_norms():
 
 @pytest.mark.parametrize("field, value", [("grad_clip_norm", -1.0), ("learning_rate", -1e-3),
                                           ("weight_decay", -0.1), ("warmup_steps", -5), ("b2", 1.0),
-                                          ("end_learning_rate_fraction", -0.5), ("eps", 0.0)])
+                                          ("end_learning_rate_fraction", -0.5), ("end_learning_rate_fraction", 1.5),
+                                          ("eps", 0.0)])
 def test_an_optimizer_setting_that_would_reverse_or_stall_updates_is_refused(field, value):
   """A negative clip norm, for one, scaled every update by a negative number: gradient ascent."""
   with pytest.raises(ConfigError, match=f"train.optimizer.{field}={value}"):

@@ -642,6 +642,7 @@ def test_token_ids_outside_the_vocabulary_are_named_before_they_become_a_nan_los
     (dict(mode="dpo"), "train.mode='dpo'"),
     (dict(nonfinite="ignore"), "train.nonfinite='ignore'"),
     (dict(eval_steps=0), "train.eval_steps=0 must be a positive integer"),
+    (dict(z_loss=-5.0), "train.z_loss=-5.0 must be at least 0"),
 ])
 def test_bad_configs_fail_before_compiling(changes, message, tmp_path):
   mesh_shape = changes.pop("mesh_shape", (-1, 1, 1))
@@ -655,11 +656,19 @@ def test_bad_configs_fail_before_compiling(changes, message, tmp_path):
      "map 'mlp' to mesh axis 'model', which is not in partitioning.mesh_axes"),
     (lambda rules: [(name, "model" if name == "activation_heads" else axes) for name, axes in rules],
      "map 'activation_heads' to mesh axis 'model', which is not in partitioning.mesh_axes"),
+    (lambda rules: [("vocab",)] + list(rules), r"partitioning.rules holds \('vocab',\); each rule is a pair"),
 ])
 def test_bad_partitioning_rules_name_the_axis(rules, message, tmp_path):
   config = tiny_config()
   config.partitioning.rules = rules(config.partitioning.rules)
   with pytest.raises(ConfigError, match=message):
+    Trainer(config, tmp_path, make_loader=PatternLoader)
+
+
+def test_the_cudnn_kernel_is_refused_off_a_gpu_before_compiling(tmp_path):
+  config = tiny_config()
+  config.model.update(attention_kernel="cudnn", dtype="bfloat16", emb_dim=64)  # what cuDNN takes
+  with pytest.raises(ConfigError, match="model.attention_kernel='cudnn' runs on NVIDIA GPUs only, not on this cpu"):
     Trainer(config, tmp_path, make_loader=PatternLoader)
 
 
