@@ -45,8 +45,12 @@ def _train(args, overrides) -> None:
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   config = load_run_config(args.config)
   apply_overrides(config, overrides)
+  from t5x_like.data.tokenizer import load_tokenizer
+  from t5x_like.samples import sample_room, sample_texts
   from t5x_like.trainer import Trainer  # heavy imports only for the commands that need them
   trainer = Trainer(config, args.workdir)
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  sample_room(trainer.model_config, tokenizer, args.sample_prompt)  # a prompt too long stops it now, not after
   result = trainer.train()
   state = trainer.state["params"], trainer.rest
   if jax.process_count() > 1:
@@ -60,12 +64,9 @@ def _train(args, overrides) -> None:
   shown += [f"perplexity {validation['perplexity']:.2f}"] if "perplexity" in validation else []
   shown += [f"token accuracy {validation['accuracy']:.3f}"] if "accuracy" in validation else []
   print(f"step {result.step}: {', '.join(shown)}")
-  from t5x_like.data.tokenizer import load_tokenizer
-  from t5x_like.samples import sample_texts
   model = trainer.model_from(*state)
   model.eval()
-  samples = sample_texts(model, load_tokenizer(config.data.tokenizer), args.sample_prompt,
-                         prefix_lm=trainer.prefix_lm)
+  samples = sample_texts(model, tokenizer, args.sample_prompt, prefix_lm=trainer.prefix_lm)
   for prompt, text in samples:
     print(f"--- {prompt!r}\n{text}")
 

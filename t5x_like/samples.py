@@ -31,6 +31,18 @@ def generation_inputs(arch: str, ids: list[list[int]]) -> tuple[list[list[int]],
   return [[PAD_ID] + i for i in ids], None
 
 
+def sample_room(model_config, tokenizer, prompts=None, max_new_tokens: int = 40) -> int:
+  """The new tokens the samples take: max_new_tokens, or what a learned position table leaves
+  after the longest prompt. A prompt it cannot hold is an error, raised before training by `train`."""
+  arch = model_config.arch
+  longest = max(len(prompt_ids(tokenizer, arch, p)) for p in list(prompts or DEFAULT_PROMPTS)) + 1  # start or eos
+  # A decoder's prompt must leave room for one new token; an encoder reads the prompt alone.
+  model_config.check_length(longest + (arch == "decoder"), "the longest sample prompt with its start or end token")
+  if model_config.position != "learned" or arch == "encoder":
+    return max_new_tokens
+  return min(max_new_tokens, model_config.max_len - (1 if arch == "encoder_decoder" else longest))
+
+
 def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = 40,
                  prefix_lm: bool = False) -> list[tuple[str, str]]:
   """(prompt, text) pairs by architecture: a decoder continues the prompt greedily (a prefix
@@ -39,6 +51,7 @@ def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = 40,
   prompts = list(prompts or DEFAULT_PROMPTS)
   arch = model.config.arch
   ids = [prompt_ids(tokenizer, arch, p) for p in prompts]
+  max_new_tokens = sample_room(model.config, tokenizer, prompts, max_new_tokens)
   # Greedy, with a mild repetition penalty: small models otherwise loop on "and, and, ...".
   config = DecodeConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2, vocab_limit=tokenizer.vocab_size,
                         prefix_lm=prefix_lm)

@@ -370,6 +370,14 @@ def test_bad_task_files_name_the_line(tmp_path):
     evaluation.read_task(task)
 
 
+def test_a_sample_prompt_its_position_table_cannot_hold_stops_train_before_training(tmp_path, capsys):
+  long_prompt = "Emma Woodhouse, handsome, clever, and rich, with a comfortable home " * 3
+  assert main(["train", "--config", EXPERIMENT, "--workdir", str(tmp_path), *TINY, "--config.model.position=learned",
+               "--config.model.max_len=32", "--sample-prompt", long_prompt]) == 2
+  assert "exceeds model.max_len=32 of the learned position table" in capsys.readouterr().err
+  assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["decode", "--input", "{prompts}"], r'prompts\.jsonl, line 2: not a JSON object with a string "prompt"'),
     (["score", "--items", "0"], "0 is below 1"),

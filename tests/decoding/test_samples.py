@@ -4,11 +4,11 @@ ordinary piece, an encoder-decoder's prompt marks the span it fills with a senti
 import numpy as np
 import pytest
 
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
 from t5x_like.data.documents import DataError
 from t5x_like.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer
-from t5x_like.samples import prompt_ids, sample_texts
+from t5x_like.samples import prompt_ids, sample_room, sample_texts
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +49,24 @@ def test_an_encoder_decoder_prompt_marks_its_spans_or_gets_sentinel_0_at_its_end
   assert prompt_ids(tokenizer, "decoder", "Mr.<extra_id_3>") == tokenizer.encode("Mr.<extra_id_3>").tolist()
   with pytest.raises(DataError, match="<extra_id_100> in 'a<extra_id_100>' names no sentinel"):
     prompt_ids(tokenizer, "encoder_decoder", "a<extra_id_100>")
+
+
+def test_samples_of_a_learned_position_table_stop_where_it_ends(tokenizer):
+  """40 new tokens after the default prompts would pass a 16-position table: they stop at it; a
+  prompt with no room left is named (the train command checks before training)."""
+  config = ModelConfig(arch="decoder", vocab_size=8192, emb_dim=32, num_heads=2, mlp_dim=64, num_layers=1,
+                       position="learned", max_len=16)
+  model = build_model(config, seed=0)
+  model.eval()
+  longest = max(len(tokenizer.encode(p)) for p in ("It is a truth universally acknowledged", "Mr. Darcy", "She was"))
+  assert sample_room(config, tokenizer) == 16 - (longest + 1) < 40
+  for prompt, text in sample_texts(model, tokenizer):
+    # Greedy ids may merge when decoded, so count the new text's ids as generated, at most the room.
+    assert text.startswith(prompt) and 0 < len(tokenizer.encode(text)) <= 16
+  assert sample_room(config.replace(position="rope"), tokenizer) == 40
+  words = "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition"
+  fits = next(words[:i] for i in range(len(words), 0, -1) if len(tokenizer.encode(words[:i])) == 14)
+  assert sample_room(config, tokenizer, [fits]) == 1  # start token, 14 ids, one new token: 16
+  with pytest.raises(ConfigError, match=f"the longest sample prompt with its start or end token "
+                                        f"{len(tokenizer.encode(words)) + 2} exceeds model.max_len=16"):
+    sample_room(config, tokenizer, [fits, words])
