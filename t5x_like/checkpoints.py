@@ -188,6 +188,10 @@ class Checkpointer:
         logger.warning("resuming from checkpoint %s, the newest readable one (unreadable: steps %s)",
                        self.directory / str(step), unreadable)
       return step, restored["state"], restored["data"]
+    if unreadable:  # not a fresh start: the run would silently begin again at step 0
+      raise ConfigError(f"no checkpoint in {self.directory} is readable (steps {unreadable}, now in "
+                        f"{self.directory.parent / 'corrupt'}); put a good copy back to resume, or run "
+                        f"again to start over from step 0")
     return None
 
   def _set_aside(self, step: int, error: Exception, unreadable: list[int]) -> None:

@@ -342,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as error:
     print(f"t5x-like {args.command}: error: {error}", file=sys.stderr)
     return 2
+  except FloatingPointError as error:  # trainer.NonFiniteLossError: its message says what to change
+    print(f"t5x-like {args.command}: error: {error}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -378,6 +378,14 @@ def test_a_sample_prompt_its_position_table_cannot_hold_stops_train_before_train
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_diverging_run_is_a_one_line_error(tmp_path, capsys):
+  assert main(["train", "--config", EXPERIMENT, "--workdir", str(tmp_path), *TINY,
+               "--config.train.optimizer.learning_rate=1e39", "--config.train.optimizer.schedule=constant"]) == 1
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  assert re.match(r"t5x-like train: error: .*non-finite.* Lower train.optimizer.learning_rate", err.splitlines()[-1])
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["decode", "--input", "{prompts}"], r'prompts\.jsonl, line 2: not a JSON object with a string "prompt"'),
     (["score", "--items", "0"], "0 is below 1"),

@@ -533,6 +533,12 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, 
   assert [logged.count(step) for step in range(1, 9)] == [1] * 4 + [2] * 4
   assert [row["step"] for row in read_metrics(tmp_path, "train")] == list(range(1, 9))  # the newest of each
   assert int(trainer.state["step"]) == 8 and (newest / "state").exists()
+  for file in (tmp_path / "checkpoints").rglob("*"):  # now every checkpoint: no silent start from step 0
+    if file.is_file() and file.parent.name == "d":
+      file.write_bytes(b"garbage")
+  with pytest.raises(ConfigError, match=r"no checkpoint in .*checkpoints is readable \(steps \[8, 4\], now in "):
+    train(tiny_config(steps=8), tmp_path)
+  assert not any((tmp_path / "checkpoints").iterdir()) and len(list((tmp_path / "corrupt").iterdir())) == 3
 
 
 class NanAtStep(PatternLoader):
