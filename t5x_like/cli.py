@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import jax
@@ -88,6 +89,10 @@ def _load(args, overrides):
   from t5x_like.trainer import Trainer
   if overrides:
     raise ConfigError(f"{args.command} reads the run's saved config; unexpected arguments {overrides}")
+  output = getattr(args, "output", None)
+  if output and (os.path.isdir(output) or not os.path.isdir(os.path.dirname(os.path.abspath(output)))):
+    # Named now, not once every prompt or item has been run.
+    raise ConfigError(f"--output {output} is a directory or its directory does not exist")
   trainer = Trainer.from_workdir(args.workdir)
   return trainer, load_tokenizer(trainer.config.data.tokenizer)
 
@@ -153,6 +158,8 @@ def _read_prompts(path: str) -> list[str]:
 def _eval(args, overrides) -> None:
   """Loss, perplexity, token accuracy and bits per byte on a split or a text file."""
   from t5x_like import evaluation
+  if args.text_file and (args.split or args.batches):
+    raise ConfigError("--split and --batches choose batches of a split; --text-file scores the whole file")
   trainer, tokenizer = _load(args, overrides)
   if args.text_file:
     from t5x_like.data import documents
@@ -160,6 +167,7 @@ def _eval(args, overrides) -> None:
     result = evaluation.evaluate_documents(trainer, tokenizer, texts)
     where = args.text_file
   else:
+    args.split, args.batches = args.split or "validation", args.batches or 20
     if warning := trainer.split_too_small(args.split, args.batches, "--batches"):
       logging.getLogger(__name__).warning(warning)
     result = evaluation.evaluate_split(trainer, tokenizer, args.split, args.batches)
@@ -298,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
   decode.set_defaults(run=_decode)
   evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a trained run")
   evaluate.add_argument("--workdir", required=True)
-  evaluate.add_argument("--split", default="validation", choices=("train", "validation"))
-  evaluate.add_argument("--batches", type=_at_least(1), default=20)
+  evaluate.add_argument("--split", choices=("train", "validation"), help="default: validation")
+  evaluate.add_argument("--batches", type=_at_least(1), help="default: 20")
   evaluate.add_argument("--text-file", help="evaluate on this file's documents instead of a split (decoders): "
                         "a text file's paragraphs or a JSONL file's `text` fields, read as training reads them")
   evaluate.set_defaults(run=_eval)

@@ -106,6 +106,10 @@ def prepare(files: Sequence[str | pathlib.Path], fields: Sequence[str], data_dir
     if not pathlib.Path(path).is_file():
       raise documents.DataError(f"{path}: no such file")
   data_dir = pathlib.Path(data_dir).expanduser()
+  try:
+    data_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:  # a file in the way, or a place this user cannot write
+    raise documents.DataError(f"data.data_dir={str(data_dir)!r} cannot hold the built datasets: {error}") from None
   name = f"{label}_{_fingerprint(files, fields, aliases)}"
   config = LocalFilesConfig(name=name, files=tuple(files), fields=tuple(fields),
                             aliases=tuple(sorted(aliases.items())),
@@ -124,4 +128,13 @@ def catalog_source(name: str, split: str, data_dir: str | pathlib.Path):
   `tfds build wikipedia/20230601.en --file_format=array_record --data_dir=DIR` (building
   catalog datasets needs TensorFlow; reading them here does not). Its features must carry
   the names the objective reads (`text`; `prompt`, `response`, ...)."""
-  return tfds.data_source(name, split=split, data_dir=str(pathlib.Path(data_dir).expanduser()))
+  data_dir = str(pathlib.Path(data_dir).expanduser())
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise documents.DataError(f"data.dataset='tfds:{name}' is not in TFDS's catalog (tfds.list_builders() "
+                              f"names them); local files are named by path, without tfds:") from None
+  if not builder.is_prepared():  # tfds.data_source would start a download; nothing is fetched at run time
+    raise documents.DataError(f"data.dataset='tfds:{name}' is not built in data.data_dir={data_dir!r}; build it with "
+                              f"`tfds build {name} --file_format=array_record --data_dir={data_dir}`")
+  return builder.as_data_source(split)

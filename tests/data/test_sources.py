@@ -5,6 +5,7 @@ import re
 import time
 
 import pytest
+import tensorflow_datasets as tfds
 
 from models.config import ConfigError
 from t5x_like.data import sources
@@ -60,3 +61,40 @@ def test_a_split_no_record_falls_in_is_an_error(tmp_path):
   assert len(sources.open_split(str(tmp_path / "one.txt"), present, ("text",), tmp_path / "tfds")) == 1
   with pytest.raises(ConfigError, match=rf"one\.txt' has no {missing} records"):
     sources.open_split(str(tmp_path / "one.txt"), missing, ("text",), tmp_path / "tfds")
+
+
+class T5xLikeTestCatalog(tfds.core.GeneratorBasedBuilder):
+  """A catalog dataset of this test's own, registered by its name as TFDS's catalog builders are."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = None  # nothing to download, so no checksums file to look up
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate_examples(split) for split in ("train", "validation")}
+
+  def _generate_examples(self, split):
+    for index in range(3):
+      yield index, {"text": f"{split} record {index}"}
+
+
+def test_a_catalog_dataset_is_read_once_built_and_named_otherwise(tmp_path):
+  name = "tfds:t5x_like_test_catalog"
+  with pytest.raises(ConfigError, match=rf"data.dataset='{name}' is not built in data.data_dir='{tmp_path}'; build it "
+                                        r"with `tfds build t5x_like_test_catalog --file_format=array_record"):
+    sources.open_split(name, "train", ("text",), str(tmp_path))
+  assert not list(tmp_path.rglob("*.array_record*"))  # nothing fetched or built
+  T5xLikeTestCatalog(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  validation = sources.open_split(name, "validation", ("text",), str(tmp_path))
+  texts = sorted(validation[i]["text"] for i in range(len(validation)))
+  assert texts == [b"validation record %d" % i for i in range(3)]
+  with pytest.raises(ConfigError, match=r"'tfds:no_such_dataset_here' is not in TFDS's catalog"):
+    sources.open_split("tfds:no_such_dataset_here", "train", ("text",), str(tmp_path))
+
+
+def test_a_data_dir_that_cannot_hold_datasets_is_named(tmp_path):
+  (tmp_path / "a_file").write_text("not a directory\n")
+  with pytest.raises(ConfigError, match=r"data.data_dir='.*a_file/sub' cannot hold the built datasets: "):
+    sources.open_split("austen", "train", ("text",), str(tmp_path / "a_file" / "sub"))

@@ -391,11 +391,14 @@ def test_a_diverging_run_is_a_one_line_error(tmp_path, capsys):
     (["score", "--items", "0"], "0 is below 1"),
     (["score", "--shots", "-1"], "-1 is below 0"),
     (["eval", "--batches", "0"], "0 is below 1"),
+    (["eval", "--text-file", "{prompts}", "--split", "train"], "--text-file scores the whole file"),
+    (["decode", "--prompt", "Emma", "--output", "{tmp}/no/such/dir/out.jsonl"], "its directory does not exist"),
+    (["score", "--output", "{tmp}"], "is a directory or"),
 ])
 def test_bad_command_arguments_are_one_line_errors(arguments, message, run_dir, tmp_path, capsys):
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text('{"prompt": "Emma"}\n{"text": "no prompt"}\n')
-  arguments = [a.format(prompts=prompts) for a in arguments]
+  arguments = [a.format(prompts=prompts, tmp=tmp_path) for a in arguments]
   try:
     code = main([arguments[0], "--workdir", str(run_dir), *arguments[1:]])
   except SystemExit as exit:  # argparse's own refusals
