@@ -172,7 +172,7 @@ class ModelConfig:
 
     def positive(name):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value <= 0):
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
         raise ConfigError(f"model.{name}={value!r} must be a positive integer")
 
     choice("arch", ARCHITECTURES)

@@ -34,6 +34,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if num_processes is None or process_id is None:
     raise ConfigError(f"coordinator address {address} given without --num_processes and --process_id "
                       "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
-  num_processes, process_id = int(num_processes), int(process_id)
+  try:
+    num_processes, process_id = int(num_processes), int(process_id)
+  except ValueError:  # from the environment: flags are ints already
+    raise ConfigError(f"JAX_NUM_PROCESSES={num_processes!r} and JAX_PROCESS_ID={process_id!r} must be "
+                      f"integers") from None
+  if not 0 <= process_id < num_processes:
+    raise ConfigError(f"process id {process_id} is not in [0, {num_processes}) for {num_processes} processes")
   jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
                              process_id=process_id)

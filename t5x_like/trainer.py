@@ -185,6 +185,8 @@ class Trainer:
                make_loader: Callable[..., Iterator] | None = None, devices=None):
     self.config = config
     self.workdir = pathlib.Path(workdir)
+    if self.workdir.exists() and not self.workdir.is_dir():
+      raise ConfigError(f"the workdir {self.workdir} is a file, not a directory")
     devices = jax.devices() if devices is None else devices
     self.model_config = validate_config(config, len(devices))
     self.mode: TrainingMode = make_mode(config.train.mode, z_loss=config.train.z_loss)

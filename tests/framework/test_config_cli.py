@@ -103,6 +103,7 @@ def test_info_prints_counts_and_names_the_bad_field(capsys):
     (dict(position="relative", relative_num_buckets=1),
      "model.relative_num_buckets=1 is too few for model.arch='decoder': 2"),
     (dict(rope_theta=0.0), "model.rope_theta=0.0 must be > 0"),
+    (dict(emb_dim=True), "model.emb_dim=True must be a positive integer"),
 ])
 def test_impossible_model_configs_name_the_field(changes, message):
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -12,7 +12,7 @@ from models.config import ConfigError
 from t5x_like import distributed
 
 
-def test_process_flags_without_a_coordinator_are_refused(monkeypatch):
+def test_process_flags_without_a_coordinator_or_out_of_range_are_refused(monkeypatch):
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     monkeypatch.delenv(name, raising=False)
   with pytest.raises(ConfigError, match="--num_processes and --process_id need --coordinator_address"):
@@ -22,6 +22,12 @@ def test_process_flags_without_a_coordinator_are_refused(monkeypatch):
   distributed.initialize(None, None, None)  # a single-process run: nothing to start
   with pytest.raises(ConfigError, match="--coordinator_address auto finds the process count and id itself"):
     distributed.initialize("auto", 4, 3)
+  with pytest.raises(ConfigError, match=r"process id 5 is not in \[0, 2\) for 2 processes"):
+    distributed.initialize("127.0.0.1:1234", 2, 5)
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  monkeypatch.setenv("JAX_PROCESS_ID", "0")
+  with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='two' and JAX_PROCESS_ID='0' must be integers"):
+    distributed.initialize("127.0.0.1:1234", None, None)
 
 
 TRAIN = """

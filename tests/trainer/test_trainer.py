@@ -671,6 +671,12 @@ def test_bad_partitioning_rules_name_the_axis(rules, message, tmp_path):
     Trainer(config, tmp_path, make_loader=PatternLoader)
 
 
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+  (tmp_path / "notes.txt").write_text("a file\n")
+  with pytest.raises(ConfigError, match=r"the workdir .*notes\.txt is a file, not a directory"):
+    Trainer(tiny_config(), tmp_path / "notes.txt", make_loader=PatternLoader)
+
+
 def test_the_cudnn_kernel_is_refused_off_a_gpu_before_compiling(tmp_path):
   config = tiny_config()
   config.model.update(attention_kernel="cudnn", dtype="bfloat16", emb_dim=64)  # what cuDNN takes
