@@ -190,8 +190,8 @@ class Checkpointer:
       return step, restored["state"], restored["data"]
     if unreadable:  # not a fresh start: the run would silently begin again at step 0
       raise ConfigError(f"no checkpoint in {self.directory} is readable (steps {unreadable}, now in "
-                        f"{self.directory.parent / 'corrupt'}); put a good copy back to resume, or run "
-                        f"again to start over from step 0")
+                        f"{self.directory.parent / 'corrupt'}); put a good copy back, or train again in "
+                        f"this workdir to start over from step 0")
     return None
 
   def _set_aside(self, step: int, error: Exception, unreadable: list[int]) -> None:

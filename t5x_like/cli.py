@@ -350,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as error:
     print(f"t5x-like {args.command}: error: {error}", file=sys.stderr)
     return 2
-  except FloatingPointError as error:  # trainer.NonFiniteLossError: its message says what to change
-    print(f"t5x-like {args.command}: error: {error}", file=sys.stderr)
+  except FloatingPointError as error:
+    from t5x_like.trainer import NonFiniteLossError  # imported by then: only training raises it
+    if not isinstance(error, NonFiniteLossError):  # jax_debug_nans's, whose traceback is the point
+      raise
+    print(f"t5x-like {args.command}: error: {error}", file=sys.stderr)  # it says what to change
     return 1
   return 0
 

@@ -72,8 +72,8 @@ def check_known_fields(config: ml_collections.ConfigDict, spec: str,
   def walk(node, known, path):
     for name in node:
       if name not in known:
-        raise ConfigError(f"{spec}: {path}{name} is not a config field; the fields {path or 'at the top'} "
-                          f"are {sorted(known)}")
+        raise ConfigError(f"{spec}: {path}{name} is not a config field; the fields "
+                          f"{'of ' + path[:-1] if path else 'at the top'} are {sorted(known)}")
       if isinstance(node[name], ml_collections.ConfigDict) and isinstance(known[name], ml_collections.ConfigDict):
         walk(node[name], known[name], f"{path}{name}.")
   walk(config, base_config() if known is None else known, "")

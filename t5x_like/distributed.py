@@ -36,9 +36,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                       "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
   try:
     num_processes, process_id = int(num_processes), int(process_id)
-  except ValueError:  # from the environment: flags are ints already
-    raise ConfigError(f"JAX_NUM_PROCESSES={num_processes!r} and JAX_PROCESS_ID={process_id!r} must be "
-                      f"integers") from None
+  except ValueError:  # the environment's are strings
+    raise ConfigError(f"the process count {num_processes!r} and id {process_id!r} (--num_processes and "
+                      f"--process_id, or JAX_NUM_PROCESSES and JAX_PROCESS_ID) must be integers") from None
+  if num_processes < 1:
+    raise ConfigError(f"the process count must be at least 1, got {num_processes}")
   if not 0 <= process_id < num_processes:
     raise ConfigError(f"process id {process_id} is not in [0, {num_processes}) for {num_processes} processes")
   jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,

@@ -8,6 +8,7 @@ from t5x_like.data.tokenizer import EOS_ID, FIRST_PIECE_ID, PAD_ID
 from t5x_like.decoding import DecodeConfig, generate
 
 DEFAULT_PROMPTS = ("It is a truth universally acknowledged", "Mr. Darcy", "She was")
+NEW_TOKENS = 40
 
 
 def prompt_ids(tokenizer, arch: str, prompt: str) -> list[int]:
@@ -31,7 +32,7 @@ def generation_inputs(arch: str, ids: list[list[int]]) -> tuple[list[list[int]],
   return [[PAD_ID] + i for i in ids], None
 
 
-def sample_room(model_config, tokenizer, prompts=None, max_new_tokens: int = 40) -> int:
+def sample_room(model_config, tokenizer, prompts=None, max_new_tokens: int = NEW_TOKENS) -> int:
   """The new tokens the samples take: max_new_tokens, or what a learned position table leaves
   after the longest prompt. A prompt it cannot hold is an error, raised before training by `train`."""
   arch = model_config.arch
@@ -43,7 +44,7 @@ def sample_room(model_config, tokenizer, prompts=None, max_new_tokens: int = 40)
   return min(max_new_tokens, model_config.max_len - (1 if arch == "encoder_decoder" else longest))
 
 
-def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = 40,
+def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = NEW_TOKENS,
                  prefix_lm: bool = False) -> list[tuple[str, str]]:
   """(prompt, text) pairs by architecture: a decoder continues the prompt greedily (a prefix
   LM reads it as its prefix); an encoder-decoder fills the span its prompt marks (prompt_ids);

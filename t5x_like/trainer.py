@@ -299,13 +299,16 @@ class Trainer:
     workdir = pathlib.Path(workdir)
     config_file = workdir / "config.json"
     if not config_file.exists():
-      raise ConfigError(f"{workdir} holds no config.json; is it a t5x-like train --workdir?")
+      raise ConfigError(f"{workdir} holds no config.json, which train writes with its first checkpoint; "
+                        f"is it a t5x-like train --workdir?")
     try:
       config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
     except json.JSONDecodeError as error:
       raise ConfigError(f"{config_file} is not valid JSON ({error}); train writes it, and nothing "
                         f"else should") from None
     config.train.grad_accum_steps = 1  # nothing is trained: the batch need only divide over the data shards
+    if config.model.get("attention_kernel") == "cudnn" and jax.default_backend() != "gpu":
+      config.model.attention_kernel = "auto"  # the same parameters; a GPU run evaluated on another platform
     devices = jax.devices() if devices is None else devices
     batch = config.data.batch_size
     try:
@@ -444,7 +447,8 @@ class Trainer:
 
   def split_too_small(self, split: str, num_batches: int, setting: str) -> str | None:
     """A warning when num_batches go round a split more than once: batches repeat it, so the
-    figures would weigh some rows twice. Loaders other than the default one do not count."""
+    figures would weigh some rows twice. Counting reads as many rows as the evaluation itself
+    (Loader.rows_in_one_pass); loaders other than the default one do not count."""
     count = getattr(self.loader(split), "rows_in_one_pass", None)
     wanted = num_batches * (self.config.data.batch_size // jax.process_count())
     rows = wanted if count is None else count(wanted)

@@ -125,7 +125,8 @@ class Loader:
 
   def rows_in_one_pass(self, limit: int) -> int:
     """Rows that one pass over this process's share makes, counting at most `limit`. The batches
-    repeat the split, so rows beyond these have been seen before."""
+    repeat the split, so rows beyond these have been seen before (packed, the pass's last few
+    rows are filled up from the next pass instead)."""
     return sum(1 for _ in itertools.islice(self._one_pass(), limit))
 
   def stats(self) -> dict[str, int]:
@@ -191,4 +192,3 @@ def _share_rows(config: ml_collections.ConfigDict, split: str, process_index: in
                       shuffle_bins=split == "train", worker_threads=config.worker_threads,
                       num_bins=max(PACKING_BINS, config.batch_size // process_count))
   return rows, objective, len(records)
-

@@ -214,4 +214,3 @@ def run(args: argparse.Namespace) -> None:
   tokenizer = Tokenizer(path)
   print(f"wrote {path}: {tokenizer.vocab_size} ids (mask {tokenizer.mask_id}, "
         f"sentinels {tokenizer.sentinel_id(NUM_SENTINELS - 1)}..{tokenizer.sentinel_id(0)})")
-

@@ -149,7 +149,7 @@ def test_a_field_no_section_has_is_named_wherever_the_file_sets_it(tmp_path, cap
   assert main(["info", "--config", str(tmp_path / "notes.md")]) == 2
   errors = capsys.readouterr().err.splitlines()
   assert len(errors) == 5 and not (tmp_path / "run").exists()
-  assert "train.py: train.stepz is not a config field; the fields train. are [" in errors[0]
+  assert "train.py: train.stepz is not a config field; the fields of train are [" in errors[0]
   assert "optimizer.py: train.optimizer.lr is not a config field" in errors[1]
   assert "section.py: partitoning is not a config field; the fields at the top are ['data', 'model'," in errors[2]
   assert "sweep.py: sweep.sizez is not a config field" in errors[3]

@@ -26,8 +26,11 @@ def test_process_flags_without_a_coordinator_or_out_of_range_are_refused(monkeyp
     distributed.initialize("127.0.0.1:1234", 2, 5)
   monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
   monkeypatch.setenv("JAX_PROCESS_ID", "0")
-  with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='two' and JAX_PROCESS_ID='0' must be integers"):
+  with pytest.raises(ConfigError, match=r"the process count 'two' and id '0' \(--num_processes and --process_id, or "
+                                        r"JAX_NUM_PROCESSES and JAX_PROCESS_ID\) must be integers"):
     distributed.initialize("127.0.0.1:1234", None, None)
+  with pytest.raises(ConfigError, match="the process count must be at least 1, got 0"):
+    distributed.initialize("127.0.0.1:1234", 0, 0)
 
 
 TRAIN = """

@@ -378,7 +378,7 @@ def test_resuming_under_a_config_that_builds_other_arrays_stops_and_keeps_every_
 def test_a_resume_that_stops_before_saving_leaves_the_runs_config_and_checkpoints(tmp_path):
   train(tiny_config(steps=4), tmp_path)
   saved_config = (tmp_path / "config.json").read_text()
-  diverging = tiny_config(steps=8, schedule="constant")
+  diverging = tiny_config(steps=8)
   diverging.train.optimizer.update(learning_rate=1e39, schedule="constant")
   with pytest.raises(NonFiniteLossError):
     train(diverging, tmp_path)
@@ -410,6 +410,11 @@ def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path):
     assert loaded.mesh.shape == {"data": data_axis, "fsdp": 1, "tensor": 1}
     for a, b in zip(jax.tree.leaves(accumulated.state["params"]), jax.tree.leaves(loaded.state["params"])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A run trained with cuDNN's kernel on a GPU loads here with the kernel this platform has.
+  saved = json.loads((tmp_path / "config.json").read_text())
+  saved["model"].update(attention_kernel="cudnn", dtype="bfloat16")
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert Trainer.from_workdir(tmp_path).model_config.attention_kernel == "auto"
 
 
 def test_a_run_starts_from_another_runs_parameters_with_a_fresh_optimizer(tmp_path):
@@ -568,7 +573,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path)
 
 def test_parameters_an_update_made_non_finite_are_never_saved(tmp_path):
   # A rate past float32's range: the loss and gradient of step 1 are finite, its update is not.
-  config = tiny_config(steps=4, checkpoint_every=1, schedule="constant")
+  config = tiny_config(steps=4, checkpoint_every=1)
   config.train.optimizer.update(learning_rate=1e39, schedule="constant")
   with pytest.raises(NonFiniteLossError, match=r"the parameters became non-finite by step 1 \(.*\); no checkpoint"):
     train(config, tmp_path)
@@ -671,13 +676,25 @@ def test_bad_partitioning_rules_name_the_axis(rules, message, tmp_path):
     Trainer(config, tmp_path, make_loader=PatternLoader)
 
 
+def test_training_warns_of_an_evaluation_that_goes_round_its_split(tmp_path, caplog):
+  class ThreeValidationRows(PatternLoader):
+    def rows_in_one_pass(self, limit):
+      return min(limit, 3)
+
+  with caplog.at_level(logging.WARNING):
+    train(tiny_config(steps=1, eval_steps=2), tmp_path, loader=ThreeValidationRows)
+  assert ("train.eval_steps=2 batches take 16 rows of the validation split on this process, which has 3: they go "
+          "round it and count some rows more than once; lower train.eval_steps") in caplog.text
+
+
 def test_a_workdir_that_is_a_file_is_named(tmp_path):
   (tmp_path / "notes.txt").write_text("a file\n")
   with pytest.raises(ConfigError, match=r"the workdir .*notes\.txt is a file, not a directory"):
     Trainer(tiny_config(), tmp_path / "notes.txt", make_loader=PatternLoader)
 
 
-def test_the_cudnn_kernel_is_refused_off_a_gpu_before_compiling(tmp_path):
+def test_the_cudnn_kernel_is_refused_off_a_gpu_before_compiling(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # as on CI, wherever the suite runs
   config = tiny_config()
   config.model.update(attention_kernel="cudnn", dtype="bfloat16", emb_dim=64)  # what cuDNN takes
   with pytest.raises(ConfigError, match="model.attention_kernel='cudnn' runs on NVIDIA GPUs only, not on this cpu"):
