@@ -63,6 +63,9 @@ def load_run_config(spec: str) -> ml_collections.ConfigDict:
     hint = "; it is a sweep config: use `t5x-like sweep`" if "sweep" in config else ""
     raise ConfigError(f"{spec} has no model section{hint}")
   check_known_fields(config, spec)
+  missing = [section for section in base_config() if section not in config]
+  if missing:
+    raise ConfigError(f"{spec} has no {' or '.join(missing)} section; start from t5x_like.config.base_config()")
   return config
 
 

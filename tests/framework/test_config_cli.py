@@ -137,7 +137,7 @@ def test_a_field_no_section_has_is_named_wherever_the_file_sets_it(tmp_path, cap
   """ConfigDict.update adds any key, so a misspelt field in a file would otherwise go unused."""
   header = "from t5x_like.config import base_config\n"
   files = {"train": "c.train.update(stepz=5)", "optimizer": "c.train.optimizer.lr = 0.1",
-           "section": "c.partitoning = dict(mesh_shape=(-1, 1, 1))"}
+           "section": "c.partitoning = dict(mesh_shape=(-1, 1, 1))", "missing": "del c.partitioning"}
   for name, line in files.items():
     (tmp_path / f"{name}.py").write_text(f"{header}def get_config():\n  c = base_config()\n  {line}\n  return c\n")
   sweep = (EXPERIMENTS / "scaling" / "tiny.py").read_text().replace("seeds=(0,))", "seeds=(0,), sizez=(3,))")
@@ -148,9 +148,10 @@ def test_a_field_no_section_has_is_named_wherever_the_file_sets_it(tmp_path, cap
   assert main(["sweep", "--config", str(tmp_path / "sweep.py"), "--workdir", str(tmp_path / "run")]) == 2
   assert main(["info", "--config", str(tmp_path / "notes.md")]) == 2
   errors = capsys.readouterr().err.splitlines()
-  assert len(errors) == 5 and not (tmp_path / "run").exists()
+  assert len(errors) == 6 and not (tmp_path / "run").exists()
   assert "train.py: train.stepz is not a config field; the fields of train are [" in errors[0]
   assert "optimizer.py: train.optimizer.lr is not a config field" in errors[1]
   assert "section.py: partitoning is not a config field; the fields at the top are ['data', 'model'," in errors[2]
-  assert "sweep.py: sweep.sizez is not a config field" in errors[3]
-  assert "notes.md is not a Python file (.py) defining get_config()" in errors[4]
+  assert "missing.py has no partitioning section; start from t5x_like.config.base_config()" in errors[3]
+  assert "sweep.py: sweep.sizez is not a config field" in errors[4]
+  assert "notes.md is not a Python file (.py) defining get_config()" in errors[5]
