@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import io
 import os
 import pathlib
@@ -72,6 +73,11 @@ class Tokenizer:
     self.vocab_size = self.mask_id + 1 + NUM_SENTINELS
     self._to_piece = np.full(self.mask_id, -1, np.int64)  # our id -> SentencePiece id (-1: none)
     self._to_piece[self._to_id] = np.arange(pieces)
+
+  @functools.cached_property
+  def sha256(self) -> str:
+    """The model file's digest: which ids a checkpoint was trained with, whatever the path."""
+    return hashlib.sha256(self.model_file.read_bytes()).hexdigest()
 
   @functools.cached_property
   def byte_lengths(self) -> np.ndarray:
