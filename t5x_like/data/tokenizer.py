@@ -193,9 +193,12 @@ def train_tokenizer(inputs: Sequence[str | pathlib.Path], vocab_size: int,
         remove_extra_whitespaces=False, add_dummy_prefix=False,
         max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as error:
+    # Too few ids for the text's characters, or more ids than the text has pieces for.
+    too_few = "smaller than required_chars" in str(error)
+    hint = "a larger --vocab-size" if too_few else "a smaller --vocab-size or more text"
     raise DataError(f"SentencePiece could not train {vocab_size} ids on {len(inputs)} file(s) "
                     f"({', '.join(map(str, inputs[:3]))}{', ...' if len(inputs) > 3 else ''}): "
-                    f"{error}; use a smaller --vocab-size or more text") from None
+                    f"{error}; use {hint}") from None
   path = pathlib.Path(f"{output_prefix}.model")
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(model.getvalue())

@@ -109,6 +109,11 @@ def test_sentencepiece_failure_names_the_files(tmp_path):
   with pytest.raises(DataError, match=r"could not train 20000 ids on 1 file\(s\) \(.*small\.txt\)"
                                       r".*smaller --vocab-size"):
     tokenizer_lib.train_tokenizer([_small_text(tmp_path)], 20000, tmp_path / "tiny", "unigram")
+  # Text of more distinct characters than the ids left for pieces: more ids, not fewer.
+  (tmp_path / "many.txt").write_text("".join(chr(c) for c in range(0x4E00, 0x4E00 + 60)) + "\n")
+  with pytest.raises(DataError, match=r"could not train 381 ids .*smaller than required_chars.*; use a larger "
+                                      r"--vocab-size$"):
+    tokenizer_lib.train_tokenizer([tmp_path / "many.txt"], tokenizer_lib.min_vocab_size() + 20, tmp_path / "many")
 
 
 def test_cli_main_trains_and_reports_errors(tmp_path, capsys):
