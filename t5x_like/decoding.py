@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -51,14 +52,14 @@ class DecodeConfig:
       raise ConfigError(f"strategy={self.strategy!r} is not one of ('greedy', 'sample', 'beam')")
     if self.max_new_tokens <= 0:
       raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be positive")
-    if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+    if not self.temperature > 0 or self.top_k < 0 or not 0 < self.top_p <= 1:  # NaN fails the first
       raise ConfigError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1; got "
                         f"{self.temperature}, {self.top_k}, {self.top_p}")
     if self.vocab_limit < 0:
       raise ConfigError(f"vocab_limit={self.vocab_limit} must be at least 0 (0: every id)")
-    if self.repetition_penalty <= 0 or self.num_beams < 1:
-      raise ConfigError(f"need repetition_penalty > 0 and num_beams >= 1; got "
-                        f"{self.repetition_penalty}, {self.num_beams}")
+    if not self.repetition_penalty > 0 or self.num_beams < 1 or not math.isfinite(self.length_penalty):
+      raise ConfigError(f"need repetition_penalty > 0, num_beams >= 1 and a finite length_penalty; got "
+                        f"{self.repetition_penalty}, {self.num_beams}, {self.length_penalty}")
     if self.strategy == "beam" and self.repetition_penalty != 1.0:
       raise ConfigError("repetition_penalty applies to greedy and sample decoding, not to beam search")
 
@@ -95,7 +96,10 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int, top_p: f
   hold at least top_p of the mass, so the nucleus is the smallest prefix of the sorted
   tokens that reaches top_p.
   """
-  logits = logits.astype(jnp.float32) / temperature
+  # The row's largest logit is subtracted before scaling: a small temperature would otherwise make
+  # logits past 1e10, and XLA's compiled log-softmax of those came out -inf everywhere.
+  logits = logits.astype(jnp.float32)
+  logits = (logits - row_max(logits, keepdims=True)) / temperature
   if top_k:
     logits = _keep_at_least(logits, lambda kept: row_sum(kept.astype(jnp.int32)) >= top_k)
   if top_p < 1.0:
@@ -156,7 +160,8 @@ def sample(key: jax.Array, scores: jax.Array) -> jax.Array:
   total = row_max(cdf)
   u = jnp.minimum(jax.random.uniform(key, total.shape) * total, jnp.nextafter(total, 0.0))
   vocab = scores.shape[-1]
-  return jnp.min(jnp.where(cdf > u[..., None], jnp.arange(vocab), vocab), axis=-1)  # the first to pass u
+  first = jnp.min(jnp.where(cdf > u[..., None], jnp.arange(vocab), vocab), axis=-1)  # the first to pass u
+  return jnp.where(first < vocab, first, greedy_token(scores))  # a row none passes: its likeliest token
 
 
 # The model side: one function per architecture to prefill and to step ---------------------

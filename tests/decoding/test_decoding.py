@@ -147,6 +147,17 @@ def test_top_k_1_and_beam_width_1_equal_greedy(decoder, dtype):
   assert top1 == greedy and beam1 == greedy
 
 
+def test_a_temperature_near_zero_samples_the_greedy_tokens(decoder):
+  """Logits / 1e-10 pass 1e10: scaled as they were, XLA's compiled log-softmax of them came out
+  -inf everywhere and the sampler drew id 0 (before that, an id past the vocabulary)."""
+  greedy = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=6, eos_id=EOS))
+  cold = generate(decoder, PROMPTS, DecodeConfig(strategy="sample", temperature=1e-10, max_new_tokens=6, eos_id=EOS))
+  assert cold == greedy
+  for field in ("temperature", "repetition_penalty", "length_penalty"):
+    with pytest.raises(ConfigError, match="nan"):
+      DecodeConfig(**{field: float("nan")}).validate()
+
+
 def test_sampling_is_reproducible_for_a_seed(decoder):
   config = DecodeConfig(strategy="sample", temperature=1.5, max_new_tokens=8, eos_id=EOS)
   assert generate(decoder, PROMPTS, config, seed=7) == generate(decoder, PROMPTS, config, seed=7)
