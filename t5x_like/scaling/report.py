@@ -22,9 +22,42 @@ RESULT_FIELDS = ("name", "non_embedding_params", "total_params", "tokens", "flop
 
 def load_results(sweep_dir: pathlib.Path) -> list[dict]:
   path = pathlib.Path(sweep_dir) / "results.json"
-  if not path.exists():
-    raise ConfigError(f"{path} does not exist; run `t5x-like sweep` into {sweep_dir} first")
-  return json.loads(path.read_text())
+  if not path.is_file():
+    raise ConfigError(f"{path} is not a file; run `t5x-like sweep` into {sweep_dir} first")
+  rows = _json(path, "rerun `t5x-like sweep` into the directory to rebuild it from the points")
+  if not isinstance(rows, list):
+    raise ConfigError(f"{path} is not a list of results; rerun `t5x-like sweep` to rebuild it")
+  for row in rows:
+    check_result(row, path)
+  return rows
+
+
+def read_result(path: pathlib.Path) -> dict:
+  """A finished point's result.json, checked as fit will read it."""
+  row = _json(path, "remove it and rerun the sweep to train the point again")
+  check_result(row, path)
+  return row
+
+
+def _json(path: pathlib.Path, remedy: str):
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ConfigError(f"{path} is not valid JSON ({error}); {remedy}") from None
+
+
+def check_result(row, path: pathlib.Path) -> None:
+  """Every field, the sizes positive numbers and the losses numbers (NaN for a diverged run)."""
+  if not isinstance(row, dict) or set(RESULT_FIELDS) - set(row):
+    missing = sorted(set(RESULT_FIELDS) - set(row)) if isinstance(row, dict) else list(RESULT_FIELDS)
+    raise ConfigError(f"{path}: a result lacks {missing}: {str(row)[:200]}")
+  for field in RESULT_FIELDS[1:]:
+    value = row[field]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if field in ("train_loss", "validation_loss") and not number:
+      raise ConfigError(f"{path}: {row['name']}'s {field}={value!r} is not a number")
+    if field not in ("train_loss", "validation_loss") and not (number and value > 0):
+      raise ConfigError(f"{path}: {row['name']}'s {field}={value!r} is not a positive number")
 
 
 # Chinchilla's law has 5 parameters: fewer distinct (N, D) points than 6 fit it exactly, with
@@ -35,17 +68,18 @@ MIN_POINTS = 6
 def fit_report(rows: list[dict], *, loss_key: str = "validation_loss", bootstrap_samples: int = 200,
                grid: dict | None = None, holdout: int = 1) -> dict:
   """Kaplan (per-variable and joint) and Chinchilla fits with bootstrap intervals. Runs whose
-  loss is not finite (a diverged run) are left out and named; seed replicates are separate runs
-  in the fits and averaged in the one-variable laws."""
+  loss is not a finite positive number (a diverged run) are left out and named; seed replicates
+  are separate runs in the fits and averaged in the one-variable laws."""
   if bootstrap_samples < 1 or holdout < 0:
     raise ConfigError(f"bootstrap samples ({bootstrap_samples}) must be at least 1 and held-out points "
                       f"({holdout}) at least 0")
   if any(loss_key not in r for r in rows):
     raise ConfigError(f"the results lack {loss_key!r}; the losses they hold are train_loss and validation_loss")
-  dropped = [r.get("name", str(i)) for i, r in enumerate(rows) if not np.isfinite(r[loss_key])]
+  usable = [bool(np.isfinite(r[loss_key]) and r[loss_key] > 0) for r in rows]  # a log of it is fitted
+  dropped = [r.get("name", str(i)) for i, (r, ok) in enumerate(zip(rows, usable)) if not ok]
   if dropped:
-    logger.warning("left out of the fits: %s (%s not finite)", ", ".join(dropped), loss_key)
-  rows = [r for r in rows if np.isfinite(r[loss_key])]
+    logger.warning("left out of the fits: %s (%s not a finite positive number)", ", ".join(dropped), loss_key)
+  rows = [r for r, ok in zip(rows, usable) if ok]
   n = np.array([r["non_embedding_params"] for r in rows], float)
   d = np.array([r["tokens"] for r in rows], float)
   loss = np.array([r[loss_key] for r in rows], float)
@@ -57,24 +91,28 @@ def fit_report(rows: list[dict], *, loss_key: str = "validation_loss", bootstrap
   report: dict = {"runs": len(rows), "points": len(points), "loss": loss_key, "left_out": dropped}
   # One-variable Kaplan laws use, for each N, the point with the most data (and vice versa),
   # where the other variable limits least; its replicates' mean loss.
-  mean_loss = {point: float(np.mean(loss[(n == point[0]) & (d == point[1])])) for point in points}
-  largest_d = {x: max(b for a, b in points if a == x) for x in sorted(set(n))}
-  largest_n = {x: max(a for a, b in points if b == x) for x in sorted(set(d))}
-  law = laws.fit_power_law(list(largest_d), [mean_loss[(x, largest_d[x])] for x in largest_d])
-  report["kaplan_n"] = {"n_c": law.scale, "alpha_n": law.alpha}
-  law = laws.fit_power_law(list(largest_n), [mean_loss[(largest_n[x], x)] for x in largest_n])
-  report["kaplan_d"] = {"d_c": law.scale, "alpha_d": law.alpha}
-  joint = laws.fit_kaplan_joint(n, d, loss)
-  report["kaplan_joint"] = dict(dataclasses.asdict(joint), r_squared=laws.r_squared(joint(n, d), loss))
-  chinchilla = laws.fit_chinchilla(n, d, loss, grid=grid)
-  intervals = laws.bootstrap_chinchilla(n, d, loss, chinchilla, samples=bootstrap_samples)
-  report["chinchilla"] = dict(dataclasses.asdict(chinchilla), r_squared=laws.r_squared(chinchilla(n, d), loss),
-                              confidence_95=intervals)
-  compute = np.logspace(np.log10((6 * n * d).min()), np.log10((6 * n * d).max() * 100), 5)
-  n_opt, d_opt = chinchilla.optimal_allocation(compute)
-  # Compute here is Chinchilla's C = 6ND (N non-embedding), not the results' PaLM FLOP count.
-  report["compute_optimal"] = [{"compute_6nd": float(c), "n": float(a), "d": float(b)}
-                               for c, a, b in zip(compute, n_opt, d_opt)]
+  try:
+    mean_loss = {point: float(np.mean(loss[(n == point[0]) & (d == point[1])])) for point in points}
+    largest_d = {x: max(b for a, b in points if a == x) for x in sorted(set(n))}
+    largest_n = {x: max(a for a, b in points if b == x) for x in sorted(set(d))}
+    law = laws.fit_power_law(list(largest_d), [mean_loss[(x, largest_d[x])] for x in largest_d])
+    report["kaplan_n"] = {"n_c": law.scale, "alpha_n": law.alpha}
+    law = laws.fit_power_law(list(largest_n), [mean_loss[(largest_n[x], x)] for x in largest_n])
+    report["kaplan_d"] = {"d_c": law.scale, "alpha_d": law.alpha}
+    joint = laws.fit_kaplan_joint(n, d, loss)
+    report["kaplan_joint"] = dict(dataclasses.asdict(joint), r_squared=laws.r_squared(joint(n, d), loss))
+    chinchilla = laws.fit_chinchilla(n, d, loss, grid=grid)
+    intervals = laws.bootstrap_chinchilla(n, d, loss, chinchilla, samples=bootstrap_samples)
+    report["chinchilla"] = dict(dataclasses.asdict(chinchilla), r_squared=laws.r_squared(chinchilla(n, d), loss),
+                                confidence_95=intervals)
+    compute = np.logspace(np.log10((6 * n * d).min()), np.log10((6 * n * d).max() * 100), 5)
+    n_opt, d_opt = chinchilla.optimal_allocation(compute)
+    # Compute here is Chinchilla's C = 6ND (N non-embedding), not the results' PaLM FLOP count.
+    report["compute_optimal"] = [{"compute_6nd": float(c), "n": float(a), "d": float(b)}
+                                 for c, a, b in zip(compute, n_opt, d_opt)]
+  except (ValueError, np.linalg.LinAlgError) as error:  # scipy's fits of non-finite residuals
+    raise ConfigError(f"the laws could not be fitted to these {loss_key} values ({str(error)[:200]}); losses "
+                      f"that barely change with N and D (models that did not learn) follow no power law") from None
   if holdout and len(points) - holdout >= MIN_POINTS:
     report["extrapolation"] = laws.extrapolation_error(n, d, loss, holdout=holdout, grid=grid)
   elif holdout:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from models.config import ConfigError, ModelConfig
 from models.model_size import model_size, train_flops_per_sequence
-from t5x_like.scaling.report import RESULT_FIELDS
+from t5x_like.scaling.report import RESULT_FIELDS, read_result
 
 
 def default_sweep_config() -> ml_collections.ConfigDict:
@@ -53,6 +53,9 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
   if base.model.arch != "decoder":
     raise ConfigError(f"sweeps size decoders; base.model.arch={base.model.arch!r}")
   tokens_per_step = base.data.batch_size * base.data.seq_len
+  for field in ("aspect_ratio", "head_dim", "mlp_ratio", "workers"):
+    if isinstance(sweep[field], bool) or not isinstance(sweep[field], int) or sweep[field] < 1:
+      raise ConfigError(f"sweep.{field}={sweep[field]!r} must be a positive integer")
   for field in ("sizes", "token_budgets", "seeds"):
     if any(isinstance(v, bool) or not isinstance(v, int) or v < (0 if field == "seeds" else 1)
            for v in sweep[field]):
@@ -145,7 +148,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> lis
     check_same_point(sweep_dir / name, point)
     done_file = sweep_dir / name / "result.json"
     if done_file.exists():
-      results[name] = json.loads(done_file.read_text())
+      results[name] = read_result(done_file)
     else:
       todo.append((name, point, sweep_dir / name))
   progress = tqdm(total=len(points), initial=len(results), desc="sweep points", unit="run")
@@ -183,7 +186,11 @@ def check_same_point(workdir: pathlib.Path, point: ml_collections.ConfigDict) ->
     workdir.mkdir(parents=True, exist_ok=True)
     recorded_file.write_text(json.dumps(wanted, indent=1))
     return
-  recorded = traverse_util.flatten_dict(json.loads(recorded_file.read_text()), sep=".")
+  try:
+    recorded = traverse_util.flatten_dict(json.loads(recorded_file.read_text()), sep=".")
+  except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):  # cut short, or not an object
+    raise ConfigError(f"{recorded_file} is not the JSON object sweep writes; remove that point's directory "
+                      f"to rerun it") from None
   wanted = traverse_util.flatten_dict(wanted, sep=".")
   changed = sorted(key for key in recorded.keys() | wanted.keys() if recorded.get(key) != wanted.get(key))
   if changed:

@@ -3,6 +3,8 @@ points; the Ray executor against a real local Ray instance."""
 
 import json
 import pathlib
+import re
+import shutil
 
 import jax
 import numpy as np
@@ -13,6 +15,8 @@ from t5x_like.cli import main
 from t5x_like.config import load_config
 from t5x_like.data.loader import make_loader
 from t5x_like.scaling import sweep
+from t5x_like.scaling.laws import COARSE_GRID
+from t5x_like.scaling.report import fit_report, load_results
 from t5x_like.scaling.sweep import sweep_points
 from t5x_like.trainer import Trainer
 
@@ -96,11 +100,38 @@ def test_rerun_under_another_base_config_is_refused_before_training(sweep_dir, c
   assert "was run with another config (train.optimizer.weight_decay differ)" in capsys.readouterr().err
 
 
+def test_damaged_point_files_and_results_are_named_with_what_to_do(sweep_dir, tmp_path, capsys):
+  """A point's files cut short, or a result missing a field, in a copy of the finished sweep."""
+  damages = {"s1_tokens2048_seed0/result.json": ('{"name": "s1', r"result\.json is not valid JSON .*remove it and "),
+             "s1_tokens4096_seed0/result.json": ("{}", r"result\.json: a result lacks \['flops', "),
+             "s2_tokens2048_seed0/point.json": ('{"model": ', r"point\.json is not the JSON object sweep writes")}
+  for damaged, (text, message) in damages.items():
+    copy = tmp_path / damaged.split("/")[0].replace("_", "")
+    shutil.copytree(sweep_dir, copy)
+    (copy / damaged).write_text(text)
+    assert main(["sweep", "--config", CONFIG, "--workdir", str(copy)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+  rows = json.loads((sweep_dir / "results.json").read_text())
+  for changes, message in ((dict(validation_loss=None), r"validation_loss=None is not a number"),
+                           (dict(tokens=0), r"tokens=0 is not a positive number")):
+    (tmp_path / "results.json").write_text(json.dumps([dict(rows[0], **changes)] + rows[1:]))
+    with pytest.raises(ConfigError, match=message):
+      load_results(tmp_path)
+  (tmp_path / "results.json").write_text('[{"name": ')
+  with pytest.raises(ConfigError, match="results.json is not valid JSON .*rerun `t5x-like sweep`"):
+    load_results(tmp_path)
+  flat = [dict(row, validation_loss=5.0) for row in rows]  # models that did not learn
+  with pytest.raises(ConfigError, match="the laws could not be fitted to these validation_loss values"):
+    fit_report(flat, bootstrap_samples=2, grid=COARSE_GRID)
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(token_budgets=(3000,)), "3000 is not a whole number of batches"),
     (dict(sizes=(1.5,)), r"sweep.sizes=\(1.5,\) must hold positive integers"),
     (dict(seeds=(-1,)), "must hold non-negative integers"),
     (dict(sizes=(1, 1)), r"sweep.sizes=\(1, 1\) names a value twice"),
+    (dict(workers=0), "sweep.workers=0 must be a positive integer"),
+    (dict(head_dim=0), "sweep.head_dim=0 must be a positive integer"),
 ])
 def test_sweep_points_refuse_budgets_and_sizes_that_cannot_be_run_as_given(changes, message):
   config = load_config(CONFIG)
