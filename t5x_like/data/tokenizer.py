@@ -20,7 +20,7 @@ exception: U+2581 ("▁"), SentencePiece's own mark for a space, decodes as a sp
 
 The shipped tokenizer was trained, in under a second on 2 cores, with
   t5x-like tokenizer train --input t5x_like/data/corpora/austen/*.txt --vocab-size 8192 \
-      --output t5x_like/data/tokenizers/austen_bpe_8k
+      --output t5x_like/data/tokenizers/austen_bpe_8k --overwrite
 (the `t5x-like` command's subcommand); retraining reproduces it byte for byte.
 """
 
@@ -168,11 +168,13 @@ def min_vocab_size() -> int:
 
 
 def train_tokenizer(inputs: Sequence[str | pathlib.Path], vocab_size: int,
-                    output_prefix: str | pathlib.Path, model_type: str = "bpe") -> pathlib.Path:
+                    output_prefix: str | pathlib.Path, model_type: str = "bpe", *,
+                    overwrite: bool = False) -> pathlib.Path:
   """Trains on the files' documents (see documents.py) and writes `{output_prefix}.model`.
 
   `vocab_size` counts every id, the mask and the sentinels included, so a model trained
-  with --vocab-size 8192 fits a model config with vocab_size=8192.
+  with --vocab-size 8192 fits a model config with vocab_size=8192. An existing model is
+  replaced only with `overwrite`: runs trained with it would read other ids.
   """
   if vocab_size < min_vocab_size():
     raise ConfigError(
@@ -183,6 +185,7 @@ def train_tokenizer(inputs: Sequence[str | pathlib.Path], vocab_size: int,
     raise ConfigError(f"--model-type {model_type!r} is not one of bpe, unigram")
   if not inputs:
     raise ConfigError("--input names no files")
+  path = _output_path(output_prefix, overwrite)
   texts = [text for path in inputs for text in documents.texts(path)]
   model = io.BytesIO()
   try:
@@ -199,9 +202,24 @@ def train_tokenizer(inputs: Sequence[str | pathlib.Path], vocab_size: int,
     raise DataError(f"SentencePiece could not train {vocab_size} ids on {len(inputs)} file(s) "
                     f"({', '.join(map(str, inputs[:3]))}{', ...' if len(inputs) > 3 else ''}): "
                     f"{error}; use {hint}") from None
-  path = pathlib.Path(f"{output_prefix}.model")
-  path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(model.getvalue())
+  return path
+
+
+def _output_path(output_prefix: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
+  """PREFIX.model (PREFIX.model itself if given so), checked before the training it would follow."""
+  prefix = str(output_prefix)
+  if prefix.endswith(os.sep) or pathlib.Path(prefix).is_dir():
+    raise ConfigError(f"--output {prefix} is a directory; give a prefix, e.g. {os.path.join(prefix, 'name')}")
+  path = pathlib.Path(prefix if prefix.endswith(".model") else f"{prefix}.model")
+  if path.is_dir() or (path.exists() and not overwrite):
+    raise ConfigError(f"{path} exists; --overwrite replaces it (runs trained with it would then read other ids)")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise ConfigError(f"--output {prefix}: cannot make {path.parent} ({error})") from None
+  if not os.access(path.parent, os.W_OK):
+    raise ConfigError(f"--output {prefix}: {path.parent} is not writable")
   return path
 
 
@@ -216,10 +234,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"all ids, the mask and {NUM_SENTINELS} sentinels included")
   train.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model")
   train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+  train.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model")
 
 
 def run(args: argparse.Namespace) -> None:
-  path = train_tokenizer(args.input, args.vocab_size, args.output, args.model_type)
+  path = train_tokenizer(args.input, args.vocab_size, args.output, args.model_type, overwrite=args.overwrite)
   tokenizer = Tokenizer(path)
   print(f"wrote {path}: {tokenizer.vocab_size} ids (mask {tokenizer.mask_id}, "
         f"sentinels {tokenizer.sentinel_id(NUM_SENTINELS - 1)}..{tokenizer.sentinel_id(0)})")

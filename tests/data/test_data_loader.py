@@ -120,7 +120,7 @@ def test_resuming_after_the_tokenizer_file_was_replaced_is_refused(tmp_path):
   loader = make_loader(config, "train")
   next(loader)
   state = loader.get_state()
-  train_tokenizer([corpus], min_vocab_size() + 40, tmp_path / "tok")  # another model, the same path
+  train_tokenizer([corpus], min_vocab_size() + 40, tmp_path / "tok", overwrite=True)  # another model, the same path
   replaced = make_loader(config, "train")
   with pytest.raises(ConfigError, match=r"data.tokenizer='.*tok\.model' is not the file the checkpoint was trained "
                                         r"with \(its contents changed since\)"):

@@ -124,3 +124,16 @@ def test_cli_main_trains_and_reports_errors(tmp_path, capsys):
   assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "10",
                    "--output", str(tmp_path / "cli")]) == 2
   assert "t5x-like tokenizer: error: --vocab-size 10 is too small" in capsys.readouterr().err
+  trained = (tmp_path / "cli.model").read_bytes()
+  (tmp_path / "a_file").write_text("x\n")
+  for output, message in ((tmp_path / "cli", "cli.model exists; --overwrite replaces it"),
+                          (tmp_path / "cli.model", "cli.model exists; --overwrite replaces it"),
+                          (tmp_path, "is a directory; give a prefix"),
+                          (tmp_path / "a_file" / "tok", "cannot make")):
+    assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400",
+                     "--output", str(output)]) == 2
+    assert message in capsys.readouterr().err, output
+  assert (tmp_path / "cli.model").read_bytes() == trained
+  assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "410", "--output",
+                   str(tmp_path / "cli.model"), "--overwrite"]) == 0
+  assert Tokenizer(tmp_path / "cli.model").vocab_size == 410 and not (tmp_path / "cli.model.model").exists()
