@@ -66,6 +66,12 @@ def this_process_position(positions: dict, directory: pathlib.Path) -> dict:
   return positions[str(jax.process_index())]
 
 
+def saved_tokenizer_digest(positions: dict) -> str | None:
+  """The tokenizer file's sha256 that the saved data positions hold (None from before they did)."""
+  entries = positions.values() if positions and all(key.isdigit() for key in positions) else [positions or {}]
+  return next((entry["tokenizer_sha256"] for entry in entries if "tokenizer_sha256" in entry), None)
+
+
 # The parameters a checkpoint's state holds: those trained, and those the run's mode froze.
 SAVED_PARAMS = ("params", "frozen")
 

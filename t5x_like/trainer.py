@@ -32,7 +32,7 @@ from models.config import ConfigError, ModelConfig
 from models.model_size import train_flops_per_sequence
 from models.transformer import build_model
 from t5x_like import partitioning
-from t5x_like.checkpoints import Checkpointer, read_params, this_process_position
+from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_digest, this_process_position
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
@@ -322,8 +322,15 @@ class Trainer:
       first = (partitioning.batch_axes(config.partitioning) or config.partitioning.mesh_axes)[0]
       config.partitioning.mesh_shape = tuple(-1 if axis == first else 1 for axis in config.partitioning.mesh_axes)
     trainer = cls(config, workdir, devices=devices)
-    if trainer.restore() is None:
+    positions = trainer.restore()
+    if positions is None:
       raise ConfigError(f"{workdir}/checkpoints holds no readable checkpoint")
+    digest = saved_tokenizer_digest(positions)
+    if digest and "tokenizer" in config.data:
+      from t5x_like.data.tokenizer import load_tokenizer
+      if load_tokenizer(config.data.tokenizer).sha256 != digest:  # decode and eval would read other ids
+        raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} is not the file {workdir} was trained with "
+                          f"(its contents changed since); restore that file")
     return trainer
 
   def model_from(self, params, rest=None) -> nnx.Module:

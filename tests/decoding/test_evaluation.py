@@ -19,7 +19,7 @@ from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
 from t5x_like import evaluation
 from t5x_like.cli import main
-from t5x_like.data.tokenizer import load_tokenizer
+from t5x_like.data.tokenizer import SHIPPED, load_tokenizer, train_tokenizer
 from t5x_like.decoding import DecodeConfig, generate
 from t5x_like.trainer import Trainer
 
@@ -376,6 +376,19 @@ def test_a_sample_prompt_its_position_table_cannot_hold_stops_train_before_train
                "--config.model.max_len=32", "--sample-prompt", long_prompt]) == 2
   assert "exceeds model.max_len=32 of the learned position table" in capsys.readouterr().err
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_whose_tokenizer_file_was_replaced_is_refused_by_the_inference_commands(run_dir, tmp_path, capsys):
+  run = shutil.copytree(run_dir, tmp_path / "run")
+  shutil.copy(SHIPPED["austen_bpe_8k"], tmp_path / "tok.model")
+  config = json.loads((run / "config.json").read_text())
+  config["data"]["tokenizer"] = str(tmp_path / "tok.model")  # the same file, by another path
+  (run / "config.json").write_text(json.dumps(config))
+  assert Trainer.from_workdir(run)
+  (tmp_path / "text.txt").write_text("Emma Woodhouse, handsome, clever, and rich.\n" * 40)
+  train_tokenizer([tmp_path / "text.txt"], 400, tmp_path / "tok", overwrite=True)
+  assert main(["decode", "--workdir", str(run), "--prompt", "Emma"]) == 2
+  assert "tok.model' is not the file" in capsys.readouterr().err
 
 
 def test_a_diverging_run_is_a_one_line_error(tmp_path, capsys):
