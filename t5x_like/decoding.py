@@ -323,6 +323,9 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
   config.validate()
   if config.prefix_lm and model.config.arch != "decoder":
     raise ConfigError(f"prefix_lm decoding needs a decoder, not model.arch={model.config.arch!r}")
+  ids = min(config.vocab_limit or model.config.vocab_size, model.config.vocab_size)
+  if config.strategy == "beam" and config.num_beams > ids:  # the beams would hold -inf candidates
+    raise ConfigError(f"num_beams={config.num_beams} exceeds the {ids} ids a step can choose from")
   if (encoder_inputs is not None) != (model.config.arch == "encoder_decoder"):
     raise ConfigError(f"encoder_inputs go with an encoder-decoder, and it needs them; model.arch="
                       f"{model.config.arch!r}, encoder_inputs {'given' if encoder_inputs is not None else 'not given'}")

@@ -140,7 +140,8 @@ def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int
     for name, values in choices.items():
       correct[name] += int(np.argmax(values) == item["answer"])
   chance = float(np.mean([1 / len(item["options"]) for item in items]))
-  return {"items": len(items), "shots": shots, "accuracy": correct["sum"] / len(items),
+  # An item has the others for examples: fewer items than shots + 1 give each fewer shots.
+  return {"items": len(items), "shots": min(shots, len(items) - 1), "accuracy": correct["sum"] / len(items),
           "accuracy_per_token": correct["per_token"] / len(items),
           "accuracy_calibrated": correct["calibrated"] / len(items), "chance": chance}
 
@@ -160,9 +161,9 @@ def read_task(path: str | pathlib.Path) -> list[dict]:
     if missing:
       raise ConfigError(f"{where}: missing field(s) {sorted(missing)}")
     options, answer = item["options"], item["answer"]
-    if not isinstance(item["context"], str) or not isinstance(options, list) or not options or not all(
-        isinstance(option, str) for option in options):
-      raise ConfigError(f"{where}: context must be a string and options a non-empty list of strings")
+    if not isinstance(item["context"], str) or not isinstance(options, list) or len(options) < 2 or not all(
+        isinstance(option, str) for option in options):  # one option is always ranked first
+      raise ConfigError(f"{where}: context must be a string and options a list of 2 or more strings")
     if not all(options):  # no tokens: a log-likelihood of 0, which would beat every real option
       raise ConfigError(f"{where}: option {options.index('')} is empty; every option needs text")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):

@@ -371,9 +371,12 @@ def test_beam_search_with_an_end_token_and_length_penalty_equals_rescoring(decod
   assert any(found[eos, 0.0] != found[eos, 2.0] for eos in (9, 7, 19))  # and the penalty changed a winner
 
 
-def test_beam_search_refuses_a_repetition_penalty_it_would_ignore():
+def test_beam_search_refuses_a_repetition_penalty_it_would_ignore_and_more_beams_than_ids(decoder):
   with pytest.raises(ConfigError, match="not to beam search"):
     DecodeConfig(strategy="beam", repetition_penalty=1.2).validate()
+  for limit, ids in ((0, 24), (10, 10)):  # the model's 24 ids, or the tokenizer's first 10
+    with pytest.raises(ConfigError, match=f"num_beams={ids + 1} exceeds the {ids} ids a step can choose from"):
+      generate(decoder, PROMPTS, DecodeConfig(strategy="beam", num_beams=ids + 1, vocab_limit=limit))
 
 
 def test_repetition_penalty_follows_keskar_et_al_over_prompt_and_output(decoder):

@@ -346,6 +346,7 @@ def test_few_shot_score_ranks_options_by_each_rule(trained):
   assert report["accuracy_per_token"] == expected["per_token"] / len(items)
   assert report["accuracy_calibrated"] == expected["calibrated"] / len(items)
   assert len(set(expected.values())) == 3, "the items should tell the rules apart"
+  assert evaluation.few_shot_score(model, tokenizer, items[:3], shots=5)["shots"] == 2  # the other items, at most
 
 
 def test_bad_task_files_name_the_line(tmp_path):
@@ -353,12 +354,13 @@ def test_bad_task_files_name_the_line(tmp_path):
   task.write_text('{"context": "a", "options": ["b", "c"], "answer": 1}\n{"context": "a", "options": ["b"]}\n')
   with pytest.raises(ConfigError, match="line 2: missing field"):
     evaluation.read_task(task)
-  task.write_text('{"context": "a", "options": ["b"], "answer": 3}\n')
+  task.write_text('{"context": "a", "options": ["b", "c"], "answer": 3}\n')
   with pytest.raises(ConfigError, match="line 1: answer 3"):
     evaluation.read_task(task)
-  for line, message in (('{"context": "a", "options": ["b"], "answer": "0"}', "line 1: answer '0' is not an index"),
+  for line, message in (('{"context": "a", "options": ["b", "c"], "answer": "0"}', "line 1: answer '0' is not an "),
                         ('{"context": "a", "options": "bc", "answer": 0}', "line 1: context must be a string and "
-                                                                         "options a non-empty list of strings"),
+                                                                         "options a list of 2 or more strings"),
+                        ('{"context": "a", "options": ["b"], "answer": 0}', "options a list of 2 or more strings"),
                         ('{"context": "a", "options": ["b"]', "line 1: not valid JSON"),
                         ('{"context": "a", "options": ["b", ""], "answer": 0}', "line 1: option 1 is empty"),
                         ('["a"]', r"line 1: missing field\(s\) \['answer', 'context', 'options'\]")):
