@@ -14,6 +14,7 @@ import concurrent.futures
 import csv
 import functools
 import json
+import logging
 import math
 import multiprocessing
 import pathlib
@@ -26,6 +27,8 @@ from tqdm import tqdm
 from models.config import ConfigError, ModelConfig
 from models.model_size import model_size, train_flops_per_sequence
 from t5x_like.scaling.report import RESULT_FIELDS, read_result
+
+logger = logging.getLogger(__name__)
 
 
 def default_sweep_config() -> ml_collections.ConfigDict:
@@ -95,13 +98,20 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
 
 def train_point(config_json: str, workdir: str) -> dict:
   """One point, in its own process: train (or resume), then write result.json."""
-  from t5x_like.trainer import Trainer
+  from t5x_like.trainer import Trainer, updates_applied
   config = ml_collections.ConfigDict(json.loads(config_json))
   start = time.perf_counter()
-  result = Trainer(config, workdir).train()
+  trainer = Trainer(config, workdir)
+  result = trainer.train()
   model_config = ModelConfig.from_dict(config.model)
   size = model_size(model_config)
-  steps, batch, seq_len = config.train.steps, config.data.batch_size, config.data.seq_len
+  # D counts the batches the model learned from: train.nonfinite='skip' drops a step's update.
+  steps, batch, seq_len = int(updates_applied(trainer.state["opt_state"])), config.data.batch_size, config.data.seq_len
+  if steps == 0:
+    raise ConfigError(f"every update of {pathlib.Path(workdir).name} was skipped (non-finite); it measured nothing")
+  if steps < config.train.steps:
+    logger.warning("%s: %d of %d updates were skipped (non-finite); its tokens and FLOPs count the %d applied",
+                   pathlib.Path(workdir).name, config.train.steps - steps, config.train.steps, steps)
   row = {"name": pathlib.Path(workdir).name, "non_embedding_params": size.non_embedding_params,
          "total_params": size.total_params, "tokens": steps * batch * seq_len,
          "flops": steps * batch * train_flops_per_sequence(model_config, seq_len),

@@ -2,6 +2,7 @@
 points; the Ray executor against a real local Ray instance."""
 
 import json
+import logging
 import pathlib
 import re
 import shutil
@@ -157,6 +158,17 @@ def test_a_failed_point_leaves_the_others_results_written_and_is_named(tmp_path,
                                         rf"became NaN at step 3\); .*results.json holds the other 5"):
     sweep.run_sweep(config, tmp_path)
   assert [r["name"] for r in json.loads((tmp_path / "results.json").read_text())] == names[:1] + names[2:]
+
+
+def test_a_point_counts_the_tokens_and_flops_of_the_updates_it_applied(tmp_path, monkeypatch, caplog):
+  """With train.nonfinite='skip' a step's update may be dropped: D is what the model learned from."""
+  name, point = sweep_points(load_config(CONFIG))[0]
+  monkeypatch.setattr("t5x_like.trainer.updates_applied", lambda opt_state: 3)  # as if the others were skipped
+  with caplog.at_level(logging.WARNING):
+    row = sweep.train_point(json.dumps(point.to_dict()), str(tmp_path / name))
+  assert row["tokens"] == 3 * point.data.batch_size * point.data.seq_len
+  assert row["flops"] == palm_flops(point.model, point.data.seq_len, row["tokens"])
+  assert f"{name}: {point.train.steps - 3} of {point.train.steps} updates were skipped" in caplog.text
 
 
 def test_points_keep_the_base_configs_kv_grouping_and_seed():
