@@ -198,7 +198,7 @@ def _score(args, overrides) -> None:
   if args.output:
     with open(args.output, "w", encoding="utf-8") as file:
       json.dump(report, file, indent=1)
-  print(f"{args.task}, {args.shots}-shot, {report['items']} items: accuracy {report['accuracy']:.3f} "
+  print(f"{args.task}, {report['shots']}-shot, {report['items']} items: accuracy {report['accuracy']:.3f} "
         f"(per-token mean {report['accuracy_per_token']:.3f}, calibrated {report['accuracy_calibrated']:.3f}; "
         f"chance {report['chance']:.3f})")
 

@@ -26,6 +26,7 @@ from models.layers import row_max, row_sum
 from t5x_like.data.tokenizer import EOS_ID, PAD_ID
 
 NEG_INF = -1e30
+NO_TOKEN = -1  # what greedy and sampling choose from a row of non-finite logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,8 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int, top_p: f
   # The row's largest logit is subtracted before scaling: a small temperature would otherwise make
   # logits past 1e10, and XLA's compiled log-softmax of those came out -inf everywhere.
   logits = logits.astype(jnp.float32)
-  logits = (logits - row_max(logits, keepdims=True)) / temperature
+  masked = logits <= NEG_INF  # limit_vocab's: kept out at any temperature, however high
+  logits = jnp.where(masked, NEG_INF, (logits - row_max(logits, keepdims=True)) / temperature)
   if top_k:
     logits = _keep_at_least(logits, lambda kept: row_sum(kept.astype(jnp.int32)) >= top_k)
   if top_p < 1.0:
@@ -139,12 +141,12 @@ def greedy_token(logits: jax.Array) -> jax.Array:
 
   XLA:CPU runs argmax as one reduction over (value, index) pairs in scalar code: 120 us for
   [8, 8192], 5% of a tiny decoder's step. A row maximum and then the smallest index that
-  reaches it take 49 us.
+  reaches it take 49 us. A row of NaNs reaches nothing: NO_TOKEN, which `generate` reports.
   """
   vocab = logits.shape[-1]
   reaches = logits == row_max(logits, keepdims=True)
   first = jnp.min(jnp.where(reaches, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
-  return jnp.minimum(first, vocab - 1)  # a row of NaNs reaches nothing
+  return jnp.where(first < vocab, first, NO_TOKEN)
 
 
 def sample(key: jax.Array, scores: jax.Array) -> jax.Array:
@@ -161,7 +163,7 @@ def sample(key: jax.Array, scores: jax.Array) -> jax.Array:
   u = jnp.minimum(jax.random.uniform(key, total.shape) * total, jnp.nextafter(total, 0.0))
   vocab = scores.shape[-1]
   first = jnp.min(jnp.where(cdf > u[..., None], jnp.arange(vocab), vocab), axis=-1)  # the first to pass u
-  return jnp.where(first < vocab, first, greedy_token(scores))  # a row none passes: its likeliest token
+  return jnp.where(first < vocab, first, NO_TOKEN)  # none passes only in a row of NaNs
 
 
 # The model side: one function per architecture to prefill and to step ---------------------
@@ -347,8 +349,11 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
   else:
     out = _sample_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), encoder,
                        config=config)
+  out = np.asarray(out)
+  if (out == NO_TOKEN).any():
+    raise ConfigError("the model's logits were not finite (NaN) at a decoding step: its weights or inputs are broken")
   results = []
-  for row in np.asarray(out).tolist():
+  for row in out.tolist():
     if config.eos_id in row:
       row = row[:row.index(config.eos_id) + 1]
     results.append(row)

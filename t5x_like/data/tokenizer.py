@@ -57,8 +57,11 @@ class Tokenizer:
     self.model_file = pathlib.Path(model_file)
     if not self.model_file.is_file():
       raise DataError(f"tokenizer {self.model_file}: no such file")
+    model = self.model_file.read_bytes()
+    # The digest of the bytes loaded, not of the file later: which ids a checkpoint was trained with.
+    self.sha256 = hashlib.sha256(model).hexdigest()
     try:
-      self._sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+      self._sp = spm.SentencePieceProcessor(model_proto=model)
     except (OSError, RuntimeError) as error:
       raise DataError(f"tokenizer {self.model_file} is not a SentencePiece model ({error})") from None
     pieces = self._sp.get_piece_size()
@@ -73,11 +76,6 @@ class Tokenizer:
     self.vocab_size = self.mask_id + 1 + NUM_SENTINELS
     self._to_piece = np.full(self.mask_id, -1, np.int64)  # our id -> SentencePiece id (-1: none)
     self._to_piece[self._to_id] = np.arange(pieces)
-
-  @functools.cached_property
-  def sha256(self) -> str:
-    """The model file's digest: which ids a checkpoint was trained with, whatever the path."""
-    return hashlib.sha256(self.model_file.read_bytes()).hexdigest()
 
   @functools.cached_property
   def byte_lengths(self) -> np.ndarray:
@@ -212,8 +210,12 @@ def _output_path(output_prefix: str | pathlib.Path, overwrite: bool) -> pathlib.
   if prefix.endswith(os.sep) or pathlib.Path(prefix).is_dir():
     raise ConfigError(f"--output {prefix} is a directory; give a prefix, e.g. {os.path.join(prefix, 'name')}")
   path = pathlib.Path(prefix if prefix.endswith(".model") else f"{prefix}.model")
-  if path.is_dir() or (path.exists() and not overwrite):
+  if path.is_dir():
+    raise ConfigError(f"{path} is a directory; give another --output")
+  if path.exists() and not overwrite:
     raise ConfigError(f"{path} exists; --overwrite replaces it (runs trained with it would then read other ids)")
+  if path.exists() and not os.access(path, os.W_OK):
+    raise ConfigError(f"{path} is not writable")
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
   except OSError as error:

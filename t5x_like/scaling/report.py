@@ -14,8 +14,9 @@ from t5x_like.scaling import laws
 
 logger = logging.getLogger(__name__)
 
-# tokens: every token slot of every batch, padding included (a few percent when packed), as
-# the FLOPs count them; wall_seconds: the run that finished the point (a resumed one's last part).
+# tokens: every token slot of every batch whose update was applied, padding included (a few
+# percent when packed), as the FLOPs count them; wall_seconds: the run that finished the point
+# (a resumed one's last part).
 RESULT_FIELDS = ("name", "non_embedding_params", "total_params", "tokens", "flops", "train_loss",
                  "validation_loss", "wall_seconds")
 
@@ -34,7 +35,7 @@ def load_results(sweep_dir: pathlib.Path) -> list[dict]:
 
 def read_result(path: pathlib.Path) -> dict:
   """A finished point's result.json, checked as fit will read it."""
-  row = _json(path, "remove it and rerun the sweep to train the point again")
+  row = _json(path, "remove it and rerun the sweep to write it again (from the point's last checkpoint)")
   check_result(row, path)
   return row
 
@@ -110,12 +111,14 @@ def fit_report(rows: list[dict], *, loss_key: str = "validation_loss", bootstrap
     # Compute here is Chinchilla's C = 6ND (N non-embedding), not the results' PaLM FLOP count.
     report["compute_optimal"] = [{"compute_6nd": float(c), "n": float(a), "d": float(b)}
                                  for c, a, b in zip(compute, n_opt, d_opt)]
+    if holdout and len(points) - holdout >= MIN_POINTS:
+      report["extrapolation"] = laws.extrapolation_error(n, d, loss, holdout=holdout, grid=grid)
+  except ConfigError:
+    raise
   except (ValueError, np.linalg.LinAlgError) as error:  # scipy's fits of non-finite residuals
     raise ConfigError(f"the laws could not be fitted to these {loss_key} values ({str(error)[:200]}); losses "
                       f"that barely change with N and D (models that did not learn) follow no power law") from None
-  if holdout and len(points) - holdout >= MIN_POINTS:
-    report["extrapolation"] = laws.extrapolation_error(n, d, loss, holdout=holdout, grid=grid)
-  elif holdout:
+  if holdout and len(points) - holdout < MIN_POINTS:
     report["extrapolation"] = {"skipped": f"holding out {holdout} of {len(points)} points would leave "
                                           f"{len(points) - holdout}, fewer than the {MIN_POINTS} a fit needs"}
   return report

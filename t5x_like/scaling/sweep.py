@@ -197,10 +197,13 @@ def check_same_point(workdir: pathlib.Path, point: ml_collections.ConfigDict) ->
     recorded_file.write_text(json.dumps(wanted, indent=1))
     return
   try:
-    recorded = traverse_util.flatten_dict(json.loads(recorded_file.read_text()), sep=".")
-  except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):  # cut short, or not an object
+    recorded = json.loads(recorded_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    recorded = None
+  if not isinstance(recorded, dict):  # cut short, or not an object
     raise ConfigError(f"{recorded_file} is not the JSON object sweep writes; remove that point's directory "
-                      f"to rerun it") from None
+                      f"to rerun it")
+  recorded = traverse_util.flatten_dict(recorded, sep=".")
   wanted = traverse_util.flatten_dict(wanted, sep=".")
   changed = sorted(key for key in recorded.keys() | wanted.keys() if recorded.get(key) != wanted.get(key))
   if changed:

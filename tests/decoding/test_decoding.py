@@ -14,7 +14,7 @@ from flax import nnx
 
 from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
-from t5x_like.decoding import NEG_INF, DecodeConfig, filter_logits, generate, greedy_token, sample
+from t5x_like.decoding import NEG_INF, DecodeConfig, filter_logits, generate, greedy_token, limit_vocab, sample
 
 EOS = 1
 
@@ -156,6 +156,21 @@ def test_a_temperature_near_zero_samples_the_greedy_tokens(decoder):
   for field in ("temperature", "repetition_penalty", "length_penalty"):
     with pytest.raises(ConfigError, match="nan"):
       DecodeConfig(**{field: float("nan")}).validate()
+
+
+def test_logits_that_are_not_finite_are_named_by_greedy_and_sampled_decoding(decoder):
+  broken = build_model(decoder.config, seed=3)
+  broken.token_embed.embedding[...] = jnp.full_like(broken.token_embed.embedding[...], jnp.nan)
+  for strategy in ("greedy", "sample"):
+    with pytest.raises(ConfigError, match="the model's logits were not finite"):
+      generate(broken, PROMPTS, DecodeConfig(strategy=strategy, max_new_tokens=3))
+
+
+def test_a_temperature_however_high_samples_no_id_past_the_vocab_limit():
+  logits = jnp.asarray(np.random.default_rng(0).normal(0, 3, (2, 50)), jnp.float32)
+  scores = filter_logits(limit_vocab(logits, 40), temperature=1e30, top_k=0, top_p=1.0)
+  assert np.all(np.asarray(scores)[:, 40:] <= NEG_INF)  # at 1e30, -1e30 / T would be about -1
+  assert np.all(np.asarray(jax.vmap(lambda k: sample(k, scores))(jax.random.split(jax.random.key(0), 64))) < 40)
 
 
 def test_sampling_is_reproducible_for_a_seed(decoder):

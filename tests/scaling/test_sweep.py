@@ -105,7 +105,8 @@ def test_damaged_point_files_and_results_are_named_with_what_to_do(sweep_dir, tm
   """A point's files cut short, or a result missing a field, in a copy of the finished sweep."""
   damages = {"s1_tokens2048_seed0/result.json": ('{"name": "s1', r"result\.json is not valid JSON .*remove it and "),
              "s1_tokens4096_seed0/result.json": ("{}", r"result\.json: a result lacks \['flops', "),
-             "s2_tokens2048_seed0/point.json": ('{"model": ', r"point\.json is not the JSON object sweep writes")}
+             "s2_tokens2048_seed0/point.json": ('{"model": ', r"point\.json is not the JSON object sweep writes"),
+             "s2_tokens4096_seed0/point.json": ("[]", r"point\.json is not the JSON object sweep writes")}
   for damaged, (text, message) in damages.items():
     copy = tmp_path / damaged.split("/")[0].replace("_", "")
     shutil.copytree(sweep_dir, copy)

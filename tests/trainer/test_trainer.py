@@ -395,7 +395,7 @@ def test_a_workdir_whose_config_is_not_json_is_named(tmp_path):
     Trainer.from_workdir(tmp_path)
 
 
-def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path):
+def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path, monkeypatch):
   trained, _ = train(tiny_config(steps=4, mesh_shape=(2, 2, 2)), tmp_path)
   loaded = Trainer.from_workdir(tmp_path, devices=jax.devices()[:2])
   assert loaded.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 1}
@@ -410,7 +410,8 @@ def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path):
     assert loaded.mesh.shape == {"data": data_axis, "fsdp": 1, "tensor": 1}
     for a, b in zip(jax.tree.leaves(accumulated.state["params"]), jax.tree.leaves(loaded.state["params"])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # A run trained with cuDNN's kernel on a GPU loads here with the kernel this platform has.
+  # A run trained with cuDNN's kernel on a GPU loads on a CPU with the kernel it has.
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   saved = json.loads((tmp_path / "config.json").read_text())
   saved["model"].update(attention_kernel="cudnn", dtype="bfloat16")
   (tmp_path / "config.json").write_text(json.dumps(saved))
