@@ -184,7 +184,7 @@ def train_tokenizer(inputs: Sequence[str | pathlib.Path], vocab_size: int,
   if not inputs:
     raise ConfigError("--input names no files")
   path = _output_path(output_prefix, overwrite)
-  texts = [text for path in inputs for text in documents.texts(path)]
+  texts = [text for file in inputs for text in documents.texts(file)]
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
