@@ -184,6 +184,13 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                make_loader: Callable[..., Iterator] | None = None, devices=None):
     self.config = config
+    # Paths made absolute, so that config.json names the same files wherever eval or decode runs.
+    if "dataset" in config.data:
+      from t5x_like.data.sources import absolute_dataset
+      config.data.dataset = absolute_dataset(config.data.dataset)
+    if "tokenizer" in config.data:
+      from t5x_like.data.tokenizer import absolute_tokenizer
+      config.data.tokenizer = absolute_tokenizer(config.data.tokenizer)
     self.workdir = pathlib.Path(workdir)
     if self.workdir.exists() and not self.workdir.is_dir():
       raise ConfigError(f"the workdir {self.workdir} is a file, not a directory")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import os
 import pathlib
 from typing import Sequence
 
@@ -35,6 +36,14 @@ BUNDLED = {
     "hhh": Bundled((CORPORA / "preference" / "hhh_alignment_pairs.jsonl",), {"response": "chosen"}),
 }
 CATALOG_PREFIX = "tfds:"
+
+
+def absolute_dataset(spec: str) -> str:
+  """data.dataset with its local paths and globs made absolute: a workdir's config.json then
+  names the same files wherever eval or decode runs."""
+  if spec in BUNDLED or spec.startswith(CATALOG_PREFIX):
+    return spec
+  return ",".join(os.path.abspath(os.path.expanduser(part.strip())) for part in spec.split(",") if part.strip())
 
 
 def local_files(spec: str) -> list[str]:

@@ -144,6 +144,11 @@ def tokenizer_path(spec: str) -> pathlib.Path | None:
   return path if path.is_file() else None
 
 
+def absolute_tokenizer(spec: str) -> str:
+  """data.tokenizer with a path made absolute (a shipped name stays), as absolute_dataset."""
+  return spec if spec in SHIPPED else os.path.abspath(os.path.expanduser(spec))
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
   """The tokenizer a spec names. Config checks, loaders and the CLI all ask for it, so a
   file is read once per process until it changes on disk."""

@@ -19,6 +19,8 @@ from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
 from t5x_like import evaluation
 from t5x_like.cli import main
+from t5x_like.config import apply_overrides, load_config
+from t5x_like.data.loader import make_loader
 from t5x_like.data.tokenizer import SHIPPED, load_tokenizer, train_tokenizer
 from t5x_like.decoding import DecodeConfig, generate
 from t5x_like.trainer import Trainer
@@ -391,6 +393,28 @@ def test_a_run_whose_tokenizer_file_was_replaced_is_refused_by_the_inference_com
   train_tokenizer([tmp_path / "text.txt"], 400, tmp_path / "tok", overwrite=True)
   assert main(["decode", "--workdir", str(run), "--prompt", "Emma"]) == 2
   assert "tok.model' is not the file" in capsys.readouterr().err
+
+
+def test_a_run_trained_with_relative_paths_is_read_from_another_directory(tmp_path, monkeypatch, capsys):
+  """config.json names the data and tokenizer files absolutely; a resume in the same directory takes a
+  position saved with the relative names, as runs from before saved them."""
+  (tmp_path / "train_here").mkdir()
+  shutil.copy(SHIPPED["austen_bpe_8k"], tmp_path / "train_here" / "tok.model")
+  (tmp_path / "train_here" / "text.txt").write_text("\n\n".join(
+      f"Paragraph {i}: Emma Woodhouse, handsome, clever, and rich." for i in range(300)) + "\n")
+  monkeypatch.chdir(tmp_path / "train_here")
+  assert main(["train", "--config", EXPERIMENT, "--workdir", "run", *TINY, "--config.data.dataset=text.txt",
+               "--config.data.tokenizer=tok.model", "--config.train.steps=2", "--config.train.checkpoint_every=2"]) == 0
+  data = json.loads(pathlib.Path("run/config.json").read_text())["data"]
+  assert (data["dataset"], data["tokenizer"]) == (str(tmp_path / "train_here" / "text.txt"),
+                                                  str(tmp_path / "train_here" / "tok.model"))
+  config = load_config(EXPERIMENT)
+  apply_overrides(config, TINY + ["--config.data.dataset=text.txt", "--config.data.tokenizer=tok.model"])
+  older = make_loader(config.data, "train").get_state()  # the names as given: relative, as older runs saved them
+  make_loader(Trainer.from_workdir("run").config.data, "train").set_state(older)
+  monkeypatch.chdir(tmp_path)
+  assert main(["eval", "--workdir", "train_here/run", "--batches", "1"]) == 0
+  assert "validation split (1 batches): loss" in capsys.readouterr().out
 
 
 def test_a_diverging_run_is_a_one_line_error(tmp_path, capsys):
