@@ -270,6 +270,12 @@ class Trainer:
     if restored is None:
       return None
     step, saved, data_positions = restored
+    digest = saved_tokenizer_digest(data_positions)
+    if digest and "tokenizer" in self.config.data:
+      from t5x_like.data.tokenizer import load_tokenizer
+      if load_tokenizer(self.config.data.tokenizer).sha256 != digest:  # training, eval, decode would read other ids
+        raise ConfigError(f"data.tokenizer={self.config.data.tokenizer!r} is not the file {self.workdir} was trained "
+                          f"with (its contents changed since); restore that file")
     self.state = {key: saved[key] for key in self.state}
     if "frozen" in saved:
       self.rest = _replace_leaves(self.rest, _leaves_by_path(saved["frozen"]))
@@ -329,15 +335,8 @@ class Trainer:
       first = (partitioning.batch_axes(config.partitioning) or config.partitioning.mesh_axes)[0]
       config.partitioning.mesh_shape = tuple(-1 if axis == first else 1 for axis in config.partitioning.mesh_axes)
     trainer = cls(config, workdir, devices=devices)
-    positions = trainer.restore()
-    if positions is None:
+    if trainer.restore() is None:
       raise ConfigError(f"{workdir}/checkpoints holds no readable checkpoint")
-    digest = saved_tokenizer_digest(positions)
-    if digest and "tokenizer" in config.data:
-      from t5x_like.data.tokenizer import load_tokenizer
-      if load_tokenizer(config.data.tokenizer).sha256 != digest:  # decode and eval would read other ids
-        raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} is not the file {workdir} was trained with "
-                          f"(its contents changed since); restore that file")
     return trainer
 
   def model_from(self, params, rest=None) -> nnx.Module:

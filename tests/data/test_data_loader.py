@@ -1,7 +1,6 @@
 """The grain loader: T5X batches, determinism, exact resume, and disjoint per-process shares."""
 
 import json
-import shutil
 
 import grain
 import numpy as np
@@ -12,7 +11,6 @@ from t5x_like.data import documents, tfds_text
 from t5x_like.data.config import default_data_config
 from t5x_like.data.loader import make_loader, ordered_share, process_share
 from t5x_like.data.objectives import OBJECTIVE_CLASSES, objective_model_inputs
-from t5x_like.data.tokenizer import SHIPPED, min_vocab_size, train_tokenizer
 
 DECODER = {"decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
            "decoder_loss_weights"}
@@ -110,22 +108,6 @@ def test_resuming_after_the_files_changed_is_refused(tmp_path):
                                         rf"but the saved data position counted {loader.num_records}: its files"):
     grown.set_state(state)
   grown.set_state(old_format)  # positions saved before the count was kept resume as before
-
-
-def test_resuming_after_the_tokenizer_file_was_replaced_is_refused(tmp_path):
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_text("\n\n".join(f"Paragraph number {i} of the corpus." for i in range(60)) + "\n")
-  shutil.copy(SHIPPED["austen_bpe_8k"], tmp_path / "tok.model")
-  config = _config(str(tmp_path / "tfds"), dataset=str(corpus), tokenizer=str(tmp_path / "tok.model"))
-  loader = make_loader(config, "train")
-  next(loader)
-  state = loader.get_state()
-  train_tokenizer([corpus], min_vocab_size() + 40, tmp_path / "tok", overwrite=True)  # another model, the same path
-  replaced = make_loader(config, "train")
-  with pytest.raises(ConfigError, match=r"data.tokenizer='.*tok\.model' is not the file the checkpoint was trained "
-                                        r"with \(its contents changed since\)"):
-    replaced.set_state(state)
-  make_loader(config, "train").set_state({k: v for k, v in state.items() if k != "tokenizer_sha256"})  # older runs
 
 
 def test_process_shares_are_disjoint_cover_and_are_all_a_process_reads():

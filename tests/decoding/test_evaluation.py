@@ -382,7 +382,7 @@ def test_a_sample_prompt_its_position_table_cannot_hold_stops_train_before_train
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_run_whose_tokenizer_file_was_replaced_is_refused_by_the_inference_commands(run_dir, tmp_path, capsys):
+def test_a_run_whose_tokenizer_file_was_replaced_is_refused_by_training_and_inference(run_dir, tmp_path, capsys):
   run = shutil.copytree(run_dir, tmp_path / "run")
   shutil.copy(SHIPPED["austen_bpe_8k"], tmp_path / "tok.model")
   config = json.loads((run / "config.json").read_text())
@@ -392,7 +392,9 @@ def test_a_run_whose_tokenizer_file_was_replaced_is_refused_by_the_inference_com
   (tmp_path / "text.txt").write_text("Emma Woodhouse, handsome, clever, and rich.\n" * 40)
   train_tokenizer([tmp_path / "text.txt"], 400, tmp_path / "tok", overwrite=True)
   assert main(["decode", "--workdir", str(run), "--prompt", "Emma"]) == 2
-  assert "tok.model' is not the file" in capsys.readouterr().err
+  assert main(["train", "--config", EXPERIMENT, "--workdir", str(run), *TINY, "--config.train.steps=8",
+               f"--config.data.tokenizer={tmp_path / 'tok.model'}"]) == 2  # resuming, as decoding
+  assert capsys.readouterr().err.count("tok.model' is not the file") == 2
 
 
 def test_a_run_trained_with_relative_paths_is_read_from_another_directory(tmp_path, monkeypatch, capsys):
