@@ -29,6 +29,13 @@ class ConfigError(ValueError):
   """A config that cannot work; the message names the field and the fix."""
 
 
+def first_line(error: BaseException) -> str:
+  """'Type: the message's first line' (at most 200 characters), for a log that names a failure it
+  recovers from without printing the traceback."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of an encoder (BERT), decoder (GPT/LLaMA) or encoder-decoder (T5)."""

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from models.config import ConfigError
+from models.config import ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ def _saved_params(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[
 
 
 def _warn_unreadable(step_directory: pathlib.Path, error: Exception) -> None:
-  logger.warning("init_from: checkpoint %s is unreadable (%s: %s); trying an earlier one", step_directory,
-                 type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
+  logger.warning("init_from: checkpoint %s is unreadable (%s); trying an earlier one", step_directory,
+                 first_line(error))
 
 
 class Checkpointer:
@@ -212,9 +212,8 @@ class Checkpointer:
       shutil.move(str(self.directory / str(step)), str(target))
     multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     self.manager = self._new_manager()
-    logger.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and falling back to "
-                   "an earlier checkpoint", self.directory / str(step), type(error).__name__,
-                   str(error).splitlines()[0][:200], target)
+    logger.warning("checkpoint %s is unreadable (%s); moved it to %s and falling back to "
+                   "an earlier checkpoint", self.directory / str(step), first_line(error), target)
     unreadable.append(step)
 
   def wait(self) -> None:

@@ -24,7 +24,7 @@ import ml_collections
 from flax import traverse_util
 from tqdm import tqdm
 
-from models.config import ConfigError, ModelConfig
+from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size, train_flops_per_sequence
 from t5x_like.scaling.report import RESULT_FIELDS, read_result
 
@@ -173,7 +173,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> lis
     try:
       results[name] = result()
     except Exception as error:  # one point's failure (a NaN loss, a crash) leaves the others running
-      failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+      failures[name] = first_line(error)
     write_results(sweep_dir, [results[n] for n, _ in points if n in results])
     progress.update(1)
   progress.close()

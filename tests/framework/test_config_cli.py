@@ -7,7 +7,7 @@ import jax
 import pytest
 from flax import nnx
 
-from models.config import ConfigError, ModelConfig
+from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size
 from models.transformer import build_model
 from t5x_like import partitioning
@@ -61,6 +61,12 @@ def test_a_warmup_past_the_last_step_bfloat16_weights_and_a_zero_rate_are_warned
   assert not caplog.records
   config.train.optimizer.learning_rate = 0.0
   assert training_warnings(config)[0] == "train.optimizer.learning_rate=0: the weights never change"
+
+
+def test_a_failure_recovered_from_is_logged_as_its_type_and_first_line():
+  assert first_line(OSError("disk full\nmore detail")) == "OSError: disk full"
+  assert first_line(RuntimeError("x" * 300)) == "RuntimeError: " + "x" * 200
+  assert first_line(ValueError("")) == first_line(ValueError("\n")) == "ValueError"  # no message, no IndexError
 
 
 def test_overrides_keep_types_and_reject_unknown_fields():
