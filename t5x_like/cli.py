@@ -140,18 +140,12 @@ def _decode(args, overrides) -> None:
 
 def _read_prompts(path: str) -> list[str]:
   """The "prompt" of each line of a JSONL file, empty ones included; a bad line is named."""
-  import json
-  from t5x_like.data.documents import read_utf8
+  from t5x_like.data.documents import jsonl_objects
   prompts = []
-  for number, line in enumerate(read_utf8(path).split("\n"), 1):
-    if line.strip():
-      try:
-        prompt = json.loads(line)["prompt"]
-      except (json.JSONDecodeError, KeyError, TypeError):
-        prompt = None
-      if not isinstance(prompt, str):
-        raise ConfigError(f"{path}, line {number}: not a JSON object with a string \"prompt\"")
-      prompts.append(prompt)
+  for number, record in jsonl_objects(path):
+    if not isinstance(record.get("prompt"), str):
+      raise ConfigError(f"{path}, line {number}: no string \"prompt\" field")
+    prompts.append(record["prompt"])
   return prompts
 
 

@@ -11,7 +11,6 @@ sum favours short options, and the calibrated score asks only how much the promp
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import pathlib
 import random
@@ -25,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from models.config import ConfigError
-from t5x_like.data.documents import read_utf8
+from t5x_like.data.documents import jsonl_objects
 from t5x_like.data.loader import feature_rows
 from t5x_like.data.objectives.causal_lm import CausalLM
 from t5x_like.data.tokenizer import PAD_ID
@@ -149,15 +148,9 @@ def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int
 def read_task(path: str | pathlib.Path) -> list[dict]:
   """Multiple-choice JSONL: {"context": str, "options": [str, ...], "answer": index} per line."""
   items = []
-  for number, line in enumerate(read_utf8(path).split("\n"), 1):
-    if not line.strip():
-      continue
+  for number, item in jsonl_objects(path):
     where = f"{path}, line {number}"
-    try:
-      item = json.loads(line)
-    except json.JSONDecodeError as error:
-      raise ConfigError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-    missing = {"context", "options", "answer"} - set(item if isinstance(item, dict) else {})
+    missing = {"context", "options", "answer"} - set(item)
     if missing:
       raise ConfigError(f"{where}: missing field(s) {sorted(missing)}")
     options, answer = item["options"], item["answer"]

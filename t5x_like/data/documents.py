@@ -62,15 +62,9 @@ def paragraphs(path: str | pathlib.Path) -> Iterator[tuple[int, str]]:
     yield start, " ".join(lines)
 
 
-def jsonl_records(path: str | pathlib.Path, fields: Sequence[str] | None = None,
-                  aliases: Mapping[str, str] | None = None) -> Iterator[tuple[int, dict[str, str]]]:
-  """(line number, {field: text}) for each record of a JSONL file.
-
-  `fields` are the string fields to read (all string fields when None); `aliases` reads a
-  field under another key (the bundled HHH pairs serve `response` from `chosen`).
-  """
-  aliases = dict(aliases or {})
-  found = False
+def jsonl_objects(path: str | pathlib.Path) -> Iterator[tuple[int, dict]]:
+  """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON
+  object is an error naming it."""
   for number, line in enumerate(read_utf8(path).split("\n"), start=1):
     if not line.strip():
       continue
@@ -82,6 +76,19 @@ def jsonl_records(path: str | pathlib.Path, fields: Sequence[str] | None = None,
     if not isinstance(record, dict):
       raise DataError(f"{path}, line {number}: a JSONL record must be a JSON object, "
                       f"got {type(record).__name__}")
+    yield number, record
+
+
+def jsonl_records(path: str | pathlib.Path, fields: Sequence[str] | None = None,
+                  aliases: Mapping[str, str] | None = None) -> Iterator[tuple[int, dict[str, str]]]:
+  """(line number, {field: text}) for each record of a JSONL file.
+
+  `fields` are the string fields to read (all string fields when None); `aliases` reads a
+  field under another key (the bundled HHH pairs serve `response` from `chosen`).
+  """
+  aliases = dict(aliases or {})
+  found = False
+  for number, record in jsonl_objects(path):
     if fields is None:
       yield number, {k: v for k, v in record.items() if isinstance(v, str)}
       found = True

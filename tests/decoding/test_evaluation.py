@@ -365,7 +365,8 @@ def test_bad_task_files_name_the_line(tmp_path):
                         ('{"context": "a", "options": ["b"], "answer": 0}', "options a list of 2 or more strings"),
                         ('{"context": "a", "options": ["b"]', "line 1: not valid JSON"),
                         ('{"context": "a", "options": ["b", ""], "answer": 0}', "line 1: option 1 is empty"),
-                        ('["a"]', r"line 1: missing field\(s\) \['answer', 'context', 'options'\]")):
+                        ('["a"]', "line 1: a JSONL record must be a JSON object, got list"),
+                        ('{"options": ["b", "c"]}', r"line 1: missing field\(s\) \['answer', 'context'\]")):
     task.write_text(line + "\n")
     with pytest.raises(ConfigError, match=message):
       evaluation.read_task(task)
@@ -428,7 +429,7 @@ def test_a_diverging_run_is_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["decode", "--input", "{prompts}"], r'prompts\.jsonl, line 2: not a JSON object with a string "prompt"'),
+    (["decode", "--input", "{prompts}"], r'prompts\.jsonl, line 2: no string "prompt" field'),
     (["score", "--items", "0"], "0 is below 1"),
     (["score", "--shots", "-1"], "-1 is below 0"),
     (["eval", "--batches", "0"], "0 is below 1"),
