@@ -186,8 +186,7 @@ class Attention(nnx.Module):
     return key, value
 
   def __call__(self, x: jax.Array, *, mask: jax.Array, bias: jax.Array | None = None,
-               positions: jax.Array | None = None, kv_inputs: jax.Array | None = None,
-               kv_positions: jax.Array | None = None, cache: dict | None = None,
+               positions: jax.Array | None = None, kv_inputs: jax.Array | None = None, cache: dict | None = None,
                cache_index: jax.Array | None = None, causal: bool = False) -> tuple[jax.Array, dict | None]:
     """Attends from x [b, t, d]; returns ([b, t, d], updated cache).
 
@@ -206,8 +205,8 @@ class Attention(nnx.Module):
     if cache is not None and cache_index is None:  # cross-attention keys, computed once
       key, value = cache["k"], cache["v"]
     else:
-      source = x if kv_inputs is None else kv_inputs
-      key, value = self.project_kv(source, positions if kv_inputs is None else kv_positions)
+      # Cross-attention keys are never rotated (rope=False), so they need no positions.
+      key, value = self.project_kv(x, positions) if kv_inputs is None else self.project_kv(kv_inputs, None)
       if cache is not None:
         write = lambda buffer, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
             buffer, heads_first(new).astype(buffer.dtype), cache_index, axis=2)

@@ -54,11 +54,15 @@ def gather_data_positions(data_state: dict | None) -> dict[str, dict]:
           for index, (row, length) in enumerate(zip(rows, lengths))}
 
 
-def this_process_position(positions: dict, directory: pathlib.Path) -> dict:
-  """This process's entry of gather_data_positions' dict. A checkpoint from before positions were
+def _by_process(positions: dict) -> dict[str, dict]:
+  """gather_data_positions' {process index: loader state}. A checkpoint from before positions were
   kept per process holds one loader state itself, which a single process takes as its own."""
-  if not all(key.isdigit() for key in positions):
-    positions = {"0": positions}
+  return positions if all(key.isdigit() for key in positions) else {"0": positions}
+
+
+def this_process_position(positions: dict, directory: pathlib.Path) -> dict:
+  """This process's entry of a checkpoint's data positions."""
+  positions = _by_process(positions)
   if str(jax.process_index()) not in positions:
     raise ConfigError(f"the newest checkpoint in {directory} holds the data positions of processes "
                       f"{sorted(positions)}, not of process {jax.process_index()} of {jax.process_count()}; "
@@ -68,7 +72,7 @@ def this_process_position(positions: dict, directory: pathlib.Path) -> dict:
 
 def saved_tokenizer_digest(positions: dict) -> str | None:
   """The tokenizer file's sha256 that the saved data positions hold (None from before they did)."""
-  entries = positions.values() if positions and all(key.isdigit() for key in positions) else [positions or {}]
+  entries = _by_process(positions or {}).values()
   return next((entry["tokenizer_sha256"] for entry in entries if "tokenizer_sha256" in entry), None)
 
 

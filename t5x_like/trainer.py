@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss or gradient became NaN or Inf; the message names the step."""
+  """Training diverged: the loss, the gradient or (after an update) the parameters became NaN or
+  Inf. The message names the step and what to change; no checkpoint holds the bad state."""
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -135,9 +136,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
 
 
 def training_warnings(config: ml_collections.ConfigDict) -> list[str]:
-  """What makes a config run but not train as meant: a short fine-tune under the default
-  warmup, and bfloat16 weights, whose steps near 1.0 round away below a learning rate of about
-  4e-3. Logged when training starts, not when decode, eval or score load a run."""
+  """What makes a config run but not train as meant: a zero learning rate, a warmup as long as
+  the run (the rate never peaks nor decays), and weights stored below float32, whose small steps
+  round away (bfloat16's near 1.0 below a learning rate of about 4e-3). Logged when training
+  starts, not when decode, eval or score load a run."""
   warnings, train = [], config.train
   if train.optimizer.learning_rate == 0:
     warnings.append("train.optimizer.learning_rate=0: the weights never change")

@@ -1,7 +1,8 @@
 """Training modes: what a batch holds, what the loss is, which parameters train.
 
-The trainer runs any mode; a new one (SFT, reward model, DPO, LoRA, ...) is a new
-module here registered in MODES, never a change to the loop.
+The trainer runs any mode; a new one (reward model, DPO, LoRA, ...) is a new module here
+registered in MODES, never a change to the loop. Instruction tuning needs none: it is
+`pretrain` on the `sft` objective's rows, whose loss weights cover only the responses.
 """
 
 from models.config import ConfigError

@@ -1,4 +1,5 @@
-"""Pretraining: next-token (decoder), masked-token (encoder) or span (encoder-decoder) loss.
+"""Weighted cross-entropy on the target tokens: next-token (decoder: causal LM, prefix LM, SFT),
+masked-token (encoder) or span (encoder-decoder); the objective's loss weights say which count.
 
 Batches use T5X's feature names, produced by t5x_like.data's objectives.
 """
