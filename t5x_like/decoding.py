@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -318,6 +319,22 @@ def _follow_beams(cache, source, own_rows, written):
 
 # Entry point ---------------------------------------------------------------------------
 
+def _check_cache_fits(model_config, rows: int, length: int) -> None:
+  """Refuses a KV cache larger than the memory there is, which XLA would fail to allocate with a
+  traceback (or, where the kernel overcommits, the OOM killer would end with no message)."""
+  if jax.default_backend() == "cpu":  # the devices share the host's memory; the cache is float32 there
+    memory, itemsize = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), 4
+  else:
+    memory = sum((device.memory_stats() or {}).get("bytes_limit", 0) for device in jax.local_devices())
+    itemsize = jnp.dtype(model_config.compute_dtype).itemsize
+  cfg = model_config
+  needed = 2 * rows * length * cfg.decoder_layers * cfg.kv_heads * cfg.dim_per_head * itemsize  # keys and values
+  if memory and needed > memory:
+    raise ConfigError(f"the KV cache of {rows} rows (prompts x beams) of {length} tokens (the longest prompt plus "
+                      f"max_new_tokens) needs {needed / 2**30:.1f} GiB, more than the {memory / 2**30:.1f} GiB "
+                      f"of memory here; lower max_new_tokens, num_beams or the number of prompts")
+
+
 def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int = 0,
              encoder_inputs: list[list[int]] | None = None) -> list[list[int]]:
   """Continues each prompt (for an encoder-decoder: decodes each encoder input, starting from
@@ -335,6 +352,8 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
     raise ConfigError(f"{len(prompts)} decoder prompts for {len(encoder_inputs)} encoder inputs; give one each")
   tokens, lengths = left_pad(prompts, config.pad_id)
   model.config.check_length(tokens.shape[1] + config.max_new_tokens, "the longest prompt plus max_new_tokens:")
+  _check_cache_fits(model.config, len(prompts) * (config.num_beams if config.strategy == "beam" else 1),
+                    tokens.shape[1] + config.max_new_tokens)
   encoder = None
   if encoder_inputs is not None:
     width = max(len(e) for e in encoder_inputs)

@@ -4,6 +4,7 @@ the filtered distribution, one-prompt-at-a-time decoding."""
 import dataclasses
 import functools
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,19 @@ def test_learned_positions_decode_up_to_max_len_and_refuse_to_go_past_it():
   assert generate(model, [prompt], config)[0] == greedy_by_recomputation(model, prompt, config.max_new_tokens)
   with pytest.raises(ConfigError, match="max_new_tokens: 17 exceeds model.max_len=16"):
     generate(model, [prompt], dataclasses.replace(config, max_new_tokens=12))
+
+
+@pytest.mark.parametrize("strategy, rows", [("greedy", 3), ("beam", 3 * 4)])
+def test_a_cache_past_the_hosts_memory_is_refused_before_allocating(decoder, strategy, rows):
+  # Keys and values: 2 layers x 2 kv heads x 8 dims a token each, in float32 on a CPU.
+  token_bytes = 2 * 2 * 2 * 8 * 4
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  length = memory // (rows * token_bytes) + 1  # one token more than the host holds
+  config = DecodeConfig(strategy=strategy, max_new_tokens=length - max(map(len, PROMPTS)))
+  with pytest.raises(ConfigError, match=rf"KV cache of {rows} rows .* of {length} tokens .*needs "
+                                        rf"{rows * length * token_bytes / 2**30:.1f} GiB, more than the "
+                                        rf"{memory / 2**30:.1f} GiB of memory here"):
+    generate(decoder, PROMPTS, config)
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
