@@ -9,7 +9,7 @@ import sys
 
 import jax
 
-from models.config import ConfigError, ModelConfig
+from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size, train_flops_per_token
 from t5x_like.config import apply_overrides, base_config, check_known_fields, load_config, load_run_config
 from t5x_like.host_memory import exec_with_huge_pages
@@ -260,6 +260,16 @@ def _at_least(minimum: int):
   return parse
 
 
+# What to lower when XLA cannot allocate a command's buffers.
+OUT_OF_MEMORY = {
+    "train": "lower data.batch_size (train.grad_accum_steps splits a batch into steps), set model.remat, or "
+             "shard the model over more devices",
+    "eval": "the run's data.batch_size does not fit this machine's memory; evaluate on a larger one",
+    "score": "fewer --shots make shorter sequences",
+    "decode": "lower --max-new-tokens, --num-beams or the number of prompts",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="t5x-like", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -349,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(error, NonFiniteLossError):  # jax_debug_nans's, whose traceback is the point
       raise
     print(f"t5x-like {args.command}: error: {error}", file=sys.stderr)  # it says what to change
+    return 1
+  except jax.errors.JaxRuntimeError as error:
+    if "Out of memory" not in str(error):
+      raise
+    hint = OUT_OF_MEMORY.get(args.command, "use a machine with more")
+    print(f"t5x-like {args.command}: error: out of memory ({first_line(error)}); {hint}", file=sys.stderr)
     return 1
   return 0
 

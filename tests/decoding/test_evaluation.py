@@ -17,7 +17,7 @@ from flax import nnx
 
 from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
-from t5x_like import evaluation
+from t5x_like import cli, evaluation
 from t5x_like.cli import main
 from t5x_like.config import apply_overrides, load_config
 from t5x_like.data.loader import make_loader
@@ -426,6 +426,21 @@ def test_a_diverging_run_is_a_one_line_error(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "Traceback" not in err
   assert re.match(r"t5x-like train: error: .*non-finite.* Lower train.optimizer.learning_rate", err.splitlines()[-1])
+
+
+def test_out_of_memory_is_a_one_line_error_saying_what_to_lower(monkeypatch, capsys):
+  def allocate(args, overrides):
+    raise jax.errors.JaxRuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 9 bytes.")
+  monkeypatch.setattr(cli, "_decode", allocate)
+  assert main(["decode", "--workdir", "unused", "--prompt", "Emma"]) == 1
+  assert capsys.readouterr().err == ("t5x-like decode: error: out of memory (JaxRuntimeError: INTERNAL: Error "
+                                     "dispatching computation: Out of memory allocating 9 bytes.); lower "
+                                     "--max-new-tokens, --num-beams or the number of prompts\n")
+  def crash(args, overrides):
+    raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+  monkeypatch.setattr(cli, "_decode", crash)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):  # not hidden behind a one-liner
+    main(["decode", "--workdir", "unused", "--prompt", "Emma"])
 
 
 @pytest.mark.parametrize("arguments, message", [
