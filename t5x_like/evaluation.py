@@ -130,7 +130,11 @@ def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int
     others = [other for j, other in enumerate(items) if j != index]
     examples = rng.sample(others, min(shots, len(others)))
     prompt = "".join(f"{e['context']}{e['options'][e['answer']]}\n\n" for e in examples) + item["context"]
-    scores = option_log_likelihoods(model, tokenizer, prompt, item["options"], prefix_lm=prefix_lm)
+    try:
+      scores = option_log_likelihoods(model, tokenizer, prompt, item["options"], prefix_lm=prefix_lm)
+    except ConfigError as error:  # a learned position table too short for this item's prompt
+      raise ConfigError(f"item {index + 1} with {len(examples)} shot(s): {error}; use fewer shots or shorter "
+                        f"contexts") from None
     # Calibrated: log p(option | prompt) - log p(option), which removes the options' own
     # likelihood (Holtzman et al. 2021, "surface form competition"; Brown et al. 2020 sec. 2.4).
     priors = option_log_likelihoods(model, tokenizer, "", item["options"], prefix_lm=prefix_lm)

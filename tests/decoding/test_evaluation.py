@@ -274,6 +274,11 @@ def test_option_log_likelihoods_refuse_options_past_a_learned_position_table(tra
   model = build_model(trainer.model_config.replace(position="learned", max_len=4))
   with pytest.raises(ConfigError, match="a prompt with its option: .* exceeds model.max_len=4"):
     evaluation.option_log_likelihoods(model, tokenizer, "She was", [" very happy."])
+  items = [{"context": "She", "options": [" was", " is"], "answer": 0}] * 2
+  items.append({"context": "She was very", "options": [" happy.", " sad."], "answer": 0})
+  assert evaluation.few_shot_score(model, tokenizer, items[:2], shots=0)["items"] == 2  # these fit
+  with pytest.raises(ConfigError, match=r"item 3 with 0 shot\(s\): a prompt with its option: .* exceeds model.max_len"):
+    evaluation.few_shot_score(model, tokenizer, items, shots=0)
 
 
 def test_sentence_completion_task_and_score_command(run_dir, trained, tmp_path):
