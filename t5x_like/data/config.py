@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from models.config import ConfigError
-from t5x_like.data.objectives import OBJECTIVES
+from t5x_like.data.objectives import OBJECTIVE_CLASSES, OBJECTIVES
 from t5x_like.data.tokenizer import SHIPPED, tokenizer_path
 
 
@@ -49,7 +49,7 @@ def resolve_data_config(config: ml_collections.ConfigDict | dict, process_count:
 def _validate(config: ml_collections.ConfigDict, process_count: int) -> None:
   if config.objective not in OBJECTIVES:
     raise ConfigError(f"data.objective={config.objective!r} is not one of {OBJECTIVES}")
-  lengths = ("input_len", "target_len") if config.objective == "span_corruption" else ("seq_len",)
+  lengths = tuple(name for name in OBJECTIVE_CLASSES[config.objective].config_fields if name.endswith("_len"))
   for name in lengths + ("batch_size",):
     if config[name] <= 0:
       raise ConfigError(f"data.{name}={config[name]} must be a positive integer")

@@ -55,11 +55,6 @@ def process_share(records: grain.MapDataset, process_index: int, process_count: 
   return records[process_index::process_count]
 
 
-# The data config fields each objective reads beyond the common ones (the others read seq_len).
-OBJECTIVE_FIELDS = {"mlm": ("seq_len", "mlm_probability"),
-                    "span_corruption": ("input_len", "target_len", "noise_density", "mean_noise_span_length")}
-
-
 def ordered_share(records: grain.MapDataset, split: str, seed: int, process_index: int,
                   process_count: int) -> grain.MapDataset:
   """This process's share, shuffled for training with a seed hashed from data.seed per process.
@@ -179,8 +174,7 @@ def make_loader(config: ml_collections.ConfigDict, split: str, *, process_index:
     dataset = grain.experimental.ThreadPrefetchIterDataset(
         dataset, prefetch_buffer_size=config.prefetch_batches)
   # What fixes the rows a position points at: the objective's own options, not the others'.
-  fields = ("dataset", "tokenizer", "objective", "batch_size", "seed", "pack") + OBJECTIVE_FIELDS.get(
-      config.objective, ("seq_len",))
+  fields = ("dataset", "tokenizer", "objective", "batch_size", "seed", "pack") + objective.config_fields
   identity = {name: config[name] for name in fields}
   identity.update(split=split, process_index=process_index, process_count=process_count)
   return Loader(dataset, identity, objective, num_records,

@@ -24,19 +24,6 @@ def objective_model_inputs(name: str | None) -> tuple[str, ...]:
 
 
 def make_objective(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Objective:
-  """The objective `config.objective` names, sized by the config's lengths."""
-  name = config.objective
-  if name == "causal_lm":
-    return CausalLM(tokenizer, config.seq_len)
-  if name == "prefix_lm":
-    return PrefixLM(tokenizer, config.seq_len)
-  if name == "mlm":
-    return MaskedLM(tokenizer, config.seq_len, config.mlm_probability)
-  if name == "span_corruption":
-    return SpanCorruption(tokenizer, config.input_len, config.target_len, config.noise_density,
-                          config.mean_noise_span_length)
-  if name == "sft":
-    return SupervisedFineTuning(tokenizer, config.seq_len)
-  if name == "preference":
-    return PreferencePairs(tokenizer, config.seq_len)
-  raise ValueError(f"unknown objective {name!r}; one of {OBJECTIVES}")
+  """The objective `config.objective` names, built from the data fields it reads."""
+  cls = OBJECTIVE_CLASSES[config.objective]
+  return cls(tokenizer, *(config[name] for name in cls.config_fields))

@@ -45,6 +45,9 @@ class Objective(abc.ABC):
 
   fields: tuple[str, ...] = ("text",)  # record fields read
   architectures: tuple[str, ...] = ("decoder",)  # the model.arch values its rows train
+  # The data config fields it is built from, in its constructor's order after the tokenizer;
+  # they and no others fix the rows a saved data position points at.
+  config_fields: tuple[str, ...] = ("seq_len",)
   # Features beyond the architecture's own that change what the model computes (a
   # prefix LM's bidirectional mask); training modes add them to the batch they read.
   model_inputs: tuple[str, ...] = ()

@@ -38,12 +38,13 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, rate: float, ma
 class MaskedLM(Objective):
 
   architectures = ("encoder",)
+  config_fields = ("seq_len", "mlm_probability")
   feature_names = ("encoder_input_tokens", "encoder_target_tokens", "encoder_segment_ids", "encoder_positions",
                    "encoder_loss_weights")
 
-  def __init__(self, tokenizer: Tokenizer, seq_len: int, rate: float):
+  def __init__(self, tokenizer: Tokenizer, seq_len: int, mlm_probability: float):
     super().__init__(tokenizer)
-    self.rate = rate
+    self.rate = mlm_probability
     self.lengths = {"inputs": seq_len, "targets": seq_len, "loss_weights": seq_len}
 
   def examples(self, record: Mapping[str, str], rng: np.random.Generator) -> list[Example]:

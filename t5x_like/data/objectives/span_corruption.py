@@ -86,6 +86,7 @@ def corrupt(tokens: np.ndarray, noise_mask: np.ndarray, first_sentinel_id: int) 
 class SpanCorruption(Objective):
 
   architectures = ("encoder_decoder",)
+  config_fields = ("input_len", "target_len", "noise_density", "mean_noise_span_length")
   feature_names = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions") + decoder_feature_names()
 
   def __init__(self, tokenizer: Tokenizer, input_len: int, target_len: int,
