@@ -197,7 +197,7 @@ def _step(model, tokens, positions, cache):
 # Greedy and sampling ---------------------------------------------------------------------
 
 @functools.partial(nnx.jit, static_argnames=("config",))
-def _sample_loop(model, prompt, lengths, rng, encoder_inputs, *, config: DecodeConfig):
+def _greedy_or_sample_loop(model, prompt, lengths, rng, encoder_inputs, *, config: DecodeConfig):
   b, p = prompt.shape
   vocab = model.config.vocab_size
   logits, cache = _prefill(model, prompt, lengths, p + config.max_new_tokens, encoder_inputs, config.prefix_lm)
@@ -366,7 +366,7 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
   if config.strategy == "beam":
     out = _beam_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), encoder, config=config)
   else:
-    out = _sample_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), encoder,
+    out = _greedy_or_sample_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), encoder,
                        config=config)
   out = np.asarray(out)
   if (out == NO_TOKEN).any():
