@@ -361,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"t5x-like {args.command}: error: {error}", file=sys.stderr)  # it says what to change
     return 1
   except jax.errors.JaxRuntimeError as error:
-    if "Out of memory" not in str(error):
+    if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():  # CPU, GPU, TPU
       raise
-    hint = OUT_OF_MEMORY.get(args.command, "use a machine with more")
+    hint = OUT_OF_MEMORY.get(args.command, "use a machine with more memory")
     print(f"t5x-like {args.command}: error: out of memory ({first_line(error)}); {hint}", file=sys.stderr)
     return 1
   return 0

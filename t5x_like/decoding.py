@@ -331,7 +331,7 @@ def _check_cache_fits(model_config, rows: int, length: int) -> None:
   needed = 2 * rows * length * cfg.decoder_layers * cfg.kv_heads * cfg.dim_per_head * itemsize  # keys and values
   if memory and needed > memory:
     raise ConfigError(f"the KV cache of {rows} rows (prompts x beams) of {length} tokens (the longest prompt plus "
-                      f"max_new_tokens) needs {needed / 2**30:.1f} GiB, more than the {memory / 2**30:.1f} GiB "
+                      f"max_new_tokens) needs {needed / 2**30:.3g} GiB, more than the {memory / 2**30:.3g} GiB "
                       f"of memory here; lower max_new_tokens, num_beams or the number of prompts")
 
 

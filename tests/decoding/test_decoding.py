@@ -129,16 +129,19 @@ def test_learned_positions_decode_up_to_max_len_and_refuse_to_go_past_it():
     generate(model, [prompt], dataclasses.replace(config, max_new_tokens=12))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU's cache is float32 in the host's memory")
 @pytest.mark.parametrize("strategy, rows", [("greedy", 3), ("beam", 3 * 4)])
-def test_a_cache_past_the_hosts_memory_is_refused_before_allocating(decoder, strategy, rows):
+def test_a_cache_past_the_hosts_memory_is_refused_before_allocating(decoder, strategy, rows, monkeypatch):
+  # A host of 1 MiB, so that decoding, were the cache not checked, would run rather than exhaust this one.
+  memory = 256 * 4096
+  monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 256}.get)
   # Keys and values: 2 layers x 2 kv heads x 8 dims a token each, in float32 on a CPU.
   token_bytes = 2 * 2 * 2 * 8 * 4
-  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   length = memory // (rows * token_bytes) + 1  # one token more than the host holds
   config = DecodeConfig(strategy=strategy, max_new_tokens=length - max(map(len, PROMPTS)))
   with pytest.raises(ConfigError, match=rf"KV cache of {rows} rows .* of {length} tokens .*needs "
-                                        rf"{rows * length * token_bytes / 2**30:.1f} GiB, more than the "
-                                        rf"{memory / 2**30:.1f} GiB of memory here"):
+                                        rf"{rows * length * token_bytes / 2**30:.3g} GiB, more than the "
+                                        rf"{memory / 2**30:.3g} GiB of memory here"):
     generate(decoder, PROMPTS, config)
 
 

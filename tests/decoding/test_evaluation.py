@@ -433,14 +433,18 @@ def test_a_diverging_run_is_a_one_line_error(tmp_path, capsys):
   assert re.match(r"t5x-like train: error: .*non-finite.* Lower train.optimizer.learning_rate", err.splitlines()[-1])
 
 
-def test_out_of_memory_is_a_one_line_error_saying_what_to_lower(monkeypatch, capsys):
+@pytest.mark.parametrize("message", [
+    "INTERNAL: Error dispatching computation: Out of memory allocating 9 bytes.",  # XLA:CPU
+    "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm.",
+    "RESOURCE_EXHAUSTED: Failed to allocate request for 32.00GiB on device ordinal 0",  # a GPU's allocator
+])
+def test_out_of_memory_is_a_one_line_error_saying_what_to_lower(message, monkeypatch, capsys):
   def allocate(args, overrides):
-    raise jax.errors.JaxRuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 9 bytes.")
+    raise jax.errors.JaxRuntimeError(message)
   monkeypatch.setattr(cli, "_decode", allocate)
   assert main(["decode", "--workdir", "unused", "--prompt", "Emma"]) == 1
-  assert capsys.readouterr().err == ("t5x-like decode: error: out of memory (JaxRuntimeError: INTERNAL: Error "
-                                     "dispatching computation: Out of memory allocating 9 bytes.); lower "
-                                     "--max-new-tokens, --num-beams or the number of prompts\n")
+  assert capsys.readouterr().err == (f"t5x-like decode: error: out of memory (JaxRuntimeError: {message}); lower "
+                                     f"--max-new-tokens, --num-beams or the number of prompts\n")
   def crash(args, overrides):
     raise jax.errors.JaxRuntimeError("INTERNAL: something else")
   monkeypatch.setattr(cli, "_decode", crash)
