@@ -25,6 +25,7 @@ from models.config import ConfigError
 from models.model_size import train_flops_per_sequence
 from t5x_like import evaluation, partitioning
 from t5x_like.checkpoints import Checkpointer, this_process_position
+from t5x_like.decoding import DecodeConfig, generate
 from t5x_like.metrics import read_metrics
 from t5x_like.modes import MODES
 from t5x_like.modes.pretrain import Pretrain
@@ -75,7 +76,7 @@ def test_each_architecture_lowers_its_loss(arch, tmp_path):
   assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
 
 
-def test_eight_devices_shard_by_the_rules_and_match_one_device(tmp_path):
+def test_eight_devices_shard_by_the_rules_and_match_one_device_in_training_and_decoding(tmp_path):
   config = tiny_config(mesh_shape=(2, 2, 2))
   trainer, _ = train(config, tmp_path / "eight", loader=RaggedPatternLoader)
   params = trainer.state["params"]
@@ -91,6 +92,17 @@ def test_eight_devices_shard_by_the_rules_and_match_one_device(tmp_path):
                  loader=RaggedPatternLoader)
   # Same math, different reduction orders: float32 agreement to 1e-4 relative.
   assert_same_training((trainer, tmp_path / "eight"), (one, tmp_path / "one"), rtol=1e-4)
+  # Decoding the sharded parameters under their mesh (as the decode command does) picks the tokens
+  # that the same parameters gathered onto one device pick: the sampled draws and the beams too.
+  sharded, gathered = trainer.model_from(params), one.model_from(jax.device_put(params, jax.devices()[0]))
+  sharded.eval()
+  gathered.eval()
+  for strategy, options in (("sample", dict(top_k=5, temperature=0.7)), ("beam", dict(num_beams=3))):
+    config = DecodeConfig(strategy=strategy, max_new_tokens=6, eos_id=-1, **options)
+    with jax.set_mesh(trainer.mesh):
+      tokens = generate(sharded, [[5, 9, 3, 7], [4, 8]], config, seed=1)
+    with jax.set_mesh(one.mesh):
+      assert tokens == generate(gathered, [[5, 9, 3, 7], [4, 8]], config, seed=1)
 
 
 def test_adafactor_shards_its_factored_statistics_and_matches_one_device(tmp_path):
