@@ -11,7 +11,8 @@ import jax
 
 from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size, train_flops_per_token
-from t5x_like.config import apply_overrides, base_config, check_known_fields, load_config, load_run_config
+from t5x_like.config import (apply_overrides, base_config, check_known_fields, fill_defaults, load_config,
+                             load_run_config)
 from t5x_like.host_memory import exec_with_huge_pages
 
 
@@ -21,12 +22,11 @@ def _info(args, overrides) -> None:
   apply_overrides(config, overrides)
   model = ModelConfig.from_dict(config.model)
   size = model_size(model)
-  data = config.get("data", {})
   if model.arch == "encoder_decoder":
-    lengths = (data.get("input_len", model.max_len), data.get("target_len", model.max_len))
+    lengths = (config.data.input_len, config.data.target_len)
     length_text = f"input length {lengths[0]}, target length {lengths[1]}"
   else:
-    lengths = (data.get("seq_len", model.max_len), None)
+    lengths = (config.data.seq_len, None)
     length_text = f"sequence length {lengths[0]}"
   flops = train_flops_per_token(model, *lengths)
   if args.show_config:
@@ -211,8 +211,11 @@ def _sweep(args, overrides) -> None:
   config = load_config(args.config)
   if "sweep" not in config:
     raise ConfigError(f"{args.config} has no sweep section; sweep configs live in experiments/scaling/")
-  check_known_fields(config, args.config, ml_collections.ConfigDict(dict(base=base_config(),
-                                                                          sweep=default_sweep_config())))
+  known = ml_collections.ConfigDict(dict(base=base_config(), sweep=default_sweep_config()))
+  check_known_fields(config, args.config, known)
+  if "base" not in config:
+    raise ConfigError(f"{args.config} has no base section: the training config every point starts from")
+  fill_defaults(config, known)
   apply_overrides(config, overrides)
   rows = run_sweep(config, args.workdir)
   print(f"{len(rows)} runs; results in {args.workdir}/results.csv and results.json")

@@ -8,6 +8,7 @@ and keep the field's type (ml_collections refuses a value of another type).
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import pathlib
 from typing import Sequence
@@ -66,7 +67,19 @@ def load_run_config(spec: str) -> ml_collections.ConfigDict:
   missing = [section for section in base_config() if section not in config]
   if missing:
     raise ConfigError(f"{spec} has no {' or '.join(missing)} section; start from t5x_like.config.base_config()")
+  fill_defaults(config, base_config())
   return config
+
+
+def fill_defaults(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> None:
+  """Adds every field of `defaults` that `config` lacks, at any depth: a file that sets a section
+  to only the fields it changes (`config.data = ConfigDict(dict(batch_size=16))`) gets the others'
+  defaults, so training, `info` and the saved config.json all read the same values."""
+  for name, default in defaults.items():
+    if name not in config:
+      config[name] = copy.deepcopy(default)
+    elif isinstance(default, ml_collections.ConfigDict) and isinstance(config[name], ml_collections.ConfigDict):
+      fill_defaults(config[name], default)
 
 
 def check_known_fields(config: ml_collections.ConfigDict, spec: str,

@@ -12,7 +12,7 @@ from models.model_size import model_size
 from models.transformer import build_model
 from t5x_like import partitioning
 from t5x_like.cli import main
-from t5x_like.config import apply_overrides, load_config
+from t5x_like.config import apply_overrides, base_config, load_config, load_run_config
 from t5x_like.scaling.sweep import sweep_points
 from t5x_like.trainer import training_warnings, validate_config
 
@@ -137,6 +137,22 @@ def test_a_sweep_config_given_to_train_or_info_and_a_run_config_to_sweep_are_nam
   errors = capsys.readouterr().err
   assert errors.count("has no model section; it is a sweep config: use `t5x-like sweep`") == 2
   assert "has no sweep section" in errors
+
+
+def test_a_section_set_to_some_fields_takes_the_defaults_of_the_others(tmp_path, capsys):
+  (tmp_path / "partial.py").write_text(
+      "import ml_collections\nfrom t5x_like.config import base_config\n"
+      "def get_config():\n  c = base_config(num_layers=2)\n"
+      "  c.data = ml_collections.ConfigDict(dict(batch_size=16))\n"
+      "  c.train = ml_collections.ConfigDict(dict(steps=5, optimizer=dict(learning_rate=0.1)))\n  return c\n")
+  config = load_run_config(str(tmp_path / "partial.py"))
+  defaults = base_config()
+  assert config.data.to_dict() == {**defaults.data.to_dict(), "batch_size": 16}
+  assert config.train.to_dict() == {**defaults.train.to_dict(), "steps": 5,
+                                    "optimizer": {**defaults.train.optimizer.to_dict(), "learning_rate": 0.1}}
+  # info counts FLOPs at the length training reads (it took model.max_len for a missing seq_len).
+  assert main(["info", "--config", str(tmp_path / "partial.py"), "--config.data.seq_len=64"]) == 0
+  assert "sequence length 64;" in capsys.readouterr().out
 
 
 def test_a_field_no_section_has_is_named_wherever_the_file_sets_it(tmp_path, capsys):
