@@ -134,9 +134,13 @@ def test_a_sweep_config_given_to_train_or_info_and_a_run_config_to_sweep_are_nam
   assert main(["info", "--config", sweep]) == 2
   assert main(["train", "--config", sweep, "--workdir", str(tmp_path)]) == 2
   assert main(["sweep", "--config", run, "--workdir", str(tmp_path)]) == 2
+  (tmp_path / "no_base.py").write_text("import ml_collections\ndef get_config():\n"
+                                       "  return ml_collections.ConfigDict(dict(sweep=dict(sizes=(1,))))\n")
+  assert main(["sweep", "--config", str(tmp_path / "no_base.py"), "--workdir", str(tmp_path / "s")]) == 2
   errors = capsys.readouterr().err
   assert errors.count("has no model section; it is a sweep config: use `t5x-like sweep`") == 2
   assert "has no sweep section" in errors
+  assert "no_base.py has no base section: the training config every point starts from" in errors
 
 
 def test_a_section_set_to_some_fields_takes_the_defaults_of_the_others(tmp_path, capsys):
