@@ -33,6 +33,7 @@ from models.model_size import train_flops_per_sequence
 from models.transformer import build_model
 from t5x_like import partitioning
 from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_digest, this_process_position
+from t5x_like.config import base_config, fill_defaults
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
@@ -321,6 +322,9 @@ class Trainer:
     except json.JSONDecodeError as error:
       raise ConfigError(f"{config_file} is not valid JSON ({error}); train writes it, and nothing "
                         f"else should") from None
+    defaults = base_config()  # for fields added since the run wrote its config.json (the loader fills data's)
+    for section in ("train", "partitioning"):
+      fill_defaults(config[section], defaults[section])
     config.train.grad_accum_steps = 1  # nothing is trained: the batch need only divide over the data shards
     if config.model.get("attention_kernel") == "cudnn" and jax.default_backend() != "gpu":
       config.model.attention_kernel = "auto"  # the same parameters; a GPU run evaluated on another platform

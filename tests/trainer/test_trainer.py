@@ -422,12 +422,17 @@ def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path, monk
     assert loaded.mesh.shape == {"data": data_axis, "fsdp": 1, "tensor": 1}
     for a, b in zip(jax.tree.leaves(accumulated.state["params"]), jax.tree.leaves(loaded.state["params"])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # A run trained with cuDNN's kernel on a GPU loads on a CPU with the kernel it has.
+  # A run trained with cuDNN's kernel on a GPU loads on a CPU with the kernel it has; one whose
+  # config.json predates some fields loads with their defaults.
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   saved = json.loads((tmp_path / "config.json").read_text())
   saved["model"].update(attention_kernel="cudnn", dtype="bfloat16")
+  for section, field in (("train", "keep_checkpoints"), ("train", "z_loss"), ("partitioning", "rules")):
+    del saved[section][field]
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  assert Trainer.from_workdir(tmp_path).model_config.attention_kernel == "auto"
+  loaded = Trainer.from_workdir(tmp_path)
+  assert loaded.model_config.attention_kernel == "auto"
+  assert loaded.config.train.keep_checkpoints == tiny_config().train.keep_checkpoints
 
 
 def test_a_run_starts_from_another_runs_parameters_with_a_fresh_optimizer(tmp_path):
