@@ -319,15 +319,14 @@ def _follow_beams(cache, source, own_rows, written):
 
 # Entry point ---------------------------------------------------------------------------
 
-def _check_cache_fits(model_config, rows: int, length: int) -> None:
+def _check_cache_fits(cfg, rows: int, length: int) -> None:
   """Refuses a KV cache larger than the memory there is, which XLA would fail to allocate with a
   traceback (or, where the kernel overcommits, the OOM killer would end with no message)."""
   if jax.default_backend() == "cpu":  # the devices share the host's memory; the cache is float32 there
     memory, itemsize = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), 4
   else:
     memory = sum((device.memory_stats() or {}).get("bytes_limit", 0) for device in jax.local_devices())
-    itemsize = jnp.dtype(model_config.compute_dtype).itemsize
-  cfg = model_config
+    itemsize = jnp.dtype(cfg.compute_dtype).itemsize
   needed = 2 * rows * length * cfg.decoder_layers * cfg.kv_heads * cfg.dim_per_head * itemsize  # keys and values
   if memory and needed > memory:
     raise ConfigError(f"the KV cache of {rows} rows (prompts x beams) of {length} tokens (the longest prompt plus "
@@ -367,7 +366,7 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
     out = _beam_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), encoder, config=config)
   else:
     out = _greedy_or_sample_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), encoder,
-                       config=config)
+                                 config=config)
   out = np.asarray(out)
   if (out == NO_TOKEN).any():
     raise ConfigError("the model's logits were not finite (NaN) at a decoding step: its weights or inputs are broken")
