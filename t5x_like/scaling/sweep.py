@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size, train_flops_per_sequence
+from t5x_like.config import base_config
 from t5x_like.scaling.report import RESULT_FIELDS, read_result
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,10 @@ def check_same_point(workdir: pathlib.Path, point: ml_collections.ConfigDict) ->
                       f"to rerun it")
   recorded = traverse_util.flatten_dict(recorded, sep=".")
   wanted = traverse_util.flatten_dict(wanted, sep=".")
-  changed = sorted(key for key in recorded.keys() | wanted.keys() if recorded.get(key) != wanted.get(key))
+  # A field added to the code since the point was recorded counts as changed only if set off its default.
+  defaults = traverse_util.flatten_dict(json.loads(json.dumps(base_config().to_dict())), sep=".")
+  changed = sorted(key for key in recorded.keys() | wanted.keys()
+                   if recorded.get(key, defaults.get(key)) != wanted.get(key))
   if changed:
     raise ConfigError(f"{workdir} was run with another config ({', '.join(changed[:5])} differ); "
                       f"sweep into a new directory, or remove that point's directory to rerun it")

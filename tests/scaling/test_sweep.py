@@ -101,6 +101,18 @@ def test_rerun_under_another_base_config_is_refused_before_training(sweep_dir, c
   assert "was run with another config (train.optimizer.weight_decay differ)" in capsys.readouterr().err
 
 
+def test_a_point_recorded_before_a_field_existed_continues_unless_the_field_is_set_off_its_default(tmp_path):
+  name, point = sweep_points(load_config(CONFIG))[0]
+  sweep.check_same_point(tmp_path / name, point)  # records it
+  recorded = json.loads((tmp_path / name / "point.json").read_text())
+  del recorded["train"]["keep_checkpoints"]  # as code from before that field wrote it
+  (tmp_path / name / "point.json").write_text(json.dumps(recorded))
+  sweep.check_same_point(tmp_path / name, point)
+  point.train.keep_checkpoints += 1
+  with pytest.raises(ConfigError, match=r"was run with another config \(train.keep_checkpoints differ\)"):
+    sweep.check_same_point(tmp_path / name, point)
+
+
 def test_damaged_point_files_and_results_are_named_with_what_to_do(sweep_dir, tmp_path, capsys):
   """A point's files cut short, or a result missing a field, in a copy of the finished sweep."""
   damages = {"s1_tokens2048_seed0/result.json": ('{"name": "s1', r"result\.json is not valid JSON .*remove it and "),
