@@ -74,12 +74,17 @@ def load_run_config(spec: str) -> ml_collections.ConfigDict:
 def fill_defaults(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> None:
   """Adds every field of `defaults` that `config` lacks, at any depth: a file that sets a section
   to only the fields it changes (`config.data = ConfigDict(dict(batch_size=16))`) gets the others'
-  defaults, so training, `info` and the saved config.json all read the same values."""
+  defaults, so training, `info` and the saved config.json all read the same values. An int it
+  gives a float field becomes a float, as base_config's field would have made it."""
   for name, default in defaults.items():
+    value = config.get(name)
     if name not in config:
       config[name] = copy.deepcopy(default)
-    elif isinstance(default, ml_collections.ConfigDict) and isinstance(config[name], ml_collections.ConfigDict):
+    elif isinstance(default, ml_collections.ConfigDict) and isinstance(value, ml_collections.ConfigDict):
       fill_defaults(config[name], default)
+    elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+      del config[name]  # typed as the default is, so `--config.<field>=3e-3` can override a `1` given here
+      config[name] = float(value)
 
 
 def check_known_fields(config: ml_collections.ConfigDict, spec: str,
@@ -103,8 +108,23 @@ def _parse_value(text: str):
     return text
 
 
+def _may_be_none(name: str) -> bool:
+  """Whether a field (a run's `model.head_dim`, a sweep's `base.model.head_dim`) takes None: those
+  whose default is None, such as the model's optional sizes."""
+  from t5x_like.scaling.sweep import default_sweep_config
+  defaults = ml_collections.ConfigDict(dict(base_config(), sweep=default_sweep_config()))
+  node = defaults
+  for part in name.removeprefix("base.").split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return True  # a field the defaults do not have: its own checks decide
+    node = node[part]
+  return node is None
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-  """Applies `--config.a.b=value` arguments in place; unknown fields are an error."""
+  """Applies `--config.a.b=value` arguments in place. Unknown fields, a whole section, None for a
+  field that holds a value and True/False for a number are errors: each would train another model
+  than the one named, or fail far from the flag."""
   for override in overrides:
     if not override.startswith(OVERRIDE_PREFIX) or "=" not in override:
       raise ConfigError(f"cannot read override {override!r}; write it as --config.FIELD=VALUE")
@@ -112,13 +132,25 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     *parents, leaf = name.split(".")
     node = config
     for i, parent in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigError(f"--config.{name}: {'.'.join(parents[:i])} is a value, not a section")
       if parent not in node:
         raise ConfigError(f"--config.{name}: config has no field {'.'.join(parents[:i + 1])}")
       node = node[parent]
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"--config.{name}: {'.'.join(parents)} is a value, not a section")
     if leaf not in node:
       raise ConfigError(f"--config.{name}: config has no field {name}; "
                         f"fields here: {sorted(node.keys())}")
+    current, value = node[leaf], _parse_value(text)
+    if isinstance(current, ml_collections.ConfigDict):  # it would replace every field, defaults and checks gone
+      raise ConfigError(f"--config.{name} is a section; override its fields one at a time "
+                        f"(--config.{name}.FIELD=VALUE)")
+    if value is None and current is not None and not _may_be_none(name):
+      raise ConfigError(f"--config.{name}=None: the field holds {current!r} and needs a value")
+    if isinstance(value, bool) and isinstance(current, (int, float)) and not isinstance(current, bool):
+      raise ConfigError(f"--config.{name}={text}: the field holds a number ({current!r}), not True/False")
     try:
-      node[leaf] = _parse_value(text)
+      node[leaf] = value
     except TypeError as error:
       raise ConfigError(f"--config.{name}={text}: {error}") from error

@@ -57,6 +57,8 @@ def default_partitioning_config() -> ml_collections.ConfigDict:
 def resolve_mesh_shape(mesh_shape, num_devices: int) -> tuple[int, ...]:
   """Fills in the one -1 and checks the product equals the device count."""
   shape = list(mesh_shape)
+  if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+    raise ConfigError(f"partitioning.mesh_shape={tuple(mesh_shape)} must hold integers (-1: the rest)")
   if shape.count(-1) > 1:
     raise ConfigError(f"partitioning.mesh_shape={tuple(mesh_shape)} may contain at most one -1")
   if any(s == 0 or s < -1 for s in shape):

@@ -83,6 +83,32 @@ def test_overrides_keep_types_and_reject_unknown_fields():
     apply_overrides(config, ["--model.num_layers=8"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.model={'num_layers': 2}", r"--config.model is a section; override its fields one at a time"),
+    ("--config.model.emb_dim=None", r"--config.model.emb_dim=None: the field holds 256 and needs a value"),
+    ("--config.data.dataset=None", r"--config.data.dataset=None: the field holds 'austen'"),
+    ("--config.model.num_layers.x=3", r"--config.model.num_layers.x: model.num_layers is a value, not a section"),
+    ("--config.train.optimizer.learning_rate=True", r"the field holds a number \(0.003\), not True/False"),
+])
+def test_an_override_that_would_train_another_model_or_fail_later_is_named(override, message):
+  config = load_config(str(EXPERIMENTS / "decoder_tiny.py"))
+  with pytest.raises(ConfigError, match=message):
+    apply_overrides(config, [override])
+
+
+def test_optional_fields_take_none_and_a_float_field_given_an_int_takes_floats(tmp_path):
+  config = load_config(str(EXPERIMENTS / "decoder_tiny.py"))
+  assert config.model.num_kv_heads == 2
+  apply_overrides(config, ["--config.model.num_kv_heads=None", "--config.model.head_dim=None"])
+  assert config.model.num_kv_heads is None and config.model.head_dim is None
+  (tmp_path / "ints.py").write_text(
+      "import ml_collections\nfrom t5x_like.config import base_config\ndef get_config():\n  c = base_config()\n"
+      "  c.train = ml_collections.ConfigDict(dict(optimizer=dict(learning_rate=1)))\n  return c\n")
+  config = load_run_config(str(tmp_path / "ints.py"))
+  apply_overrides(config, ["--config.train.optimizer.learning_rate=3e-3"])  # refused as 'cannot be cast to int'
+  assert config.train.optimizer.learning_rate == 3e-3
+
+
 def test_info_prints_counts_and_names_the_bad_field(capsys):
   assert main(["info", "--config", str(EXPERIMENTS / "gpt2.py:small")]) == 0
   out = capsys.readouterr().out

@@ -665,6 +665,7 @@ def test_token_ids_outside_the_vocabulary_are_named_before_they_become_a_nan_los
     (dict(mesh_shape=(2, 2, 1)), r"uses 4 devices but 8 are available"),
     (dict(mesh_shape=(-1, -1, 1)), "at most one -1"),
     (dict(mesh_shape=(0, -1, 1)), "has a size that is not positive"),
+    (dict(mesh_shape=(1.0, -1, 1)), r"mesh_shape=\(1.0, -1, 1\) must hold integers"),
     (dict(mesh_shape=(-1, 1)), r"mesh_shape=\(-1, 1\) and partitioning.mesh_axes=\('data', 'fsdp', 'tensor'\) differ"),
     (dict(steps=0), "train.steps=0 must be a positive integer"),
     (dict(grad_accum_steps=3), r"data.batch_size=8 does not divide over 8 data shards"),
