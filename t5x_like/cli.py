@@ -207,7 +207,7 @@ def _tokenizer(args, overrides) -> None:
 def _sweep(args, overrides) -> None:
   """Runs (or continues) every point of a scaling sweep."""
   import ml_collections
-  from t5x_like.scaling.sweep import default_sweep_config, run_sweep
+  from t5x_like.scaling.sweep import check_overrides_apply, default_sweep_config, run_sweep
   config = load_config(args.config)
   if "sweep" not in config:
     raise ConfigError(f"{args.config} has no sweep section; sweep configs live in experiments/scaling/")
@@ -217,6 +217,7 @@ def _sweep(args, overrides) -> None:
     raise ConfigError(f"{args.config} has no base section: the training config every point starts from")
   fill_defaults(config, known)
   apply_overrides(config, overrides)
+  check_overrides_apply(config, [override.removeprefix("--config.").partition("=")[0] for override in overrides])
   rows = run_sweep(config, args.workdir)
   print(f"{len(rows)} runs; results in {args.workdir}/results.csv and results.json")
 

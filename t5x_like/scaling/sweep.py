@@ -51,6 +51,26 @@ def kaplan_learning_rate(non_embedding_params: int) -> float:
   return 0.003239 - 0.0001395 * math.log(non_embedding_params)
 
 
+# The base config's fields that sweep_points sets for each point, and the sweep fields that decide them.
+POINT_FIELDS = {"model.num_layers": "sweep.sizes", "model.emb_dim": "sweep.aspect_ratio",
+                "model.num_heads": "sweep.head_dim", "model.head_dim": "sweep.head_dim",
+                "model.mlp_dim": "sweep.mlp_ratio", "train.steps": "sweep.token_budgets",
+                "train.seed": "sweep.seeds", "data.seed": "sweep.seeds", "train.checkpoint_every": "train.steps",
+                "train.eval_every": "train.steps", "train.log_every": "train.steps"}
+
+
+def check_overrides_apply(config: ml_collections.ConfigDict, overridden: list[str]) -> None:
+  """Refuses `--config.base.FIELD` overrides that every point would replace: they changed nothing."""
+  for name in overridden:
+    if not name.startswith("base."):
+      continue
+    decided_by = POINT_FIELDS.get(name.removeprefix("base."))
+    if name == "base.train.optimizer.learning_rate" and config.sweep.learning_rate_rule == "kaplan":
+      decided_by = "sweep.learning_rate_rule='kaplan' (set it to 'fixed' to use base's)"
+    if decided_by:
+      raise ConfigError(f"--config.{name}: the sweep sets it for each point from {decided_by}; change that instead")
+
+
 def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
   """(name, full training config) for every size x token budget x seed."""
   sweep, base = config.sweep, config.base

@@ -101,6 +101,17 @@ def test_rerun_under_another_base_config_is_refused_before_training(sweep_dir, c
   assert "was run with another config (train.optimizer.weight_decay differ)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, decided_by", [
+    ("base.train.steps=5", "sweep.token_budgets"), ("base.model.num_layers=3", "sweep.sizes"),
+    ("base.train.optimizer.learning_rate=0.1", "sweep.learning_rate_rule='kaplan'"),
+])
+def test_a_base_override_every_point_would_replace_is_named(override, decided_by, tmp_path, capsys):
+  assert main(["sweep", "--config", CONFIG, "--workdir", str(tmp_path / "s"), f"--config.{override}"]) == 2
+  name = override.partition("=")[0]
+  assert f"--config.{name}: the sweep sets it for each point from {decided_by}" in capsys.readouterr().err
+  assert not (tmp_path / "s").exists()
+
+
 def test_a_point_recorded_before_a_field_existed_continues_unless_the_field_is_set_off_its_default(tmp_path):
   name, point = sweep_points(load_config(CONFIG))[0]
   sweep.check_same_point(tmp_path / name, point)  # records it
