@@ -194,6 +194,8 @@ class Trainer:
     if "tokenizer" in config.data:
       from t5x_like.data.tokenizer import absolute_tokenizer
       config.data.tokenizer = absolute_tokenizer(config.data.tokenizer)
+    if "data_dir" in config.data and not config.data.data_dir.startswith("~"):  # ~: each user's own cache
+      config.data.data_dir = str(pathlib.Path(config.data.data_dir).absolute())
     self.workdir = pathlib.Path(workdir)
     if self.workdir.exists() and not self.workdir.is_dir():
       raise ConfigError(f"the workdir {self.workdir} is a file, not a directory")

@@ -412,17 +412,21 @@ def test_a_run_trained_with_relative_paths_is_read_from_another_directory(tmp_pa
       f"Paragraph {i}: Emma Woodhouse, handsome, clever, and rich." for i in range(300)) + "\n")
   monkeypatch.chdir(tmp_path / "train_here")
   assert main(["train", "--config", EXPERIMENT, "--workdir", "run", *TINY, "--config.data.dataset=text.txt",
-               "--config.data.tokenizer=tok.model", "--config.train.steps=2", "--config.train.checkpoint_every=2"]) == 0
+               "--config.data.tokenizer=tok.model", "--config.train.steps=2", "--config.train.checkpoint_every=2",
+               "--config.data.data_dir=built"]) == 0
   data = json.loads(pathlib.Path("run/config.json").read_text())["data"]
-  assert (data["dataset"], data["tokenizer"]) == (str(tmp_path / "train_here" / "text.txt"),
-                                                  str(tmp_path / "train_here" / "tok.model"))
+  assert (data["dataset"], data["tokenizer"], data["data_dir"]) == (
+      str(tmp_path / "train_here" / "text.txt"), str(tmp_path / "train_here" / "tok.model"),
+      str(tmp_path / "train_here" / "built"))
   config = load_config(EXPERIMENT)
-  apply_overrides(config, TINY + ["--config.data.dataset=text.txt", "--config.data.tokenizer=tok.model"])
+  apply_overrides(config, TINY + ["--config.data.dataset=text.txt", "--config.data.tokenizer=tok.model",
+                                  "--config.data.data_dir=built"])
   older = make_loader(config.data, "train").get_state()  # the names as given: relative, as older runs saved them
   make_loader(Trainer.from_workdir("run").config.data, "train").set_state(older)
   monkeypatch.chdir(tmp_path)
   assert main(["eval", "--workdir", "train_here/run", "--batches", "1"]) == 0
   assert "validation split (1 batches): loss" in capsys.readouterr().out
+  assert not (tmp_path / "built").exists()  # the datasets built in train_here were read, not built again here
 
 
 def test_a_diverging_run_is_a_one_line_error(tmp_path, capsys):
