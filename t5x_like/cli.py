@@ -14,6 +14,7 @@ from models.model_size import model_size, train_flops_per_token
 from t5x_like.config import (apply_overrides, base_config, check_known_fields, fill_defaults, load_config,
                              load_run_config)
 from t5x_like.host_memory import exec_with_huge_pages
+from t5x_like.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS, Preempted
 
 
 def _info(args, overrides) -> None:
@@ -364,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f"t5x-like {args.command}: error: {error}", file=sys.stderr)  # it says what to change
     return 1
+  except Preempted as error:
+    print(f"t5x-like {args.command}: {error}", file=sys.stderr)
+    return PREEMPTED_EXIT_STATUS
   except jax.errors.JaxRuntimeError as error:
     if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():  # CPU, GPU, TPU
       raise

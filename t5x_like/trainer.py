@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -39,6 +40,7 @@ from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import TrainingMode, make_mode
 from t5x_like.optimizers import default_optimizer_config, make_optimizer
+from t5x_like.preemption import Preempted, StopSignal
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +136,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
       raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} has {vocab} ids but model.vocab_size="
                         f"{model_config.vocab_size}; make model.vocab_size at least {vocab}")
   return model_config
+
+
+def stop_requested(stop: StopSignal, step: int, log_every: int) -> bool:
+  """Whether to save and stop after `step`. With several processes, all stop together at a logging
+  step once any has received SIGTERM: one alone would leave the others waiting in a collective."""
+  if jax.process_count() == 1:
+    return stop.received
+  if step % log_every:
+    return False
+  return bool(np.any(multihost_utils.process_allgather(np.array(stop.received))))
 
 
 def training_warnings(config: ml_collections.ConfigDict) -> list[str]:
@@ -517,13 +529,14 @@ class Trainer:
     progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
                     dynamic_ncols=True)
     try:
-      with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
+      with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning), StopSignal() as stop:
         for step in range(start_step, cfg.steps):
           batch = self.global_batch(next(train_loader))
           self.state, metrics = self.train_step(self.state, self.rest, batch)
           pending.append((step + 1, metrics))
           done = step + 1
-          save = done % cfg.checkpoint_every == 0 or done == cfg.steps
+          preempted = done < cfg.steps and stop_requested(stop, done, cfg.log_every)
+          save = done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted
           if done % cfg.log_every == 0 or save:
             # Checked before every save, so a non-finite step is never checkpointed. The steps
             # are dispatched asynchronously: the interval ends when they have run, not when queued.
@@ -545,6 +558,9 @@ class Trainer:
                 (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
               config_written = True
               checkpointer.save(done, self.checkpointed(), train_loader.get_state())
+            if preempted:
+              raise Preempted(f"stopped by SIGTERM after step {done}, whose checkpoint is saved; rerun the same "
+                              f"command to resume")
             if due_for_eval:
               writer.write(done, "validation", self.evaluate(cfg.eval_steps))
             # Saving and evaluating are not: the throughput interval's clock skips them.

@@ -23,6 +23,7 @@ from t5x_like.config import apply_overrides, load_config
 from t5x_like.data.loader import make_loader
 from t5x_like.data.tokenizer import SHIPPED, load_tokenizer, train_tokenizer
 from t5x_like.decoding import DecodeConfig, generate
+from t5x_like.preemption import Preempted
 from t5x_like.trainer import Trainer
 
 EXPERIMENT = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "decoder_tiny.py")
@@ -435,6 +436,15 @@ def test_a_diverging_run_is_a_one_line_error(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "Traceback" not in err
   assert re.match(r"t5x-like train: error: .*non-finite.* Lower train.optimizer.learning_rate", err.splitlines()[-1])
+
+
+def test_a_preempted_run_exits_as_sigterm_does_saying_how_to_resume(monkeypatch, capsys):
+  def preempted(args, overrides):
+    raise Preempted("stopped by SIGTERM after step 7, whose checkpoint is saved; rerun the same command to resume")
+  monkeypatch.setattr(cli, "_train", preempted)
+  assert main(["train", "--config", EXPERIMENT, "--workdir", "unused"]) == 128 + 15
+  assert capsys.readouterr().err == ("t5x-like train: stopped by SIGTERM after step 7, whose checkpoint is saved; "
+                                     "rerun the same command to resume\n")
 
 
 @pytest.mark.parametrize("message", [

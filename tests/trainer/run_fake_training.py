@@ -24,12 +24,17 @@ from trainer_configs import tiny_config  # noqa: E402
 
 import jax  # noqa: E402
 
-from t5x_like import checkpoints, evaluation  # noqa: E402
+from t5x_like import checkpoints, evaluation, preemption  # noqa: E402
+from t5x_like.preemption import Preempted  # noqa: E402
 from t5x_like.trainer import Trainer  # noqa: E402
 
 overrides = json.loads(sys.argv[2])
 trainer = Trainer(tiny_config(**overrides), sys.argv[1], make_loader=PatternLoader)
-trainer.train()
+try:
+  trainer.train()
+except Preempted as error:  # as the train command ends
+  print(error)
+  sys.exit(preemption.EXIT_STATUS)
 if os.environ.get("EVALUATION_OUT"):
   tokenizer = CharacterTokenizer()
   results = {"split": evaluation.evaluate_split(trainer, tokenizer, "validation", num_batches=2),

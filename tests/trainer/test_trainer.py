@@ -18,6 +18,7 @@ import portpicker
 import pytest
 import scipy.special
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from fake_data import CharacterTokenizer, PatternLoader, RaggedPatternLoader
@@ -30,7 +31,8 @@ from t5x_like.metrics import read_metrics
 from t5x_like.modes import MODES
 from t5x_like.modes.pretrain import Pretrain
 from t5x_like.optimizers import decay_mask
-from t5x_like.trainer import NonFiniteLossError, Trainer, loss_means, updates_applied
+from t5x_like.preemption import StopSignal
+from t5x_like.trainer import NonFiniteLossError, Trainer, loss_means, stop_requested, updates_applied
 from trainer_configs import tiny_config
 
 flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]  # noqa: E731
@@ -270,22 +272,49 @@ def _run(workdir, overrides, *extra):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
+def test_sigkill_or_sigterm_then_rerun_gives_the_uninterrupted_losses(tmp_path):
+  """SIGKILL loses the steps after the last periodic checkpoint; SIGTERM (a preemption notice)
+  saves the step reached and exits with 143. Either way the rerun reproduces the losses."""
   overrides = dict(steps=24, checkpoint_every=4)
-  reference = _run(tmp_path / "reference", overrides)
-  victim = _run(tmp_path / "victim", overrides)
-  deadline = time.time() + 240
-  checkpoints = tmp_path / "victim" / "checkpoints"
-  while time.time() < deadline and not (checkpoints / "8").exists():
+  kinds = (signal.SIGKILL, signal.SIGTERM)
+  victims = {kind: _run(tmp_path / kind.name, overrides) for kind in kinds}
+  deadline, waiting = time.time() + 240, set(kinds)
+  while waiting and time.time() < deadline:  # each is stopped once its step-8 checkpoint exists
+    for kind in [kind for kind in waiting if (tmp_path / kind.name / "checkpoints" / "8").exists()]:
+      victims[kind].send_signal(kind)
+      waiting.remove(kind)
     time.sleep(0.05)
-  victim.send_signal(signal.SIGKILL)
-  victim.wait()
-  assert reference.wait(timeout=240) == 0, reference.stdout.read()
-  killed_at = max(losses(tmp_path / "victim"))
-  assert killed_at < 24, "the run finished before it was killed; nothing was tested"
-  resumed = _run(tmp_path / "victim", overrides)
-  assert resumed.wait(timeout=240) == 0, resumed.stdout.read()
-  assert losses(tmp_path / "victim") == losses(tmp_path / "reference")
+  outputs = {kind: victim.communicate(timeout=240)[0] for kind, victim in victims.items()}
+  stopped_at = {kind: max(losses(tmp_path / kind.name)) for kind in kinds}
+  assert all(step < 24 for step in stopped_at.values()), "a run finished before it was stopped; nothing was tested"
+  term = signal.SIGTERM
+  assert victims[term].returncode == 143, outputs[term]
+  assert f"stopped by SIGTERM after step {stopped_at[term]}" in outputs[term]
+  assert max(int(step.name) for step in (tmp_path / term.name / "checkpoints").iterdir()) == stopped_at[term]
+  resumed = [_run(tmp_path / kind.name, overrides) for kind in kinds]
+  train(tiny_config(**overrides), tmp_path / "reference")  # meanwhile, uninterrupted
+  assert [run.wait(timeout=240) for run in resumed] == [0, 0]
+  for kind in kinds:
+    assert losses(tmp_path / kind.name) == losses(tmp_path / "reference")
+
+
+def test_processes_stop_together_at_a_logging_step_once_any_received_sigterm(monkeypatch):
+  stop = StopSignal()
+  assert not stop_requested(stop, step=3, log_every=2)
+  stop.received = True
+  assert stop_requested(stop, step=3, log_every=2)  # one process: at once
+  gathered, other = [], {"received": False}
+  def allgather(flag):  # the flags of two processes: this one's and the other's
+    gathered.append(flag)
+    return np.array([flag, other["received"]])
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  assert not stop_requested(stop, step=3, log_every=2) and not gathered  # no collective between logging steps
+  assert stop_requested(stop, step=4, log_every=2) and gathered == [True]
+  stop.received = False
+  assert not stop_requested(stop, step=6, log_every=2)
+  other["received"] = True  # the other process's notice stops this one too
+  assert stop_requested(stop, step=8, log_every=2)
 
 
 def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monkeypatch, outputs_of):
