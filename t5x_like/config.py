@@ -148,6 +148,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
                         f"(--config.{name}.FIELD=VALUE)")
     if value is None and current is not None and not _may_be_none(name):
       raise ConfigError(f"--config.{name}=None: the field holds {current!r} and needs a value")
+    if isinstance(current, str) and value is not None and not isinstance(value, str):
+      value = text  # a text field takes what reads as a number or a set as written: a file named 2024
     if isinstance(value, bool) and isinstance(current, (int, float)) and not isinstance(current, bool):
       raise ConfigError(f"--config.{name}={text}: the field holds a number ({current!r}), not True/False")
     try:

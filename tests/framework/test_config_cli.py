@@ -99,8 +99,10 @@ def test_an_override_that_would_train_another_model_or_fail_later_is_named(overr
 def test_optional_fields_take_none_and_a_float_field_given_an_int_takes_floats(tmp_path):
   config = load_config(str(EXPERIMENTS / "decoder_tiny.py"))
   assert config.model.num_kv_heads == 2
-  apply_overrides(config, ["--config.model.num_kv_heads=None", "--config.model.head_dim=None"])
+  apply_overrides(config, ["--config.model.num_kv_heads=None", "--config.model.head_dim=None",
+                           "--config.data.dataset=2024", "--config.data.tokenizer='quoted'"])
   assert config.model.num_kv_heads is None and config.model.head_dim is None
+  assert (config.data.dataset, config.data.tokenizer) == ("2024", "quoted")  # text, a number's included
   (tmp_path / "ints.py").write_text(
       "import ml_collections\nfrom t5x_like.config import base_config\ndef get_config():\n  c = base_config()\n"
       "  c.train = ml_collections.ConfigDict(dict(optimizer=dict(learning_rate=1)))\n  return c\n")
