@@ -155,4 +155,4 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     try:
       node[leaf] = value
     except TypeError as error:
-      raise ConfigError(f"--config.{name}={text}: {error}") from error
+      raise ConfigError(f"--config.{name}={text}: {' '.join(str(error).split())}") from error

@@ -89,6 +89,7 @@ def test_overrides_keep_types_and_reject_unknown_fields():
     ("--config.data.dataset=None", r"--config.data.dataset=None: the field holds 'austen'"),
     ("--config.model.num_layers.x=3", r"--config.model.num_layers.x: model.num_layers is a value, not a section"),
     ("--config.train.optimizer.learning_rate=True", r"the field holds a number \(0.003\), not True/False"),
+    ("--config.model.num_layers={}", r"num_layers=\{\}: Could not override field 'num_layers' .* cannot be casted"),
 ])
 def test_an_override_that_would_train_another_model_or_fail_later_is_named(override, message):
   config = load_config(str(EXPERIMENTS / "decoder_tiny.py"))
