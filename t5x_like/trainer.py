@@ -35,6 +35,7 @@ from models.transformer import build_model
 from t5x_like import partitioning
 from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_digest, this_process_position
 from t5x_like.config import base_config, fill_defaults
+from t5x_like.data.config import absolute_paths
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
@@ -199,15 +200,7 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                make_loader: Callable[..., Iterator] | None = None, devices=None):
     self.config = config
-    # Paths made absolute, so that config.json names the same files wherever eval or decode runs.
-    if "dataset" in config.data:
-      from t5x_like.data.sources import absolute_dataset
-      config.data.dataset = absolute_dataset(config.data.dataset)
-    if "tokenizer" in config.data:
-      from t5x_like.data.tokenizer import absolute_tokenizer
-      config.data.tokenizer = absolute_tokenizer(config.data.tokenizer)
-    if "data_dir" in config.data and not config.data.data_dir.startswith("~"):  # ~: each user's own cache
-      config.data.data_dir = str(pathlib.Path(config.data.data_dir).absolute())
+    config.data.update(absolute_paths(config.data))  # so config.json names them wherever eval or decode runs
     self.workdir = pathlib.Path(workdir)
     if self.workdir.exists() and not self.workdir.is_dir():
       raise ConfigError(f"the workdir {self.workdir} is a file, not a directory")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pathlib
+from typing import Any, Mapping
+
 import ml_collections
 
 from models.config import ConfigError
 from t5x_like.data.objectives import OBJECTIVE_CLASSES, OBJECTIVES
-from t5x_like.data.tokenizer import SHIPPED, tokenizer_path
+from t5x_like.data.tokenizer import SHIPPED, absolute_tokenizer, tokenizer_path
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -44,6 +47,17 @@ def resolve_data_config(config: ml_collections.ConfigDict | dict, process_count:
       raise ConfigError(f"data.{name}={config[name]!r}: {error}") from None
   _validate(resolved, process_count)
   return resolved
+
+
+def absolute_paths(data: Mapping[str, Any]) -> dict[str, Any]:
+  """The data section (or a loader's identity) with the paths it holds made absolute: a workdir's
+  config.json then names the same files wherever eval or decode runs, and a position that a run
+  from before saved with relative names compares equal where that run ran. A data_dir under ~
+  stays so: each user's own cache."""
+  from t5x_like.data.sources import absolute_dataset  # tfds: not for `info`, which reads only the defaults
+  absolute = {"dataset": absolute_dataset, "tokenizer": absolute_tokenizer,
+              "data_dir": lambda path: path if path.startswith("~") else str(pathlib.Path(path).absolute())}
+  return {name: absolute[name](value) if name in absolute else value for name, value in data.items()}
 
 
 def _validate(config: ml_collections.ConfigDict, process_count: int) -> None:

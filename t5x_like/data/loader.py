@@ -32,10 +32,10 @@ import numpy as np
 
 from models.config import ConfigError
 from t5x_like.data import sources
-from t5x_like.data.config import resolve_data_config
+from t5x_like.data.config import absolute_paths, resolve_data_config
 from t5x_like.data.objectives import Objective, make_objective
 from t5x_like.data.objectives.features import pad_example
-from t5x_like.data.tokenizer import absolute_tokenizer, load_tokenizer
+from t5x_like.data.tokenizer import load_tokenizer
 
 # Rows packed at once: more bins waste fewer tokens on padding but hold more examples in memory.
 PACKING_BINS = 32
@@ -103,8 +103,8 @@ class Loader:
             "tokenizer_sha256": self.objective.tokenizer.sha256}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    saved, current = (_absolute_paths(json.loads(json.dumps(identity))) for identity in (state["pipeline"],
-                                                                                          self.identity))
+    saved, current = (absolute_paths(json.loads(json.dumps(identity))) for identity in (state["pipeline"],
+                                                                                         self.identity))
     changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if changed:
       raise ConfigError(
@@ -132,14 +132,6 @@ class Loader:
 
   def close(self) -> None:
     _close(self._holder)
-
-
-def _absolute_paths(identity: dict[str, Any]) -> dict[str, Any]:
-  """A pipeline identity with its paths absolute: runs saved before the trainer made them so
-  named them relative to the directory they ran in, which a resume shares."""
-  return dict(identity, **{name: absolute(identity[name]) for name, absolute in
-                           (("dataset", sources.absolute_dataset), ("tokenizer", absolute_tokenizer))
-                           if name in identity})
 
 
 def _close(holder: list) -> None:
