@@ -80,12 +80,13 @@ def saved_tokenizer_digest(positions: dict) -> str | None:
 SAVED_PARAMS = ("params", "frozen")
 
 
-def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
-  """The parameters saved in another run's newest readable checkpoint (`source`: its workdir or
-  its checkpoints/ directory), restored into the shapes and shardings of `targets` (keyed by
-  their path in the saved params tree). Only this run reads the source and nothing there is
-  moved. A saved parameter that targets lack or hold in another shape is a ConfigError; targets
-  the source did not save are left out of the result."""
+def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
+                ) -> tuple[dict[tuple, jax.Array], dict | None]:
+  """(parameters, data positions) saved in another run's newest readable checkpoint (`source`: its
+  workdir or its checkpoints/ directory), the parameters restored into the shapes and shardings of
+  `targets` (keyed by their path in the saved params tree). Only this run reads the source and
+  nothing there is moved. A saved parameter that targets lack or hold in another shape is a
+  ConfigError; targets the source did not save are left out of the result."""
   source = pathlib.Path(source).absolute()
   directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
   if not directory.is_dir():
@@ -113,15 +114,18 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
       item = {group: _nested({names[name]: targets[names[name]] for name in saved if name.startswith(group + ".")})
               for group in SAVED_PARAMS}
       item = {group: tree for group, tree in item.items() if tree}
+      items = dict(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+      if (directory / str(step) / "data").is_dir():  # absent from checkpoints older than data positions
+        items["data"] = ocp.args.JsonRestore()
       try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as error:
         _warn_unreadable(directory / str(step), error)
         continue
       flat, _ = jax.tree_util.tree_flatten_with_path({group: restored["state"][group] for group in item})
       logger.info("initialised %d parameters from %s", len(flat), directory / str(step))
-      return {tuple(key.key for key in path[1:]): value for path, value in flat}
+      return {tuple(key.key for key in path[1:]): value for path, value in flat}, restored.get("data")
     raise ConfigError(f"train.init_from={str(source)!r}: no checkpoint in {directory} is readable (steps {steps})")
   finally:
     manager.close()

@@ -40,7 +40,7 @@ from t5x_like.data.objectives import OBJECTIVE_CLASSES
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import TrainingMode, make_mode
-from t5x_like.optimizers import default_optimizer_config, make_optimizer
+from t5x_like.optimizers import default_optimizer_config, make_optimizer, make_schedule
 from t5x_like.preemption import Preempted, StopSignal
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,45 @@ def training_warnings(config: ml_collections.ConfigDict) -> list[str]:
   return warnings
 
 
+# Model fields that choose how the same function is computed, or how much dropout regularises it:
+# a resumed run may change them. A change to any other would go on training another model from
+# the saved weights, silently wherever the shapes still fit.
+RESUMABLE_MODEL_FIELDS = ("attention_kernel", "loss_kernel", "remat", "dtype", "bf16_matmul_inputs", "dropout_rate",
+                          "final_dropout", "attention_dropout_rate", "mlp_dropout_rate")
+
+
+def changed_model_fields(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+  """'model.FIELD SAVED -> NOW' for each model field outside RESUMABLE_MODEL_FIELDS that a run's
+  config.json (`saved`) and `config` set differently; a field the run's version lacked reads as
+  its default."""
+  defaults = ModelConfig()
+  changed = []
+  for field in dataclasses.fields(ModelConfig):
+    was = saved.model.get(field.name, getattr(defaults, field.name))
+    now = config.model.get(field.name, getattr(defaults, field.name))
+    if field.name not in RESUMABLE_MODEL_FIELDS and was != now:
+      changed.append(f"model.{field.name} {was!r} -> {now!r}")
+  return changed
+
+
+def learning_rate_change(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                         updates: int) -> str | None:
+  """A warning when the learning rate a resumed run goes on with differs from the saved run's at
+  the same update: raising train.steps rebuilds warmup_cosine's decay over the new total, so the
+  rate climbs back up."""
+  optimizer, steps = ml_collections.ConfigDict(saved.train.get("optimizer", {})), saved.train.steps
+  fill_defaults(optimizer, default_optimizer_config())
+  was = float(make_schedule(optimizer, steps)(updates))
+  now = float(make_schedule(config.train.optimizer, config.train.steps)(updates))
+  if math.isclose(was, now, rel_tol=1e-6):
+    return None
+  changes = [f"train.steps {steps} -> {config.train.steps}"] if steps != config.train.steps else []
+  changes += [f"train.optimizer.{name} {optimizer[name]!r} -> {value!r}"
+              for name, value in config.train.optimizer.items() if optimizer[name] != value]
+  return (f"the learning rate after {updates} updates is {now:.3g}, not the {was:.3g} the run's config.json "
+          f"gives ({', '.join(changes)}); the schedule goes on from there")
+
+
 def updates_applied(opt_state) -> jax.Array:
   """The learning-rate schedule's own count: a skipped non-finite step advances train steps, not it."""
   return optax.tree_utils.tree_get(opt_state, "count", filtering=lambda path, _: (
@@ -280,17 +319,23 @@ class Trainer:
     if restored is None:
       return None
     step, saved, data_positions = restored
-    digest = saved_tokenizer_digest(data_positions)
-    if digest and "tokenizer" in self.config.data:
-      from t5x_like.data.tokenizer import load_tokenizer
-      if load_tokenizer(self.config.data.tokenizer).sha256 != digest:  # training, eval, decode would read other ids
-        raise ConfigError(f"data.tokenizer={self.config.data.tokenizer!r} is not the file {self.workdir} was trained "
-                          f"with (its contents changed since); restore that file")
+    if not self._same_tokenizer(data_positions):  # training, eval, decode would read other ids
+      raise ConfigError(f"data.tokenizer={self.config.data.tokenizer!r} is not the file {self.workdir} was trained "
+                        f"with (its contents changed since); restore that file")
     self.state = {key: saved[key] for key in self.state}
     if "frozen" in saved:
       self.rest = _replace_leaves(self.rest, _leaves_by_path(saved["frozen"]))
     logger.info("restored step %d from %s", step, self.workdir)
     return data_positions
+
+  def _same_tokenizer(self, data_positions: dict | None) -> bool:
+    """Whether this config's tokenizer file is the one the saved data positions were read with
+    (True where they do not say: a checkpoint from before they did, or a loader without one)."""
+    digest = saved_tokenizer_digest(data_positions)
+    if not digest or "tokenizer" not in self.config.data:
+      return True
+    from t5x_like.data.tokenizer import load_tokenizer
+    return load_tokenizer(self.config.data.tokenizer).sha256 == digest
 
   def init_params_from(self, source: str | pathlib.Path) -> None:
     """Starts from another run's newest checkpoint (a pretrained model to fine-tune): each
@@ -300,7 +345,11 @@ class Trainer:
     targets = {_path_of(keys): jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
                for tree in (self.state["params"], self.rest)
                for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    loaded = read_params(source, targets)
+    loaded, data_positions = read_params(source, targets)
+    if not self._same_tokenizer(data_positions):  # each embedding row would stand for another piece
+      raise ConfigError(f"train.init_from={str(source)!r} was trained with another tokenizer than "
+                        f"data.tokenizer={self.config.data.tokenizer!r} (the files' contents differ); "
+                        f"train with the one it was trained with")
     params, self.rest = _replace_leaves(self.state["params"], loaded), _replace_leaves(self.rest, loaded)
     kept = [".".join(map(str, _path_of(keys))) for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]
             if _path_of(keys) not in loaded]
@@ -320,15 +369,10 @@ class Trainer:
     mesh, though each device then holds the whole model.
     """
     workdir = pathlib.Path(workdir)
-    config_file = workdir / "config.json"
-    if not config_file.exists():
+    if not (workdir / "config.json").exists():
       raise ConfigError(f"{workdir} holds no config.json, which train writes with its first checkpoint; "
                         f"is it a t5x-like train --workdir?")
-    try:
-      config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    except json.JSONDecodeError as error:
-      raise ConfigError(f"{config_file} is not valid JSON ({error}); train writes it, and nothing "
-                        f"else should") from None
+    config = read_run_config(workdir)
     defaults = base_config()  # for fields added since the run wrote its config.json (the loader fills data's)
     for section in ("train", "partitioning"):
       fill_defaults(config[section], defaults[section])
@@ -493,6 +537,8 @@ class Trainer:
     checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     train_loader = self.loader("train")
     data_positions = self.restore(checkpointer)
+    if data_positions is not None and (self.workdir / "config.json").exists():
+      self._check_resumed_config(read_run_config(self.workdir))
     if data_positions is None and cfg.get("init_from"):  # absent from older runs' config.json
       self.init_params_from(cfg.init_from)
     elif data_positions:  # {}: a checkpoint from before data positions were saved
@@ -568,6 +614,16 @@ class Trainer:
       writer.close()
     return TrainResult(step=cfg.steps, train_loss=_mean_loss(recent), validation=validation)
 
+  def _check_resumed_config(self, saved: ml_collections.ConfigDict) -> None:
+    """Refuses to resume with a model that computes another function than the saved run's (data
+    changes are refused as the loader restores its position); warns when the learning rate does."""
+    if changed := changed_model_fields(saved, self.config):
+      raise ConfigError(f"{self.workdir} was trained with another model ({'; '.join(changed)}); resume with "
+                        f"the model its config.json holds, or train in a new workdir (train.init_from="
+                        f"{str(self.workdir)!r} starts from these parameters)")
+    if warning := learning_rate_change(saved, self.config, int(updates_applied(self.state["opt_state"]))):
+      logger.warning(warning)
+
   def _log(self, pending, writer: MetricWriter, elapsed: float, tokens_per_step: int,
            flops_per_step: float, peak: float) -> list[tuple[float, float]]:
     """Fetches the interval's metrics, applies the non-finite policy, writes one row per step.
@@ -599,6 +655,16 @@ class Trainer:
     if bad:
       raise NonFiniteLossError(f"the parameters became non-finite by step {step} ({', '.join(bad[:3])}); no "
                                f"checkpoint was written. Lower train.optimizer.learning_rate")
+
+
+def read_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The config a run's checkpoints were made with (its workdir's config.json), as it was written."""
+  config_file = pathlib.Path(workdir) / "config.json"
+  try:
+    return ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  except json.JSONDecodeError as error:
+    raise ConfigError(f"{config_file} is not valid JSON ({error}); train writes it, and nothing "
+                      f"else should") from None
 
 
 def _path_of(keys) -> tuple:

@@ -389,7 +389,8 @@ def test_a_sample_prompt_its_position_table_cannot_hold_stops_train_before_train
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_run_whose_tokenizer_file_was_replaced_is_refused_by_training_and_inference(run_dir, tmp_path, capsys):
+def test_a_run_whose_tokenizer_file_was_replaced_is_refused_by_training_inference_and_init_from(
+    run_dir, tmp_path, capsys):
   run = shutil.copytree(run_dir, tmp_path / "run")
   shutil.copy(SHIPPED["austen_bpe_8k"], tmp_path / "tok.model")
   config = json.loads((run / "config.json").read_text())
@@ -402,6 +403,11 @@ def test_a_run_whose_tokenizer_file_was_replaced_is_refused_by_training_and_infe
   assert main(["train", "--config", EXPERIMENT, "--workdir", str(run), *TINY, "--config.train.steps=8",
                f"--config.data.tokenizer={tmp_path / 'tok.model'}"]) == 2  # resuming, as decoding
   assert capsys.readouterr().err.count("tok.model' is not the file") == 2
+  # A new run may not start from its parameters either: each embedding row would stand for another piece.
+  assert main(["train", "--config", EXPERIMENT, "--workdir", str(tmp_path / "tuned"), *TINY,
+               f"--config.train.init_from={run_dir}", f"--config.data.tokenizer={tmp_path / 'tok.model'}"]) == 2
+  assert "was trained with another tokenizer than data.tokenizer=" in capsys.readouterr().err
+  assert not (tmp_path / "tuned" / "config.json").exists() and not any((tmp_path / "tuned" / "checkpoints").iterdir())
 
 
 def test_a_run_trained_with_relative_paths_is_read_from_another_directory(tmp_path, monkeypatch, capsys):

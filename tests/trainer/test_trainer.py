@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -403,7 +404,8 @@ def test_each_process_takes_its_own_data_position(tmp_path, monkeypatch):
     this_process_position(positions, tmp_path)
 
 
-def test_resuming_under_a_config_that_builds_other_arrays_stops_and_keeps_every_checkpoint(tmp_path):
+def test_resuming_under_another_model_stops_and_keeps_every_checkpoint_and_a_longer_run_names_its_rate(
+    tmp_path, caplog):
   train(tiny_config(steps=8), tmp_path)
   saved_config = (tmp_path / "config.json").read_text()
   wider = tiny_config(steps=12)
@@ -411,9 +413,26 @@ def test_resuming_under_a_config_that_builds_other_arrays_stops_and_keeps_every_
   with pytest.raises(ConfigError, match=r"checkpoint .*/8 holds another train state than this config builds "
                                         r"\(.*mlp\.wi\.kernel: saved \(32, 64\), the config builds \(32, 96\)"):
     train(wider, tmp_path)
+  same_shapes = tiny_config(steps=12)  # every array fits, but the saved weights were trained for another function
+  same_shapes.model.update(mlp_activation="relu", position="sinusoidal", dtype="bfloat16")
+  with pytest.raises(ConfigError, match=r"was trained with another model \(model\.mlp_activation 'gelu' -> 'relu'; "
+                                        r"model\.position 'rope' -> 'sinusoidal'\); resume with"):
+    train(same_shapes, tmp_path)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
   assert not (tmp_path / "corrupt").exists()
   assert (tmp_path / "config.json").read_text() == saved_config  # still the config the checkpoints fit
+
+  # 8 more steps: the cosine decay is rebuilt over 12 steps, so at update 8 the rate climbs from the
+  # end value back up: 1e-3 + 9e-3 * (1 + cos(pi * 5 / 9)) / 2 (3 warmup steps, peak 1e-2).
+  longer = tiny_config(steps=12)
+  longer.model.dtype = "bfloat16"  # a resume may compute the same function another way
+  with caplog.at_level(logging.WARNING, logger="t5x_like.trainer"):
+    train(longer, tmp_path)
+  rebuilt = 1e-3 + 9e-3 * (1 + math.cos(math.pi * 5 / 9)) / 2
+  assert (f"the learning rate after 8 updates is {rebuilt:.3g}, not the 0.001 the run's config.json gives "
+          f"(train.steps 8 -> 12)") in caplog.text
+  assert next(row for row in read_metrics(tmp_path, "train") if row["step"] == 9)["learning_rate"] == (
+      pytest.approx(rebuilt, rel=1e-5))
 
 
 def test_a_resume_that_stops_before_saving_leaves_the_runs_config_and_checkpoints(tmp_path):
