@@ -20,26 +20,29 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   Dividing by the summed weight gives means; sums let gradient accumulation and
   data-parallel shards add up to the same result as one large batch.
   """
-  max_logit, _, _, log_z, target_logit = _token_statistics(logits.astype(jnp.float32), targets)
-  return _sums(log_z, target_logit, max_logit, weights.astype(jnp.float32), z_loss)
+  max_logit, _, _, log_z, target_logit, ties = _token_statistics(logits.astype(jnp.float32), targets)
+  return _sums(log_z, target_logit, max_logit, ties, weights.astype(jnp.float32), z_loss)
 
 
 def _token_statistics(logits, targets):
-  """Per token of logits [..., v]: max, exp(logits - max), their sum, log Z, the target's logit."""
+  """Per token of logits [..., v]: max, exp(logits - max), their sum, log Z, the target's logit, and
+  how many logits reach the max."""
   max_logit = jax.lax.stop_gradient(row_max(logits))
   exp = jnp.exp(logits - max_logit[..., None])
   total = row_sum(exp)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return max_logit, exp, total, max_logit + jnp.log(total), target_logit
+  ties = row_sum((logits == max_logit[..., None]).astype(jnp.float32))
+  return max_logit, exp, total, max_logit + jnp.log(total), target_logit, ties
 
 
-def _sums(log_z, target_logit, max_logit, weights, z_loss):
-  """The summed statistics from each token's log-normaliser, target logit and maximum."""
+def _sums(log_z, target_logit, max_logit, ties, weights, z_loss):
+  """The summed statistics from each token's log-normaliser, target logit, maximum and the
+  number of logits at the maximum."""
   nll = log_z - target_logit
   z_term = z_loss * jnp.square(log_z)
-  # Correct when the target reaches the row maximum (a tie for the top counts as
-  # correct); this reuses logsumexp's max instead of a second pass over [b, t, v].
-  correct = (target_logit >= max_logit).astype(jnp.float32)
+  # A target at the row maximum shared with k - 1 other ids counts 1/k correct, the expected
+  # accuracy of breaking the tie at random: a model whose logits are all equal scores chance, not 1.
+  correct = jnp.where(target_logit >= max_logit, 1.0 / ties, 0.0)
   return {
       "loss": jnp.sum((nll + z_term) * weights),
       "cross_entropy": jnp.sum(nll * weights),
@@ -108,8 +111,8 @@ def _chunked_pass(hidden, table, bias, targets, weights, z_loss, table_in_dim, b
     logits = project(x, table, kernel_in_dim=table_in_dim, bf16_inputs=bf16_inputs)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
-    max_logit, exp, total, log_z, target_logit = _token_statistics(logits, chunk_targets)
-    sums = jax.tree.map(jnp.add, sums, _sums(log_z, target_logit, max_logit, chunk_weights, z_loss))
+    max_logit, exp, total, log_z, target_logit, ties = _token_statistics(logits, chunk_targets)
+    sums = jax.tree.map(jnp.add, sums, _sums(log_z, target_logit, max_logit, ties, chunk_weights, z_loss))
     if not with_gradient:
       return (sums, d_kernel, d_bias, d_hidden), None
     # d loss / d logits = w * (softmax - onehot) + w * 2 z log_z * softmax.

@@ -30,11 +30,17 @@ def test_uniform_logits_give_log_vocab():
   assert float(sums["cross_entropy"]) / 3 == pytest.approx(np.log(10))
 
 
-def test_correct_counts_the_target_at_the_row_maximum_ties_included():
-  logits = np.array([[[0.0, 2.0, 1.0], [3.0, 3.0, 0.0], [1.0, 0.0, 5.0]]], np.float32)
-  targets = np.array([[1, 1, 0]])  # the top; tied for the top; below the top
-  sums = cross_entropy_sums(logits, targets, np.ones((1, 3), np.float32))
-  assert float(sums["correct"]) == 2.0
+def test_a_target_tied_for_the_top_counts_as_a_random_tie_break_would():
+  logits = np.array([[[0.0, 2.0, 1.0], [3.0, 3.0, 0.0], [1.0, 0.0, 5.0], [4.0, 4.0, 4.0]]], np.float32)
+  targets = np.array([[1, 1, 0, 2]])  # the top; tied with one other; below the top; tied with two others
+  sums = cross_entropy_sums(logits, targets, np.ones((1, 4), np.float32))
+  assert float(sums["correct"]) == pytest.approx(1 + 1 / 2 + 0 + 1 / 3)
+  # A model whose logits are all equal (a collapsed run) scores chance, 1 / vocab, in both kernels.
+  vocab, weights = 37, np.ones((3, 11), np.float32)
+  table = jax.random.normal(jax.random.key(0), (vocab, 16))
+  collapsed = chunked_cross_entropy_sums(jnp.zeros((3, 11, 16)), table, jnp.zeros((3, 11), jnp.int32), weights,
+                                         table_in_dim=1, chunk_tokens=6)
+  assert float(collapsed["correct"]) == pytest.approx(weights.sum() / vocab)
 
 
 def _projection_case(table_in_dim, length=11, vocab=37, dim=16):
