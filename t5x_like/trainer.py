@@ -59,8 +59,10 @@ def default_train_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1,
       z_loss=0.0,
       # 'stop': raise, naming the step (the last good checkpoint stays intact);
-      # 'skip': drop that update and go on.
+      # 'skip': drop that update and go on, until max_consecutive_skips updates in a row were
+      # non-finite: then the run has diverged, not met one bad batch, and stops as 'stop' does.
       nonfinite="stop",
+      max_consecutive_skips=10,
       log_every=10,
       eval_every=250,
       eval_steps=10,
@@ -99,7 +101,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
   model_config = ModelConfig.from_dict(config.model)
   train = config.train
   for name in ("steps", "log_every", "eval_every", "eval_steps", "checkpoint_every", "grad_accum_steps",
-               "keep_checkpoints"):
+               "keep_checkpoints", "max_consecutive_skips"):
     if int(train[name]) <= 0:
       raise ConfigError(f"train.{name}={train[name]} must be a positive integer")
   if train.nonfinite not in ("stop", "skip"):
@@ -254,6 +256,7 @@ class Trainer:
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.features = self.mode.batch_features(self.model_config, config.data.get("objective"))
     self.tx, self.schedule = make_optimizer(config.train.optimizer, config.train.steps)
+    self.skipped_in_a_row = 0  # updates train.nonfinite='skip' dropped since the last applied one
     self._build_state()
     self._compile_steps()
 
@@ -644,7 +647,16 @@ class Trainer:
               f"{row['grad_norm']}); the update was not applied and no checkpoint was written "
               f"after it. Lower train.optimizer.learning_rate, enable train.z_loss, or set "
               f"train.nonfinite='skip'")
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= self.config.train.max_consecutive_skips:
+          raise NonFiniteLossError(
+              f"the last {self.skipped_in_a_row} updates, up to step {step}, were all non-finite and skipped "
+              f"(train.max_consecutive_skips={self.config.train.max_consecutive_skips}): the run has diverged. "
+              f"Its checkpoints hold the parameters from before them; lower train.optimizer.learning_rate or "
+              f"enable train.z_loss")
         logger.warning("skipped the update of step %d: non-finite loss or gradient", step)
+      else:
+        self.skipped_in_a_row = 0
     return [(float(_reported_loss_sum(row)), float(row["weight"])) for row in rows if row["finite"]]
 
   def _check_finite_params(self, step: int) -> None:

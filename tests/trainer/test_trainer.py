@@ -613,12 +613,12 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, 
 
 
 class NanAtStep(PatternLoader):
-  """Poisons the loss weights of one batch."""
-  bad_position = 6
+  """Poisons the loss weights of the batches at `bad_positions`."""
+  bad_positions = (6,)
 
   def __next__(self):
     batch = super().__next__()
-    if self.position == self.bad_position and self.split == "train":
+    if self.position in self.bad_positions and self.split == "train":
       batch = dict(batch, decoder_loss_weights=np.full_like(batch["decoder_loss_weights"], np.nan))
     return batch
 
@@ -675,11 +675,20 @@ def test_nonfinite_loss_can_skip_the_update(tmp_path, caplog):
   assert "skipped the update of step 6" in caplog.text
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.state["params"]))
 
+  class DivergedFromStep5(NanAtStep):
+    bad_positions = range(5, 100)
+
+  with pytest.raises(NonFiniteLossError, match=r"the last 3 updates, up to step 7, were all non-finite and skipped "
+                                               r"\(train.max_consecutive_skips=3\): the run has diverged"):
+    train(tiny_config(steps=12, nonfinite="skip", max_consecutive_skips=3), tmp_path / "diverged",
+          loader=DivergedFromStep5)
+  assert sorted(p.name for p in (tmp_path / "diverged" / "checkpoints").iterdir()) == ["4"]
+
 
 def test_a_skipped_update_leaves_the_state_exactly_as_it_was(tmp_path):
   trainer = Trainer(tiny_config(nonfinite="skip"), tmp_path, make_loader=PatternLoader)
   loader = NanAtStep(trainer.config.data, "train", process_index=0, process_count=1)
-  loader.bad_position = 2
+  loader.bad_positions = (2,)
   before, _ = trainer.train_step(trainer.state, trainer.rest, trainer.global_batch(next(loader)))
   before = jax.tree.map(np.asarray, before)  # the next step donates the state's buffers
   after, metrics = trainer.train_step(jax.tree.map(jax.numpy.asarray, before), trainer.rest,
@@ -720,6 +729,7 @@ def test_token_ids_outside_the_vocabulary_are_named_before_they_become_a_nan_los
     (dict(mode="dpo"), "train.mode='dpo'"),
     (dict(nonfinite="ignore"), "train.nonfinite='ignore'"),
     (dict(eval_steps=0), "train.eval_steps=0 must be a positive integer"),
+    (dict(max_consecutive_skips=0), "train.max_consecutive_skips=0 must be a positive integer"),
     (dict(z_loss=-5.0), "train.z_loss=-5.0 must be at least 0"),
 ])
 def test_bad_configs_fail_before_compiling(changes, message, tmp_path):
