@@ -106,7 +106,7 @@ def _decode(args, overrides) -> None:
   """Continues prompts (a decoder) or decodes inputs (an encoder-decoder) from a trained run."""
   import json
   from t5x_like.decoding import DecodeConfig, generate
-  from t5x_like.samples import generation_inputs, prompt_ids
+  from t5x_like.samples import generation_inputs, prompt_ids, vocab_limit
   trainer, tokenizer = _load(args, overrides)
   if trainer.model_config.arch == "encoder":
     raise ConfigError("decode needs a decoder or an encoder-decoder; this run trained an encoder")
@@ -117,11 +117,12 @@ def _decode(args, overrides) -> None:
   for strategy, flags in STRATEGY_FLAGS.items():
     given = {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
     if given and args.strategy != strategy:  # it would change nothing: say so, not ignore it
-      raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in given)} apply to --strategy {strategy}, "
-                        f"not {args.strategy}")
+      raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in given)} "
+                        f"{'apply' if len(given) > 1 else 'applies'} to --strategy {strategy}, not {args.strategy}")
     chosen.update(given)
   config = DecodeConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
-                        repetition_penalty=args.repetition_penalty, vocab_limit=tokenizer.vocab_size,
+                        repetition_penalty=args.repetition_penalty,
+                        vocab_limit=vocab_limit(tokenizer, trainer.model_config.arch),
                         prefix_lm=trainer.prefix_lm, **chosen)
   model = trainer.model_from(trainer.state["params"])
   model.eval()

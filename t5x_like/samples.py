@@ -44,6 +44,13 @@ def sample_room(model_config, tokenizer, prompts=None, max_new_tokens: int = NEW
   return min(max_new_tokens, model_config.max_len - (1 if arch == "encoder_decoder" else longest))
 
 
+def vocab_limit(tokenizer, arch: str) -> int:
+  """How many leading ids generation may pick: a decoder's targets never hold the mask nor the
+  sentinels, the tokenizer's last ids (greedy decoding picked `<extra_id_9>` once a small model put
+  it first); an encoder-decoder's hold the sentinels."""
+  return tokenizer.mask_id if arch == "decoder" else tokenizer.vocab_size
+
+
 def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = NEW_TOKENS,
                  prefix_lm: bool = False) -> list[tuple[str, str]]:
   """(prompt, text) pairs by architecture: a decoder continues the prompt greedily (a prefix
@@ -54,8 +61,8 @@ def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = NEW_TO
   ids = [prompt_ids(tokenizer, arch, p) for p in prompts]
   max_new_tokens = sample_room(model.config, tokenizer, prompts, max_new_tokens)
   # Greedy, with a mild repetition penalty: small models otherwise loop on "and, and, ...".
-  config = DecodeConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2, vocab_limit=tokenizer.vocab_size,
-                        prefix_lm=prefix_lm)
+  config = DecodeConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2,
+                        vocab_limit=vocab_limit(tokenizer, arch), prefix_lm=prefix_lm)
   if arch == "decoder":
     outputs = generate(model, generation_inputs(arch, ids)[0], config)
     return [(p, p + tokenizer.decode(o)) for p, o in zip(prompts, outputs)]

@@ -114,14 +114,16 @@ def test_decode_command_writes_what_generate_decodes_with_its_flags(flags, confi
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["prompt"] for r in rows] == ["Emma was", "Mr. Knightley"]
   ids = [[0] + tokenizer.encode(r["prompt"]).tolist() for r in rows]  # after the start token, as in training
-  expected = generate(model, ids, DecodeConfig(max_new_tokens=5, **config), seed=3 if "--seed" in flags else 0)
+  # Never the mask or a sentinel, which a decoder's targets never hold.
+  config = DecodeConfig(max_new_tokens=5, vocab_limit=tokenizer.mask_id, **config)
+  expected = generate(model, ids, config, seed=3 if "--seed" in flags else 0)
   assert [r["completion"] for r in rows] == [tokenizer.decode(tokens) for tokens in expected]
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--temperature", "0.7"], "--temperature apply to --strategy sample, not greedy"),
+    (["--temperature", "0.7"], "--temperature applies to --strategy sample, not greedy"),
     (["--strategy", "beam", "--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p apply to --strategy sample, not beam"),
-    (["--strategy", "sample", "--num-beams", "2"], "--num-beams apply to --strategy beam, not sample"),
+    (["--strategy", "sample", "--num-beams", "2"], "--num-beams applies to --strategy beam, not sample"),
 ])
 def test_decode_flags_its_strategy_would_ignore_are_refused(flags, message, run_dir, capsys):
   assert main(["decode", "--workdir", str(run_dir), "--prompt", "Emma", *flags]) == 2
@@ -141,8 +143,8 @@ def test_decode_command_reads_a_prefix_lm_runs_prompts_both_ways(trained, run_di
                *[flag for p in prompts for flag in ("--prompt", p)]]) == 0
   completions = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
   ids = [[0] + tokenizer.encode(p).tolist() for p in prompts]
-  expected = {prefix_lm: [tokenizer.decode(t) for t in generate(model, ids, DecodeConfig(max_new_tokens=8,
-                                                                                          prefix_lm=prefix_lm))]
+  expected = {prefix_lm: [tokenizer.decode(t) for t in generate(model, ids, DecodeConfig(
+                  max_new_tokens=8, vocab_limit=tokenizer.mask_id, prefix_lm=prefix_lm))]
               for prefix_lm in (False, True)}
   assert completions == expected[True] != expected[False]
 

@@ -1,13 +1,16 @@
 """Samples and decode inputs framed as training framed them: an encoder fills its [MASK] with an
 ordinary piece, an encoder-decoder's prompt marks the span it fills with a sentinel."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
 from t5x_like.data.documents import DataError
 from t5x_like.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer
+from t5x_like.decoding import DecodeConfig, generate
 from t5x_like.samples import prompt_ids, sample_room, sample_texts
 
 
@@ -38,6 +41,17 @@ def test_an_encoder_fills_its_mask_with_an_ordinary_piece_never_a_special_id(enc
     assert int(np.argmax(logits)) == special
     assert sample_texts(encoder, tokenizer, ["Mr. Darcy"]) == [(tokenizer.decode(masked[:-1]), expected)]
   encoder.output_bias[...] = bias
+
+
+def test_a_decoder_never_generates_the_mask_or_a_sentinel_it_never_trained_on(tokenizer):
+  config = ModelConfig(arch="decoder", vocab_size=8192, emb_dim=32, num_heads=2, mlp_dim=64, num_layers=1)
+  model = build_model(config, seed=0)
+  model.eval()
+  plain = sample_texts(model, tokenizer, ["Mr. Darcy"], max_new_tokens=4)
+  model.output_bias = nnx.Param(jnp.zeros(8192).at[tokenizer.mask_id:].set(100.0))  # above every piece
+  prompt = np.array([tokenizer.encode("Mr. Darcy").tolist()], np.int32)
+  assert generate(model, prompt, DecodeConfig(max_new_tokens=1))[0][0] >= tokenizer.mask_id  # unless limited
+  assert sample_texts(model, tokenizer, ["Mr. Darcy"], max_new_tokens=4) == plain
 
 
 def test_an_encoder_decoder_prompt_marks_its_spans_or_gets_sentinel_0_at_its_end(tokenizer):
