@@ -26,6 +26,24 @@ def test_chosen_shares_over_many_sequences():
   assert kept / chosen_total == pytest.approx(0.1, abs=0.015)
 
 
+@pytest.mark.parametrize("candidates, count", [(100, 15), (30, 4), (70, 10), (10, 2), (7, 1), (2, 1)])
+def test_the_count_chosen_is_berts(candidates, count):
+  """BERT's create_pretraining_data: max(1, round(rate * n)) with Python's round, half to even
+  (30 x 0.15 = 4.5 gives 4, 70 x 0.15 = 10.5 gives 10)."""
+  tokens = np.append(np.arange(candidates) + FIRST_PIECE_ID, EOS_ID)
+  _, chosen = mask_tokens(tokens, np.random.default_rng(0), rate=0.15, mask_id=500)
+  assert chosen.sum() == count
+
+
+def test_a_random_replacement_is_an_ordinary_piece_never_pad_eos_or_unk():
+  rng = np.random.default_rng(3)
+  mask_id = FIRST_PIECE_ID + 2  # two ordinary ids: a draw from the special ids below would show at once
+  for _ in range(50):
+    tokens = np.append(rng.integers(FIRST_PIECE_ID, mask_id, size=40), EOS_ID)
+    inputs, chosen = mask_tokens(tokens, rng, rate=0.5, mask_id=mask_id)
+    assert ((inputs[chosen] >= FIRST_PIECE_ID) & (inputs[chosen] <= mask_id)).all()
+
+
 def test_at_least_one_token_and_none_in_an_eos_only_piece():
   rng = np.random.default_rng(1)
   _, chosen = mask_tokens(np.array([7, 8, EOS_ID]), rng, rate=0.15, mask_id=100)

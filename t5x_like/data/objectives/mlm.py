@@ -23,7 +23,7 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, rate: float, ma
   """(corrupted tokens, chosen) for one sequence; ids below FIRST_PIECE_ID are never chosen
   and random replacements come from [FIRST_PIECE_ID, mask_id)."""
   candidates = np.flatnonzero(tokens >= FIRST_PIECE_ID)
-  count = max(1, int(rate * len(candidates) + 0.5)) if len(candidates) else 0
+  count = max(1, round(rate * len(candidates))) if len(candidates) else 0  # BERT's count: Python's round
   picked = rng.choice(candidates, size=count, replace=False)
   draw = rng.random(count)
   inputs = tokens.copy()
