@@ -5,7 +5,7 @@ import pytest
 
 from models.config import ConfigError
 from t5x_like.data.objectives.span_corruption import (
-    SpanCorruption, corrupt, corrupted_lengths, random_spans_noise_mask, tokens_length_for)
+    SpanCorruption, corrupt, corrupted_lengths, random_spans_noise_mask, span_counts, tokens_length_for)
 from t5x_like.data.tokenizer import EOS_ID
 
 SENTINEL_0 = 8191
@@ -30,6 +30,9 @@ def test_t5_lengths():
   assert tokens_length_for(512, 0.15, 3.0) == 568
   assert corrupted_lengths(568, 0.15, 3.0) == (512, 114)
   assert tokens_length_for(256, 0.15, 3.0) == 284 and corrupted_lengths(284, 0.15, 3.0) == (256, 58)
+  # T5 rounds both counts to the nearest: 74 tokens give round(11.1) = 11 noise tokens in
+  # round(11 / 3) = 4 spans; 10 tokens give round(1.5) = 2 noise tokens in 1 span.
+  assert span_counts(74, 0.15, 3.0) == (11, 4) and span_counts(10, 0.15, 3.0) == (2, 1)
 
 
 def test_hand_worked_example():

@@ -393,14 +393,16 @@ def test_beam_search_with_an_end_token_and_length_penalty_equals_rescoring(decod
     return np.asarray(jax.nn.log_softmax(full_forward(decoder, list(tokens))[-1]))
 
   prompt, found = PROMPTS[2], {}
-  for eos in (9, 7, 19):  # with end token 9, alpha 0 and 2 pick sequences of different lengths
-    for alpha in (0.0, 0.6, 2.0):
-      config = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=6, eos_id=eos, length_penalty=alpha)
-      found[eos, alpha] = generate(decoder, [prompt], config)[0]
-      assert found[eos, alpha] == beam_with_eos_by_rescoring(lambda t: last_log_probs(tuple(t)), prompt, 3, 6,
-                                                             eos, alpha), (eos, alpha)
+  # With end token 9, alpha 0 and 2 pick sequences of different lengths; with 11 and alpha 3, a
+  # beam still live at the end wins only because its score too is divided by its length penalty.
+  for eos, alpha in [(eos, alpha) for eos in (9, 7, 19) for alpha in (0.0, 0.6, 2.0)] + [(11, 3.0)]:
+    config = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=6, eos_id=eos, length_penalty=alpha)
+    found[eos, alpha] = generate(decoder, [prompt], config)[0]
+    assert found[eos, alpha] == beam_with_eos_by_rescoring(lambda t: last_log_probs(tuple(t)), prompt, 3, 6,
+                                                           eos, alpha), (eos, alpha)
   assert any(tokens[-1] == eos and len(tokens) < 6 for (eos, _), tokens in found.items())  # an early finish won
   assert any(found[eos, 0.0] != found[eos, 2.0] for eos in (9, 7, 19))  # and the penalty changed a winner
+  assert len(found[11, 3.0]) == 6 and 11 not in found[11, 3.0]
 
 
 def test_beam_search_refuses_a_repetition_penalty_it_would_ignore_and_more_beams_than_ids(decoder):

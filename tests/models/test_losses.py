@@ -14,7 +14,7 @@ def test_sums_match_numpy_reference():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
   targets = rng.integers(0, 7, size=(2, 5))
-  weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  weights = (rng.uniform(0, 2, (2, 5)) * (rng.random((2, 5)) > 0.3)).astype(np.float32)  # some 0, none 1
   sums = cross_entropy_sums(logits, targets, weights, z_loss=1e-2)
   log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
   nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]

@@ -122,6 +122,24 @@ def test_bootstrap_intervals_bracket_the_fit(chinchilla_data):
     assert low <= getattr(fit, name) <= high and low < high
 
 
+@pytest.mark.parametrize("level", [0.95, 0.9])
+def test_bootstrap_intervals_are_the_refits_central_percentiles(level, monkeypatch):
+  """Refit i gives alpha = i / 40 (a = 2 alpha): with 41 refits evenly spread over [0, 1], the
+  central `level` interval of alpha is [(1 - level) / 2, (1 + level) / 2] exactly."""
+  refits = iter(np.linspace(0.0, 1.0, 41))
+
+  def refit(n, d, loss, grid):
+    x = next(refits)
+    return laws.Chinchilla(e=x, a=2 * x, b=x, alpha=x, beta=x)
+
+  monkeypatch.setattr(laws, "fit_chinchilla", refit)
+  fit = laws.Chinchilla(e=0.5, a=1.0, b=0.5, alpha=0.5, beta=0.5)
+  intervals = laws.bootstrap_chinchilla(np.ones(4), np.ones(4), np.ones(4), fit, samples=41, level=level)
+  tail = (1 - level) / 2
+  assert intervals["alpha"] == pytest.approx((tail, 1 - tail))
+  assert intervals["a"] == pytest.approx((2 * tail, 2 - 2 * tail))
+
+
 def test_bootstrap_from_a_fit_whose_irreducible_loss_went_to_zero():
   """Losses with no floor: the fitted E underflows to 0.0, and its log is no start for the refits."""
   n, d, noise = grid_runs(3)
