@@ -359,6 +359,26 @@ def test_few_shot_score_ranks_options_by_each_rule(trained):
   assert evaluation.few_shot_score(model, tokenizer, items[:3], shots=5)["shots"] == 2  # the other items, at most
 
 
+def test_few_shot_prompts_are_other_items_with_their_right_answers_then_the_item(monkeypatch):
+  items = [{"context": f"Item {i}:", "options": [f" a{i}", f" b{i}", f" c{i}"], "answer": i % 3} for i in range(6)]
+  prompts = []
+
+  def record(model, tokenizer, prompt, options, prefix_lm=False):  # the scores themselves do not matter here
+    if prompt:  # "": the options' priors, for calibration
+      prompts.append(prompt)
+    return [(0.0, 1)] * len(options)
+
+  monkeypatch.setattr(evaluation, "option_log_likelihoods", record)
+  decoder = build_model(ModelConfig(vocab_size=16, emb_dim=8, num_heads=1, mlp_dim=8, num_layers=1))
+  evaluation.few_shot_score(decoder, None, items, shots=3, seed=1)
+  assert len(prompts) == len(items)
+  for item, prompt in zip(items, prompts):
+    *shots, last = prompt.split("\n\n")
+    assert last == item["context"] and len(set(shots)) == 3
+    answered = {other["context"] + other["options"][other["answer"]] for other in items if other is not item}
+    assert set(shots) <= answered  # never the item itself, never a wrong option
+
+
 def test_bad_task_files_name_the_line(tmp_path):
   task = tmp_path / "task.jsonl"
   task.write_text('{"context": "a", "options": ["b", "c"], "answer": 1}\n{"context": "a", "options": ["b"]}\n')
