@@ -703,6 +703,52 @@ def test_a_skipped_update_leaves_the_state_exactly_as_it_was(tmp_path):
   assert trainer.schedule(1) != trainer.schedule(2)
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_is_not_applied(tmp_path):
+  """A backward pass can overflow where the forward did not (bfloat16): the gradient is checked too."""
+  trainer = Trainer(tiny_config(nonfinite="skip"), tmp_path, make_loader=PatternLoader)
+  mode = trainer.mode
+
+  class NanGradient:
+    def __getattr__(self, name):
+      return getattr(mode, name)
+
+    def loss_sums(self, model, batch):
+      sums = mode.loss_sums(model, batch)
+      # sqrt(0 * w) is 0, its derivative inf * 0: NaN in the gradient alone.
+      return dict(sums, loss=sums["loss"] + jnp.sqrt(0.0 * model.token_embed.embedding[...][0, 0]))
+
+  trainer.mode = NanGradient()  # before the step is first traced
+  before = jax.tree.map(np.asarray, trainer.state)  # the step donates the state's buffers
+  batch = trainer.global_batch(next(PatternLoader(trainer.config.data, "train", process_index=0, process_count=1)))
+  after, metrics = trainer.train_step(trainer.state, trainer.rest, batch)
+  assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+  assert not bool(metrics["finite"])
+  for old, new in zip(jax.tree.leaves((before["params"], before["opt_state"])),
+                      jax.tree.leaves((after["params"], after["opt_state"]))):
+    np.testing.assert_array_equal(np.asarray(new), old)
+
+
+def test_dropout_draws_a_new_mask_for_every_micro_batch_and_step(tmp_path):
+  """Micro-batch i of step s (rows i, i + accum, ...) draws dropout from fold_in(fold_in(key(seed), s), i):
+  the step's loss is the sum of those micro-batch losses, computed one by one."""
+  config = tiny_config(grad_accum_steps=2, seed=5)
+  config.model.dropout_rate = 0.5
+  trainer = Trainer(config, tmp_path, make_loader=PatternLoader, devices=jax.devices()[:2])
+  batch = trainer.global_batch(next(PatternLoader(config.data, "train", process_index=0, process_count=1)))
+  loss = jax.jit(lambda params, micro, key: trainer._loss_sums(params, trainer.rest, micro, key, train=True)["loss"])
+  with jax.set_mesh(trainer.mesh), partitioning.activation_rules(config.partitioning):
+    for step in range(2):
+      params = jax.tree.map(jnp.copy, trainer.state["params"])
+      step_key = jax.random.fold_in(jax.random.key(5), step)
+      micro_losses = [float(loss(params, {k: v[i::2] for k, v in batch.items()}, jax.random.fold_in(step_key, i)))
+                      for i in range(2)]
+      trainer.state, metrics = trainer.train_step(trainer.state, trainer.rest, batch)
+      assert float(metrics["loss"]) == pytest.approx(sum(micro_losses), rel=1e-5)
+  # The masks matter: micro-batch 1 under micro-batch 0's key scores otherwise.
+  assert float(loss(params, {k: v[1::2] for k, v in batch.items()}, jax.random.fold_in(step_key, 0))) != (
+      pytest.approx(micro_losses[1], rel=1e-3))
+
+
 def test_token_ids_outside_the_vocabulary_are_named_before_they_become_a_nan_loss(tmp_path):
   """Hugging Face marks ignored targets -100; here they take loss weight 0. The lookup of an id
   outside the table is NaN, even at weight 0, and the loss check would blame the learning rate."""
