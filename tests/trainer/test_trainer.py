@@ -1,5 +1,6 @@
 """The trainer: losses fall, sharding follows the rules, runs resume exactly, guards hold."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from fake_data import CharacterTokenizer, PatternLoader, RaggedPatternLoader
-from models.config import ConfigError
+from models.config import ConfigError, ModelConfig
 from models.model_size import train_flops_per_sequence
 from t5x_like import evaluation, partitioning
 from t5x_like.checkpoints import Checkpointer, this_process_position
@@ -33,7 +34,8 @@ from t5x_like.modes import MODES
 from t5x_like.modes.pretrain import Pretrain
 from t5x_like.optimizers import decay_mask
 from t5x_like.preemption import StopSignal
-from t5x_like.trainer import NonFiniteLossError, Trainer, loss_means, stop_requested, updates_applied
+from t5x_like.trainer import (NonFiniteLossError, Trainer, changed_model_fields, loss_means, stop_requested,
+                              updates_applied)
 from trainer_configs import tiny_config
 
 flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]  # noqa: E731
@@ -435,6 +437,28 @@ def test_resuming_under_another_model_stops_and_keeps_every_checkpoint_and_a_lon
       pytest.approx(rebuilt, rel=1e-5))
 
 
+# How the model computes, which a resume may change (the README's list); every other field is what it computes.
+HOW_IT_COMPUTES = {"attention_kernel", "loss_kernel", "remat", "dtype", "bf16_matmul_inputs", "dropout_rate",
+                   "final_dropout", "attention_dropout_rate", "mlp_dropout_rate"}
+
+
+def test_a_resume_changing_any_model_field_but_how_it_computes_is_named():
+  saved = tiny_config()
+  for field in dataclasses.fields(ModelConfig):
+    config = tiny_config()
+    old = config.model[field.name]
+    new = {bool: lambda: not old, int: lambda: old + 1, float: lambda: old * 2 + 1, str: lambda: old + "x",
+           type(None): lambda: 1}[type(old)]()
+    config.model[field.name] = new
+    expected = [] if field.name in HOW_IT_COMPUTES else [f"model.{field.name} {old!r} -> {new!r}"]
+    assert changed_model_fields(saved, config) == expected, field.name
+  del saved.model["embedding_norm"]  # a field the saved run's version did not have reads as its default
+  assert changed_model_fields(saved, tiny_config()) == []
+  config = tiny_config()
+  config.model.embedding_norm = True
+  assert changed_model_fields(saved, config) == ["model.embedding_norm False -> True"]
+
+
 def test_a_resume_that_stops_before_saving_leaves_the_runs_config_and_checkpoints(tmp_path):
   train(tiny_config(steps=4), tmp_path)
   saved_config = (tmp_path / "config.json").read_text()
@@ -670,9 +694,13 @@ def test_a_batch_without_scored_tokens_has_no_loss_rather_than_a_perfect_one():
 
 
 def test_nonfinite_loss_can_skip_the_update(tmp_path, caplog):
-  with caplog.at_level(logging.WARNING):
-    trainer, _ = train(tiny_config(steps=8, nonfinite="skip"), tmp_path, loader=NanAtStep)
-  assert "skipped the update of step 6" in caplog.text
+  class NanAtSteps4And6(NanAtStep):
+    bad_positions = (4, 6)
+
+  with caplog.at_level(logging.WARNING):  # two skips, but never two in a row
+    trainer, _ = train(tiny_config(steps=8, nonfinite="skip", max_consecutive_skips=2), tmp_path,
+                       loader=NanAtSteps4And6)
+  assert "skipped the update of step 4" in caplog.text and "skipped the update of step 6" in caplog.text
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.state["params"]))
 
   class DivergedFromStep5(NanAtStep):
