@@ -86,6 +86,8 @@ def test_resuming_under_another_data_config_is_refused_unless_the_objective_igno
   loader = make_loader(_config(data_dir, batch_size=8), "train")
   with pytest.raises(ConfigError, match=r"data.batch_size was 4, now 8; resume with the data config"):
     loader.set_state(state)
+  with pytest.raises(ConfigError, match=r"data.seed was 0, now 1"):  # the same position in another order
+    make_loader(_config(data_dir, seed=1), "train").set_state(state)
   make_loader(_config(data_dir, mlm_probability=0.3, noise_density=0.5), "train").set_state(state)  # causal LM
   state = make_loader(_config(data_dir, objective="mlm"), "train").get_state()
   with pytest.raises(ConfigError, match=r"data.mlm_probability was 0.15, now 0.3"):

@@ -36,9 +36,12 @@ def test_jsonl_records_fields_aliases_and_blank_lines(tmp_path):
       (1, {"prompt": "Q1", "response": "A1"}), (3, {"prompt": "Q2", "response": "A2"})]
   # Without a field list: every string field (the tokenizer trains on them).
   assert list(documents.texts(path)) == ["Q1", "A1", "B1", "x", "Q2", "A2", "B2"]
-  # A record whose fields read are all blank is no document, as a blank paragraph is none.
+  # A record whose fields read are all blank is no document, as a blank paragraph is none; one
+  # blank field of several (a response to no prompt) leaves a document.
   path.write_text("\n".join([json.dumps({"text": " \n"}), json.dumps({"text": "kept"})]) + "\n", encoding="utf-8")
   assert list(documents.jsonl_records(path, ("text",))) == [(2, {"text": "kept"})]
+  path.write_text(json.dumps({"prompt": "", "response": "A"}) + "\n", encoding="utf-8")
+  assert list(documents.jsonl_records(path, ("prompt", "response"))) == [(1, {"prompt": "", "response": "A"})]
   path.write_text(json.dumps({"text": ""}) + "\n", encoding="utf-8")
   with pytest.raises(DataError, match=r"pairs\.jsonl has no records with text"):
     list(documents.jsonl_records(path, ("text",)))

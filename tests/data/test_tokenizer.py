@@ -38,6 +38,7 @@ def test_token_byte_lengths_sum_to_the_texts_utf8_bytes(tokenizer, text):
   assert tokenizer.byte_lengths[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
   specials = [PAD_ID, EOS_ID, tokenizer.mask_id, tokenizer.sentinel_id(0)]
   assert (tokenizer.byte_lengths[specials] == 0).all()
+  assert tokenizer.byte_lengths[UNK_ID] == 1  # a character the pieces lack: one byte at least
 
 
 def test_concatenated_encodings_decode_to_concatenated_text(tokenizer):
