@@ -413,9 +413,18 @@ def test_beam_search_refuses_a_repetition_penalty_it_would_ignore_and_more_beams
       generate(decoder, PROMPTS, DecodeConfig(strategy="beam", num_beams=ids + 1, vocab_limit=limit))
 
 
-def test_repetition_penalty_follows_keskar_et_al_over_prompt_and_output(decoder):
+FAVOUR_ID_0 = 0.3  # where the third prompt (two pads) takes id 0 second, unless a pad were counted as seen
+
+
+@pytest.mark.parametrize("favour_id_0", [False, True])
+def test_repetition_penalty_follows_keskar_et_al_over_prompt_and_output(decoder, favour_id_0):
   """Greedy with the penalty against recomputation applying the rule by hand: a logit of a token
-  already in the row (prompt or output) is divided by the penalty if positive, else multiplied."""
+  already in the row (prompt or output) is divided by the penalty if positive, else multiplied.
+  With id 0 (the left padding of the shorter prompts) raised near the top, a pad taken for a
+  prompt token would penalise it."""
+  if favour_id_0:
+    decoder = nnx.clone(decoder)
+    decoder.output_bias = nnx.Param(jnp.zeros(24).at[0].set(FAVOUR_ID_0))
   penalty, steps = 1.3, 8
   penalised = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=steps, eos_id=-1, repetition_penalty=penalty))
   for prompt, out in zip(PROMPTS, penalised):

@@ -207,6 +207,27 @@ def test_split_bits_per_byte_count_each_packed_documents_bytes(trained, monkeypa
   assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / num_bytes, rel=1e-4)
 
 
+def test_split_figures_of_an_encoder_score_its_masked_tokens(tmp_path):
+  """An MLM run's validation batch: the loss over the masked positions, from the model's own logits,
+  and their targets' bytes."""
+  config = load_config(str(pathlib.Path(EXPERIMENT).with_name("encoder_tiny.py")))
+  apply_overrides(config, [flag for flag in TINY if "num_kv_heads" not in flag])
+  trainer, tokenizer = Trainer(config, tmp_path), load_tokenizer(config.data.tokenizer)
+  batch = next(trainer.loader("validation"))
+  result = evaluation.evaluate_split(trainer, tokenizer, "validation", num_batches=1)
+  model = trainer.model_from(trainer.state["params"])
+  model.eval()
+  with jax.set_mesh(trainer.mesh):
+    log_probs = np.asarray(jax.nn.log_softmax(model(
+        batch["encoder_input_tokens"], segment_ids=batch["encoder_segment_ids"],
+        positions=batch["encoder_positions"]), axis=-1))
+  scored = batch["encoder_loss_weights"] > 0
+  targets = batch["encoder_target_tokens"][scored]
+  assert result["tokens"] == scored.sum() > 0
+  assert result["loss"] == pytest.approx(-np.mean(log_probs[scored, targets]), rel=1e-4)
+  assert result["bytes"] == tokenizer.byte_lengths[targets].sum() > 0  # byte_lengths: test_tokenizer.py
+
+
 def test_a_character_cut_between_rows_counts_its_bytes_once(trained):
   """Byte-fallback pieces of one character split over two rows (a long document's chunks)."""
   _, _, tokenizer = trained

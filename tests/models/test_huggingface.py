@@ -148,6 +148,9 @@ def test_config_maps_eps_theta_activation_and_heads():
   assert (cfg.norm_position, cfg.norm_eps, cfg.mlp_activation, cfg.num_token_types) == (
       "post", 1e-7, "gelu_tanh", 3)
   assert not config_from_hf(transformers.GPT2Config(scale_attn_weights=False)).scale_attn_logits
+  # GPT-2's MLP width: n_inner where set, else 4 x n_embd.
+  assert config_from_hf(transformers.GPT2Config(n_embd=64, n_head=4, n_inner=40)).mlp_dim == 40
+  assert config_from_hf(transformers.GPT2Config(n_embd=64, n_head=4)).mlp_dim == 256
   # Dropout: T5 drops in all four places; GPT-2 and BERT name each rate, with no final dropout; LLaMA
   # drops only probabilities.
   def dropouts(cfg):
