@@ -114,21 +114,31 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
       item = {group: _nested({names[name]: targets[names[name]] for name in saved if name.startswith(group + ".")})
               for group in SAVED_PARAMS}
       item = {group: tree for group, tree in item.items() if tree}
-      items = dict(state=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-      if (directory / str(step) / "data").is_dir():  # absent from checkpoints older than data positions
-        items["data"] = ocp.args.JsonRestore()
       try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
       except Exception as error:
         _warn_unreadable(directory / str(step), error)
         continue
       flat, _ = jax.tree_util.tree_flatten_with_path({group: restored["state"][group] for group in item})
       logger.info("initialised %d parameters from %s", len(flat), directory / str(step))
-      return {tuple(key.key for key in path[1:]): value for path, value in flat}, restored.get("data")
+      return {tuple(key.key for key in path[1:]): value for path, value in flat}, _data_positions(manager, step)
     raise ConfigError(f"train.init_from={str(source)!r}: no checkpoint in {directory} is readable (steps {steps})")
   finally:
     manager.close()
+
+
+def _data_positions(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """A step's data positions; None where it has none (older than they are) or they are unreadable,
+  which leaves its parameters good."""
+  if not (pathlib.Path(manager.directory) / str(step) / "data").is_dir():
+    return None
+  try:
+    return manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+  except Exception as error:  # orbax raises many types for unreadable files
+    logger.warning("init_from: the data positions of checkpoint %s are unreadable (%s); its tokenizer "
+                   "is not checked", pathlib.Path(manager.directory) / str(step), first_line(error))
+    return None
 
 
 def _nested(leaves: dict[tuple, Any]) -> dict:
@@ -223,6 +233,9 @@ class Checkpointer:
     logger.warning("checkpoint %s is unreadable (%s); moved it to %s and falling back to "
                    "an earlier checkpoint", self.directory / str(step), first_line(error), target)
     unreadable.append(step)
+
+  def steps(self) -> list[int]:
+    return list(self.manager.all_steps())
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

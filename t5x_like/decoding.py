@@ -43,7 +43,8 @@ class DecodeConfig:
   num_beams: int = 4  # beam only
   length_penalty: float = 0.6  # beam only: alpha
   # Ids at or above it are never chosen: the tokenizer's size where model.vocab_size pads past
-  # it (GPT-2's 50257 with an 8192-id tokenizer). 0: every id of the model.
+  # it (GPT-2's 50257 with an 8192-id tokenizer), or a decoder's first id its targets never hold
+  # (samples.vocab_limit). 0: every id of the model.
   vocab_limit: int = 0
   # The prompt attends both ways, as a prefix LM (data.objective "prefix_lm") learned to read
   # its prefix; the new tokens attend causally, as its targets did.

@@ -176,18 +176,25 @@ RESUMABLE_MODEL_FIELDS = ("attention_kernel", "loss_kernel", "remat", "dtype", "
                           "final_dropout", "attention_dropout_rate", "mlp_dropout_rate")
 
 
+def _model_values(section: ml_collections.ConfigDict) -> dict:
+  """A model section's values: a field it lacks (a config.json older than the field) as its default,
+  and one left None as what it derives to, so num_kv_heads=None and the head count are one model."""
+  defaults = dataclasses.asdict(ModelConfig())
+  config = ModelConfig(**{name: section.get(name, default) for name, default in defaults.items()})
+  return dict(dataclasses.asdict(config), num_kv_heads=config.kv_heads, head_dim=config.dim_per_head,
+              num_decoder_layers=config.decoder_layers)
+
+
 def changed_model_fields(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
   """'model.FIELD SAVED -> NOW' for each model field outside RESUMABLE_MODEL_FIELDS that a run's
-  config.json (`saved`) and `config` set differently; a field the run's version lacked reads as
-  its default."""
-  defaults = ModelConfig()
-  changed = []
-  for field in dataclasses.fields(ModelConfig):
-    was = saved.model.get(field.name, getattr(defaults, field.name))
-    now = config.model.get(field.name, getattr(defaults, field.name))
-    if field.name not in RESUMABLE_MODEL_FIELDS and was != now:
-      changed.append(f"model.{field.name} {was!r} -> {now!r}")
-  return changed
+  config.json (`saved`) and `config` set differently."""
+  was, now = _model_values(saved.model), _model_values(config.model)
+  return [f"model.{name} {was[name]!r} -> {now[name]!r}" for name in was
+          if name not in RESUMABLE_MODEL_FIELDS and was[name] != now[name]]
+
+
+# The optimizer fields make_schedule reads.
+SCHEDULE_FIELDS = ("learning_rate", "schedule", "warmup_steps", "end_learning_rate_fraction")
 
 
 def learning_rate_change(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
@@ -197,13 +204,16 @@ def learning_rate_change(saved: ml_collections.ConfigDict, config: ml_collection
   rate climbs back up."""
   optimizer, steps = ml_collections.ConfigDict(saved.train.get("optimizer", {})), saved.train.steps
   fill_defaults(optimizer, default_optimizer_config())
-  was = float(make_schedule(optimizer, steps)(updates))
+  try:
+    was = float(make_schedule(optimizer, steps)(updates))
+  except ConfigError:  # a schedule this version no longer has: nothing to compare with
+    return None
   now = float(make_schedule(config.train.optimizer, config.train.steps)(updates))
   if math.isclose(was, now, rel_tol=1e-6):
     return None
   changes = [f"train.steps {steps} -> {config.train.steps}"] if steps != config.train.steps else []
-  changes += [f"train.optimizer.{name} {optimizer[name]!r} -> {value!r}"
-              for name, value in config.train.optimizer.items() if optimizer[name] != value]
+  changes += [f"train.optimizer.{name} {optimizer[name]!r} -> {config.train.optimizer[name]!r}"
+              for name in SCHEDULE_FIELDS if optimizer[name] != config.train.optimizer[name]]
   return (f"the learning rate after {updates} updates is {now:.3g}, not the {was:.3g} the run's config.json "
           f"gives ({', '.join(changes)}); the schedule goes on from there")
 
@@ -539,9 +549,16 @@ class Trainer:
     self.workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     train_loader = self.loader("train")
+    saved = read_run_config(self.workdir) if (self.workdir / "config.json").exists() else None
+    if saved is not None and checkpointer.steps() and (changed := changed_model_fields(saved, self.config)):
+      # Before restoring: nothing is read, nor set aside, for a run that cannot go on.
+      raise ConfigError(f"{self.workdir} was trained with another model ({'; '.join(changed)}); resume with "
+                        f"the model its config.json holds, or train in a new workdir (train.init_from="
+                        f"{str(self.workdir)!r} starts from these parameters)")
     data_positions = self.restore(checkpointer)
-    if data_positions is not None and (self.workdir / "config.json").exists():
-      self._check_resumed_config(read_run_config(self.workdir))
+    if saved is not None and data_positions is not None and (
+        warning := learning_rate_change(saved, self.config, int(updates_applied(self.state["opt_state"])))):
+      logger.warning(warning)
     if data_positions is None and cfg.get("init_from"):  # absent from older runs' config.json
       self.init_params_from(cfg.init_from)
     elif data_positions:  # {}: a checkpoint from before data positions were saved
@@ -617,16 +634,6 @@ class Trainer:
       writer.close()
     return TrainResult(step=cfg.steps, train_loss=_mean_loss(recent), validation=validation)
 
-  def _check_resumed_config(self, saved: ml_collections.ConfigDict) -> None:
-    """Refuses to resume with a model that computes another function than the saved run's (data
-    changes are refused as the loader restores its position); warns when the learning rate does."""
-    if changed := changed_model_fields(saved, self.config):
-      raise ConfigError(f"{self.workdir} was trained with another model ({'; '.join(changed)}); resume with "
-                        f"the model its config.json holds, or train in a new workdir (train.init_from="
-                        f"{str(self.workdir)!r} starts from these parameters)")
-    if warning := learning_rate_change(saved, self.config, int(updates_applied(self.state["opt_state"]))):
-      logger.warning(warning)
-
   def _log(self, pending, writer: MetricWriter, elapsed: float, tokens_per_step: int,
            flops_per_step: float, peak: float) -> list[tuple[float, float]]:
     """Fetches the interval's metrics, applies the non-finite policy, writes one row per step.
@@ -640,24 +647,29 @@ class Trainer:
                      model_flops_per_second=flops_per_step * steps_per_second,
                      mfu=flops_per_step * steps_per_second / (peak * self.mesh.size))
       writer.write(step, "train", scalars)  # the steps up to a non-finite one too, to debug it
-      if not row["finite"]:
-        if self.config.train.nonfinite == "stop":
-          raise NonFiniteLossError(
-              f"non-finite loss or gradient at step {step} (loss sum {row['loss']}, grad norm "
-              f"{row['grad_norm']}); the update was not applied and no checkpoint was written "
-              f"after it. Lower train.optimizer.learning_rate, enable train.z_loss, or set "
-              f"train.nonfinite='skip'")
-        self.skipped_in_a_row += 1
-        if self.skipped_in_a_row >= self.config.train.max_consecutive_skips:
-          raise NonFiniteLossError(
-              f"the last {self.skipped_in_a_row} updates, up to step {step}, were all non-finite and skipped "
-              f"(train.max_consecutive_skips={self.config.train.max_consecutive_skips}): the run has diverged. "
-              f"Its checkpoints hold the parameters from before them; lower train.optimizer.learning_rate or "
-              f"enable train.z_loss")
-        logger.warning("skipped the update of step %d: non-finite loss or gradient", step)
-      else:
-        self.skipped_in_a_row = 0
+      self._apply_nonfinite_policy(step, row)
     return [(float(_reported_loss_sum(row)), float(row["weight"])) for row in rows if row["finite"]]
+
+  def _apply_nonfinite_policy(self, step: int, row: dict) -> None:
+    """train.nonfinite: 'stop' at a non-finite step; 'skip' it (its update was not applied) unless
+    it makes train.max_consecutive_skips in a row."""
+    if row["finite"]:
+      self.skipped_in_a_row = 0
+      return
+    if self.config.train.nonfinite == "stop":
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient at step {step} (loss sum {row['loss']}, grad norm "
+          f"{row['grad_norm']}); the update was not applied and no checkpoint was written "
+          f"after it. Lower train.optimizer.learning_rate, enable train.z_loss, or set "
+          f"train.nonfinite='skip'")
+    self.skipped_in_a_row += 1
+    if self.skipped_in_a_row >= self.config.train.max_consecutive_skips:
+      raise NonFiniteLossError(
+          f"the last {self.skipped_in_a_row} updates, up to step {step}, were all non-finite and skipped "
+          f"(train.max_consecutive_skips={self.config.train.max_consecutive_skips}): the run has diverged. "
+          f"Its checkpoints hold the parameters from before them; lower train.optimizer.learning_rate or "
+          f"enable train.z_loss")
+    logger.warning("skipped the update of step %d: non-finite loss or gradient", step)
 
   def _check_finite_params(self, step: int) -> None:
     """Refuses to save parameters an update made non-finite from finite gradients (a rate far
