@@ -596,6 +596,9 @@ def test_init_from_passes_over_a_source_step_without_metadata_and_warns_of_a_hea
   source = tmp_path / "source"
   shutil.copytree(pretrained_run, source)
   (source / "checkpoints" / "8" / "state" / "_METADATA").unlink()  # orbax reads it as a step holding nothing
+  positions = source / "checkpoints" / "4" / "data" / "metadata"
+  good_positions = positions.read_bytes()
+  positions.write_text("{")  # the step's parameters are still good
   files = {path: path.read_bytes() for path in source.rglob("*") if path.is_file()}
   config = tiny_config(steps=4)
   config.model.tie_embeddings = False  # the source tied its head to the embedding
@@ -603,8 +606,10 @@ def test_init_from_passes_over_a_source_step_without_metadata_and_warns_of_a_hea
   with caplog.at_level(logging.WARNING):
     tuned.init_params_from(source)
   assert f"checkpoint {source / 'checkpoints' / '8'} is unreadable" in caplog.text
+  assert f"the data positions of checkpoint {source / 'checkpoints' / '4'} are unreadable" in caplog.text
   assert "1 trainable parameters are not in" in caplog.text and "lm_head.kernel" in caplog.text
   assert {path: path.read_bytes() for path in source.rglob("*") if path.is_file()} == files  # untouched
+  positions.write_bytes(good_positions)
   shutil.rmtree(source / "checkpoints" / "8")
   step_4 = Trainer.from_workdir(source).state["params"]  # the run's own reader, at its step 4
   for name, value in {keystr(path): leaf for path, leaf in flat(step_4)}.items():
