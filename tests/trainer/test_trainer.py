@@ -424,7 +424,7 @@ def test_resuming_under_another_model_stops_and_keeps_every_checkpoint_and_a_lon
   assert not (tmp_path / "corrupt").exists()
   assert (tmp_path / "config.json").read_text() == saved_config  # still the config the checkpoints fit
 
-  # 8 more steps: the cosine decay is rebuilt over 12 steps, so at update 8 the rate climbs from the
+  # 4 more steps: the cosine decay is rebuilt over 12 steps, so at update 8 the rate climbs from the
   # end value back up: 1e-3 + 9e-3 * (1 + cos(pi * 5 / 9)) / 2 (3 warmup steps, peak 1e-2).
   with caplog.at_level(logging.WARNING, logger="t5x_like.trainer"):
     train(tiny_config(steps=12), tmp_path)
