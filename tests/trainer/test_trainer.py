@@ -407,8 +407,8 @@ def test_each_process_takes_its_own_data_position(tmp_path, monkeypatch):
 
 
 def test_resuming_under_another_model_stops_and_keeps_every_checkpoint_and_a_longer_run_names_its_rate(
-    tmp_path, caplog):
-  train(tiny_config(steps=8), tmp_path)
+    tmp_path, caplog, pretrained_run):
+  shutil.copytree(pretrained_run, tmp_path, dirs_exist_ok=True)  # tiny_config(steps=8), trained once per module
   saved_config = (tmp_path / "config.json").read_text()
   factored = tiny_config(steps=12)
   factored.train.optimizer.name = "adafactor"
