@@ -91,10 +91,13 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float)
   return jnp.where(seen, penalised, logits)
 
 
-def filter_logits(logits: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def filter_logits(logits: jax.Array, *, temperature, top_k, top_p,
+                  filters: tuple[bool, bool] | None = None) -> jax.Array:
   """Scaled log-probabilities with everything outside top-k / the top-p nucleus at -inf.
 
-  Both filters keep the logits at or above a per-row threshold (ties with it stay):
+  `filters` says which of (top-k, top-p) run, for values that are traced (a compiled loop's);
+  by default, those whose values filter anything. Both filters keep the logits at or above a
+  per-row threshold (ties with it stay):
   top-k's is the k-th largest logit; top-p's the largest logit whose tokens at or above it
   hold at least top_p of the mass, so the nucleus is the smallest prefix of the sorted
   tokens that reaches top_p.
@@ -104,9 +107,10 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int, top_p: f
   logits = logits.astype(jnp.float32)
   masked = logits <= NEG_INF  # limit_vocab's: kept out at any temperature, however high
   logits = jnp.where(masked, NEG_INF, (logits - row_max(logits, keepdims=True)) / temperature)
-  if top_k:
+  use_top_k, use_top_p = filters or (top_k > 0, top_p < 1.0)
+  if use_top_k:
     logits = _keep_at_least(logits, lambda kept: row_sum(kept.astype(jnp.int32)) >= top_k)
-  if top_p < 1.0:
+  if use_top_p:
     probs = jnp.exp(_log_softmax(logits))
     logits = _keep_at_least(logits, lambda kept: row_sum(jnp.where(kept, probs, 0.0)) >= top_p)
   return _log_softmax(logits)
@@ -195,38 +199,70 @@ def _step(model, tokens, positions, cache):
   return logits[:, 0], cache
 
 
+# The compiled loops ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Loop:
+  """What a decoding loop is compiled for: its strategy, its shapes and which filters run. The
+  rest of a DecodeConfig (end and pad ids, temperature, filter thresholds, penalties) enters the
+  loop traced (`_traced_values`), so that another temperature or length penalty reruns the
+  compiled loop instead of compiling a new one."""
+  strategy: str
+  max_new_tokens: int
+  num_beams: int
+  vocab_limit: int
+  prefix_lm: bool
+  top_k: bool
+  top_p: bool
+  repetition_penalty: bool
+
+  @classmethod
+  def of(cls, config: DecodeConfig) -> _Loop:
+    sampled, beam = config.strategy == "sample", config.strategy == "beam"
+    return cls(config.strategy, config.max_new_tokens, config.num_beams if beam else 1, config.vocab_limit,
+               config.prefix_lm, sampled and config.top_k > 0, sampled and config.top_p < 1.0,
+               not beam and config.repetition_penalty != 1.0)
+
+
+def _traced_values(config: DecodeConfig) -> dict[str, jax.Array]:
+  ints, floats = ("eos_id", "pad_id", "top_k"), ("temperature", "top_p", "repetition_penalty", "length_penalty")
+  return {**{name: jnp.int32(getattr(config, name)) for name in ints},
+          **{name: jnp.float32(getattr(config, name)) for name in floats}}
+
+
 # Greedy and sampling ---------------------------------------------------------------------
 
-@functools.partial(nnx.jit, static_argnames=("config",))
-def _greedy_or_sample_loop(model, prompt, lengths, rng, encoder_inputs, *, config: DecodeConfig):
+@functools.partial(nnx.jit, static_argnames=("loop",))
+def _greedy_or_sample_loop(model, prompt, lengths, rng, encoder_inputs, values, *, loop: _Loop):
   b, p = prompt.shape
   vocab = model.config.vocab_size
-  logits, cache = _prefill(model, prompt, lengths, p + config.max_new_tokens, encoder_inputs, config.prefix_lm)
+  logits, cache = _prefill(model, prompt, lengths, p + loop.max_new_tokens, encoder_inputs, loop.prefix_lm)
   seen = jnp.zeros((b, vocab), bool)
-  if config.repetition_penalty != 1.0:
+  if loop.repetition_penalty:
     real = jnp.arange(p)[None, :] >= (p - lengths)[:, None]
     seen = seen.at[jnp.arange(b)[:, None], prompt].max(real)
-  out = jnp.full((b, config.max_new_tokens), config.pad_id, jnp.int32)
+  out = jnp.full((b, loop.max_new_tokens), values["pad_id"], jnp.int32)
 
   def cond(carry):
     i, _, _, _, done, _, _ = carry
-    return (i < config.max_new_tokens) & ~jnp.all(done)
+    return (i < loop.max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
     i, logits, cache, out, done, seen, rng = carry
-    logits = limit_vocab(logits, config.vocab_limit)
-    if config.repetition_penalty != 1.0:
-      logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-    if config.strategy == "greedy":
+    logits = limit_vocab(logits, loop.vocab_limit)
+    if loop.repetition_penalty:
+      logits = apply_repetition_penalty(logits, seen, values["repetition_penalty"])
+    if loop.strategy == "greedy":
       token = greedy_token(logits)
     else:
       rng, key = jax.random.split(rng)
-      scores = filter_logits(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+      scores = filter_logits(logits, temperature=values["temperature"], top_k=values["top_k"], top_p=values["top_p"],
+                             filters=(loop.top_k, loop.top_p))
       token = sample(key, scores).astype(jnp.int32)
-    token = jnp.where(done, config.pad_id, token)
+    token = jnp.where(done, values["pad_id"], token)
     out = out.at[:, i].set(token)
     seen = seen.at[jnp.arange(b), token].set(True)
-    done = done | (token == config.eos_id)
+    done = done | (token == values["eos_id"])
     logits, cache = _step(model, token, lengths + i, cache)
     return i + 1, logits, cache, out, done, seen, rng
 
@@ -240,37 +276,36 @@ def _length_penalty(length, alpha):
   return ((5.0 + length) / 6.0) ** alpha
 
 
-@functools.partial(nnx.jit, static_argnames=("config",))
-def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
+@functools.partial(nnx.jit, static_argnames=("loop",))
+def _beam_loop(model, prompt, lengths, encoder_inputs, values, *, loop: _Loop):
   """Keeps the num_beams best partial sequences per row; a finished sequence is scored
   log p / ((5 + length) / 6)^alpha and kept aside while live beams may still beat it."""
   b, p = prompt.shape
-  k, steps, vocab = config.num_beams, config.max_new_tokens, model.config.vocab_size
+  k, steps, vocab = loop.num_beams, loop.max_new_tokens, model.config.vocab_size
   repeat = lambda x: jnp.repeat(x, k, axis=0)
   encoder_inputs = None if encoder_inputs is None else jax.tree.map(repeat, encoder_inputs)
-  logits, cache = _prefill(model, repeat(prompt), repeat(lengths), p + steps, encoder_inputs,
-                         config.prefix_lm)
+  logits, cache = _prefill(model, repeat(prompt), repeat(lengths), p + steps, encoder_inputs, loop.prefix_lm)
   own_rows = jnp.broadcast_to(jnp.arange(b * k)[:, None], (b * k, p + steps))
   cache = _with_rows(cache, own_rows)
   # Only the first copy of each row is live at the start, so beams do not duplicate.
   live_scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1))  # [b, k]
-  live_tokens = jnp.full((b, k, steps), config.pad_id, jnp.int32)
+  live_tokens = jnp.full((b, k, steps), values["pad_id"], jnp.int32)
   done_scores = jnp.full((b, k), NEG_INF)
-  done_tokens = jnp.full((b, k, steps), config.pad_id, jnp.int32)
+  done_tokens = jnp.full((b, k, steps), values["pad_id"], jnp.int32)
 
   def body(i, carry):
     logits, cache, live_scores, live_tokens, done_scores, done_tokens = carry
-    log_probs = _log_softmax(limit_vocab(logits.astype(jnp.float32), config.vocab_limit)).reshape(b, k, vocab)
+    log_probs = _log_softmax(limit_vocab(logits.astype(jnp.float32), loop.vocab_limit)).reshape(b, k, vocab)
     candidates = (live_scores[..., None] + log_probs).reshape(b, k * vocab)
     scores, flat = jax.lax.top_k(candidates, 2 * k)  # 2k: up to k of them may end here
     beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
     tokens = jnp.take_along_axis(live_tokens, beam[..., None], axis=1).at[:, :, i].set(token)
-    ended = token == config.eos_id
+    ended = token == values["eos_id"]
     # A candidate that ends counts as finished only if it is among the k best (as in
     # Hugging Face's beam search), so that one beam is exactly greedy decoding.
     finished = ended & (jnp.arange(2 * k) < k)[None, :]
     # Finished: merge with earlier finished sequences, keep the k best by penalised score.
-    final = jnp.where(finished, scores / _length_penalty(i + 1.0, config.length_penalty), NEG_INF)
+    final = jnp.where(finished, scores / _length_penalty(i + 1.0, values["length_penalty"]), NEG_INF)
     all_scores = jnp.concatenate([done_scores, final], axis=1)
     all_tokens = jnp.concatenate([done_tokens, tokens], axis=1)
     best = jax.lax.top_k(all_scores, k)[1]
@@ -290,7 +325,7 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, *, config: DecodeConfig):
   carry = (logits, cache, live_scores, live_tokens, done_scores, done_tokens)
   _, _, live_scores, live_tokens, done_scores, done_tokens = jax.lax.fori_loop(0, steps, body, carry)
   # Beams still live at max_new_tokens compete with the finished ones at full length.
-  live_final = live_scores / _length_penalty(float(steps), config.length_penalty)
+  live_final = live_scores / _length_penalty(float(steps), values["length_penalty"])
   all_scores = jnp.concatenate([done_scores, live_final], axis=1)
   all_tokens = jnp.concatenate([done_tokens, live_tokens], axis=1)
   return jnp.take_along_axis(all_tokens, jnp.argmax(all_scores, axis=1)[:, None, None], axis=1)[:, 0]
@@ -363,11 +398,12 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
       encoder_tokens[row, :len(e)] = e
     real = np.arange(width)[None, :] < np.array([len(e) for e in encoder_inputs])[:, None]
     encoder = (jnp.asarray(encoder_tokens), jnp.asarray(real, jnp.int32))
+  loop, values = _Loop.of(config), _traced_values(config)
   if config.strategy == "beam":
-    out = _beam_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), encoder, config=config)
+    out = _beam_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), encoder, values, loop=loop)
   else:
     out = _greedy_or_sample_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), encoder,
-                                 config=config)
+                                 values, loop=loop)
   out = np.asarray(out)
   if (out == NO_TOKEN).any():
     raise ConfigError("the model's logits were not finite (NaN) at a decoding step: its weights or inputs are broken")

@@ -196,6 +196,25 @@ def test_sampling_is_reproducible_for_a_seed(decoder):
   assert generate(decoder, PROMPTS * 4, config, seed=7) != generate(decoder, PROMPTS * 4, config, seed=8)
 
 
+def test_another_temperature_filter_penalty_or_end_token_reruns_the_compiled_loop(decoder):
+  """A sweep over sampling settings or length penalties compiles each loop once; a change of which
+  filters run compiles another."""
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, seconds, **kwargs: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+  pairs = (("sample", dict(temperature=0.5, top_k=3, top_p=0.9, repetition_penalty=1.2, eos_id=-1, pad_id=0),
+            dict(temperature=2.0, top_k=7, top_p=0.5, repetition_penalty=1.5, eos_id=9, pad_id=1)),
+           ("greedy", dict(repetition_penalty=1.2, eos_id=-1), dict(repetition_penalty=1.5, eos_id=9, temperature=3.0)),
+           ("beam", dict(num_beams=2, length_penalty=0.0, eos_id=-1), dict(num_beams=2, length_penalty=2.0, eos_id=7)))
+  for strategy, first, second in pairs:
+    generate(decoder, PROMPTS, DecodeConfig(strategy=strategy, max_new_tokens=4, **first))
+    compiles.clear()
+    generate(decoder, PROMPTS, DecodeConfig(strategy=strategy, max_new_tokens=4, **second))
+    assert not compiles, strategy
+  generate(decoder, PROMPTS, DecodeConfig(strategy="sample", max_new_tokens=4, top_k=0, top_p=0.9))
+  assert compiles  # no top-k: another loop
+
+
 def expected_distribution(logits, temperature, top_k, top_p):
   """Independent numpy reference for the filtered next-token distribution: scale, keep the top k,
   renormalise, keep the smallest nucleus holding top_p of that (Hugging Face's order), renormalise."""
