@@ -184,9 +184,10 @@ def test_a_failed_point_leaves_the_others_results_written_and_is_named(tmp_path,
   assert [r["name"] for r in json.loads((tmp_path / "results.json").read_text())] == names[:1] + names[2:]
 
 
-def test_a_point_counts_the_tokens_and_flops_of_the_updates_it_applied(tmp_path, monkeypatch, caplog):
+def test_a_point_counts_the_tokens_and_flops_of_the_updates_it_applied(sweep_dir, tmp_path, monkeypatch, caplog):
   """With train.nonfinite='skip' a step's update may be dropped: D is what the model learned from."""
   name, point = sweep_points(load_config(CONFIG))[0]
+  shutil.copytree(sweep_dir / name, tmp_path / name)  # finished: it resumes at its last step and reports
   monkeypatch.setattr("t5x_like.trainer.updates_applied", lambda opt_state: 3)  # as if the others were skipped
   with caplog.at_level(logging.WARNING):
     row = sweep.train_point(json.dumps(point.to_dict()), str(tmp_path / name))
