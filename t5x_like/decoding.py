@@ -225,8 +225,10 @@ class _Loop:
 
 
 def _traced_values(config: DecodeConfig) -> dict[str, jax.Array]:
-  ints, floats = ("eos_id", "pad_id", "top_k"), ("temperature", "top_p", "repetition_penalty", "length_penalty")
-  return {**{name: jnp.int32(getattr(config, name)) for name in ints},
+  """The fields `_Loop` leaves out, as arrays; a top_k past any vocabulary keeps every id, as int32 can hold."""
+  floats = ("temperature", "top_p", "repetition_penalty", "length_penalty")
+  return {"eos_id": jnp.int32(config.eos_id), "pad_id": jnp.int32(config.pad_id),
+          "top_k": jnp.int32(min(config.top_k, np.iinfo(np.int32).max)),
           **{name: jnp.float32(getattr(config, name)) for name in floats}}
 
 

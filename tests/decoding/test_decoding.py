@@ -213,6 +213,8 @@ def test_another_temperature_filter_penalty_or_end_token_reruns_the_compiled_loo
     assert not compiles, strategy
   generate(decoder, PROMPTS, DecodeConfig(strategy="sample", max_new_tokens=4, top_k=0, top_p=0.9))
   assert compiles  # no top-k: another loop
+  unfiltered, huge_k = (DecodeConfig(strategy="sample", max_new_tokens=4, top_k=k) for k in (0, 10**12))
+  assert generate(decoder, PROMPTS, huge_k, seed=2) == generate(decoder, PROMPTS, unfiltered, seed=2)  # past int32
 
 
 def expected_distribution(logits, temperature, top_k, top_p):
