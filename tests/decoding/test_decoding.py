@@ -196,12 +196,17 @@ def test_sampling_is_reproducible_for_a_seed(decoder):
   assert generate(decoder, PROMPTS * 4, config, seed=7) != generate(decoder, PROMPTS * 4, config, seed=8)
 
 
-def test_another_temperature_filter_penalty_or_end_token_reruns_the_compiled_loop(decoder):
+def test_another_temperature_filter_penalty_or_end_token_reruns_the_compiled_loop(decoder, request):
   """A sweep over sampling settings or length penalties compiles each loop once; a change of which
   filters run compiles another."""
   compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, seconds, **kwargs: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+
+  def count(event, seconds, **kwargs):
+    if event.endswith("backend_compile_duration"):
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  request.addfinalizer(lambda: jax.monitoring.unregister_event_duration_listener(count))
   pairs = (("sample", dict(temperature=0.5, top_k=3, top_p=0.9, repetition_penalty=1.2, eos_id=-1, pad_id=0),
             dict(temperature=2.0, top_k=7, top_p=0.5, repetition_penalty=1.5, eos_id=9, pad_id=1)),
            ("greedy", dict(repetition_penalty=1.2, eos_id=-1), dict(repetition_penalty=1.5, eos_id=9, temperature=3.0)),
