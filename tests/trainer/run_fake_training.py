@@ -8,8 +8,8 @@ import json
 import os
 import sys
 
-if len(sys.argv) > 3:
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+if len(sys.argv) > 3:  # four devices per process; the test's other flags kept (the last count wins)
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from t5x_like import distributed  # noqa: E402
