@@ -34,7 +34,7 @@ from t5x_like.decoding import DecodeConfig, generate  # noqa: E402
 from t5x_like.hardware import call_seconds  # noqa: E402
 
 
-@functools.partial(nnx.jit, static_argnames=("new_tokens",))
+@functools.partial(nnx.jit, static_argnames=("new_tokens",), graph_updates=False)  # no copy of the parameters out
 def greedy_without_cache(model, prompt, *, new_tokens: int):
   batch, prompt_len = prompt.shape
   tokens = jnp.pad(prompt, ((0, 0), (0, new_tokens)))
