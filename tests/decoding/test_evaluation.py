@@ -294,6 +294,14 @@ def test_option_log_likelihoods_match_single_sequences(trained, prefix_lm):
     assert total == pytest.approx(expected, abs=1e-4)
 
 
+def test_scoring_hands_back_each_positions_log_probability_only(trained):
+  """Not the [options, width, vocab] distribution, nor (nnx.jit's default) a copy of the parameters."""
+  _, model, _ = trained
+  tokens = np.zeros((3, evaluation.WIDTH_BUCKET), np.int32)
+  compiled = evaluation._next_token_log_probs.lower(model, tokens, tokens, None).compile()
+  assert compiled.memory_analysis().output_size_in_bytes == 3 * (evaluation.WIDTH_BUCKET - 1) * 4  # float32
+
+
 def test_option_log_likelihoods_refuse_options_past_a_learned_position_table(trained):
   trainer, _, tokenizer = trained
   model = build_model(trainer.model_config.replace(position="learned", max_len=4))
@@ -327,16 +335,17 @@ def test_sentence_completion_task_and_score_command(run_dir, trained, tmp_path):
                     "task": str(task), "workdir": str(run_dir)}
 
 
-class BigramModel:
+class BigramModel(nnx.Module):
   """A stub decoder whose next token depends on the current one only: log p(w | v) = log_softmax(W[v])[w]."""
 
   config = ModelConfig(arch="decoder", max_len=512)
 
   def __init__(self, vocab_size: int):
-    self.weights = np.random.default_rng(1).normal(0.0, 2.0, (vocab_size, vocab_size)).astype(np.float32)
+    table = np.random.default_rng(1).normal(0.0, 2.0, (vocab_size, vocab_size))
+    self.weights = nnx.Param(jnp.asarray(table, jnp.float32))  # on the device once: vocab x vocab is 256 MB
 
   def __call__(self, tokens, segment_ids=None):
-    return jnp.asarray(self.weights)[tokens]
+    return self.weights[...][tokens]
 
 
 def test_few_shot_score_ranks_options_by_each_rule(trained):
@@ -347,7 +356,7 @@ def test_few_shot_score_ranks_options_by_each_rule(trained):
   endings = [" Anne.", " a long walk to Uppercross with Mary and Charles.", " yes.", " Bath, in the rain.",
              " Captain Wentworth and the Musgroves.", " no.", " Lady Russell, who said nothing at all."]
   model = BigramModel(tokenizer.vocab_size)
-  log_p = np.asarray(jax.nn.log_softmax(model.weights, axis=-1))  # float32 values, as scored
+  log_p = np.asarray(jax.nn.log_softmax(model.weights[...], axis=-1))  # float32 values, as scored
   rng = np.random.default_rng(0)
   contexts = [f"Item {i} was" for i in range(12)]
   # Each few-shot prompt ends with its item's context, tokenized to the same last token.
