@@ -160,7 +160,8 @@ def _ray_submit(points):
 
 
 def _local_submit(points, workers: int):
-  """As _ray_submit, in spawned processes: each point gets a fresh JAX runtime."""
+  """As _ray_submit, in `workers` spawned processes (not this one's JAX runtime), each running
+  points one after another: a worker imports and sets up JAX once for all its points."""
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
     futures = {pool.submit(train_point, json.dumps(config.to_dict()), str(workdir)): name
