@@ -374,11 +374,20 @@ def _check_cache_fits(cfg, rows: int, length: int) -> None:
                       f"of memory here; lower max_new_tokens, num_beams or the number of prompts")
 
 
+def check_eval_mode(model) -> None:
+  """Dropout draws from the model's own random streams, which a compiled loop cannot advance
+  (flax raised TraceContextError, 'Cannot mutate RngCount'), and would make tokens and scores random."""
+  if any(isinstance(m, nnx.Dropout) and m.rate > 0 and not m.deterministic for _, m in nnx.iter_modules(model)):
+    raise ConfigError("the model is in training mode, with dropout on: call model.eval() before decoding or "
+                      "scoring with it")
+
+
 def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int = 0,
              encoder_inputs: list[list[int]] | None = None) -> list[list[int]]:
   """Continues each prompt (for an encoder-decoder: decodes each encoder input, starting from
   the prompt, usually [pad_id]); returns the new tokens up to and including EOS."""
   config.validate()
+  check_eval_mode(model)
   if config.prefix_lm and model.config.arch != "decoder":
     raise ConfigError(f"prefix_lm decoding needs a decoder, not model.arch={model.config.arch!r}")
   ids = min(config.vocab_limit or model.config.vocab_size, model.config.vocab_size)

@@ -30,6 +30,7 @@ from t5x_like.data.documents import jsonl_objects
 from t5x_like.data.loader import feature_rows
 from t5x_like.data.objectives.causal_lm import CausalLM
 from t5x_like.data.tokenizer import PAD_ID
+from t5x_like.decoding import check_eval_mode
 from t5x_like.trainer import loss_means
 
 
@@ -106,6 +107,7 @@ def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str], *,
   prompt follows the start token, as documents do in training (an empty prompt scores the
   options unconditionally). With prefix_lm, the start token and prompt attend both ways,
   as a prefix LM's prefix did in training."""
+  check_eval_mode(model)
   prompt_ids = [PAD_ID] + tokenizer.encode(prompt).tolist()
   sequences = [prompt_ids + tokenizer.encode(option).tolist() for option in options]
   width = max(len(s) for s in sequences)

@@ -170,6 +170,16 @@ def test_a_decoding_loop_returns_its_tokens_and_no_copy_of_the_parameters(decode
   assert lowered.compile().memory_analysis().output_size_in_bytes == len(PROMPTS) * 3 * 4 < params  # int32 tokens
 
 
+def test_a_model_with_dropout_on_is_named_before_decoding(decoder):
+  """Flax's own error was 'Cannot mutate RngCount from a different trace level'."""
+  training = build_model(dataclasses.replace(decoder.config, dropout_rate=0.1), seed=3)
+  with pytest.raises(ConfigError, match=r"training mode, with dropout on: call model.eval\(\)"):
+    generate(training, PROMPTS, DecodeConfig(max_new_tokens=2))
+  training.eval()
+  assert generate(training, PROMPTS, DecodeConfig(max_new_tokens=2)) == generate(decoder, PROMPTS, DecodeConfig(
+      max_new_tokens=2))  # the same weights (seed 3), dropout off
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_top_k_1_and_beam_width_1_equal_greedy(decoder, dtype):
   """In bfloat16 too, where beam search reads the cache through its row index and greedy through products."""

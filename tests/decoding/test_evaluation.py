@@ -302,6 +302,14 @@ def test_scoring_hands_back_each_positions_log_probability_only(trained):
   assert compiled.memory_analysis().output_size_in_bytes == 3 * (evaluation.WIDTH_BUCKET - 1) * 4  # float32
 
 
+def test_scoring_with_dropout_on_is_refused(trained):
+  """Eagerly run, as scoring was, dropout made the scores random; compiled, flax cannot advance its streams."""
+  trainer, _, tokenizer = trained
+  training = build_model(trainer.model_config.replace(dropout_rate=0.1))
+  with pytest.raises(ConfigError, match=r"training mode, with dropout on: call model.eval\(\)"):
+    evaluation.option_log_likelihoods(training, tokenizer, "She was", [" very happy."])
+
+
 def test_option_log_likelihoods_refuse_options_past_a_learned_position_table(trained):
   trainer, _, tokenizer = trained
   model = build_model(trainer.model_config.replace(position="learned", max_len=4))
