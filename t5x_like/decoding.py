@@ -375,8 +375,9 @@ def _check_cache_fits(cfg, rows: int, length: int) -> None:
 
 
 def check_eval_mode(model) -> None:
-  """Dropout draws from the model's own random streams, which a compiled loop cannot advance
-  (flax raised TraceContextError, 'Cannot mutate RngCount'), and would make tokens and scores random."""
+  """Refuses a model with dropout on (an nnx.Dropout of rate > 0 not deterministic): it would
+  make tokens and scores random, and a compiled decoding loop cannot advance its random streams
+  (flax raised TraceContextError, 'Cannot mutate RngCount')."""
   if any(isinstance(m, nnx.Dropout) and m.rate > 0 and not m.deterministic for _, m in nnx.iter_modules(model)):
     raise ConfigError("the model is in training mode, with dropout on: call model.eval() before decoding or "
                       "scoring with it")

@@ -106,14 +106,15 @@ def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str], *,
   """(sum of log p(option tokens | prompt), number of option tokens) for each option; the
   prompt follows the start token, as documents do in training (an empty prompt scores the
   options unconditionally). With prefix_lm, the start token and prompt attend both ways,
-  as a prefix LM's prefix did in training."""
+  as a prefix LM's prefix did in training. The model is an nnx.Module in eval mode."""
   check_eval_mode(model)
   prompt_ids = [PAD_ID] + tokenizer.encode(prompt).tolist()
   sequences = [prompt_ids + tokenizer.encode(option).tolist() for option in options]
   width = max(len(s) for s in sequences)
   model.config.check_length(width, "a prompt with its option:")
-  # Padded up to a multiple of WIDTH_BUCKET (not past the model's length), so the items of
-  # a task share a few shapes and each shape's ops compile once; pads are segment 0.
+  # Padded up to a multiple of WIDTH_BUCKET (not past the model's length), so the items of a
+  # task share a few shapes and _next_token_log_probs compiles once for each (options, width);
+  # pads are segment 0.
   bucket = -(-width // WIDTH_BUCKET) * WIDTH_BUCKET
   width = max(width, min(bucket, model.config.max_len))
   tokens = np.zeros((len(sequences), width), np.int32)
@@ -134,8 +135,8 @@ def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str], *,
 def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int = 0,
                    prefix_lm: bool = False) -> dict:
   """Accuracy of rank scoring on multiple-choice items {context, options, answer}; each item's
-  examples are `shots` other items with their answers, separated by blank lines. prefix_lm:
-  see option_log_likelihoods."""
+  examples are `shots` other items with their answers, separated by blank lines. The model
+  and prefix_lm: see option_log_likelihoods."""
   if model.config.arch != "decoder":
     raise ConfigError("few-shot scoring needs a decoder")
   rng = random.Random(seed)

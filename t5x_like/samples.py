@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from t5x_like.data.tokenizer import EOS_ID, FIRST_PIECE_ID, PAD_ID
-from t5x_like.decoding import DecodeConfig, generate
+from t5x_like.decoding import DecodeConfig, check_eval_mode, generate
 
 DEFAULT_PROMPTS = ("It is a truth universally acknowledged", "Mr. Darcy", "She was")
 NEW_TOKENS = 40
@@ -56,6 +56,7 @@ def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = NEW_TO
   """(prompt, text) pairs by architecture: a decoder continues the prompt greedily (a prefix
   LM reads it as its prefix); an encoder-decoder fills the span its prompt marks (prompt_ids);
   an encoder fills a [MASK] put in place of the prompt's last token, with an ordinary piece."""
+  check_eval_mode(model)  # an encoder's prediction below runs the model directly
   prompts = list(prompts or DEFAULT_PROMPTS)
   arch = model.config.arch
   ids = [prompt_ids(tokenizer, arch, p) for p in prompts]

@@ -294,16 +294,26 @@ def test_option_log_likelihoods_match_single_sequences(trained, prefix_lm):
     assert total == pytest.approx(expected, abs=1e-4)
 
 
-def test_scoring_hands_back_each_positions_log_probability_only(trained):
-  """Not the [options, width, vocab] distribution, nor (nnx.jit's default) a copy of the parameters."""
-  _, model, _ = trained
+def test_scoring_hands_back_each_positions_log_probability_only(trained, monkeypatch):
+  """Not the [options, width, vocab] distribution, nor (nnx.jit's default) a copy of the parameters;
+  and scoring goes through that compiled call, not the model op by op."""
+  _, model, tokenizer = trained
   tokens = np.zeros((3, evaluation.WIDTH_BUCKET), np.int32)
   compiled = evaluation._next_token_log_probs.lower(model, tokens, tokens, None).compile()
   assert compiled.memory_analysis().output_size_in_bytes == 3 * (evaluation.WIDTH_BUCKET - 1) * 4  # float32
+  shapes, compiled_call = [], evaluation._next_token_log_probs
+
+  def recording(model, tokens, *rest):
+    shapes.append(tokens.shape)
+    return compiled_call(model, tokens, *rest)
+
+  monkeypatch.setattr(evaluation, "_next_token_log_probs", recording)
+  evaluation.option_log_likelihoods(model, tokenizer, "She was", [" very happy.", " not", " gone."])
+  assert shapes == [(3, evaluation.WIDTH_BUCKET)]
 
 
 def test_scoring_with_dropout_on_is_refused(trained):
-  """Eagerly run, as scoring was, dropout made the scores random; compiled, flax cannot advance its streams."""
+  """Eager or compiled, dropout drew a new mask each call: the scores were random."""
   trainer, _, tokenizer = trained
   training = build_model(trainer.model_config.replace(dropout_rate=0.1))
   with pytest.raises(ConfigError, match=r"training mode, with dropout on: call model.eval\(\)"):

@@ -43,6 +43,12 @@ def test_an_encoder_fills_its_mask_with_an_ordinary_piece_never_a_special_id(enc
   encoder.output_bias[...] = bias
 
 
+def test_an_encoder_with_dropout_on_is_named_not_sampled_at_random(encoder, tokenizer):
+  training = build_model(encoder.config.replace(dropout_rate=0.5), seed=0)
+  with pytest.raises(ConfigError, match=r"training mode, with dropout on: call model.eval\(\)"):
+    sample_texts(training, tokenizer, ["Mr. Darcy"])
+
+
 def test_a_decoder_never_generates_the_mask_or_a_sentinel_it_never_trained_on(tokenizer):
   config = ModelConfig(arch="decoder", vocab_size=8192, emb_dim=32, num_heads=2, mlp_dim=64, num_layers=1)
   model = build_model(config, seed=0)

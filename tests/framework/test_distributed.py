@@ -51,7 +51,8 @@ def test_two_process_train_with_the_model_split_over_processes_prints_samples(tm
            "--config.train.checkpoint_every=2", "--config.data.worker_threads=0",
            "--config.partitioning.mesh_shape=(1,-1,1)", "--sample-prompt", "Emma"]
   # Four devices per process; the suite's other XLA flags kept (the last device count wins).
-  env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4"}
+  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
   workers = [subprocess.Popen([sys.executable, "-c", TRAIN, "train", "--config", str(experiment),
                                "--workdir", str(tmp_path), "--coordinator_address", f"127.0.0.1:{port}",
                                "--num_processes", "2", "--process_id", str(pid), *flags],
