@@ -25,6 +25,7 @@ EXTRAS_REQUIRE = {
     # parity tests; they are never imported by the library itself at import time.
     "test": [
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",
         "torch==2.13.0",
         "transformers==5.24.0",
         "portpicker>=1.6,<2",

@@ -1,7 +1,7 @@
 """Test-wide setup, done before jax is first imported: eight simulated CPU devices, quick
-compiles, and one compilation cache for the whole run, so that the many tests (and their
-subprocesses) building the same tiny trainer compile its steps once. The cache starts empty
-and is removed at exit."""
+compiles, and one compilation cache for the whole run, so that the many tests (their
+subprocesses and the other pytest-xdist worker, which inherit the environment) building the
+same tiny trainer compile its steps once. The cache starts empty and is removed at exit."""
 
 import atexit
 import os
