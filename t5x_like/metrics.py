@@ -5,10 +5,28 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 
 import jax
 
 from models.config import ConfigError
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported with torch hidden unless something imported it already.
+
+  tensorboardX imports torch whenever it is installed, only to accept torch tensors, which costs a
+  training start 2 to 3 s; we log Python floats.
+  """
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this entry stands
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 class MetricWriter:
@@ -19,13 +37,12 @@ class MetricWriter:
     self.jsonl = None
     self.tensorboard = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # imported here: a writer, not a training dependency
       path = pathlib.Path(workdir) / "metrics.jsonl"
       if path.exists():  # a row torn by a crash would run into the first new one: cut it off
         data = path.read_bytes()
         os.truncate(path, data.rfind(b"\n") + 1)
       self.jsonl = open(path, "a", encoding="utf-8")
-      self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      self.tensorboard = _summary_writer_class()(str(pathlib.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
     if not self.enabled:

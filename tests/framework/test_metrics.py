@@ -1,6 +1,12 @@
-"""metrics.jsonl after a crash: a torn last row neither blocks reading nor fuses with the next."""
+"""metrics.jsonl after a crash: a torn last row neither blocks reading nor fuses with the next;
+TensorBoard's event file, written without importing torch."""
+
+import struct
+import subprocess
+import sys
 
 import pytest
+from tensorboardX.proto.event_pb2 import Event
 
 from models.config import ConfigError
 from t5x_like.metrics import MetricWriter, read_metrics
@@ -23,3 +29,27 @@ def test_a_damaged_row_inside_the_file_is_named(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\nnot json\n{"step": 2}\n')
   with pytest.raises(ConfigError, match=r"metrics.jsonl, line 2: not a metrics row"):
     read_metrics(tmp_path)
+
+
+def read_events(path):
+  """TFRecord framing read by hand: length (8 bytes), its CRC (4), the Event, its CRC (4)."""
+  data, events = path.read_bytes(), []
+  while data:
+    (length,) = struct.unpack("<Q", data[:8])
+    events.append(Event.FromString(data[12:12 + length]))
+    data = data[16 + length:]
+  return events
+
+
+def test_tensorboard_scalars_are_written_without_importing_torch_which_imports_after(tmp_path):
+  """torch is installed with the test extras; tensorboardX would import it (seconds) at every start."""
+  script = ("import sys; from t5x_like.metrics import MetricWriter\n"
+            f"writer = MetricWriter({str(tmp_path)!r})\n"
+            "writer.write(3, 'train', {'loss': 2.5}); writer.write(6, 'validation', {'loss': 2.25}); writer.close()\n"
+            "print('torch' in sys.modules); import torch; print(torch.ones(2).sum().item())")
+  output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+  assert output.split() == ["False", "2.0"]
+  [events_file] = (tmp_path / "tensorboard").iterdir()
+  scalars = [(event.step, value.tag, value.simple_value)
+             for event in read_events(events_file) for value in event.summary.value]
+  assert scalars == [(3, "train/loss", 2.5), (6, "validation/loss", 2.25)]
