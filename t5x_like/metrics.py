@@ -16,7 +16,8 @@ def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported with torch hidden unless something imported it already.
 
   tensorboardX imports torch whenever it is installed, only to accept torch tensors, which costs a
-  training start 2 to 3 s; we log Python floats.
+  training start 2 to 3 s; we log Python floats. For the quarter second of the import, another
+  thread's `import torch` would fail; none of this library's threads imports it.
   """
   if "torch" in sys.modules or "tensorboardX" in sys.modules:
     from tensorboardX import SummaryWriter
@@ -25,7 +26,8 @@ def _summary_writer_class():
   try:
     from tensorboardX import SummaryWriter
   finally:
-    del sys.modules["torch"]
+    if sys.modules.get("torch", False) is None:  # ours, unless something replaced it meanwhile
+      del sys.modules["torch"]
   return SummaryWriter
 
 

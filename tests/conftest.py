@@ -1,7 +1,8 @@
 """Test-wide setup, done before jax is first imported: eight simulated CPU devices, quick
-compiles, and one compilation cache for the whole run, so that the many tests (their
-subprocesses and the other pytest-xdist worker, which inherit the environment) building the
-same tiny trainer compile its steps once. The cache starts empty and is removed at exit."""
+compiles, and one compilation cache for the whole run, so that the many tests building the
+same tiny trainer compile its steps once: their subprocesses and the pytest-xdist workers inherit
+the environment of the process that ran this file first. The cache starts empty and is removed
+at exit."""
 
 import atexit
 import os
@@ -13,8 +14,9 @@ import pytest
 # LLVM's optimisation of the compiled code is much of a tiny program's compile time, and the tests'
 # programs run for milliseconds and check results, not speed: at level 0 a tiny trainer's first run
 # compiled in 0.63 of the time (4.7 s against 7.4).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+for flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+  if flag not in os.environ.get("XLA_FLAGS", "").split():  # an xdist worker inherits them already set
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # OpenBLAS's threads spin while they wait, and next to the other xdist worker they spin on a busy
 # core: the bootstrap test's scipy fits took 38 s beside a busy loop, 12 s on one thread.

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from tensorboardX.proto.event_pb2 import Event
 
 from models.config import ConfigError
 from t5x_like.metrics import MetricWriter, read_metrics
@@ -33,6 +32,7 @@ def test_a_damaged_row_inside_the_file_is_named(tmp_path):
 
 def read_events(path):
   """TFRecord framing read by hand: length (8 bytes), its CRC (4), the Event, its CRC (4)."""
+  from tensorboardX.proto.event_pb2 import Event
   data, events = path.read_bytes(), []
   while data:
     (length,) = struct.unpack("<Q", data[:8])
@@ -47,8 +47,9 @@ def test_tensorboard_scalars_are_written_without_importing_torch_which_imports_a
             f"writer = MetricWriter({str(tmp_path)!r})\n"
             "writer.write(3, 'train', {'loss': 2.5}); writer.write(6, 'validation', {'loss': 2.25}); writer.close()\n"
             "print('torch' in sys.modules); import torch; print(torch.ones(2).sum().item())")
-  output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-  assert output.split() == ["False", "2.0"]
+  run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.split() == ["False", "2.0"]
   [events_file] = (tmp_path / "tensorboard").iterdir()
   scalars = [(event.step, value.tag, value.simple_value)
              for event in read_events(events_file) for value in event.summary.value]
