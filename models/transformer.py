@@ -208,8 +208,7 @@ class _LanguageModel(nnx.Module):
     if self.lm_head is None:
       logits = self.token_embed.attend(hidden)
     else:
-      logits = self.lm_head(hidden)
-    logits = logits.astype(jnp.float32)
+      logits = self.lm_head(hidden, out_dtype=jnp.float32)
     if self.output_bias is not None:
       logits = logits + self.output_bias[...].astype(jnp.float32)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

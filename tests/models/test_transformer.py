@@ -366,6 +366,21 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
   assert_tracks(a, b)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_bf16_logits_are_the_float32_sum_of_bf16_products(tie):
+  """Against numpy in float64 from the bf16 hidden states and table: the vocabulary projection
+  accumulates and returns float32 whether tied or not (an untied head once rounded its logits
+  to bf16, by up to 2**-8 of each, before the loss read them)."""
+  model = build_model(small(dtype="bfloat16", tie_embeddings=tie))
+  hidden = model.hidden(random_tokens(15))
+  logits = model._logits(hidden)
+  assert hidden.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  rounded = lambda a: np.asarray(a.astype(jnp.bfloat16), np.float64)  # noqa: E731
+  table = rounded(model.token_embed.embedding[...]).T if tie else rounded(model.lm_head.kernel[...])
+  expected = rounded(hidden) @ table
+  np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5 * np.max(np.abs(expected)))
+
+
 def assert_tracks(a, b):
   """Logits within bf16's rounding of a few layers (measured: 1% of the largest at most, 0.8% of
   the mean): 2% of each. The logits here are about 0.1, so an absolute bound would hide a bug."""
