@@ -110,6 +110,7 @@ class Stack(nnx.Module):
       cache_index = None
     else:
       cache_index = cache["index"]
+      _check_cache_room(cache_index, x.shape[1], cache["segment_ids"].shape[1])
       write = lambda buffer, values: jax.lax.dynamic_update_slice_in_dim(buffer, values, cache_index, axis=1)
       prefix = jnp.zeros_like(segment_ids, dtype=bool) if prefix_mask is None else prefix_mask
       key_segments = write(cache["segment_ids"], segment_ids)
@@ -181,6 +182,16 @@ class Stack(nnx.Module):
     if encoded_segment_ids is not None:
       cache["encoded_segment_ids"] = encoded_segment_ids
     return cache
+
+
+def _check_cache_room(index, new_tokens: int, max_len: int) -> None:
+  """Refuses a write past the cache's end, which dynamic_update_slice would move back onto the last
+  slots, to be attended as if in place. Checked where the index is known (decoding step by step
+  outside jit); t5x_like.decoding's loops size their caches for every token they write."""
+  if new_tokens > max_len or (not isinstance(index, jax.core.Tracer) and int(index) + new_tokens > max_len):
+    at = "" if isinstance(index, jax.core.Tracer) else f" from slot {int(index)}"
+    raise ValueError(f"decoding {new_tokens} tokens{at} overruns a cache of {max_len} slots; "
+                     f"make init_cache's max_len larger")
 
 
 def _defaults(tokens, segment_ids, positions, offset=0):

@@ -177,6 +177,19 @@ def test_decoder_cache_matches_full_forward(position, kv_heads):
   assert int(cache["index"]) == LENGTH
 
 
+def test_a_decode_past_the_caches_end_is_refused():
+  """The write would otherwise land on the last slots (the update's start is clamped) and decode
+  on as if in place. Outside jit the slot is known; under jit a prompt longer than the cache is."""
+  model = build_model(small())
+  tokens = random_tokens(8)
+  _, cache = model.decode(tokens[:, :3], model.init_cache(2, 4))
+  _, cache = model.decode(tokens[:, 3:4], cache)  # fills the last slot
+  with pytest.raises(ValueError, match="decoding 1 tokens from slot 4 overruns a cache of 4 slots"):
+    model.decode(tokens[:, 4:5], cache)
+  with pytest.raises(ValueError, match="decoding 5 tokens overruns a cache of 4 slots"):
+    nnx.jit(lambda m, t, c: m.decode(t, c))(model, tokens[:, :5], model.init_cache(2, 4))
+
+
 def test_encoder_decoder_cache_matches_full_forward():
   model = build_model(small(arch="encoder_decoder", position="relative", num_kv_heads=2))
   inputs, targets = random_tokens(9, (2, 7)), random_tokens(10, (2, 6))
