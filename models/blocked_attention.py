@@ -48,7 +48,9 @@ def _forward_pair(q, k, v, mask, *, scale, causal):
 
   The log-sum-exp is kept as its two terms, the row's top logit and the log of its sum after
   the shift: a query that sees no key has top MASKED_LOGIT, to which log(sum) adds nothing
-  in float32, and its weights (1 / keys, as the xla kernel's softmax gives) must come back.
+  in float32, and its weights (1 / the keys its block reads) must come back. That is all the
+  keys, as the xla kernel's softmax gives, except in a causal call, where a block reads up to
+  its last query; there only padding sees no key, and nothing reads a padding query's output.
   """
   outs, tops, log_totals = [], [], []
   for start, end, keys in _query_blocks(q.shape[1], k.shape[0], causal):
