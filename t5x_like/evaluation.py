@@ -206,9 +206,17 @@ def sentence_completion_task(paragraphs: list[str], *, size: int = 200, options:
   if len(halves) < size + options:
     raise ConfigError(f"only {len(halves)} sentences of 8 words or more; a task of {size} items with {options} "
                       f"options needs {size + options}")
+  pool = [b for _, b in halves[size:]]
+  distinct = set(pool)
   items = []
   for context, ending in halves[:size]:
-    distractors = rng.sample([b for _, b in halves[size:]], options - 1)
+    # A text that repeats a sentence could offer the true ending twice, or one distractor twice.
+    if len(distinct - {ending}) < options - 1:
+      raise ConfigError(f"fewer than {options - 1} distinct sentence endings other than {ending!r} "
+                        f"to draw distractors from")
+    distractors = rng.sample(pool, options - 1)
+    while ending in distractors or len(set(distractors)) < options - 1:
+      distractors = rng.sample(pool, options - 1)
     choices = distractors + [ending]
     rng.shuffle(choices)
     items.append({"context": context, "options": choices, "answer": choices.index(ending)})

@@ -353,6 +353,19 @@ def test_sentence_completion_task_and_score_command(run_dir, trained, tmp_path):
                     "task": str(task), "workdir": str(run_dir)}
 
 
+def test_sentence_completion_options_are_distinct_in_a_text_that_repeats_itself():
+  """Half the sentences repeat one of three, so most draws would offer a repeated ending twice or as
+  a distractor: every item still has exactly one true option and distinct distractors."""
+  repeated = [f"The same old sentence number {i % 3} ends the very same way." for i in range(60)]
+  paragraphs = repeated + [f"Sentence number {i} is here and ending {i} goes on a while." for i in range(60)]
+  items = evaluation.sentence_completion_task(paragraphs, size=40, seed=0)
+  for item in items:
+    assert len(set(item["options"])) == 4
+  too_few = [f"The same old sentence number {i % 3} ends the very same way." for i in range(30)]
+  with pytest.raises(ConfigError, match="fewer than 3 distinct sentence endings"):
+    evaluation.sentence_completion_task(too_few, size=10, seed=0)
+
+
 class BigramModel(nnx.Module):
   """A stub decoder whose next token depends on the current one only: log p(w | v) = log_softmax(W[v])[w]."""
 
