@@ -43,7 +43,10 @@ def default_sweep_config() -> ml_collections.ConfigDict:
       # 'kaplan': LR(N) = 0.003239 - 0.0001395 ln N (Kaplan et al. eq. D.1); 'fixed': the base config's.
       learning_rate_rule="kaplan",
       executor="local",  # local | ray
-      workers=1,
+      workers=1,  # the local executor's processes; under Ray the cluster's free resources decide
+      # The GPUs each point's Ray task reserves. Ray hides every GPU from a task that reserves none,
+      # so on a GPU cluster set it (a node's count for one point a node), or the points train on CPU.
+      gpus_per_point=0.0,
   ))
 
 
@@ -80,6 +83,9 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
   for field in ("aspect_ratio", "head_dim", "mlp_ratio", "workers"):
     if isinstance(sweep[field], bool) or not isinstance(sweep[field], int) or sweep[field] < 1:
       raise ConfigError(f"sweep.{field}={sweep[field]!r} must be a positive integer")
+  if isinstance(sweep.gpus_per_point, bool) or not isinstance(sweep.gpus_per_point, (int, float)) \
+      or not sweep.gpus_per_point >= 0:
+    raise ConfigError(f"sweep.gpus_per_point={sweep.gpus_per_point!r} must be a number, 0 or more")
   for field in ("sizes", "token_budgets", "seeds"):
     if any(isinstance(v, bool) or not isinstance(v, int) or v < (0 if field == "seeds" else 1)
            for v in sweep[field]):
@@ -146,12 +152,12 @@ class PointsFailed(ConfigError):
   """Some points of a sweep raised; the message names each, and the others' results are written."""
 
 
-def _ray_submit(points):
+def _ray_submit(points, gpus_per_point: float):
   """(name, a function returning the point's row or raising its error) as each point ends."""
   import ray
   if not ray.is_initialized():
     ray.init()
-  remote = ray.remote(train_point)
+  remote = ray.remote(num_gpus=gpus_per_point)(train_point)
   refs = {remote.remote(json.dumps(config.to_dict()), str(workdir)): name for name, config, workdir in points}
   pending = list(refs)
   while pending:
@@ -185,7 +191,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> lis
       todo.append((name, point, sweep_dir / name))
   progress = tqdm(total=len(points), initial=len(results), desc="sweep points", unit="run")
   if config.sweep.executor == "ray":
-    finished = _ray_submit(todo)
+    finished = _ray_submit(todo, config.sweep.gpus_per_point)
   elif config.sweep.executor == "local":
     finished = _local_submit(todo, config.sweep.workers)
   else:

@@ -156,6 +156,7 @@ def test_damaged_point_files_and_results_are_named_with_what_to_do(sweep_dir, tm
     (dict(seeds=(-1,)), "must hold non-negative integers"),
     (dict(sizes=(1, 1)), r"sweep.sizes=\(1, 1\) names a value twice"),
     (dict(workers=0), "sweep.workers=0 must be a positive integer"),
+    (dict(gpus_per_point=-1.0), "sweep.gpus_per_point=-1.0 must be a number, 0 or more"),
     (dict(head_dim=0), "sweep.head_dim=0 must be a positive integer"),
 ])
 def test_sweep_points_refuse_budgets_and_sizes_that_cannot_be_run_as_given(changes, message):
@@ -204,13 +205,20 @@ def test_points_keep_the_base_configs_kv_grouping_and_seed():
     assert point.model.num_kv_heads == 1 and point.train.seed == 7
 
 
-def test_ray_executor_runs_points_as_ray_tasks(tmp_path):
+def test_ray_executor_runs_points_as_ray_tasks_that_reserve_their_gpus(tmp_path):
+  """Two points on a Ray instance of 2 CPUs and 1 (pretend) GPU: each task reserves the GPU, so
+  they run one after the other. A task that reserved none would have run beside the other, with
+  every GPU hidden from it by Ray."""
   import ray
-  ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+  ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
   try:
     assert main(["sweep", "--config", CONFIG, "--workdir", str(tmp_path), "--config.sweep.executor=ray",
-                 "--config.sweep.token_budgets=(2048,)", "--config.sweep.sizes=(1,)"]) == 0
+                 "--config.sweep.token_budgets=(2048,)", "--config.sweep.sizes=(1,)", "--config.sweep.seeds=(0, 1)",
+                 "--config.sweep.gpus_per_point=1"]) == 0
   finally:
     ray.shutdown()
   rows = json.loads((tmp_path / "results.json").read_text())
-  assert [r["name"] for r in rows] == ["s1_tokens2048_seed0"]
+  assert [r["name"] for r in rows] == ["s1_tokens2048_seed0", "s1_tokens2048_seed1"]
+  ends = [(tmp_path / r["name"] / "result.json").stat().st_mtime for r in rows]
+  first, second = sorted((end - r["wall_seconds"], end) for r, end in zip(rows, ends))
+  assert second[0] >= first[1], f"the points overlapped: {first} and {second}"
