@@ -241,7 +241,8 @@ def _fit(args, overrides) -> None:
   chinchilla = report["chinchilla"]
   ci = chinchilla["confidence_95"]
   print(f"Chinchilla: L = {chinchilla['e']:.3f} + {chinchilla['a']:.4g}/N^{chinchilla['alpha']:.3f} "
-        f"+ {chinchilla['b']:.4g}/D^{chinchilla['beta']:.3f}  (R^2 {chinchilla['r_squared']:.3f})")
+        f"+ {chinchilla['b']:.4g}/D^{chinchilla['beta']:.3f}  (R^2 {chinchilla['r_squared']:.3f}; N counts "
+        f"non-embedding parameters, as Kaplan et al. do, where Hoffmann et al. count all)")
   print(f"  95% bootstrap: alpha [{ci['alpha'][0]:.3f}, {ci['alpha'][1]:.3f}], "
         f"beta [{ci['beta'][0]:.3f}, {ci['beta'][1]:.3f}], E [{ci['e'][0]:.3f}, {ci['e'][1]:.3f}]")
   joint = report["kaplan_joint"]

@@ -46,8 +46,8 @@ class KaplanJoint:
     return ((self.n_c / n) ** (self.alpha_n / self.alpha_d) + self.d_c / d) ** self.alpha_d
 
 
-# Kaplan et al.'s own fit (their eq. 1.5 and table 2: N_c 8.8e13 and D_c 5.4e13 tokens), a start
-# that needs no slope of the data: across an isoFLOP design, loss can rise with N.
+# Kaplan et al.'s one-variable laws (their eqs. 1.1 and 1.2: N_c 8.8e13, D_c 5.4e13 tokens) as eq.
+# 1.5's start, which needs no slope of the data: across an isoFLOP design, loss can rise with N.
 KAPLAN_START = KaplanJoint(n_c=8.8e13, d_c=5.4e13, alpha_n=0.076, alpha_d=0.095)
 MIN_ALPHA = 1e-3
 
