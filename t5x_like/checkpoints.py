@@ -3,9 +3,10 @@
 Saves are asynchronous (training continues while arrays are written). On restore
 the newest checkpoint is tried first; one that fails to read (a crash mid-write, a
 truncated file) is moved aside into `corrupt/`, never deleted, and the previous one is
-used with a warning naming both. A checkpoint whose arrays differ from what the config
-builds (another model size, another optimizer) is a config error, not a corrupt file:
-restoring stops with the differences named and nothing is moved.
+used with a warning naming both. A step that any one process cannot read is set aside by
+all of them. A checkpoint whose arrays differ from what the config builds (another model
+size, another optimizer) is a config error, not a corrupt file: restoring stops with the
+differences named and nothing is moved.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import pathlib
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -100,9 +101,8 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
     # A run whose mode froze parameters saved them under `frozen`: they load by name as well.
     names = {f"{group}.{'.'.join(map(str, path))}": path for path in targets for group in SAVED_PARAMS}
     for step in steps:
-      try:
-        saved = _saved_params(manager, step)
-      except Exception as error:  # orbax raises many types for unreadable files
+      saved, error = _read_on_every_process(lambda: _saved_params(manager, step))
+      if error:
         _warn_unreadable(directory / str(step), error)
         continue
       problems = [f"{name}: saved, but this config does not build it" for name in sorted(saved.keys() - names.keys())]
@@ -114,10 +114,10 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
       item = {group: _nested({names[name]: targets[names[name]] for name in saved if name.startswith(group + ".")})
               for group in SAVED_PARAMS}
       item = {group: tree for group, tree in item.items() if tree}
-      try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-      except Exception as error:
+      state = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                     partial_restore=True)
+      restored, error = _read_on_every_process(lambda: _restore_here(directory / str(step), state=state))
+      if error:
         _warn_unreadable(directory / str(step), error)
         continue
       flat, _ = jax.tree_util.tree_flatten_with_path({group: restored["state"][group] for group in item})
@@ -131,14 +131,43 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
 def _data_positions(manager: ocp.CheckpointManager, step: int) -> dict | None:
   """A step's data positions; None where it has none (older than they are) or they are unreadable,
   which leaves its parameters good."""
-  if not (pathlib.Path(manager.directory) / str(step) / "data").is_dir():
+  step_directory = pathlib.Path(manager.directory) / str(step)
+  if not (step_directory / "data").is_dir():
     return None
-  try:
-    return manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
-  except Exception as error:  # orbax raises many types for unreadable files
+  restored, error = _read_on_every_process(lambda: _restore_here(step_directory, data=ocp.args.JsonRestore()))
+  if error:
     logger.warning("init_from: the data positions of checkpoint %s are unreadable (%s); its tokenizer "
-                   "is not checked", pathlib.Path(manager.directory) / str(step), first_line(error))
+                   "is not checked", step_directory, error)
     return None
+  return restored["data"]
+
+
+def _read_on_every_process(read: Callable[[], Any]) -> tuple[Any, str | None]:
+  """(read(), None) where the read worked on every process, else (None, why it failed). A process
+  whose own read worked fails too when another's did not: all then fall back to the same earlier
+  step together (one alone would train on from another step, or wait at the next collective)."""
+  try:
+    result, error = read(), None
+  except Exception as caught:  # orbax raises many types for unreadable files
+    result, error = None, first_line(caught)
+  if jax.process_count() > 1:
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
+    if failed.size and error is None:
+      error = f"unreadable on process {', '.join(map(str, failed))}"
+  return (None, error) if error else (result, None)
+
+
+def _restore_here(step_directory: pathlib.Path, **items) -> dict:
+  """Restores a step's items on this process alone. A CheckpointManager's restore ends at a barrier
+  of every process, which a process whose read failed never reaches; _read_on_every_process agrees
+  on the outcome afterwards instead."""
+  this = jax.process_index()
+  alone = ocp.options.MultiprocessingOptions(primary_host=this, active_processes={this})
+  reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=alone)
+  try:
+    return reader.restore(step_directory, args=ocp.args.Composite(**items))
+  finally:
+    reader.close()
 
 
 def _nested(leaves: dict[tuple, Any]) -> dict:
@@ -163,9 +192,8 @@ def _saved_params(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[
   return saved
 
 
-def _warn_unreadable(step_directory: pathlib.Path, error: Exception) -> None:
-  logger.warning("init_from: checkpoint %s is unreadable (%s); trying an earlier one", step_directory,
-                 first_line(error))
+def _warn_unreadable(step_directory: pathlib.Path, error: str) -> None:
+  logger.warning("init_from: checkpoint %s is unreadable (%s); trying an earlier one", step_directory, error)
 
 
 class Checkpointer:
@@ -190,22 +218,16 @@ class Checkpointer:
     """(step, state, every process's data position) from the newest readable checkpoint, or None if none."""
     unreadable = []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        metadata = self.manager.item_metadata(step)["state"]
-        if metadata is None:  # orbax reads a step whose metadata file is gone as holding nothing
-          raise ValueError("its state metadata is missing")
-      except Exception as error:  # orbax raises many types for unreadable files
-        self._set_aside(step, error, unreadable)
-        continue
-      differences = state_differences(metadata, abstract_state)
-      if differences:
-        raise ConfigError(f"checkpoint {self.directory / str(step)} holds another train state than this config "
-                          f"builds ({'; '.join(differences)}); resume with the config it was saved with "
-                          f"(the workdir's config.json) or train in a new workdir")
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      except Exception as error:
+      metadata, error = _read_on_every_process(lambda: self._state_metadata(step))
+      if not error:
+        differences = state_differences(metadata, abstract_state)
+        if differences:
+          raise ConfigError(f"checkpoint {self.directory / str(step)} holds another train state than this config "
+                            f"builds ({'; '.join(differences)}); resume with the config it was saved with "
+                            f"(the workdir's config.json) or train in a new workdir")
+        restored, error = _read_on_every_process(lambda: _restore_here(
+            self.directory / str(step), state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      if error:
         self._set_aside(step, error, unreadable)
         continue
       if unreadable:
@@ -218,20 +240,24 @@ class Checkpointer:
                         f"this workdir to start over from step 0")
     return None
 
-  def _set_aside(self, step: int, error: Exception, unreadable: list[int]) -> None:
+  def _state_metadata(self, step: int):
+    metadata = self.manager.item_metadata(step)["state"]
+    if metadata is None:  # orbax reads a step whose metadata file is gone as holding nothing
+      raise ValueError("its state metadata is missing")
+    return metadata
+
+  def _set_aside(self, step: int, error: str, unreadable: list[int]) -> None:
     """Moves an unreadable step into corrupt/ (never deletes it) and says so."""
     target = self.directory.parent / "corrupt" / f"{step}-{int(time.time())}"
-    # Process 0 moves the step only once every process has found it unreadable (a process that
-    # listed the steps after the move would restore an older one alone), and the others list
-    # the steps again only once it is moved.
-    multihost_utils.sync_global_devices(f"checkpoint {step} unreadable")
+    # Every process has listed the steps and agreed this one is unreadable (_read_on_every_process),
+    # so process 0 moves it; the others list the steps again only once it is moved.
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(self.directory / str(step)), str(target))
     multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     self.manager = self._new_manager()
     logger.warning("checkpoint %s is unreadable (%s); moved it to %s and falling back to "
-                   "an earlier checkpoint", self.directory / str(step), first_line(error), target)
+                   "an earlier checkpoint", self.directory / str(step), error, target)
     unreadable.append(step)
 
   def steps(self) -> list[int]:

@@ -1,4 +1,5 @@
-"""Multi-process runs: a half-described one fails before jax.distributed starts; a whole one trains and samples."""
+"""Multi-process runs: a half-described one fails before jax.distributed starts; a whole one trains and
+samples, and sets aside with the other process a checkpoint only one of them cannot read."""
 
 import os
 import pathlib
@@ -40,25 +41,54 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_two_process_train_with_the_model_split_over_processes_prints_samples(tmp_path, outputs_of):
-  """FSDP over both processes' devices: process 0 samples alone, so it must gather the model first
-  (without, it waited on process 1 in the first sharded computation until the coordinator gave up)."""
+def _train_on_two_processes(workdir, outputs_of, *flags):
+  """(return codes, outputs) of `t5x-like train` on two processes with a small model split over
+  both processes' devices (FSDP over all eight)."""
   port = portpicker.pick_unused_port()
   experiment = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "decoder_tiny.py"
   flags = ["--config.model.emb_dim=32", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
            "--config.model.mlp_dim=64", "--config.model.num_layers=2", "--config.data.seq_len=32",
-           "--config.train.steps=2", "--config.train.log_every=1", "--config.train.eval_steps=1",
-           "--config.train.checkpoint_every=2", "--config.data.worker_threads=0",
-           "--config.partitioning.mesh_shape=(1,-1,1)", "--sample-prompt", "Emma"]
+           "--config.train.log_every=1", "--config.train.eval_steps=1", "--config.data.worker_threads=0",
+           "--config.partitioning.mesh_shape=(1,-1,1)", *flags]
   # Four devices per process; the suite's other XLA flags kept (the last device count wins).
   env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
   workers = [subprocess.Popen([sys.executable, "-c", TRAIN, "train", "--config", str(experiment),
-                               "--workdir", str(tmp_path), "--coordinator_address", f"127.0.0.1:{port}",
+                               "--workdir", str(workdir), "--coordinator_address", f"127.0.0.1:{port}",
                                "--num_processes", "2", "--process_id", str(pid), *flags],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for pid in range(2)]
   outputs = outputs_of(workers, timeout=240)
-  assert [worker.returncode for worker in workers] == [0, 0], outputs
+  return [worker.returncode for worker in workers], outputs
+
+
+def test_two_process_train_with_the_model_split_over_processes_prints_samples(tmp_path, outputs_of):
+  """Process 0 samples alone, so it must gather the model first (without, it waited on process 1
+  in the first sharded computation until the coordinator gave up)."""
+  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, "--config.train.steps=2",
+                                           "--config.train.checkpoint_every=2", "--sample-prompt", "Emma")
+  assert codes == [0, 0], outputs
   assert "step 2: validation loss" in outputs[0] and "--- 'Emma'\nEmma" in outputs[0]
   assert "--- 'Emma'" not in outputs[1]
+
+
+def test_a_checkpoint_one_process_cannot_read_is_set_aside_by_both(tmp_path, outputs_of):
+  """With the model split over processes each reads only the shards it holds. Garbling process 1's
+  files of step 4 leaves process 0's reads good, yet both must fall back to step 2 together (before,
+  process 0 waited at orbax's restore barrier and process 1 at another until both gave up)."""
+  flags = "--config.train.steps=4", "--config.train.checkpoint_every=2"
+  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, *flags)
+  assert codes == [0, 0], outputs
+  garbled = [file for file in (tmp_path / "checkpoints" / "4" / "state" / "ocdbt.process_1").rglob("*")
+             if file.is_file() and file.parent.name == "d"]
+  assert garbled, "process 1 wrote no array files to garble"
+  for file in garbled:
+    file.write_bytes(b"garbage")
+  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, *flags)
+  assert codes == [0, 0], outputs
+  assert f"checkpoint {tmp_path / 'checkpoints' / '4'} is unreadable (unreadable on process 1)" in outputs[0]
+  assert f"checkpoint {tmp_path / 'checkpoints' / '4'} is unreadable (Exception: " in outputs[1]
+  for output in outputs:
+    assert f"resuming from checkpoint {tmp_path / 'checkpoints' / '2'}, the newest readable one" in output
+  assert [path.name.split("-")[0] for path in (tmp_path / "corrupt").iterdir()] == ["4"]
+  assert sorted(int(path.name) for path in (tmp_path / "checkpoints").iterdir()) == [2, 4]  # step 4 trained again
