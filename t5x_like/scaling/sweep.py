@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import pathlib
 import time
 
@@ -165,11 +166,24 @@ def _ray_submit(points, gpus_per_point: float):
     yield refs[finished[0]], functools.partial(ray.get, finished[0])
 
 
+def _share_accelerator_memory(workers: int) -> None:
+  """Runs in each local worker before its JAX backend starts. JAX takes 75% of a GPU's memory up
+  front, so a second worker on the same GPU would find too little to start; each takes its share
+  of those 75% instead. A fraction already set in the environment wins; CPUs do not read it."""
+  if workers > 1:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.75 / workers:.4f}")
+
+
+def worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+  """`workers` spawned processes (not this one's JAX runtime) that share the accelerators."""
+  return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_share_accelerator_memory, initargs=(workers,))
+
+
 def _local_submit(points, workers: int):
-  """As _ray_submit, in `workers` spawned processes (not this one's JAX runtime), each running
-  points one after another: a worker imports and sets up JAX once for all its points."""
-  context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+  """As _ray_submit, in a worker_pool, each worker running points one after another: a worker
+  imports and sets up JAX once for all its points."""
+  with worker_pool(workers) as pool:
     futures = {pool.submit(train_point, json.dumps(config.to_dict()), str(workdir)): name
                for name, config, workdir in points}
     for future in concurrent.futures.as_completed(futures):

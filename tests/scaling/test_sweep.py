@@ -3,6 +3,7 @@ points; the Ray executor against a real local Ray instance."""
 
 import json
 import logging
+import os
 import pathlib
 import re
 import shutil
@@ -183,6 +184,18 @@ def test_a_failed_point_leaves_the_others_results_written_and_is_named(tmp_path,
                                         rf"became NaN at step 3\); .*results.json holds the other 5"):
     sweep.run_sweep(config, tmp_path)
   assert [r["name"] for r in json.loads((tmp_path / "results.json").read_text())] == names[:1] + names[2:]
+
+
+def test_local_workers_share_the_gpu_memory_jax_takes_up_front(monkeypatch):
+  """Two workers on one GPU each take half of the 75% JAX takes (the second could not start
+  otherwise); a fraction set in the environment wins. Read back from inside the workers."""
+  fraction = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+  monkeypatch.delenv(fraction, raising=False)
+  with sweep.worker_pool(2) as pool:
+    assert float(pool.submit(os.getenv, fraction).result()) == 0.375
+  monkeypatch.setenv(fraction, "0.2")
+  with sweep.worker_pool(2) as pool:
+    assert pool.submit(os.getenv, fraction).result() == "0.2"
 
 
 def test_a_point_counts_the_tokens_and_flops_of_the_updates_it_applied(sweep_dir, tmp_path, monkeypatch, caplog):
