@@ -11,7 +11,6 @@ differences named and nothing is moved.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import shutil
@@ -19,11 +18,11 @@ import time
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from models.config import ConfigError, first_line
+from t5x_like.distributed import gather_json, process_0s
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +44,7 @@ def state_differences(saved_metadata, abstract_state, limit: int = 5) -> list[st
 def gather_data_positions(data_state: dict | None) -> dict[str, dict]:
   """{process index: its data loader state}, from every process: orbax writes a JSON item from
   process 0 alone, and each process reads its own share of the data."""
-  encoded = np.frombuffer(json.dumps(data_state or {}).encode(), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.array([encoded.size]))).reshape(-1)
-  # Padded to a power of two, so the gather compiles for a few sizes, not once per new JSON length.
-  padded = np.zeros(max(256, 1 << (int(lengths.max()) - 1).bit_length()), np.uint8)
-  padded[:encoded.size] = encoded
-  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
-  return {str(index): json.loads(bytes(row[:length]).decode())
-          for index, (row, length) in enumerate(zip(rows, lengths))}
+  return {str(index): state for index, state in enumerate(gather_json(data_state or {}))}
 
 
 def _by_process(positions: dict) -> dict[str, dict]:
@@ -89,13 +81,17 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
   nothing there is moved. A saved parameter that targets lack or hold in another shape is a
   ConfigError; targets the source did not save are left out of the result."""
   source = pathlib.Path(source).absolute()
-  directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-  if not directory.is_dir():
+  # Process 0's view, on every process: all look in one place, and try the same steps.
+  looked_in = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+  directory, found = process_0s([str(looked_in), looked_in.is_dir()])
+  directory = pathlib.Path(directory)
+  if not found:
     raise ConfigError(f"train.init_from={str(source)!r} holds no checkpoint (looked in {directory})")
   manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                             "data": ocp.JsonCheckpointHandler()})
   try:
-    steps = sorted(manager.all_steps(), reverse=True)
+    # A run still saving there can add or delete a step between two processes' listings.
+    steps = process_0s(sorted(manager.all_steps(), reverse=True))
     if not steps:
       raise ConfigError(f"train.init_from={str(source)!r} holds no checkpoint (looked in {directory})")
     # A run whose mode froze parameters saved them under `frozen`: they load by name as well.
@@ -132,7 +128,7 @@ def _data_positions(manager: ocp.CheckpointManager, step: int) -> dict | None:
   """A step's data positions; None where it has none (older than they are) or they are unreadable,
   which leaves its parameters good."""
   step_directory = pathlib.Path(manager.directory) / str(step)
-  if not (step_directory / "data").is_dir():
+  if not process_0s((step_directory / "data").is_dir()):
     return None
   restored, error = _read_on_every_process(lambda: _restore_here(step_directory, data=ocp.args.JsonRestore()))
   if error:
@@ -150,10 +146,9 @@ def _read_on_every_process(read: Callable[[], Any]) -> tuple[Any, str | None]:
     result, error = read(), None
   except Exception as caught:  # orbax raises many types for unreadable files
     result, error = None, first_line(caught)
-  if jax.process_count() > 1:
-    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
-    if failed.size and error is None:
-      error = f"unreadable on process {', '.join(map(str, failed))}"
+  failed = [(index, message) for index, message in enumerate(gather_json(error)) if message is not None]
+  if failed and error is None:
+    error = f"process {failed[0][0]} cannot read it: {failed[0][1]}"
   return (None, error) if error else (result, None)
 
 
@@ -217,7 +212,7 @@ class Checkpointer:
   def restore_latest(self, abstract_state):
     """(step, state, every process's data position) from the newest readable checkpoint, or None if none."""
     unreadable = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    for step in process_0s(sorted(self.manager.all_steps(), reverse=True)):
       metadata, error = _read_on_every_process(lambda: self._state_metadata(step))
       if not error:
         differences = state_differences(metadata, abstract_state)

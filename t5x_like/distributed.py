@@ -1,12 +1,26 @@
-"""Joining a multi-process run: one process per host, all running the same command."""
+"""Joining a multi-process run (one process per host, all running the same command), and
+agreeing across its processes on what each found by itself.
+
+A process that decides alone from its own files (a checkpoint it cannot read, a tokenizer or
+data file that differs on its host) and raises, or takes another branch, leaves the others
+waiting in their next collective until a timeout. So such verdicts are gathered first, and
+every process acts on all of them together.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any, Callable, TypeVar
 
 import jax
+import numpy as np
+from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from models.config import ConfigError
+
+T = TypeVar("T")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -45,3 +59,54 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     raise ConfigError(f"process id {process_id} is not in [0, {num_processes}) for {num_processes} processes")
   jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
                              process_id=process_id)
+
+
+def gather_json(value: Any) -> list:
+  """`value` (anything JSON holds) from every process, in process order. One process's is its own."""
+  if jax.process_count() == 1:
+    return [json.loads(json.dumps(value))]
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([encoded.size]))).reshape(-1)
+  # Padded to a power of two, so the gather compiles for a few sizes, not once per new JSON length.
+  padded = np.zeros(max(256, 1 << (int(lengths.max()) - 1).bit_length()), np.uint8)
+  padded[:encoded.size] = encoded
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [json.loads(bytes(row[:length]).decode()) for row, length in zip(rows, lengths)]
+
+
+def process_0s(value: Any) -> Any:
+  """Process 0's `value`, on every process: for what each process looks up by itself but all
+  must act on alike (the steps listed in a directory another run is still saving into)."""
+  return value if jax.process_count() == 1 else gather_json(value)[0]
+
+
+def check_on_every_process(check: Callable[[], T]) -> T:
+  """check(), which reads this process's own files and raises ConfigError when they are wrong,
+  made to raise on every process when it fails on any (naming the first that failed), so none
+  goes on alone into a collective that the others never reach."""
+  if jax.process_count() == 1:
+    return check()
+  try:
+    result, error = check(), None
+  except ConfigError as raised:
+    result, error = None, str(raised)
+  failed = [(index, message) for index, message in enumerate(gather_json(error)) if message is not None]
+  if failed:
+    index, message = failed[0]
+    raise ConfigError(error if error is not None else f"on process {index}: {message}")
+  return result
+
+
+def check_same_config(config: dict) -> None:
+  """Raises ConfigError on every process unless all run the same config (`config` as JSON holds
+  it, data paths made absolute). A host with another checkout, flag or working directory would
+  stop at another step and leave the others waiting, or train apart with another seed or rate."""
+  if jax.process_count() == 1:
+    return
+  flat = [traverse_util.flatten_dict(each, sep=".") for each in gather_json(config)]
+  for index, other in enumerate(flat[1:], start=1):
+    differences = [f"{key}: {flat[0].get(key)!r} on process 0, {other.get(key)!r} on process {index}"
+                   for key in sorted(flat[0].keys() | other.keys()) if flat[0].get(key) != other.get(key)]
+    if differences:
+      raise ConfigError(f"the processes run different configs ({'; '.join(differences[:5])}); start every "
+                        f"process with the same config file, flags and working directory")

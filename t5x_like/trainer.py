@@ -37,6 +37,7 @@ from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_dige
 from t5x_like.config import base_config, fill_defaults
 from t5x_like.data.config import absolute_paths
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
+from t5x_like.distributed import check_on_every_process, check_same_config
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import TrainingMode, make_mode
@@ -252,6 +253,7 @@ class Trainer:
                make_loader: Callable[..., Iterator] | None = None, devices=None):
     self.config = config
     config.data.update(absolute_paths(config.data))  # so config.json names them wherever eval or decode runs
+    check_same_config(json.loads(config.to_json_best_effort()))
     self.workdir = pathlib.Path(workdir)
     if self.workdir.exists() and not self.workdir.is_dir():
       raise ConfigError(f"the workdir {self.workdir} is a file, not a directory")
@@ -332,23 +334,33 @@ class Trainer:
     if restored is None:
       return None
     step, saved, data_positions = restored
-    if not self._same_tokenizer(data_positions):  # training, eval, decode would read other ids
-      raise ConfigError(f"data.tokenizer={self.config.data.tokenizer!r} is not the file {self.workdir} was trained "
-                        f"with (its contents changed since); restore that file")
+    self._check_tokenizer(data_positions)
     self.state = {key: saved[key] for key in self.state}
     if "frozen" in saved:
       self.rest = _replace_leaves(self.rest, _leaves_by_path(saved["frozen"]))
     logger.info("restored step %d from %s", step, self.workdir)
     return data_positions
 
-  def _same_tokenizer(self, data_positions: dict | None) -> bool:
-    """Whether this config's tokenizer file is the one the saved data positions were read with
-    (True where they do not say: a checkpoint from before they did, or a loader without one)."""
-    digest = saved_tokenizer_digest(data_positions)
-    if not digest or "tokenizer" not in self.config.data:
-      return True
-    from t5x_like.data.tokenizer import load_tokenizer
-    return load_tokenizer(self.config.data.tokenizer).sha256 == digest
+  def _check_tokenizer(self, data_positions: dict | None, init_from: str | None = None) -> None:
+    """Raises ConfigError, on every process, unless this config's tokenizer file is the one the
+    saved data positions (this run's, or init_from's) were read with, on every process: each host
+    reads its own copy. Positions from before they held it, or from a loader without one, pass."""
+    def check():
+      digest = saved_tokenizer_digest(data_positions)
+      if not digest or "tokenizer" not in self.config.data:
+        return
+      from t5x_like.data.tokenizer import load_tokenizer
+      tokenizer = self.config.data.tokenizer
+      if load_tokenizer(tokenizer).sha256 == digest:
+        return
+      if init_from is None:  # training, eval and decode would read other ids
+        raise ConfigError(f"data.tokenizer={tokenizer!r} is not the file {self.workdir} was trained with (its "
+                          f"contents changed since); restore that file")
+      # Each embedding row would stand for another piece.
+      raise ConfigError(f"train.init_from={init_from!r} was trained with another tokenizer than "
+                        f"data.tokenizer={tokenizer!r} (the files' contents differ); train with the one it was "
+                        f"trained with")
+    check_on_every_process(check)
 
   def init_params_from(self, source: str | pathlib.Path) -> None:
     """Starts from another run's newest checkpoint (a pretrained model to fine-tune): each
@@ -359,10 +371,7 @@ class Trainer:
                for tree in (self.state["params"], self.rest)
                for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     loaded, data_positions = read_params(source, targets)
-    if not self._same_tokenizer(data_positions):  # each embedding row would stand for another piece
-      raise ConfigError(f"train.init_from={str(source)!r} was trained with another tokenizer than "
-                        f"data.tokenizer={self.config.data.tokenizer!r} (the files' contents differ); "
-                        f"train with the one it was trained with")
+    self._check_tokenizer(data_positions, init_from=str(source))
     params, self.rest = _replace_leaves(self.state["params"], loaded), _replace_leaves(self.rest, loaded)
     kept = [".".join(map(str, _path_of(keys))) for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]
             if _path_of(keys) not in loaded]
@@ -562,7 +571,9 @@ class Trainer:
     if data_positions is None and cfg.get("init_from"):  # absent from older runs' config.json
       self.init_params_from(cfg.init_from)
     elif data_positions:  # {}: a checkpoint from before data positions were saved
-      train_loader.set_state(this_process_position(data_positions, checkpointer.directory))
+      # Each process checks its own data files against its saved position.
+      check_on_every_process(lambda: train_loader.set_state(this_process_position(data_positions,
+                                                                                  checkpointer.directory)))
     start_step = int(jax.device_get(self.state["step"]))
     if start_step > cfg.steps:
       raise ConfigError(f"{checkpointer.directory} holds step {start_step}, past train.steps={cfg.steps}; "

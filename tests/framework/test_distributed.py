@@ -1,13 +1,17 @@
 """Multi-process runs: a half-described one fails before jax.distributed starts; a whole one trains and
 samples, and sets aside with the other process a checkpoint only one of them cannot read."""
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import portpicker
 import pytest
+from jax.experimental import multihost_utils
 
 from models.config import ConfigError
 from t5x_like import distributed
@@ -34,6 +38,53 @@ def test_process_flags_without_a_coordinator_or_out_of_range_are_refused(monkeyp
     distributed.initialize("127.0.0.1:1234", 0, 0)
 
 
+def _as_process(monkeypatch, index, others):
+  """This process as process `index` of 1 + len(others), whose gather_json values are `others`:
+  process_allgather returns what each process's gather_json would put in, in process order."""
+  def allgather(array):
+    array = np.asarray(array)
+    theirs = [np.frombuffer(json.dumps(value).encode(), np.uint8) for value in others]
+    if array.dtype == np.uint8:  # the padded JSON bytes
+      theirs = [np.pad(encoded, (0, array.size - encoded.size)) for encoded in theirs]
+    else:  # their lengths
+      theirs = [np.array([encoded.size]) for encoded in theirs]
+    theirs.insert(index, array)
+    return np.stack(theirs)
+  monkeypatch.setattr(jax, "process_count", lambda: 1 + len(others))
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+
+
+def test_processes_gather_each_others_json_and_take_process_0s(monkeypatch):
+  long = {"position": "x" * 300}  # past the smallest padded length
+  _as_process(monkeypatch, 1, [long])
+  assert distributed.gather_json({"a": [1, 2]}) == [long, {"a": [1, 2]}]
+  _as_process(monkeypatch, 1, [[6, 4, 2]])  # process 0 listed a step that was saved since this one listed
+  assert distributed.process_0s([4, 2]) == [6, 4, 2]
+
+
+def test_a_check_that_fails_on_one_process_fails_on_every_process(monkeypatch):
+  _as_process(monkeypatch, 0, [None])
+  assert distributed.check_on_every_process(lambda: 7) == 7
+  _as_process(monkeypatch, 0, ["data.tokenizer='t.model' is not the file the run was trained with"])
+  with pytest.raises(ConfigError, match=r"^on process 1: data.tokenizer='t.model' is not the file"):
+    distributed.check_on_every_process(lambda: 7)
+
+  def fails():
+    raise ConfigError("this process's own problem")
+  with pytest.raises(ConfigError, match=r"^this process's own problem$"):
+    distributed.check_on_every_process(fails)
+
+
+def test_processes_with_different_configs_are_refused_naming_the_fields(monkeypatch):
+  mine = {"train": {"steps": 10, "seed": 0}, "data": {"dataset_dir": "/a"}}
+  _as_process(monkeypatch, 0, [mine])
+  distributed.check_same_config(mine)
+  _as_process(monkeypatch, 0, [{"train": {"steps": 20, "seed": 0}, "data": {"dataset_dir": "/b"}}])
+  with pytest.raises(ConfigError, match=r"the processes run different configs \(data.dataset_dir: '/a' on process 0, "
+                                        r"'/b' on process 1; train.steps: 10 on process 0, 20 on process 1\)"):
+    distributed.check_same_config(mine)
+
+
 TRAIN = """
 import sys
 from t5x_like.cli import main
@@ -41,9 +92,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _train_on_two_processes(workdir, outputs_of, *flags):
+def _train_on_two_processes(workdir, outputs_of, *flags, per_process=((), ())):
   """(return codes, outputs) of `t5x-like train` on two processes with a small model split over
-  both processes' devices (FSDP over all eight)."""
+  both processes' devices (FSDP over all eight); `per_process` holds each one's own flags."""
   port = portpicker.pick_unused_port()
   experiment = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "decoder_tiny.py"
   flags = ["--config.model.emb_dim=32", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
@@ -55,7 +106,7 @@ def _train_on_two_processes(workdir, outputs_of, *flags):
          "JAX_PLATFORMS": "cpu"}
   workers = [subprocess.Popen([sys.executable, "-c", TRAIN, "train", "--config", str(experiment),
                                "--workdir", str(workdir), "--coordinator_address", f"127.0.0.1:{port}",
-                               "--num_processes", "2", "--process_id", str(pid), *flags],
+                               "--num_processes", "2", "--process_id", str(pid), *flags, *per_process[pid]],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for pid in range(2)]
   outputs = outputs_of(workers, timeout=240)
@@ -86,9 +137,19 @@ def test_a_checkpoint_one_process_cannot_read_is_set_aside_by_both(tmp_path, out
     file.write_bytes(b"garbage")
   codes, outputs = _train_on_two_processes(tmp_path, outputs_of, *flags)
   assert codes == [0, 0], outputs
-  assert f"checkpoint {tmp_path / 'checkpoints' / '4'} is unreadable (unreadable on process 1)" in outputs[0]
-  assert f"checkpoint {tmp_path / 'checkpoints' / '4'} is unreadable (Exception: " in outputs[1]
+  step_4 = tmp_path / "checkpoints" / "4"
+  assert f"checkpoint {step_4} is unreadable (process 1 cannot read it: Exception: " in outputs[0]
+  assert f"checkpoint {step_4} is unreadable (Exception: " in outputs[1]
   for output in outputs:
     assert f"resuming from checkpoint {tmp_path / 'checkpoints' / '2'}, the newest readable one" in output
   assert [path.name.split("-")[0] for path in (tmp_path / "corrupt").iterdir()] == ["4"]
   assert sorted(int(path.name) for path in (tmp_path / "checkpoints").iterdir()) == [2, 4]  # step 4 trained again
+
+
+def test_processes_started_with_different_flags_stop_before_training_naming_them(tmp_path, outputs_of):
+  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, "--config.train.checkpoint_every=2",
+                                           per_process=(["--config.train.steps=2"], ["--config.train.steps=3"]))
+  assert codes == [2, 2], outputs
+  for output in outputs:
+    assert "error: the processes run different configs (train.steps: 2 on process 0, 3 on process 1)" in output
+  assert not (tmp_path / "checkpoints").exists()
