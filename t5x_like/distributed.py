@@ -18,7 +18,7 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from models.config import ConfigError
+from models.config import ConfigError, first_line
 
 T = TypeVar("T")
 
@@ -75,38 +75,42 @@ def gather_json(value: Any) -> list:
 
 
 def process_0s(value: Any) -> Any:
-  """Process 0's `value`, on every process: for what each process looks up by itself but all
-  must act on alike (the steps listed in a directory another run is still saving into)."""
-  return value if jax.process_count() == 1 else gather_json(value)[0]
+  """Process 0's `value` as JSON gives it back, on every process: for what each process looks
+  up by itself but all must act on alike (the steps in a directory another run saves into)."""
+  return gather_json(value)[0]
 
 
 def check_on_every_process(check: Callable[[], T]) -> T:
-  """check(), which reads this process's own files and raises ConfigError when they are wrong,
-  made to raise on every process when it fails on any (naming the first that failed), so none
-  goes on alone into a collective that the others never reach."""
+  """check(), which reads this process's own files and raises when they are wrong, made to fail
+  on every process when it fails on any, so that none goes on alone into a collective the
+  others never reach. A process whose check failed raises its own error; the others raise a
+  ConfigError naming the first process that failed and its message."""
   if jax.process_count() == 1:
     return check()
   try:
-    result, error = check(), None
-  except ConfigError as raised:
-    result, error = None, str(raised)
-  failed = [(index, message) for index, message in enumerate(gather_json(error)) if message is not None]
+    result = check()
+  except Exception as error:
+    gather_json(str(error) if isinstance(error, ConfigError) else first_line(error))
+    raise
+  failed = [(index, message) for index, message in enumerate(gather_json(None)) if message is not None]
   if failed:
-    index, message = failed[0]
-    raise ConfigError(error if error is not None else f"on process {index}: {message}")
+    raise ConfigError(f"on process {failed[0][0]}: {failed[0][1]}")
   return result
 
 
-def check_same_config(config: dict) -> None:
-  """Raises ConfigError on every process unless all run the same config (`config` as JSON holds
-  it, data paths made absolute). A host with another checkout, flag or working directory would
-  stop at another step and leave the others waiting, or train apart with another seed or rate."""
+def check_same_run(run: dict) -> None:
+  """Raises ConfigError on every process unless all describe the same run (`run`: the config as
+  JSON holds it, data paths made absolute, and what else must match). A host with another
+  checkout, flag or working directory would stop at another step and leave the others waiting,
+  or train apart with another seed, rate or tokenizer."""
   if jax.process_count() == 1:
     return
-  flat = [traverse_util.flatten_dict(each, sep=".") for each in gather_json(config)]
+  # Compared as JSON text: a NaN equals itself, and a field one process lacks differs from None.
+  flat = [{key: json.dumps(value, sort_keys=True) for key, value in traverse_util.flatten_dict(each, sep=".").items()}
+          for each in gather_json(run)]
   for index, other in enumerate(flat[1:], start=1):
-    differences = [f"{key}: {flat[0].get(key)!r} on process 0, {other.get(key)!r} on process {index}"
+    differences = [f"{key}: {flat[0].get(key, 'nothing')} on process 0, {other.get(key, 'nothing')} on process {index}"
                    for key in sorted(flat[0].keys() | other.keys()) if flat[0].get(key) != other.get(key)]
     if differences:
       raise ConfigError(f"the processes run different configs ({'; '.join(differences[:5])}); start every "
-                        f"process with the same config file, flags and working directory")
+                        f"process with the same config file, flags, working directory and files")

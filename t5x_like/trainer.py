@@ -37,7 +37,7 @@ from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_dige
 from t5x_like.config import base_config, fill_defaults
 from t5x_like.data.config import absolute_paths
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
-from t5x_like.distributed import check_on_every_process, check_same_config
+from t5x_like.distributed import check_on_every_process, check_same_run
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import TrainingMode, make_mode
@@ -253,8 +253,8 @@ class Trainer:
                make_loader: Callable[..., Iterator] | None = None, devices=None):
     self.config = config
     config.data.update(absolute_paths(config.data))  # so config.json names them wherever eval or decode runs
-    check_same_config(json.loads(config.to_json_best_effort()))
     self.workdir = pathlib.Path(workdir)
+    self._check_same_run_on_every_process()
     if self.workdir.exists() and not self.workdir.is_dir():
       raise ConfigError(f"the workdir {self.workdir} is a file, not a directory")
     devices = jax.devices() if devices is None else devices
@@ -323,6 +323,17 @@ class Trainer:
     rest = _leaves_by_path(self.rest)
     frozen = jax.tree_util.tree_map_with_path(lambda keys, _: rest[_path_of(keys)], self.frozen_template)
     return {**self.state, "frozen": frozen}
+
+  def _check_same_run_on_every_process(self) -> None:
+    """Every process must train the same config in the same workdir (each reads the checkpoints
+    from its own path), with the same tokenizer file (each reads its own copy)."""
+    if jax.process_count() == 1:
+      return
+    run = {**json.loads(self.config.to_json_best_effort()), "workdir": str(self.workdir.absolute())}
+    if "tokenizer" in self.config.data:
+      from t5x_like.data.tokenizer import load_tokenizer
+      run["tokenizer_sha256"] = check_on_every_process(lambda: load_tokenizer(self.config.data.tokenizer).sha256)
+    check_same_run(run)
 
   def restore(self, checkpointer: Checkpointer | None = None) -> dict | None:
     """Loads the newest readable checkpoint in the workdir; returns every process's data-loader
@@ -571,9 +582,8 @@ class Trainer:
     if data_positions is None and cfg.get("init_from"):  # absent from older runs' config.json
       self.init_params_from(cfg.init_from)
     elif data_positions:  # {}: a checkpoint from before data positions were saved
-      # Each process checks its own data files against its saved position.
-      check_on_every_process(lambda: train_loader.set_state(this_process_position(data_positions,
-                                                                                  checkpointer.directory)))
+      position = this_process_position(data_positions, checkpointer.directory)
+      check_on_every_process(lambda: train_loader.set_state(position))  # against this host's own data files
     start_step = int(jax.device_get(self.state["step"]))
     if start_step > cfg.steps:
       raise ConfigError(f"{checkpointer.directory} holds step {start_step}, past train.steps={cfg.steps}; "

@@ -14,7 +14,7 @@ import pytest
 from jax.experimental import multihost_utils
 
 from models.config import ConfigError
-from t5x_like import distributed
+from t5x_like import checkpoints, distributed
 
 
 def test_process_flags_without_a_coordinator_or_out_of_range_are_refused(monkeypatch):
@@ -68,21 +68,38 @@ def test_a_check_that_fails_on_one_process_fails_on_every_process(monkeypatch):
   _as_process(monkeypatch, 0, ["data.tokenizer='t.model' is not the file the run was trained with"])
   with pytest.raises(ConfigError, match=r"^on process 1: data.tokenizer='t.model' is not the file"):
     distributed.check_on_every_process(lambda: 7)
+  gathered = []
+  _as_process(monkeypatch, 0, [None])
+  monkeypatch.setattr(distributed, "gather_json", lambda value: gathered.append(value) or [value, None])
 
-  def fails():
-    raise ConfigError("this process's own problem")
+  def fails(error):
+    raise error
   with pytest.raises(ConfigError, match=r"^this process's own problem$"):
-    distributed.check_on_every_process(fails)
+    distributed.check_on_every_process(lambda: fails(ConfigError("this process's own problem")))
+  with pytest.raises(RuntimeError, match="^an unreadable file$"):  # not only ConfigError: a broken file's own error
+    distributed.check_on_every_process(lambda: fails(RuntimeError("an unreadable file")))
+  assert gathered == ["this process's own problem", "RuntimeError: an unreadable file"]  # told the others first
+
+
+def test_a_read_that_fails_on_one_process_is_a_failure_on_every_process(monkeypatch):
+  _as_process(monkeypatch, 0, [None])
+  assert checkpoints._read_on_every_process(lambda: 5) == (5, None)
+  _as_process(monkeypatch, 0, ["Exception: Encountered error while reading array index"])
+  assert checkpoints._read_on_every_process(lambda: 5) == (
+      None, "process 1 cannot read it: Exception: Encountered error while reading array index")
+  assert checkpoints._read_on_every_process(lambda: {}["state"]) == (None, "KeyError: 'state'")
 
 
 def test_processes_with_different_configs_are_refused_naming_the_fields(monkeypatch):
-  mine = {"train": {"steps": 10, "seed": 0}, "data": {"dataset_dir": "/a"}}
+  mine = {"train": {"steps": 10, "seed": 0, "z_loss": float("nan")}, "data": {"dataset_dir": "/a"}}
   _as_process(monkeypatch, 0, [mine])
-  distributed.check_same_config(mine)
-  _as_process(monkeypatch, 0, [{"train": {"steps": 20, "seed": 0}, "data": {"dataset_dir": "/b"}}])
-  with pytest.raises(ConfigError, match=r"the processes run different configs \(data.dataset_dir: '/a' on process 0, "
-                                        r"'/b' on process 1; train.steps: 10 on process 0, 20 on process 1\)"):
-    distributed.check_same_config(mine)
+  distributed.check_same_run(mine)  # NaN included
+  _as_process(monkeypatch, 0, [{"train": {"steps": 20, "seed": 0, "z_loss": float("nan"), "init_from": None},
+                                "data": {"dataset_dir": "/b"}}])
+  with pytest.raises(ConfigError, match=r'the processes run different configs \(data.dataset_dir: "/a" on process 0, '
+                                        r'"/b" on process 1; train.init_from: nothing on process 0, null on process 1; '
+                                        r'train.steps: 10 on process 0, 20 on process 1\)'):
+    distributed.check_same_run(mine)
 
 
 TRAIN = """
