@@ -164,9 +164,13 @@ def test_a_checkpoint_one_process_cannot_read_is_set_aside_by_both(tmp_path, out
 
 
 def test_processes_started_with_different_flags_stop_before_training_naming_them(tmp_path, outputs_of):
-  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, "--config.train.checkpoint_every=2",
-                                           per_process=(["--config.train.steps=2"], ["--config.train.steps=3"]))
+  """Process 1 is given another step count and another workdir (argparse takes the last --workdir)."""
+  other = tmp_path / "other"
+  codes, outputs = _train_on_two_processes(
+      tmp_path, outputs_of, "--config.train.checkpoint_every=2",
+      per_process=(["--config.train.steps=2"], ["--config.train.steps=3", "--workdir", str(other)]))
   assert codes == [2, 2], outputs
   for output in outputs:
-    assert "error: the processes run different configs (train.steps: 2 on process 0, 3 on process 1)" in output
-  assert not (tmp_path / "checkpoints").exists()
+    assert (f'error: the processes run different configs (train.steps: 2 on process 0, 3 on process 1; '
+            f'workdir: "{tmp_path}" on process 0, "{other}" on process 1)') in output
+  assert not (tmp_path / "checkpoints").exists() and not other.exists()
