@@ -353,9 +353,9 @@ class Trainer:
     return data_positions
 
   def _check_tokenizer(self, data_positions: dict | None, init_from: str | None = None) -> None:
-    """Raises ConfigError, on every process, unless this config's tokenizer file is the one the
-    saved data positions (this run's, or init_from's) were read with, on every process: each host
-    reads its own copy. Positions from before they held it, or from a loader without one, pass."""
+    """Raises ConfigError on every process unless each host's copy of this config's tokenizer file
+    is the one the saved data positions (this run's, or init_from's) were read with. Positions
+    from before they held its digest, or from a loader without one, pass."""
     def check():
       digest = saved_tokenizer_digest(data_positions)
       if not digest or "tokenizer" not in self.config.data:
