@@ -1,5 +1,7 @@
-"""Multi-process runs: a half-described one fails before jax.distributed starts; a whole one trains and
-samples, and sets aside with the other process a checkpoint only one of them cannot read."""
+"""Multi-process runs: a half-described one fails before jax.distributed starts; processes agree on
+what each finds alone (a failed check or read, their configs), simulated and between two real
+processes; a whole run trains and samples, and sets aside with the other process a checkpoint only
+one of them cannot read."""
 
 import json
 import os
