@@ -45,8 +45,12 @@ def _train(args, overrides) -> None:
   """Trains (or resumes) in the workdir, then reports validation loss and samples."""
   from t5x_like import distributed
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  config = load_run_config(args.config)
-  apply_overrides(config, overrides)
+
+  def run_config():  # each host reads its own copy of the experiment file
+    config = load_run_config(args.config)
+    apply_overrides(config, overrides)
+    return config
+  config = distributed.check_on_every_process(run_config)
   from t5x_like.data.tokenizer import load_tokenizer
   from t5x_like.samples import sample_room, sample_texts
   from t5x_like.trainer import Trainer  # heavy imports only for the commands that need them

@@ -562,13 +562,14 @@ class Trainer:
 
   def train(self) -> TrainResult:
     cfg = self.config.train
-    for warning in training_warnings(self.config) + [self.split_too_small("validation", cfg.eval_steps,
-                                                                           "train.eval_steps")]:
+    # Each host reads its own data files: one missing or broken there stops every process.
+    small = check_on_every_process(lambda: self.split_too_small("validation", cfg.eval_steps, "train.eval_steps"))
+    for warning in training_warnings(self.config) + [small]:
       if warning:
         logger.warning(warning)
+    train_loader = check_on_every_process(lambda: self.loader("train"))
     self.workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
-    train_loader = self.loader("train")
     saved = read_run_config(self.workdir) if (self.workdir / "config.json").exists() else None
     if saved is not None and checkpointer.steps() and (changed := changed_model_fields(saved, self.config)):
       # Before restoring: nothing is read, nor set aside, for a run that cannot go on.

@@ -176,3 +176,13 @@ def test_processes_started_with_different_flags_stop_before_training_naming_them
     assert (f'error: the processes run different configs (train.steps: 2 on process 0, 3 on process 1; '
             f'workdir: "{tmp_path}" on process 0, "{other}" on process 1)') in output
   assert not (tmp_path / "checkpoints").exists() and not other.exists()
+
+
+def test_an_experiment_file_missing_on_one_host_stops_both_processes(tmp_path, outputs_of):
+  """Process 1 reads another path (argparse takes the last --config), which does not exist."""
+  missing = tmp_path / "missing.py"
+  codes, outputs = _train_on_two_processes(tmp_path / "run", outputs_of, per_process=([], ["--config", str(missing)]))
+  assert codes == [2, 2], outputs
+  assert "error: on process 1: " in outputs[0] and str(missing) in outputs[0]
+  assert "error: " in outputs[1] and str(missing) in outputs[1] and "on process" not in outputs[1]
+  assert not (tmp_path / "run").exists()
