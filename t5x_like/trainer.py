@@ -563,8 +563,9 @@ class Trainer:
   def train(self) -> TrainResult:
     cfg = self.config.train
     # Each host reads its own data files: one missing or broken there stops every process.
-    small = check_on_every_process(lambda: self.split_too_small("validation", cfg.eval_steps, "train.eval_steps"))
-    for warning in training_warnings(self.config) + [small]:
+    validation_warning = check_on_every_process(
+        lambda: self.split_too_small("validation", cfg.eval_steps, "train.eval_steps"))
+    for warning in training_warnings(self.config) + [validation_warning]:
       if warning:
         logger.warning(warning)
     train_loader = check_on_every_process(lambda: self.loader("train"))
