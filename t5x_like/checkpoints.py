@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from models.config import ConfigError, first_line
-from t5x_like.distributed import gather_json, process_0s
+from t5x_like.distributed import first_failure, gather_json, process_0s
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +146,9 @@ def _read_on_every_process(read: Callable[[], Any]) -> tuple[Any, str | None]:
     result, error = read(), None
   except Exception as caught:  # orbax raises many types for unreadable files
     result, error = None, first_line(caught)
-  failed = [(index, message) for index, message in enumerate(gather_json(error)) if message is not None]
+  failed = first_failure(error)
   if failed and error is None:
-    error = f"process {failed[0][0]} cannot read it: {failed[0][1]}"
+    error = f"process {failed[0]} cannot read it: {failed[1]}"
   return (None, error) if error else (result, None)
 
 

@@ -80,6 +80,12 @@ def process_0s(value: Any) -> Any:
   return gather_json(value)[0]
 
 
+def first_failure(error: str | None) -> tuple[int, str] | None:
+  """(index, message) of the first process whose `error` is not None, from every process's; None
+  when none failed."""
+  return next(((index, message) for index, message in enumerate(gather_json(error)) if message is not None), None)
+
+
 def check_on_every_process(check: Callable[[], T]) -> T:
   """check(), which reads this process's own files and raises when they are wrong, made to fail
   on every process when it fails on any, so that none goes on alone into a collective the
@@ -90,11 +96,11 @@ def check_on_every_process(check: Callable[[], T]) -> T:
   try:
     result = check()
   except Exception as error:
-    gather_json(str(error) if isinstance(error, ConfigError) else first_line(error))
+    first_failure(str(error) if isinstance(error, ConfigError) else first_line(error))  # tells the others
     raise
-  failed = [(index, message) for index, message in enumerate(gather_json(None)) if message is not None]
+  failed = first_failure(None)
   if failed:
-    raise ConfigError(f"on process {failed[0][0]}: {failed[0][1]}")
+    raise ConfigError(f"on process {failed[0]}: {failed[1]}")
   return result
 
 
