@@ -6,11 +6,13 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 import jax
 
 from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size, train_flops_per_token
+from t5x_like import distributed
 from t5x_like.config import (apply_overrides, base_config, check_known_fields, fill_defaults, load_config,
                              load_run_config)
 from t5x_like.host_memory import exec_with_huge_pages
@@ -43,9 +45,12 @@ def _info(args, overrides) -> None:
 
 def _train(args, overrides) -> None:
   """Trains (or resumes) in the workdir, then reports validation loss and samples."""
-  from t5x_like import distributed
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  with distributed.stop_together():  # a failure on one host stops them all, naming it
+    _train_and_sample(args, overrides)
 
+
+def _train_and_sample(args, overrides) -> None:
   def run_config():  # each host reads its own copy of the experiment file
     config = load_run_config(args.config)
     apply_overrides(config, overrides)
@@ -360,6 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     exec_with_huge_pages()  # a command line, not a caller in this process: restart it once
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+  try:
+    status = _run(args, overrides)
+  except BaseException:
+    if distributed.alone():
+      traceback.print_exc()  # as Python would, before leaving without jax's shutdown barrier
+      distributed.exit_if_alone(1)
+    raise
+  distributed.exit_if_alone(status)
+  return status
+
+
+def _run(args, overrides) -> int:
+  """The command's exit status: its own errors are one line each; others raise."""
   try:
     args.run(args, overrides)
   except ConfigError as error:

@@ -1,16 +1,21 @@
-"""Joining a multi-process run (one process per host, all running the same command), and
-agreeing across its processes on what each found by itself.
+"""Joining a multi-process run (one process per host, all running the same command), agreeing
+across its processes on what each found by itself, and stopping together.
 
 A process that decides alone from its own files (a checkpoint it cannot read, a tokenizer or
 data file that differs on its host) and raises, or takes another branch, leaves the others
 waiting in their next collective until a timeout. So such verdicts are gathered first, and
-every process acts on all of them together.
+every process acts on all of them together. A failure no check foresaw (a broken record in one
+host's data, a full disk) is posted to the others as it happens, and they stop with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import threading
+import time
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -96,7 +101,7 @@ def check_on_every_process(check: Callable[[], T]) -> T:
   try:
     result = check()
   except Exception as error:
-    first_failure(str(error) if isinstance(error, ConfigError) else first_line(error))  # tells the others
+    first_failure(_described(error))  # tells the others
     raise
   failed = first_failure(None)
   if failed:
@@ -120,3 +125,150 @@ def check_same_run(run: dict) -> None:
     if differences:
       raise ConfigError(f"the processes run different configs ({'; '.join(differences[:5])}); start every "
                         f"process with the same config file, flags, working directory and files")
+
+
+def _described(error: BaseException) -> str:
+  """A ConfigError's whole message (it says what to change), or any other error's first line."""
+  return str(error) if isinstance(error, ConfigError) else first_line(error)
+
+
+# Stopping together -----------------------------------------------------------------
+#
+# Through jax's coordination service (process 0 serves it), under KEYS: `first` holds the first
+# failure; `outcome/I` what became of process I ("failed", "finished", or "leaving": it stops
+# because another failed); `left/I` is set as process I exits without jax's shutdown barrier.
+
+KEYS = "t5x_like/stop/"
+# How long a process that sees another fail waits to fail by itself (a failure all share: a NaN
+# loss, SIGTERM, a failed check) before it takes itself for stuck in a collective and stops.
+GRACE_SECONDS = 10.0
+POLL_SECONDS = 0.2
+
+
+class _StopWatch:
+  """Posts this process's failure, and ends this process when another fails and this one does
+  not within GRACE_SECONDS: its next collective would wait for the failed one forever."""
+
+  def __init__(self):
+    import orbax.checkpoint as ocp  # its public handle on jax's distributed client
+    self.client = ocp.multihost.get_jax_distributed_client()
+    self.index, self.count = jax.process_index(), jax.process_count()
+    self.settled = threading.Event()  # this process failed or finished
+    self.alone = False  # it failed, and another did not: none will meet it at jax's shutdown barrier
+    self.thread = threading.Thread(target=self._watch, name="t5x_like stop watch", daemon=True)
+    self.thread.start()
+
+  def _set(self, key: str, value: str) -> None:
+    try:
+      self.client.key_value_set(KEYS + key, value)
+    except jax.errors.JaxRuntimeError:  # `first`: another process failed first
+      pass
+
+  def _outcomes(self) -> dict[int, str]:
+    return {int(key.rsplit("/", 1)[1]): value for key, value in self.client.key_value_dir_get(KEYS + "outcome/")}
+
+  def failed(self, error: BaseException) -> None:
+    if self.settled.is_set():
+      return
+    self._set("first", f"process {self.index} failed: {_described(error)}")
+    self._set(f"outcome/{self.index}", "failed")
+    self.settled.set()
+
+  def finished(self) -> None:
+    self._set(f"outcome/{self.index}", "finished")
+    self.settled.set()
+
+  def wait_for_the_others(self) -> None:
+    """After this process failed: whether every other failed or finished too (all then meet at
+    jax's shutdown barrier), or one leaves, or says nothing (then this process leaves alone)."""
+    deadline = time.monotonic() + GRACE_SECONDS + 5
+    while time.monotonic() < deadline:
+      try:
+        outcomes = self._outcomes()
+      except jax.errors.JaxRuntimeError:  # process 0 is gone, and the store with it
+        break
+      if "leaving" in outcomes.values():
+        break
+      if len(outcomes) == self.count:
+        return
+      time.sleep(POLL_SECONDS)
+    self.alone = True
+
+  def _watch(self) -> None:
+    while not self.settled.is_set():
+      try:
+        failure = self.client.blocking_key_value_get(KEYS + "first", 1000)
+      except jax.errors.JaxRuntimeError as error:
+        if "DEADLINE_EXCEEDED" in str(error):  # a second without news
+          continue
+        return  # process 0 is gone, and the store with it: jax's own watch ends this process
+      if self.settled.wait(GRACE_SECONDS):  # failed as well (the failure was shared), or finished
+        return
+      print(f"t5x-like: error: {failure}; process {self.index} stops too, as its next collective would wait "
+            f"for it forever", file=sys.stderr, flush=True)
+      self._set(f"outcome/{self.index}", "leaving")
+      self.leave(1)
+
+  def leave(self, status: int) -> None:
+    """Exits now, past jax's shutdown barrier, which waits for every process. Process 0 serves
+    the key-value store, so it goes last (or after 10 seconds)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    self._set(f"left/{self.index}", "")
+    if self.index == 0:
+      deadline = time.monotonic() + 10
+      while time.monotonic() < deadline:
+        left = {int(key.rsplit("/", 1)[1]) for key, _ in self.client.key_value_dir_get(KEYS + "left/")}
+        finished = {index for index, outcome in self._outcomes().items() if outcome == "finished"}
+        if left | finished >= set(range(self.count)):
+          break
+        time.sleep(POLL_SECONDS)
+    os._exit(status)
+
+  def stop(self) -> None:
+    self.settled.set()
+    self.thread.join(timeout=5)
+
+
+_watch: _StopWatch | None = None
+
+
+@contextlib.contextmanager
+def stop_together():
+  """Runs the body so that a failure in it on one process stops every process within seconds,
+  each naming it, instead of leaving the others in a collective until jax's coordination service
+  ends them minutes later without the cause. Call exit_if_alone with the exit status afterwards."""
+  global _watch
+  if jax.process_count() == 1:
+    yield
+    return
+  _watch = _StopWatch()
+  try:
+    yield
+  except BaseException as error:
+    _watch.failed(error)
+    _watch.wait_for_the_others()
+    raise
+  else:
+    _watch.finished()
+  finally:
+    _watch.stop()
+
+
+def failing(error: BaseException) -> None:
+  """Posts `error` now, from a failure that still has cleanup to do (finishing a checkpoint's
+  save can take minutes), so that the other processes do not wait for it."""
+  if _watch is not None:
+    _watch.failed(error)
+
+
+def alone() -> bool:
+  """Whether this process failed inside stop_together and another did not, so that none will
+  meet it at jax's shutdown barrier at exit (it would wait there until its timeout, then abort)."""
+  return _watch is not None and _watch.alone
+
+
+def exit_if_alone(status: int) -> None:
+  """Exits with `status` now, past jax's shutdown barrier, if alone()."""
+  if alone():
+    _watch.leave(status)

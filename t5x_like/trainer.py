@@ -37,7 +37,7 @@ from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_dige
 from t5x_like.config import base_config, fill_defaults
 from t5x_like.data.config import absolute_paths
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
-from t5x_like.distributed import check_on_every_process, check_same_run
+from t5x_like.distributed import check_on_every_process, check_same_run, failing
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import TrainingMode, make_mode
@@ -649,6 +649,9 @@ class Trainer:
             interval_start += time.perf_counter() - pause_start
       validation = self.evaluate(cfg.eval_steps)
       writer.write(cfg.steps, "validation", validation)
+    except BaseException as error:
+      failing(error)  # now, not after the saves below: the other processes stop with it
+      raise
     finally:
       # Finish the saves already started (they hold good states) even when stopping on an error.
       progress.close()

@@ -1,7 +1,7 @@
 """Multi-process runs: a half-described one fails before jax.distributed starts; processes agree on
 what each finds alone (a failed check or read, their configs), simulated and between two real
-processes; a whole run trains and samples, and sets aside with the other process a checkpoint only
-one of them cannot read."""
+processes; a whole run trains and samples, sets aside with the other process a checkpoint only
+one of them cannot read, and stops with the other process when that one fails alone."""
 
 import json
 import os
@@ -111,9 +111,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _train_on_two_processes(workdir, outputs_of, *flags, per_process=((), ())):
-  """(return codes, outputs) of `t5x-like train` on two processes with a small model split over
-  both processes' devices (FSDP over all eight); `per_process` holds each one's own flags."""
+# Process 1's third batch raises, as a broken record in its own data files would.
+FAIL_ON_PROCESS_1 = """
+import sys
+import jax
+from t5x_like.cli import main
+from t5x_like.trainer import Trainer
+global_batch, calls = Trainer.global_batch, []
+def broken_on_process_1(self, batch):
+  calls.append(1)
+  if jax.process_index() == 1 and len(calls) == 3:
+    raise RuntimeError("record 17 of process 1's data is broken")
+  return global_batch(self, batch)
+Trainer.global_batch = broken_on_process_1
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_on_two_processes(workdir, outputs_of, *flags, per_process=((), ()), script=TRAIN):
+  """(return codes, outputs) of `t5x-like train` (or `script`) on two processes with a small model
+  split over both processes' devices (FSDP over all eight); `per_process` holds each one's own flags."""
   port = portpicker.pick_unused_port()
   experiment = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "decoder_tiny.py"
   flags = ["--config.model.emb_dim=32", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
@@ -123,7 +140,7 @@ def _train_on_two_processes(workdir, outputs_of, *flags, per_process=((), ())):
   # Four devices per process; the suite's other XLA flags kept (the last device count wins).
   env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
-  workers = [subprocess.Popen([sys.executable, "-c", TRAIN, "train", "--config", str(experiment),
+  workers = [subprocess.Popen([sys.executable, "-c", script, "train", "--config", str(experiment),
                                "--workdir", str(workdir), "--coordinator_address", f"127.0.0.1:{port}",
                                "--num_processes", "2", "--process_id", str(pid), *flags, *per_process[pid]],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -186,3 +203,15 @@ def test_an_experiment_file_missing_on_one_host_stops_both_processes(tmp_path, o
   assert "error: on process 1: " in outputs[0] and str(missing) in outputs[0]
   assert "error: " in outputs[1] and str(missing) in outputs[1] and "on process" not in outputs[1]
   assert not (tmp_path / "run").exists()
+
+
+def test_a_failure_on_one_process_alone_stops_both_naming_it(tmp_path, outputs_of):
+  """Before, process 1 waited at jax's shutdown barrier and process 0 in the step's collective
+  until both aborted five minutes later (exit status 134), process 0's log without the cause."""
+  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, "--config.train.steps=4",
+                                           "--config.train.checkpoint_every=2", script=FAIL_ON_PROCESS_1)
+  assert codes == [1, 1], outputs
+  assert ("t5x-like: error: process 1 failed: RuntimeError: record 17 of process 1's data is broken; "
+          "process 0 stops too") in outputs[0]
+  assert "Traceback" in outputs[1] and "RuntimeError: record 17 of process 1's data is broken" in outputs[1]
+  assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["2"]  # saved whole, none half-written
