@@ -5,7 +5,7 @@ A process that decides alone from its own files (a checkpoint it cannot read, a 
 data file that differs on its host) and raises, or takes another branch, leaves the others
 waiting in their next collective until a timeout. So such verdicts are gathered first, and
 every process acts on all of them together. A failure no check foresaw (a broken record in one
-host's data, a full disk) is posted to the others as it happens, and they stop with it.
+host's data, a full disk) is posted to the others, and they stop with it.
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def _described(error: BaseException) -> str:
 # Through jax's coordination service (process 0 serves it), under KEYS: `first` holds the first
 # failure; `outcome/I` what became of process I ("failed", "finished", or "leaving": it stops
 # because another failed); `left/I` is set as process I exits without jax's shutdown barrier.
+# The keys live as long as the service, so a process enters stop_together once.
 
 KEYS = "t5x_like/stop/"
 # How long a process that sees another fail waits to fail by itself (a failure all share: a NaN
@@ -153,7 +154,8 @@ class _StopWatch:
     import orbax.checkpoint as ocp  # its public handle on jax's distributed client
     self.client = ocp.multihost.get_jax_distributed_client()
     self.index, self.count = jax.process_index(), jax.process_count()
-    self.settled = threading.Event()  # this process failed or finished
+    self.lock = threading.Lock()  # the watch's verdict against this process's own
+    self.settled = threading.Event()  # this process is failing, finished or leaving: the watch stands down
     self.alone = False  # it failed, and another did not: none will meet it at jax's shutdown barrier
     self.thread = threading.Thread(target=self._watch, name="t5x_like stop watch", daemon=True)
     self.thread.start()
@@ -161,33 +163,36 @@ class _StopWatch:
   def _set(self, key: str, value: str) -> None:
     try:
       self.client.key_value_set(KEYS + key, value)
-    except jax.errors.JaxRuntimeError:  # `first`: another process failed first
+    except jax.errors.JaxRuntimeError:  # `first` when another process failed first; the store gone
       pass
 
-  def _outcomes(self) -> dict[int, str]:
-    return {int(key.rsplit("/", 1)[1]): value for key, value in self.client.key_value_dir_get(KEYS + "outcome/")}
+  def _processes_under(self, key: str) -> dict[int, str]:
+    return {int(name.rsplit("/", 1)[1]): value for name, value in self.client.key_value_dir_get(KEYS + key)}
+
+  def failing(self) -> None:
+    with self.lock:
+      self.settled.set()
 
   def failed(self, error: BaseException) -> None:
-    if self.settled.is_set():
-      return
+    self.failing()
     self._set("first", f"process {self.index} failed: {_described(error)}")
     self._set(f"outcome/{self.index}", "failed")
-    self.settled.set()
 
   def finished(self) -> None:
+    with self.lock:
+      self.settled.set()
     self._set(f"outcome/{self.index}", "finished")
-    self.settled.set()
 
   def wait_for_the_others(self) -> None:
     """After this process failed: whether every other failed or finished too (all then meet at
     jax's shutdown barrier), or one leaves, or says nothing (then this process leaves alone)."""
-    deadline = time.monotonic() + GRACE_SECONDS + 5
+    deadline = time.monotonic() + 2 * GRACE_SECONDS
     while time.monotonic() < deadline:
       try:
-        outcomes = self._outcomes()
+        outcomes, left = self._processes_under("outcome/"), self._processes_under("left/")
       except jax.errors.JaxRuntimeError:  # process 0 is gone, and the store with it
         break
-      if "leaving" in outcomes.values():
+      if "leaving" in outcomes.values() or left:
         break
       if len(outcomes) == self.count:
         return
@@ -202,8 +207,12 @@ class _StopWatch:
         if "DEADLINE_EXCEEDED" in str(error):  # a second without news
           continue
         return  # process 0 is gone, and the store with it: jax's own watch ends this process
-      if self.settled.wait(GRACE_SECONDS):  # failed as well (the failure was shared), or finished
+      if self.settled.wait(GRACE_SECONDS):
         return
+      with self.lock:
+        if self.settled.is_set():  # failing or finished at the last moment
+          return
+        self.settled.set()
       print(f"t5x-like: error: {failure}; process {self.index} stops too, as its next collective would wait "
             f"for it forever", file=sys.stderr, flush=True)
       self._set(f"outcome/{self.index}", "leaving")
@@ -211,16 +220,15 @@ class _StopWatch:
 
   def leave(self, status: int) -> None:
     """Exits now, past jax's shutdown barrier, which waits for every process. Process 0 serves
-    the key-value store, so it goes last (or after 10 seconds)."""
+    the key-value store, so it goes last (or after GRACE_SECONDS)."""
     sys.stdout.flush()
     sys.stderr.flush()
     self._set(f"left/{self.index}", "")
     if self.index == 0:
-      deadline = time.monotonic() + 10
+      deadline = time.monotonic() + GRACE_SECONDS
       while time.monotonic() < deadline:
-        left = {int(key.rsplit("/", 1)[1]) for key, _ in self.client.key_value_dir_get(KEYS + "left/")}
-        finished = {index for index, outcome in self._outcomes().items() if outcome == "finished"}
-        if left | finished >= set(range(self.count)):
+        finished = {index for index, outcome in self._processes_under("outcome/").items() if outcome == "finished"}
+        if self._processes_under("left/").keys() | finished >= set(range(self.count)):
           break
         time.sleep(POLL_SECONDS)
     os._exit(status)
@@ -255,11 +263,12 @@ def stop_together():
     _watch.stop()
 
 
-def failing(error: BaseException) -> None:
-  """Posts `error` now, from a failure that still has cleanup to do (finishing a checkpoint's
-  save can take minutes), so that the other processes do not wait for it."""
+def failing() -> None:
+  """Says this process is failing but has cleanup to do first: finishing a checkpoint's save
+  needs every process, so they are not told (and do not stop) until it is done, and meanwhile
+  its own watch must not take it for stuck when a failure all processes share is posted first."""
   if _watch is not None:
-    _watch.failed(error)
+    _watch.failing()
 
 
 def alone() -> bool:

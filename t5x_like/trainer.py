@@ -649,8 +649,8 @@ class Trainer:
             interval_start += time.perf_counter() - pause_start
       validation = self.evaluate(cfg.eval_steps)
       writer.write(cfg.steps, "validation", validation)
-    except BaseException as error:
-      failing(error)  # now, not after the saves below: the other processes stop with it
+    except BaseException:
+      failing()  # the saves below need the other processes: they learn of it afterwards
       raise
     finally:
       # Finish the saves already started (they hold good states) even when stopping on an error.

@@ -111,8 +111,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-# Process 1's third batch raises, as a broken record in its own data files would.
-FAIL_ON_PROCESS_1 = """
+# Process 1's fifth batch raises, as a broken record in its own data files would.
+FAIL_AT_PROCESS_1S_FIFTH_BATCH = """
 import sys
 import jax
 from t5x_like.cli import main
@@ -120,7 +120,7 @@ from t5x_like.trainer import Trainer
 global_batch, calls = Trainer.global_batch, []
 def broken_on_process_1(self, batch):
   calls.append(1)
-  if jax.process_index() == 1 and len(calls) == 3:
+  if jax.process_index() == 1 and len(calls) == 5:
     raise RuntimeError("record 17 of process 1's data is broken")
   return global_batch(self, batch)
 Trainer.global_batch = broken_on_process_1
@@ -159,29 +159,6 @@ def test_two_process_train_with_the_model_split_over_processes_prints_samples(tm
   assert "--- 'Emma'" not in outputs[1]
 
 
-def test_a_checkpoint_one_process_cannot_read_is_set_aside_by_both(tmp_path, outputs_of):
-  """With the model split over processes each reads only the shards it holds. Garbling process 1's
-  files of step 4 leaves process 0's reads good, yet both must fall back to step 2 together (before,
-  process 0 waited at orbax's restore barrier and process 1 at another until both gave up)."""
-  flags = "--config.train.steps=4", "--config.train.checkpoint_every=2"
-  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, *flags)
-  assert codes == [0, 0], outputs
-  garbled = [file for file in (tmp_path / "checkpoints" / "4" / "state" / "ocdbt.process_1").rglob("*")
-             if file.is_file() and file.parent.name == "d"]
-  assert garbled, "process 1 wrote no array files to garble"
-  for file in garbled:
-    file.write_bytes(b"garbage")
-  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, *flags)
-  assert codes == [0, 0], outputs
-  step_4 = tmp_path / "checkpoints" / "4"
-  assert f"checkpoint {step_4} is unreadable (process 1 cannot read it: Exception: " in outputs[0]
-  assert f"checkpoint {step_4} is unreadable (Exception: " in outputs[1]
-  for output in outputs:
-    assert f"resuming from checkpoint {tmp_path / 'checkpoints' / '2'}, the newest readable one" in output
-  assert [path.name.split("-")[0] for path in (tmp_path / "corrupt").iterdir()] == ["4"]
-  assert sorted(int(path.name) for path in (tmp_path / "checkpoints").iterdir()) == [2, 4]  # step 4 trained again
-
-
 def test_processes_started_with_different_flags_stop_before_training_naming_them(tmp_path, outputs_of):
   """Process 1 is given another step count and another workdir (argparse takes the last --workdir)."""
   other = tmp_path / "other"
@@ -205,13 +182,34 @@ def test_an_experiment_file_missing_on_one_host_stops_both_processes(tmp_path, o
   assert not (tmp_path / "run").exists()
 
 
-def test_a_failure_on_one_process_alone_stops_both_naming_it(tmp_path, outputs_of):
-  """Before, process 1 waited at jax's shutdown barrier and process 0 in the step's collective
-  until both aborted five minutes later (exit status 134), process 0's log without the cause."""
-  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, "--config.train.steps=4",
-                                           "--config.train.checkpoint_every=2", script=FAIL_ON_PROCESS_1)
+def test_a_failure_on_one_process_stops_both_and_a_checkpoint_one_cannot_read_is_set_aside_by_both(
+    tmp_path, outputs_of):
+  """Process 1 fails at its fifth batch, step 4's save still being written. Before, it waited at
+  jax's shutdown barrier and process 0 in the step's collective until both aborted five minutes
+  later (exit status 134), process 0's log without the cause.
+
+  Then each process reads only the shards it holds (the model is split over both): garbling
+  process 1's files of step 4 leaves process 0's reads good, yet both must fall back to step 2
+  together (before, process 0 waited at orbax's restore barrier and process 1 at another)."""
+  flags = "--config.train.steps=6", "--config.train.checkpoint_every=2"
+  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, *flags, script=FAIL_AT_PROCESS_1S_FIFTH_BATCH)
   assert codes == [1, 1], outputs
   assert ("t5x-like: error: process 1 failed: RuntimeError: record 17 of process 1's data is broken; "
           "process 0 stops too") in outputs[0]
   assert "Traceback" in outputs[1] and "RuntimeError: record 17 of process 1's data is broken" in outputs[1]
-  assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["2"]  # saved whole, none half-written
+  assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]  # none half-written
+
+  garbled = [file for file in (tmp_path / "checkpoints" / "4" / "state" / "ocdbt.process_1").rglob("*")
+             if file.is_file() and file.parent.name == "d"]
+  assert garbled, "process 1 wrote no array files to garble"
+  for file in garbled:
+    file.write_bytes(b"garbage")
+  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, *flags)
+  assert codes == [0, 0], outputs
+  step_4 = tmp_path / "checkpoints" / "4"
+  assert f"checkpoint {step_4} is unreadable (process 1 cannot read it: Exception: " in outputs[0]
+  assert f"checkpoint {step_4} is unreadable (Exception: " in outputs[1]
+  for output in outputs:
+    assert f"resuming from checkpoint {tmp_path / 'checkpoints' / '2'}, the newest readable one" in output
+  assert [path.name.split("-")[0] for path in (tmp_path / "corrupt").iterdir()] == ["4"]
+  assert sorted(int(path.name) for path in (tmp_path / "checkpoints").iterdir()) == [2, 4, 6]  # step 4 trained again
