@@ -44,13 +44,14 @@ def _info(args, overrides) -> None:
 
 
 def _train(args, overrides) -> None:
-  """Trains (or resumes) in the workdir, then reports validation loss and samples."""
+  """Joins the run's other processes, if any, and trains with them: a failure on one host stops all."""
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  with distributed.stop_together():  # a failure on one host stops them all, naming it
+  with distributed.stop_together():
     _train_and_sample(args, overrides)
 
 
 def _train_and_sample(args, overrides) -> None:
+  """Trains (or resumes) in the workdir, then reports validation loss and samples."""
   def run_config():  # each host reads its own copy of the experiment file
     config = load_run_config(args.config)
     apply_overrides(config, overrides)

@@ -650,7 +650,7 @@ class Trainer:
       validation = self.evaluate(cfg.eval_steps)
       writer.write(cfg.steps, "validation", validation)
     except BaseException:
-      failing()  # the saves below need the other processes: they learn of it afterwards
+      failing()  # the others are told after the saves below, which need them
       raise
     finally:
       # Finish the saves already started (they hold good states) even when stopping on an error.
