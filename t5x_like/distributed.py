@@ -243,9 +243,10 @@ _watch: _StopWatch | None = None
 
 @contextlib.contextmanager
 def stop_together():
-  """Runs the body so that a failure in it on one process stops every process within seconds,
-  each naming it, instead of leaving the others in a collective until jax's coordination service
-  ends them minutes later without the cause. Call exit_if_alone with the exit status afterwards."""
+  """Runs the body so that a failure in it on one process stops every process seconds after the
+  failed one has finished its saves, each naming it, instead of leaving the others in a collective
+  until jax's coordination service ends them minutes later without the cause. Call exit_if_alone
+  with the exit status afterwards."""
   global _watch
   if jax.process_count() == 1:
     yield
