@@ -150,10 +150,8 @@ class _StopWatch:
   """Posts this process's failure, and ends this process when another fails and this one does
   not within GRACE_SECONDS: its next collective would wait for the failed one forever."""
 
-  def __init__(self):
-    import orbax.checkpoint as ocp  # its public handle on jax's distributed client
-    self.client = ocp.multihost.get_jax_distributed_client()
-    self.index, self.count = jax.process_index(), jax.process_count()
+  def __init__(self, client, index: int, count: int):
+    self.client, self.index, self.count = client, index, count  # jax's distributed client; this process
     self.lock = threading.Lock()  # the watch's verdict against this process's own
     self.settled = threading.Event()  # this process is failing, finished or leaving: the watch stands down
     self.alone = False  # it failed, and another did not: none will meet it at jax's shutdown barrier
@@ -251,7 +249,8 @@ def stop_together():
   if jax.process_count() == 1:
     yield
     return
-  _watch = _StopWatch()
+  import orbax.checkpoint as ocp  # its public handle on jax's distributed client
+  _watch = _StopWatch(ocp.multihost.get_jax_distributed_client(), jax.process_index(), jax.process_count())
   try:
     yield
   except BaseException as error:

@@ -1,13 +1,16 @@
 """Multi-process runs: a half-described one fails before jax.distributed starts; processes agree on
 what each finds alone (a failed check or read, their configs), simulated and between two real
 processes; a whole run trains and samples, sets aside with the other process a checkpoint only
-one of them cannot read, and stops with the other process when that one fails alone."""
+one of them cannot read, and stops with the other process when that one fails alone (between
+real processes, and each case of the stop watch with processes played by threads)."""
 
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -102,6 +105,98 @@ def test_processes_with_different_configs_are_refused_naming_the_fields(monkeypa
                                         r'"/b" on process 1; train.init_from: nothing on process 0, null on process 1; '
                                         r'train.steps: 10 on process 0, 20 on process 1\)'):
     distributed.check_same_run(mine)
+
+
+class _Store:
+  """The key-value calls of jax's distributed client, in memory, for processes played by threads."""
+
+  def __init__(self):
+    self.values, self.changed = {}, threading.Condition()
+
+  def key_value_set(self, key, value):
+    with self.changed:
+      if key in self.values:
+        raise jax.errors.JaxRuntimeError(f"ALREADY_EXISTS: key {key} already exists.")
+      self.values[key] = value
+      self.changed.notify_all()
+
+  def key_value_dir_get(self, directory):
+    with self.changed:
+      return [(key, value) for key, value in self.values.items() if key.startswith(directory)]
+
+  def blocking_key_value_get(self, key, timeout_in_ms):
+    with self.changed:
+      if not self.changed.wait_for(lambda: key in self.values, timeout_in_ms / 1000):
+        raise jax.errors.JaxRuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out with key: {key}")
+      return self.values[key]
+
+
+@pytest.fixture
+def two_watches(monkeypatch):
+  """(exits, [process 0's stop watch, process 1's]) over one store, os._exit noting each exit
+  as (process, status, the processes that had left by then) and returning."""
+  monkeypatch.setattr(distributed, "GRACE_SECONDS", 1.0)
+  monkeypatch.setattr(distributed, "POLL_SECONDS", 0.02)
+  store, exits = _Store(), []
+  def exit_(status):
+    left = sorted(int(key.rsplit("/", 1)[1]) for key, _ in store.key_value_dir_get(distributed.KEYS + "left/"))
+    exits.append((int(threading.current_thread().name.split()[-1]), status, left))
+  monkeypatch.setattr(os, "_exit", exit_)
+  watches = [distributed._StopWatch(store, index, 2) for index in range(2)]
+  for index, watch in enumerate(watches):
+    watch.thread.name = f"process {index}"
+  yield exits, watches
+  for watch in watches:
+    watch.stop()
+
+
+def _as_thread(name, *steps):
+  thread = threading.Thread(target=lambda: [step() for step in steps], name=name)
+  thread.start()
+  return thread
+
+
+def _fail(watch, error, cleanup_seconds=0.0):
+  """What a process does when its training fails: marks itself failing, cleans up (finishes its
+  saves), posts the failure, waits for the others, and leaves alone with status 2 if it must."""
+  watch.failing()
+  time.sleep(cleanup_seconds)
+  watch.failed(error)
+  watch.wait_for_the_others()
+  if watch.alone:
+    watch.leave(2)
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_process_that_fails_alone_posts_it_and_the_other_leaves_process_0_last(two_watches, failing, capsys):
+  exits, watches = two_watches
+  _as_thread(f"process {failing}", lambda: _fail(watches[failing], RuntimeError("record 17 is broken\nat byte 3"))
+             ).join(timeout=10)
+  for watch in watches:
+    watch.thread.join(timeout=10)
+  other = 1 - failing
+  assert watches[failing].alone and not watches[other].alone
+  assert [process for process, _, _ in exits] == [1, 0]  # process 0 serves the store: it goes last,
+  assert exits[-1][2] == [0, 1]  # once both have left
+  assert {process: status for process, status, _ in exits} == {failing: 2, other: 1}
+  assert (f"t5x-like: error: process {failing} failed: RuntimeError: record 17 is broken; process {other} stops "
+          f"too") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("other", ["fails after a save longer than the grace", "finished"])
+def test_a_process_that_fails_with_the_other_or_after_it_finished_is_not_alone(two_watches, other):
+  """Neither leaves: both meet at jax's shutdown barrier. Process 1 fails first; process 0 posts
+  its own failure only after a save that outlasts the grace, and must not be taken for stuck."""
+  exits, watches = two_watches
+  if other == "finished":
+    watches[1].finished()
+    _fail(watches[0], ConfigError("a prompt too long"))
+  else:
+    threads = [_as_thread("process 0", lambda: _fail(watches[0], FloatingPointError("loss nan"), 1.5)),
+               _as_thread("process 1", lambda: _fail(watches[1], FloatingPointError("loss nan")))]
+    for thread in threads:
+      thread.join(timeout=10)
+  assert not any(watch.alone for watch in watches) and exits == []
 
 
 TRAIN = """
