@@ -84,14 +84,20 @@ def _train_and_sample(args, overrides) -> None:
 
 
 def _gathered(tree):
-  """Every global array of `tree` whole on this process's default device; all processes call it.
-  Random keys travel as their key data (process_allgather takes plain arrays)."""
+  """Process 0's whole copy of every global array of `tree`, on its default device; None on the
+  other processes, which must call it too (each gather takes every process). One array at a
+  time, so that none of them holds more than one array whole at once; random keys travel as
+  their key data (process_allgather takes plain arrays)."""
   from jax.experimental import multihost_utils
-  is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # noqa: E731
-  data = jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
-  whole = multihost_utils.process_allgather(data, tiled=True)
-  return jax.tree.map(lambda x, value: jax.random.wrap_key_data(value, impl=jax.random.key_impl(x)) if is_key(x)
-                      else jax.numpy.asarray(value), tree, whole)
+
+  def whole(x):
+    is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    value = multihost_utils.process_allgather(jax.random.key_data(x) if is_key else x, tiled=True)
+    if jax.process_index() != 0:
+      return None  # dropped at once
+    return jax.random.wrap_key_data(value, impl=jax.random.key_impl(x)) if is_key else jax.numpy.asarray(value)
+  gathered = jax.tree.map(whole, tree)
+  return gathered if jax.process_index() == 0 else None
 
 
 def _load(args, overrides):

@@ -20,6 +20,9 @@ from jax.experimental import multihost_utils
 
 from models.config import ConfigError
 from t5x_like import checkpoints, distributed
+from t5x_like.data.tokenizer import load_tokenizer
+from t5x_like.samples import sample_texts
+from t5x_like.trainer import Trainer
 
 
 def test_process_flags_without_a_coordinator_or_out_of_range_are_refused(monkeypatch):
@@ -246,12 +249,17 @@ def _train_on_two_processes(workdir, outputs_of, *flags, per_process=((), ()), s
 
 def test_two_process_train_with_the_model_split_over_processes_prints_samples(tmp_path, outputs_of):
   """Process 0 samples alone, so it must gather the model first (without, it waited on process 1
-  in the first sharded computation until the coordinator gave up)."""
+  in the first sharded computation until the coordinator gave up). Its sample is the one the
+  saved run gives loaded on one device here: the gathered model is the trained one, whole."""
   codes, outputs = _train_on_two_processes(tmp_path, outputs_of, "--config.train.steps=2",
                                            "--config.train.checkpoint_every=2", "--sample-prompt", "Emma")
   assert codes == [0, 0], outputs
-  assert "step 2: validation loss" in outputs[0] and "--- 'Emma'\nEmma" in outputs[0]
-  assert "--- 'Emma'" not in outputs[1]
+  assert "step 2: validation loss" in outputs[0] and "--- 'Emma'" not in outputs[1]
+  trainer = Trainer.from_workdir(tmp_path, devices=jax.devices()[:1])
+  model = trainer.model_from(trainer.state["params"], trainer.rest)
+  model.eval()
+  [(_, text)] = sample_texts(model, load_tokenizer(trainer.config.data.tokenizer), ["Emma"])
+  assert f"--- 'Emma'\n{text}\n" in outputs[0]
 
 
 def test_processes_started_with_different_flags_stop_before_training_naming_them(tmp_path, outputs_of):
