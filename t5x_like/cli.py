@@ -86,8 +86,8 @@ def _train_and_sample(args, overrides) -> None:
 def _gathered(tree):
   """Process 0's whole copy of every global array of `tree`, on its default device; None on the
   other processes, which must call it too (each gather takes every process). One array at a
-  time, so that none of them holds more than one array whole at once; random keys travel as
-  their key data (process_allgather takes plain arrays)."""
+  time, so that no other process holds more than one array whole at once; random keys travel
+  as their key data (process_allgather takes plain arrays)."""
   from jax.experimental import multihost_utils
 
   def whole(x):

@@ -168,7 +168,7 @@ class _StopWatch:
     return {int(name.rsplit("/", 1)[1]): value for name, value in self.client.key_value_dir_get(KEYS + key)}
 
   def failing(self) -> None:
-    with self.lock:
+    with self.lock:  # after the watch decided to leave, its "leaving" stands and it exits the process
       self.settled.set()
 
   def failed(self, error: BaseException) -> None:
@@ -184,6 +184,8 @@ class _StopWatch:
   def wait_for_the_others(self) -> None:
     """After this process failed: whether every other failed or finished too (all then meet at
     jax's shutdown barrier), or one leaves, or says nothing (then this process leaves alone)."""
+    # Twice the grace: a stuck process leaves one grace after the post. Past it (a process whose
+    # own saves outlast it), every process leaves rather than wait at the barrier for one gone.
     deadline = time.monotonic() + 2 * GRACE_SECONDS
     while time.monotonic() < deadline:
       try:
@@ -211,9 +213,9 @@ class _StopWatch:
         if self.settled.is_set():  # failing or finished at the last moment
           return
         self.settled.set()
+        self._set(f"outcome/{self.index}", "leaving")  # before this process could post another
       print(f"t5x-like: error: {failure}; process {self.index} stops too, as its next collective would wait "
             f"for it forever", file=sys.stderr, flush=True)
-      self._set(f"outcome/{self.index}", "leaving")
       self.leave(1)
 
   def leave(self, status: int) -> None:
@@ -225,6 +227,7 @@ class _StopWatch:
     if self.index == 0:
       deadline = time.monotonic() + GRACE_SECONDS
       while time.monotonic() < deadline:
+        # A finished process waits at jax's shutdown barrier, which this exit ends (three or more processes).
         finished = {index for index, outcome in self._processes_under("outcome/").items() if outcome == "finished"}
         if self._processes_under("left/").keys() | finished >= set(range(self.count)):
           break
@@ -263,7 +266,7 @@ def stop_together():
     _watch.stop()
 
 
-def failing() -> None:
+def mark_this_process_failing() -> None:
   """Says this process is failing but has cleanup to do first: finishing a checkpoint's save
   needs every process, so they are not told (and do not stop) until it is done, and meanwhile
   its own watch must not take it for stuck when a failure all processes share is posted first."""

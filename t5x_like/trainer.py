@@ -37,7 +37,7 @@ from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_dige
 from t5x_like.config import base_config, fill_defaults
 from t5x_like.data.config import absolute_paths
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
-from t5x_like.distributed import check_on_every_process, check_same_run, failing
+from t5x_like.distributed import check_on_every_process, check_same_run, mark_this_process_failing
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import TrainingMode, make_mode
@@ -650,7 +650,7 @@ class Trainer:
       validation = self.evaluate(cfg.eval_steps)
       writer.write(cfg.steps, "validation", validation)
     except BaseException:
-      failing()  # the others are told after the saves below, which need them
+      mark_this_process_failing()  # the others are told after the saves below, which need them
       raise
     finally:
       # Finish the saves already started (they hold good states) even when stopping on an error.

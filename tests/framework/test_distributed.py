@@ -136,8 +136,8 @@ class _Store:
 
 @pytest.fixture
 def two_watches(monkeypatch):
-  """(exits, [process 0's stop watch, process 1's]) over one store, os._exit noting each exit
-  as (process, status, the processes that had left by then) and returning."""
+  """(store, exits, [process 0's stop watch, process 1's]), os._exit noting each exit as
+  (process, status, the processes that had left by then) and returning."""
   monkeypatch.setattr(distributed, "GRACE_SECONDS", 1.0)
   monkeypatch.setattr(distributed, "POLL_SECONDS", 0.02)
   store, exits = _Store(), []
@@ -148,7 +148,7 @@ def two_watches(monkeypatch):
   watches = [distributed._StopWatch(store, index, 2) for index in range(2)]
   for index, watch in enumerate(watches):
     watch.thread.name = f"process {index}"
-  yield exits, watches
+  yield store, exits, watches
   for watch in watches:
     watch.stop()
 
@@ -172,12 +172,13 @@ def _fail(watch, error, cleanup_seconds=0.0):
 
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_process_that_fails_alone_posts_it_and_the_other_leaves_process_0_last(two_watches, failing, capsys):
-  exits, watches = two_watches
+  store, exits, watches = two_watches
   _as_thread(f"process {failing}", lambda: _fail(watches[failing], RuntimeError("record 17 is broken\nat byte 3"))
              ).join(timeout=10)
   for watch in watches:
     watch.thread.join(timeout=10)
   other = 1 - failing
+  assert store.values[distributed.KEYS + f"outcome/{other}"] == "leaving"  # what told the failed one it is alone
   assert watches[failing].alone and not watches[other].alone
   assert [process for process, _, _ in exits] == [1, 0]  # process 0 serves the store: it goes last,
   assert exits[-1][2] == [0, 1]  # once both have left
@@ -190,15 +191,15 @@ def test_a_process_that_fails_alone_posts_it_and_the_other_leaves_process_0_last
 def test_a_process_that_fails_with_the_other_or_after_it_finished_is_not_alone(two_watches, other):
   """Neither leaves: both meet at jax's shutdown barrier. Process 1 fails first; process 0 posts
   its own failure only after a save that outlasts the grace, and must not be taken for stuck."""
-  exits, watches = two_watches
+  _, exits, watches = two_watches
   if other == "finished":
     watches[1].finished()
-    _fail(watches[0], ConfigError("a prompt too long"))
-  else:
-    threads = [_as_thread("process 0", lambda: _fail(watches[0], FloatingPointError("loss nan"), 1.5)),
+    threads = [_as_thread("process 0", lambda: _fail(watches[0], ConfigError("a prompt too long")))]
+  else:  # the grace is 1 s; process 1 gives up waiting for process 0's post after 2 s
+    threads = [_as_thread("process 0", lambda: _fail(watches[0], FloatingPointError("loss nan"), 1.3)),
                _as_thread("process 1", lambda: _fail(watches[1], FloatingPointError("loss nan")))]
-    for thread in threads:
-      thread.join(timeout=10)
+  for thread in threads:
+    thread.join(timeout=10)
   assert not any(watch.alone for watch in watches) and exits == []
 
 
