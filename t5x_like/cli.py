@@ -12,7 +12,6 @@ import jax
 
 from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size, train_flops_per_token
-from t5x_like import distributed
 from t5x_like.config import (apply_overrides, base_config, check_known_fields, fill_defaults, load_config,
                              load_run_config)
 from t5x_like.host_memory import exec_with_huge_pages
@@ -45,6 +44,7 @@ def _info(args, overrides) -> None:
 
 def _train(args, overrides) -> None:
   """Joins the run's other processes, if any, and trains with them: a failure on one host stops all."""
+  from t5x_like import distributed  # it imports flax, which only training needs
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   with distributed.stop_together():
     _train_and_sample(args, overrides)
@@ -52,6 +52,8 @@ def _train(args, overrides) -> None:
 
 def _train_and_sample(args, overrides) -> None:
   """Trains (or resumes) in the workdir, then reports validation loss and samples."""
+  from t5x_like import distributed
+
   def run_config():  # each host reads its own copy of the experiment file
     config = load_run_config(args.config)
     apply_overrides(config, overrides)
@@ -372,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     exec_with_huge_pages()  # a command line, not a caller in this process: restart it once
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+  if args.command != "train":  # the one command that joins other processes
+    return _run(args, overrides)
+  from t5x_like import distributed
   try:
     status = _run(args, overrides)
   except BaseException:
