@@ -21,13 +21,14 @@ import pytest
 import scipy.special
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint._src.serialization import replica_slices
 
 from fake_data import CharacterTokenizer, PatternLoader, RaggedPatternLoader
 from models.config import ConfigError, ModelConfig
 from models.model_size import train_flops_per_sequence
 from t5x_like import evaluation, partitioning
-from t5x_like.checkpoints import Checkpointer, this_process_position
+from t5x_like.checkpoints import MIN_REPLICA_SLICE_BYTES, Checkpointer, this_process_position
 from t5x_like.decoding import DecodeConfig, generate
 from t5x_like.metrics import read_metrics
 from t5x_like.modes import MODES
@@ -394,6 +395,34 @@ def test_restore_onto_another_mesh_shape(tmp_path):
   for a, b in zip(jax.tree.leaves(first.state["params"]), jax.tree.leaves(second.state["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert result.validation["loss"] == pytest.approx(first.evaluate(2)["loss"], rel=1e-5)
+
+
+def test_a_replicated_array_is_written_a_slice_per_device_only_if_the_slices_are_large(tmp_path, monkeypatch):
+  """Orbax splits the write of an array replicated over n devices into n slices; below
+  MIN_REPLICA_SLICE_BYTES a slice costs more to dispatch than it saves, and one device writes the
+  whole array. Both read back exactly."""
+  written = {}
+  get_replica_slices = replica_slices.get_replica_slices
+
+  def spy(array, *args, **kwargs):
+    slices = get_replica_slices(array, *args, **kwargs)
+    written[array.size] = slices.local_shape
+    return slices
+  monkeypatch.setattr(replica_slices, "get_replica_slices", spy)
+  replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
+  large = MIN_REPLICA_SLICE_BYTES // 4 * len(jax.devices())  # float32: a slice of exactly the floor per device
+  state = {"small": jax.device_put(np.arange(64, dtype=np.float32), replicated),
+           "large": jax.device_put(np.arange(large, dtype=np.float32), replicated)}
+  checkpointer = Checkpointer(tmp_path, max_to_keep=1)
+  checkpointer.save(1, state, None)
+  checkpointer.wait()
+  assert written == {64: (64,), large: (large // len(jax.devices()),)}
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+  step, restored, _ = checkpointer.restore_latest(abstract)
+  checkpointer.close()
+  assert step == 1
+  for name in state:
+    np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(state[name]))
 
 
 def test_each_process_takes_its_own_data_position(tmp_path, monkeypatch):
