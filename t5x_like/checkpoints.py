@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from models.config import ConfigError, first_line
 from t5x_like.distributed import first_failure, gather_json, process_0s
@@ -29,12 +30,21 @@ logger = logging.getLogger(__name__)
 
 # Orbax writes an array replicated over n devices as n slices, one per device, and blocks training
 # while it dispatches them: for a model's many small arrays a dispatch per device per array costs
-# more than it saves. With this floor a save on 8 CPU devices blocked for 0.10 s against 0.55 s
-# (decoder_tiny), 0.48 s against 1.25 s (gpt2 small): docs/performance.md, item 56.
+# more than it saves. With this floor a save on 8 CPU devices blocked for 0.11 s against 0.40 s
+# (decoder_tiny), 0.39 s against 1.95 s (GPT-2 small): bench/checkpoint_save.py, docs/performance.md
+# item 56.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(  # orbax's default, plus the floor
-    array_metadata_store=array_metadata_store.Store(), min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
-    override=True)
+
+
+def write_replicated_arrays_in_slices_of_at_least(min_bytes: int) -> None:
+  """Orbax's default jax.Array handler, with replica-parallel writes only for slices of `min_bytes`
+  or more (0: orbax's default). Set in orbax's global registry, which its public setter warns about."""
+  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
+      array_metadata_store=array_metadata_store.Store(), min_slice_bytes_for_replica_parallel=min_bytes),
+      override=True, ignore_warnings=True)
+
+
+write_replicated_arrays_in_slices_of_at_least(MIN_REPLICA_SLICE_BYTES)
 
 
 def state_differences(saved_metadata, abstract_state, limit: int = 5) -> list[str]:
