@@ -4,8 +4,9 @@
         [--config experiments/decoder_tiny.py] [--rounds 5]
 
 A save returns once orbax has the arrays on the host (the writes go on behind training).
-Orbax's default writes an array replicated over n devices as n slices, a dispatch per device
-per array; t5x_like.checkpoints keeps that for slices of MIN_REPLICA_SLICE_BYTES or more.
+Orbax's default (unless JAX_PLATFORMS names a GPU) writes an array replicated over n devices as
+n slices, a dispatch per device per array; t5x_like.checkpoints keeps that for slices of
+MIN_REPLICA_SLICE_BYTES or more.
 The two alternate in one process on the config's initial train state; the first save of each
 (which compiles the slicing) is left out of the medians.
 """

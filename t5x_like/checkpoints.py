@@ -28,19 +28,21 @@ from t5x_like.distributed import first_failure, gather_json, process_0s
 
 logger = logging.getLogger(__name__)
 
-# Orbax writes an array replicated over n devices as n slices, one per device, and blocks training
-# while it dispatches them: for a model's many small arrays a dispatch per device per array costs
-# more than it saves. With this floor a save on 8 CPU devices blocked for 0.11 s against 0.40 s
-# (decoder_tiny), 0.39 s against 1.95 s (GPT-2 small): bench/checkpoint_save.py, docs/performance.md
-# item 56.
+# Orbax writes an array replicated over n devices as n slices, one per device (its default unless
+# JAX_PLATFORMS names a GPU), and blocks training while it dispatches them: for a model's many small
+# arrays a dispatch per device per array costs more than it saves. With this floor a save on 8 CPU
+# devices blocked for 0.11 s against 0.40 s (decoder_tiny), 0.39 s against 1.95 s (GPT-2 small):
+# bench/checkpoint_save.py, docs/performance.md item 56.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
+_ARRAY_METADATA = array_metadata_store.Store()  # as orbax's default handler has
 
 
 def write_replicated_arrays_in_slices_of_at_least(min_bytes: int) -> None:
   """Orbax's default jax.Array handler, with replica-parallel writes only for slices of `min_bytes`
-  or more (0: orbax's default). Set in orbax's global registry, which its public setter warns about."""
+  or more (0: orbax's default). Set in orbax's global registry, which its public setter warns
+  about; the `_src` modules are those of the pinned orbax-checkpoint 0.12.8."""
   type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
-      array_metadata_store=array_metadata_store.Store(), min_slice_bytes_for_replica_parallel=min_bytes),
+      array_metadata_store=_ARRAY_METADATA, min_slice_bytes_for_replica_parallel=min_bytes),
       override=True, ignore_warnings=True)
 
 

@@ -25,7 +25,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="t5x_like_tests_compiled_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 # Programs that compile in 0.1 to 0.5 s recur across tests too (each new Trainer compiles its steps):
-# with them cached the trainer's file took 292 s on two workers, against 315 s at 0.5 s.
+# with them cached the trainer's file took 292 s on two workers, against 315 and 320 s at 0.5 s
+# (one run each).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 

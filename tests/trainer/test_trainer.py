@@ -406,7 +406,7 @@ def test_a_replicated_array_is_written_a_slice_per_device_only_if_the_slices_are
 
   def spy(array, *args, **kwargs):
     slices = get_replica_slices(array, *args, **kwargs)
-    written[array.size] = slices.local_shape
+    written[array.size] = slices.local_shape, len(slices.replica_slices)
     return slices
   monkeypatch.setattr(replica_slices, "get_replica_slices", spy)
   replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
@@ -416,7 +416,7 @@ def test_a_replicated_array_is_written_a_slice_per_device_only_if_the_slices_are
   checkpointer = Checkpointer(tmp_path, max_to_keep=1)
   checkpointer.save(1, state, None)
   checkpointer.wait()
-  assert written == {64: (64,), large: (large // len(jax.devices()),)}
+  assert written == {64: ((64,), 1), large: ((large // len(jax.devices()),), len(jax.devices()))}
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
   step, restored, _ = checkpointer.restore_latest(abstract)
   checkpointer.close()
