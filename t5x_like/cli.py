@@ -14,7 +14,6 @@ from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size, train_flops_per_token
 from t5x_like.config import (apply_overrides, base_config, check_known_fields, fill_defaults, load_config,
                              load_run_config)
-from t5x_like.host_memory import exec_with_huge_pages
 from t5x_like.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS, Preempted
 
 
@@ -370,8 +369,6 @@ def main(argv: list[str] | None = None) -> int:
   fit.set_defaults(run=_fit)
 
   args, overrides = parser.parse_known_args(argv)
-  if argv is None and args.command in ("train", "sweep", "eval", "decode", "score"):
-    exec_with_huge_pages()  # a command line, not a caller in this process: restart it once
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
   if args.command != "train":  # the one command that joins other processes
@@ -411,7 +408,3 @@ def _run(args, overrides) -> int:
     print(f"t5x-like {args.command}: error: out of memory ({first_line(error)}); {hint}", file=sys.stderr)
     return 1
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

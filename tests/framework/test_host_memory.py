@@ -36,6 +36,27 @@ def test_a_command_restarts_once_in_the_same_process_with_the_tunable_added():
   assert tunables == "glibc.malloc.tcache_count=7:glibc.malloc.hugetlb=1"
 
 
+# The command's entry point, its restart replaced by a report of what the restart would have had.
+LAUNCH = """
+import os, sys
+from t5x_like.__main__ import main
+def execve(path, args, env):
+  print("jax" in sys.modules, env["GLIBC_TUNABLES"])
+  sys.exit(0)
+os.execve = execve
+main()
+"""
+
+
+@needs_huge_pages
+def test_the_command_restarts_before_importing_jax_and_then_runs_the_job():
+  assert run_python(LAUNCH, GLIBC_TUNABLES="") == ["False", "glibc.malloc.hugetlb=1"]
+  result = subprocess.run([sys.executable, "-m", "t5x_like", "info", "--config", "experiments/decoder_tiny.py"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "GLIBC_TUNABLES": ""},
+                          timeout=300)
+  assert result.returncode == 0 and "parameters:" in result.stdout, result.stderr
+
+
 def test_opting_out_or_choosing_a_value_runs_the_command_once_unchanged():
   _, tunables = run_python(RESTART, T5X_LIKE_HUGE_PAGES="0", GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
   assert tunables == "glibc.malloc.tcache_count=7"
