@@ -7,8 +7,8 @@ INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",
     # jax asks for ml_dtypes>=0.5. 0.7.0 registers its numpy loops through an API whose every call
-    # scans those already registered: 0.9 to 1.4 s of every process's `import jax`, against 0.01 s
-    # for 0.6.0, which has every dtype jax 0.10 names (docs/performance.md, item 57).
+    # scans those already registered: every process's `import jax` took 2.51 s with it, 1.40 s with
+    # 0.6.0, which has every dtype jax 0.10 names (docs/performance.md, item 57).
     "ml_dtypes==0.6.0",
     "flax==0.12.8",
     "optax==0.2.8",

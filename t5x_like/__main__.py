@@ -1,7 +1,8 @@
-"""The `t5x-like` command (also `python -m t5x_like`): restart with huge pages, then run the job.
+"""The `t5x-like` command (also `python -m t5x_like`): set up the process, then run the job.
 
-The restart comes before jax is imported, so it costs a bare interpreter; from inside
-t5x_like.cli, whose imports bring in jax, each command paid for importing it twice.
+A command restarts itself with glibc's huge pages (t5x_like/host_memory.py). The restart comes
+before jax is imported, so it costs a bare interpreter: from inside t5x_like.cli, whose imports
+bring in jax, a command imported it twice.
 """
 
 import sys
@@ -9,10 +10,15 @@ import sys
 from t5x_like.host_memory import exec_with_huge_pages
 
 
-def main() -> int:
+def start_command_process() -> None:
+  """Sets up this process for a command line, before jax is imported where it can be."""
   exec_with_huge_pages()
+
+
+def main() -> int:
+  start_command_process()
   from t5x_like.cli import main as run_command
-  return run_command()
+  return run_command(sys.argv[1:])
 
 
 if __name__ == "__main__":

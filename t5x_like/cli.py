@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
   fit.set_defaults(run=_fit)
 
   args, overrides = parser.parse_known_args(argv)
+  if argv is None:  # `python -m t5x_like.cli`, or a console script installed before t5x_like/__main__.py
+    from t5x_like.__main__ import start_command_process
+    start_command_process()  # after jax's import here, unlike t5x_like/__main__.py
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
   if args.command != "train":  # the one command that joins other processes
@@ -408,3 +411,7 @@ def _run(args, overrides) -> int:
     print(f"t5x-like {args.command}: error: out of memory ({first_line(error)}); {hint}", file=sys.stderr)
     return 1
   return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

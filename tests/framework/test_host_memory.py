@@ -1,4 +1,5 @@
-"""Command entry points restart once with glibc's huge-page tunable, and it removes XLA:CPU's page faults."""
+"""A command's process restarts once with glibc's huge-page tunable, before importing jax, and the
+tunable removes XLA:CPU's page faults."""
 
 import os
 import pathlib
@@ -38,7 +39,8 @@ def test_a_command_restarts_once_in_the_same_process_with_the_tunable_added():
 
 # The command's entry point, its restart replaced by a report of what the restart would have had.
 LAUNCH = """
-import os, sys
+import os
+import sys
 from t5x_like.__main__ import main
 def execve(path, args, env):
   print("jax" in sys.modules, env["GLIBC_TUNABLES"])
@@ -49,9 +51,13 @@ main()
 
 
 @needs_huge_pages
-def test_the_command_restarts_before_importing_jax_and_then_runs_the_job():
-  assert run_python(LAUNCH, GLIBC_TUNABLES="") == ["False", "glibc.malloc.hugetlb=1"]
-  result = subprocess.run([sys.executable, "-m", "t5x_like", "info", "--config", "experiments/decoder_tiny.py"],
+def test_the_command_restarts_before_importing_jax():
+  assert run_python(LAUNCH, GLIBC_TUNABLES="", T5X_LIKE_HUGE_PAGES="1") == ["False", "glibc.malloc.hugetlb=1"]
+
+
+@pytest.mark.parametrize("module", ["t5x_like", "t5x_like.cli"])  # the second as before t5x_like/__main__.py
+def test_python_m_runs_the_job(module):
+  result = subprocess.run([sys.executable, "-m", module, "info", "--config", "experiments/decoder_tiny.py"],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "GLIBC_TUNABLES": ""},
                           timeout=300)
   assert result.returncode == 0 and "parameters:" in result.stdout, result.stderr
