@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66,<5",
     "tensorboardX==2.6.5",
     "matplotlib==3.11.2",
+    "filelock==4.3.2",  # jax's compilation cache evicts under it; the command caps the cache (t5x_like/__main__.py)
 ]
 
 EXTRAS_REQUIRE = {

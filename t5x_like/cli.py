@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
   args, overrides = parser.parse_known_args(argv)
   if argv is None:  # `python -m t5x_like.cli`, or a console script installed before t5x_like/__main__.py
     from t5x_like.__main__ import start_command_process
-    start_command_process()  # after jax's import here, unlike t5x_like/__main__.py
+    start_command_process()  # after jax's import here: the cache only takes effect if it restarts
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
   if args.command != "train":  # the one command that joins other processes

@@ -1,5 +1,5 @@
-"""A command's process restarts once with glibc's huge-page tunable, before importing jax, and the
-tunable removes XLA:CPU's page faults."""
+"""A command's process: it restarts once with glibc's huge-page tunable, before importing jax, and the
+tunable removes XLA:CPU's page faults; its compiles go to a size-capped cache."""
 
 import os
 import pathlib
@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from t5x_like import __main__ as command
 from t5x_like import host_memory
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -61,6 +62,21 @@ def test_python_m_runs_the_job(module):
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "GLIBC_TUNABLES": ""},
                           timeout=300)
   assert result.returncode == 0 and "parameters:" in result.stdout, result.stderr
+
+
+def test_commands_keep_their_compiles_in_a_bounded_cache_unless_told_where(tmp_path):
+  environ = {"XDG_CACHE_HOME": str(tmp_path)}
+  command.use_compilation_cache(environ)
+  cache = tmp_path / "t5x_like" / "jax_compilation_cache"
+  assert environ["JAX_COMPILATION_CACHE_DIR"] == str(cache)
+  run_python("import jax; print(jax.jit(lambda x: x + 1)(1.0))", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             **environ)
+  assert len(list(cache.glob("*-cache"))) == 1
+  assert len(list(cache.glob("*-atime"))) == 1  # the size cap's eviction keeps access times (and needs filelock)
+  for given in ({"JAX_COMPILATION_CACHE_DIR": ""}, {"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}):
+    environ = dict(given)
+    command.use_compilation_cache(environ)
+    assert environ == given  # an empty one turns the cache off
 
 
 def test_opting_out_or_choosing_a_value_runs_the_command_once_unchanged():
