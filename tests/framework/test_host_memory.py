@@ -56,7 +56,7 @@ def test_the_command_restarts_before_importing_jax():
   assert run_python(LAUNCH, GLIBC_TUNABLES="", T5X_LIKE_HUGE_PAGES="1") == ["False", "glibc.malloc.hugetlb=1"]
 
 
-@pytest.mark.parametrize("module", ["t5x_like", "t5x_like.cli"])  # the second as before t5x_like/__main__.py
+@pytest.mark.parametrize("module", ["t5x_like", "t5x_like.cli"])  # the second: as an older console script enters
 def test_python_m_runs_the_job(module):
   result = subprocess.run([sys.executable, "-m", module, "info", "--config", "experiments/decoder_tiny.py"],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "GLIBC_TUNABLES": ""},
