@@ -33,13 +33,13 @@ def stepper(shape: str, dtype: str, arch: str, overrides: dict):
   """A call that runs one training step, compiled before this returns; the state carries over."""
   trainer, batch = train_throughput.build(shape, dtype, arch, **overrides)
   with jax.set_mesh(trainer.mesh):
-    step = trainer.train_step.lower(trainer.state, trainer.rest, batch).compile()
+    step = trainer.train_step.lower(trainer.state, trainer.rest, batch, trainer.run_inputs).compile()
   state = trainer.state
 
   def call():
     nonlocal state
     with jax.set_mesh(trainer.mesh):
-      state, metrics = step(state, trainer.rest, batch)
+      state, metrics = step(state, trainer.rest, batch, trainer.run_inputs)
       jax.block_until_ready(metrics)
   return call
 

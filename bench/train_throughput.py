@@ -125,7 +125,7 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", warm
   with jax.set_mesh(trainer.mesh):
     for step in range(1 + warmup + steps):  # the first call compiles
       start = time.perf_counter()
-      state, metrics = trainer.train_step(state, trainer.rest, batch)
+      state, metrics = trainer.train_step(state, trainer.rest, batch, trainer.run_inputs)
       jax.block_until_ready(metrics)
       if step == 0:
         first_step_seconds = time.perf_counter() - start

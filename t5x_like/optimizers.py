@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from models.config import ConfigError
@@ -25,20 +26,44 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
   ))
 
 
+# The optimizer fields a schedule reads, besides its kind (`schedule`) and the run's length.
+SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "end_learning_rate_fraction")
+
+
+def schedule_inputs(config: ml_collections.ConfigDict, total_steps: int) -> dict[str, np.ndarray]:
+  """The numbers a schedule reads, as float32 scalars. The trainer hands them to its compiled step
+  as arguments rather than compiling them in, so runs that differ only in them (a sweep's token
+  budgets, a learning-rate scan, a run resumed with more steps) share one compiled step through
+  jax's compilation cache."""
+  return {name: np.float32(config[name]) for name in SCHEDULE_FIELDS} | {"total_steps": np.float32(total_steps)}
+
+
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup then cosine decay; T5's inverse square root; or constant."""
-  peak, warmup = config.learning_rate, config.warmup_steps
-  if config.schedule == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(
-        0.0, peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-        end_value=peak * config.end_learning_rate_fraction)
-  if config.schedule == "rsqrt":
+  """The learning rate by update of a run `total_steps` long."""
+  return schedule_over(config.schedule, schedule_inputs(config, total_steps))
+
+
+def schedule_over(kind: str, inputs: dict) -> optax.Schedule:
+  """Linear warmup then cosine decay; T5's inverse square root; or constant, over schedule_inputs'
+  numbers, concrete or traced. optax's warmup_cosine_decay_schedule checks its lengths in Python,
+  so it cannot take traced ones; its formulas are written out here, in its order of operations."""
+  peak, warmup, total = inputs["learning_rate"], inputs["warmup_steps"], inputs["total_steps"]
+  if kind == "warmup_cosine":
+    alpha = inputs["end_learning_rate_fraction"]
+    decay_steps = jnp.maximum(total, warmup + 1) - warmup  # the cosine's length, at least 1
+
+    def warmup_cosine(step):
+      step = jnp.asarray(step, jnp.float32)
+      rising = -peak * (1 - step / jnp.maximum(warmup, 1)) + peak
+      cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(step - warmup, decay_steps) / decay_steps))
+      return jnp.where(step < warmup, rising, peak * ((1 - alpha) * cosine + alpha))
+    return warmup_cosine
+  if kind == "rsqrt":
     # Raffel et al. 2020: lr = 1/sqrt(max(step, warmup)), scaled so it peaks at `peak`.
-    return lambda step: peak * jax.lax.rsqrt(jax.numpy.maximum(step, max(warmup, 1)) / max(warmup, 1))
-  if config.schedule == "constant":
+    return lambda step: peak * jax.lax.rsqrt(jnp.maximum(step, jnp.maximum(warmup, 1)) / jnp.maximum(warmup, 1))
+  if kind == "constant":
     return optax.constant_schedule(peak)
-  raise ConfigError(f"train.optimizer.schedule={config.schedule!r} is not one of "
-                    "('warmup_cosine', 'rsqrt', 'constant')")
+  raise ConfigError(f"train.optimizer.schedule={kind!r} is not one of ('warmup_cosine', 'rsqrt', 'constant')")
 
 
 def decay_mask(params):
@@ -50,8 +75,9 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
-  """Returns (optax transformation, schedule); its update may take the gradients' norm as `grad_norm=`."""
+def make_optimizer(config: ml_collections.ConfigDict, inputs: dict):
+  """Returns (optax transformation, schedule) over schedule_inputs' numbers `inputs`; its update
+  may take the gradients' norm as `grad_norm=`."""
   # A negative clip norm would flip every update's sign, and a negative rate or decay would too.
   for name in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip_norm", "end_learning_rate_fraction"):
     if not config[name] >= 0:
@@ -64,7 +90,7 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   for name in ("b1", "b2"):
     if not 0 <= config[name] < 1:
       raise ConfigError(f"train.optimizer.{name}={config[name]} must be in [0, 1)")
-  schedule = make_schedule(config, total_steps)
+  schedule = schedule_over(config.schedule, inputs)
   if config.name == "adamw":
     tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                      weight_decay=config.weight_decay, mask=decay_mask)

@@ -41,7 +41,8 @@ from t5x_like.distributed import check_on_every_process, check_same_run, mark_th
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import TrainingMode, make_mode
-from t5x_like.optimizers import default_optimizer_config, make_optimizer, make_schedule
+from t5x_like.optimizers import (SCHEDULE_FIELDS, default_optimizer_config, make_optimizer, make_schedule,
+                                 schedule_inputs)
 from t5x_like.preemption import Preempted, StopSignal
 
 logger = logging.getLogger(__name__)
@@ -194,10 +195,6 @@ def changed_model_fields(saved: ml_collections.ConfigDict, config: ml_collection
           if name not in RESUMABLE_MODEL_FIELDS and was[name] != now[name]]
 
 
-# The optimizer fields make_schedule reads.
-SCHEDULE_FIELDS = ("learning_rate", "schedule", "warmup_steps", "end_learning_rate_fraction")
-
-
 def learning_rate_change(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                          updates: int) -> str | None:
   """A warning when the learning rate a resumed run goes on with differs from the saved run's at
@@ -214,7 +211,7 @@ def learning_rate_change(saved: ml_collections.ConfigDict, config: ml_collection
     return None
   changes = [f"train.steps {steps} -> {config.train.steps}"] if steps != config.train.steps else []
   changes += [f"train.optimizer.{name} {optimizer[name]!r} -> {config.train.optimizer[name]!r}"
-              for name in SCHEDULE_FIELDS if optimizer[name] != config.train.optimizer[name]]
+              for name in ("schedule", *SCHEDULE_FIELDS) if optimizer[name] != config.train.optimizer[name]]
   return (f"the learning rate after {updates} updates is {now:.3g}, not the {was:.3g} the run's config.json "
           f"gives ({', '.join(changes)}); the schedule goes on from there")
 
@@ -267,7 +264,13 @@ class Trainer:
     self.batch_sharding = partitioning.batch_sharding(self.mesh, config.partitioning)
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.features = self.mode.batch_features(self.model_config, config.data.get("objective"))
-    self.tx, self.schedule = make_optimizer(config.train.optimizer, config.train.steps)
+    # The numbers runs of one model and batch differ in (a sweep's budgets and seeds, a learning-rate
+    # scan), handed to the compiled train step rather than compiled into it, so that such runs share it.
+    run_inputs = {"schedule": schedule_inputs(config.train.optimizer, config.train.steps),
+                  "seed_key": np.asarray(jax.random.key_data(jax.random.key(config.train.seed)))}
+    self.tx, self.schedule = make_optimizer(config.train.optimizer, run_inputs["schedule"])
+    self.run_inputs = jax.tree.map(lambda v: jax.make_array_from_callback(v.shape, self.replicated, lambda _: v),
+                                   run_inputs)
     self.skipped_in_a_row = 0  # updates train.nonfinite='skip' dropped since the last applied one
     self._build_state()
     self._compile_steps()
@@ -448,13 +451,13 @@ class Trainer:
     return jax.grad(lambda p: _scalar_and_aux(self._loss_sums(
         p, rest, batch, dropout_key, train=True)), has_aux=True)(params)
 
-  def _train_step(self, state, rest, batch):
-    step_key = jax.random.fold_in(jax.random.key(self.config.train.seed), state["step"])
+  def _train_step(self, state, rest, batch, run_inputs):
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(run_inputs["seed_key"]), state["step"])
     if self.config.train.grad_accum_steps == 1:  # no scan: it would keep the step inside a loop
       grads, sums = self._grads(state["params"], rest, batch, jax.random.fold_in(step_key, 0))
     else:
       grads, sums = self._accumulated_grads(state, rest, batch, step_key)
-    return self._apply_gradients(state, grads, sums)
+    return self._apply_gradients(state, grads, sums, run_inputs)
 
   def _accumulated_grads(self, state, rest, batch, step_key):
     """Sums over micro-batches; micro-batch i draws dropout from fold_in(step_key, i)."""
@@ -481,7 +484,7 @@ class Trainer:
                                     (jnp.arange(accum), batch))
     return grads, sums
 
-  def _apply_gradients(self, state, grads, sums):
+  def _apply_gradients(self, state, grads, sums, run_inputs):
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), grads)  # bfloat16 weights keep bf16 moments
     grad_norm = optax.tree.norm(grads)
@@ -490,13 +493,15 @@ class Trainer:
     # A non-finite step keeps the old state. Chosen by a branch, not by a select per leaf: with
     # selects XLA copied every Adam moment first, as the update and the select both read it
     # (docs/performance.md, item 29).
+    tx, schedule = make_optimizer(self.config.train.optimizer, run_inputs["schedule"])
+
     def update(params, opt_state):
-      updates, opt_state = self.tx.update(grads, opt_state, params, grad_norm=grad_norm)
+      updates, opt_state = tx.update(grads, opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state
 
     params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state["params"], state["opt_state"])
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-    metrics = dict(sums, grad_norm=grad_norm, learning_rate=self.schedule(updates_applied(state["opt_state"])),
+    metrics = dict(sums, grad_norm=grad_norm, learning_rate=schedule(updates_applied(state["opt_state"])),
                    finite=finite)
     return new_state, metrics
 
@@ -506,7 +511,8 @@ class Trainer:
   def _compile_steps(self) -> None:
     batch_shardings = {f: self.batch_sharding for f in self.features}
     self.train_step = jax.jit(
-        self._train_step, in_shardings=(self.state_shardings, self.rest_shardings, batch_shardings),
+        self._train_step,
+        in_shardings=(self.state_shardings, self.rest_shardings, batch_shardings, self.replicated),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
     self.eval_step = jax.jit(
         self._eval_step, in_shardings=(self.state_shardings["params"], self.rest_shardings, batch_shardings),
@@ -614,7 +620,7 @@ class Trainer:
       with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning), StopSignal() as stop:
         for step in range(start_step, cfg.steps):
           batch = self.global_batch(next(train_loader))
-          self.state, metrics = self.train_step(self.state, self.rest, batch)
+          self.state, metrics = self.train_step(self.state, self.rest, batch, self.run_inputs)
           pending.append((step + 1, metrics))
           done = step + 1
           preempted = done < cfg.steps and stop_requested(stop, done, cfg.log_every)

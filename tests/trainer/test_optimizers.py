@@ -14,13 +14,17 @@ from flax.traverse_util import flatten_dict
 from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
 from t5x_like.optimizers import (clip_by_global_norm, decay_mask, default_optimizer_config, make_optimizer,
-                                 make_schedule)
+                                 make_schedule, schedule_inputs, schedule_over)
 
 
 def config(**changes):
   c = default_optimizer_config()
   c.update(changes)
   return c
+
+
+def optimizer(config, total_steps=10):
+  return make_optimizer(config, schedule_inputs(config, total_steps))
 
 
 def test_warmup_then_cosine():
@@ -33,6 +37,19 @@ def test_warmup_then_cosine():
   assert float(schedule(110)) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("warmup, total, fraction", [(10, 110, 0.1), (0, 20, 0.0), (5, 5, 0.5), (7, 3, 1.0)])
+def test_warmup_cosine_is_optaxs_with_its_numbers_traced_or_not(warmup, total, fraction):
+  """The trainer's step reads the schedule's numbers as arguments; optax's own schedule, with them
+  compiled in (a warmup as long as the run decays over one step past it), is the reference."""
+  c = config(learning_rate=3e-3, warmup_steps=warmup, end_learning_rate_fraction=fraction)
+  reference = optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, max(total, warmup + 1), end_value=3e-3 * fraction)
+  steps = jnp.arange(total + 3)
+  traced = jax.jit(lambda inputs: jax.vmap(schedule_over("warmup_cosine", inputs))(steps))
+  expected = np.asarray(jax.vmap(reference)(steps))
+  np.testing.assert_allclose(jax.vmap(make_schedule(c, total))(steps), expected, rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(traced(schedule_inputs(c, total)), expected, rtol=1e-6, atol=1e-12)
+
+
 def test_rsqrt_is_flat_during_warmup_then_decays_as_one_over_sqrt_step():
   schedule = make_schedule(config(schedule="rsqrt", learning_rate=0.01, warmup_steps=100), 1000)
   assert float(schedule(1)) == pytest.approx(0.01)
@@ -43,7 +60,7 @@ def test_rsqrt_is_flat_during_warmup_then_decays_as_one_over_sqrt_step():
 def test_adamw_decays_matrices_but_not_norms_or_biases():
   params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,)), "bias": jnp.ones((2,)),
             "query": {"bias": jnp.ones((2, 3))}}  # per head: 2-D, and still a bias
-  tx, _ = make_optimizer(config(schedule="constant", learning_rate=0.1, weight_decay=0.5), 10)
+  tx, _ = optimizer(config(schedule="constant", learning_rate=0.1, weight_decay=0.5))
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero_grads, tx.init(params), params)
   np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
@@ -66,14 +83,14 @@ def test_a_biased_models_mask_spares_exactly_its_biases_and_norms():
 def test_an_optimizer_setting_that_would_reverse_or_stall_updates_is_refused(field, value):
   """A negative clip norm, for one, scaled every update by a negative number: gradient ascent."""
   with pytest.raises(ConfigError, match=f"train.optimizer.{field}={value}"):
-    make_optimizer(config(**{field: value}), 10)
+    optimizer(config(**{field: value}))
 
 
 def test_adafactor_without_decay_is_optax_adafactor():
   params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(256, 130)), jnp.float32),  # factored
             "b": jnp.linspace(-1.0, 1.0, 7)}
-  tx, schedule = make_optimizer(config(name="adafactor", learning_rate=0.1, warmup_steps=2, weight_decay=0.0,
-                                       grad_clip_norm=0.0), 10)
+  tx, schedule = optimizer(config(name="adafactor", learning_rate=0.1, warmup_steps=2, weight_decay=0.0,
+                                  grad_clip_norm=0.0))
   reference = optax.adafactor(schedule)
   state, reference_state = tx.init(params), reference.init(params)
   loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(p["b"] ** 4)  # noqa: E731
@@ -87,7 +104,7 @@ def test_adafactor_without_decay_is_optax_adafactor():
 
 def test_adafactor_decays_matrices_by_the_scheduled_learning_rate():
   params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
-  tx, schedule = make_optimizer(config(name="adafactor", learning_rate=0.1, warmup_steps=4, weight_decay=0.5), 10)
+  tx, schedule = optimizer(config(name="adafactor", learning_rate=0.1, warmup_steps=4, weight_decay=0.5))
   state, zero_grads = tx.init(params), jax.tree.map(jnp.zeros_like, params)
   for step in range(3):  # in warmup: learning rates 0, 0.025, 0.05
     updates, state = tx.update(zero_grads, state, params)
@@ -97,9 +114,9 @@ def test_adafactor_decays_matrices_by_the_scheduled_learning_rate():
 
 def test_unknown_optimizer_and_schedule_name_the_field():
   with pytest.raises(ConfigError, match="train.optimizer.name='sgd'"):
-    make_optimizer(config(name="sgd"), 10)
+    optimizer(config(name="sgd"))
   with pytest.raises(ConfigError, match="train.optimizer.schedule='linear'"):
-    make_optimizer(config(schedule="linear"), 10)
+    optimizer(config(schedule="linear"))
 
 
 def test_clipping_matches_optax_and_uses_the_norm_it_is_handed():
@@ -121,7 +138,7 @@ def test_clipping_matches_optax_and_uses_the_norm_it_is_handed():
 def test_every_optimizer_takes_the_gradient_norm(grad_clip_norm):
   """The trainer hands `grad_norm=` to whatever make_optimizer built; only a clip reads it."""
   params = {"w": jnp.ones((4, 3))}
-  tx, _ = make_optimizer(config(grad_clip_norm=grad_clip_norm, schedule="constant", weight_decay=0.0), 10)
+  tx, _ = optimizer(config(grad_clip_norm=grad_clip_norm, schedule="constant", weight_decay=0.0))
   step = lambda norm: tx.update(params, tx.init(params), params, grad_norm=norm)[0]["w"]  # noqa: E731
   true_norm, huge_norm = step(optax.tree.norm(params)), step(1e12)
   # A huge norm clips the gradient to ~1e-12, which Adam's eps then swamps: a far smaller step.

@@ -178,7 +178,7 @@ def _one_step_and_optax(config, workdir):
   reference = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), optax.adamw(
       trainer.schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask))
   updates, reference_state = reference.update(grads, reference.init(params), params)
-  state, metrics = trainer.train_step(trainer.state, trainer.rest, trainer.global_batch(local))
+  state, metrics = trainer.train_step(trainer.state, trainer.rest, trainer.global_batch(local), trainer.run_inputs)
   return params, grads, updates, reference_state, state, metrics
 
 
@@ -242,11 +242,11 @@ def test_logged_throughput_counts_the_steps_running_not_just_queued(tmp_path):
   logged = read_metrics(tmp_path, "train")[-1]["tokens_per_second"]  # the second interval: no compiling
   batch = trainer.global_batch(next(PatternLoader(config.data, "train", process_index=0, process_count=1)))
   with jax.set_mesh(trainer.mesh), partitioning.activation_rules(config.partitioning):
-    state, metrics = trainer.train_step(trainer.state, trainer.rest, batch)
+    state, metrics = trainer.train_step(trainer.state, trainer.rest, batch, trainer.run_inputs)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(6):
-      state, metrics = trainer.train_step(state, trainer.rest, batch)
+      state, metrics = trainer.train_step(state, trainer.rest, batch, trainer.run_inputs)
     jax.block_until_ready(metrics)
     measured = 6 * config.data.batch_size * config.data.seq_len / (time.perf_counter() - start)
   assert 1 / 3 < logged / measured < 3
@@ -501,6 +501,38 @@ def test_the_learning_rate_warning_names_the_schedules_fields():
   assert learning_rate_change(saved, same, 5) is None
   saved.train.optimizer.schedule = "linear"  # a schedule this version does not have: nothing to compare
   assert learning_rate_change(saved, config, 5) is None
+
+
+def test_runs_that_differ_in_schedule_and_seed_share_one_compiled_train_step(tmp_path):
+  """A sweep's token budgets and seeds, or a learning-rate scan, reach the train step as arguments:
+  the second run's step comes out of the compilation cache, and each run keeps its own rates."""
+  if not jax.config.jax_compilation_cache_dir:
+    pytest.skip("JAX_COMPILATION_CACHE_DIR is set empty: no compilation cache to share through")
+  first = tiny_config(steps=12, schedule="warmup_cosine")
+  second = tiny_config(steps=40, seed=7, schedule="warmup_cosine")
+  second.train.optimizer.update(learning_rate=3e-2, warmup_steps=1, end_learning_rate_fraction=0.5)
+  hits = []
+  listener = lambda event, **_: hits.append(event)  # noqa: E731
+  rates = []
+  for name, config in (("first", first), ("second", second)):
+    trainer = Trainer(config, tmp_path / name, make_loader=PatternLoader)
+    batches = PatternLoader(config.data, "train", process_index=0, process_count=1)
+    state = trainer.state
+    jax.monitoring.register_event_listener(listener)
+    try:
+      for _ in range(3):
+        state, metrics = trainer.train_step(state, trainer.rest, trainer.global_batch(next(batches)),
+                                            trainer.run_inputs)
+        rates.append((float(metrics["learning_rate"]), float(trainer.schedule(len(rates) % 3))))
+    finally:
+      jax.monitoring.unregister_event_listener(listener)
+    if name == "first":
+      hits.clear()
+  assert "/jax/compilation_cache/cache_hits" in hits
+  assert [logged for logged, _ in rates] == pytest.approx([own for _, own in rates], rel=1e-6)
+  # Warmup over 3 updates to 1e-2, and over 1 update to 3e-2 then a cosine down to 1.5e-2 over 39.
+  cosine = 1.5e-2 + 1.5e-2 * (1 + math.cos(math.pi / 39)) / 2
+  assert [own for _, own in rates] == pytest.approx([0.0, 1e-2 / 3, 2e-2 / 3, 0.0, 3e-2, cosine], rel=1e-6)
 
 
 def test_a_resume_that_stops_before_saving_leaves_the_runs_config_and_checkpoints(tmp_path):
@@ -766,16 +798,17 @@ def test_a_skipped_update_leaves_the_state_exactly_as_it_was(tmp_path):
   trainer = Trainer(tiny_config(nonfinite="skip", schedule="warmup_cosine"), tmp_path, make_loader=PatternLoader)
   loader = NanAtStep(trainer.config.data, "train", process_index=0, process_count=1)
   loader.bad_positions = (2,)
-  before, _ = trainer.train_step(trainer.state, trainer.rest, trainer.global_batch(next(loader)))
+  before, _ = trainer.train_step(trainer.state, trainer.rest, trainer.global_batch(next(loader)),
+                                 trainer.run_inputs)
   before = jax.tree.map(np.asarray, before)  # the next step donates the state's buffers
   after, metrics = trainer.train_step(jax.tree.map(jax.numpy.asarray, before), trainer.rest,
-                                      trainer.global_batch(next(loader)))
+                                      trainer.global_batch(next(loader)), trainer.run_inputs)
   assert not bool(metrics["finite"]) and int(after["step"]) == int(before["step"]) + 1
   for old, new in zip(jax.tree.leaves((before["params"], before["opt_state"])),
                       jax.tree.leaves((after["params"], after["opt_state"]))):
     np.testing.assert_array_equal(np.asarray(new), old)
   # The next update is the second applied: it runs, and is logged, at the schedule's second rate.
-  _, metrics = trainer.train_step(after, trainer.rest, trainer.global_batch(next(loader)))
+  _, metrics = trainer.train_step(after, trainer.rest, trainer.global_batch(next(loader)), trainer.run_inputs)
   assert bool(metrics["finite"]) and float(metrics["learning_rate"]) == pytest.approx(float(trainer.schedule(1)))
   assert trainer.schedule(1) != trainer.schedule(2)
 
@@ -797,7 +830,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_not_applied(tmp_path):
   trainer.mode = NanGradient()  # before the step is first traced
   before = jax.tree.map(np.asarray, trainer.state)  # the step donates the state's buffers
   batch = trainer.global_batch(next(PatternLoader(trainer.config.data, "train", process_index=0, process_count=1)))
-  after, metrics = trainer.train_step(trainer.state, trainer.rest, batch)
+  after, metrics = trainer.train_step(trainer.state, trainer.rest, batch, trainer.run_inputs)
   assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
   assert not bool(metrics["finite"])
   for old, new in zip(jax.tree.leaves((before["params"], before["opt_state"])),
@@ -819,7 +852,7 @@ def test_dropout_draws_a_new_mask_for_every_micro_batch_and_step(tmp_path):
       step_key = jax.random.fold_in(jax.random.key(5), step)
       micro_losses = [float(loss(params, {k: v[i::2] for k, v in batch.items()}, jax.random.fold_in(step_key, i)))
                       for i in range(2)]
-      trainer.state, metrics = trainer.train_step(trainer.state, trainer.rest, batch)
+      trainer.state, metrics = trainer.train_step(trainer.state, trainer.rest, batch, trainer.run_inputs)
       assert float(metrics["loss"]) == pytest.approx(sum(micro_losses), rel=1e-5)
   # The masks matter: micro-batch 1 under micro-batch 0's key scores otherwise.
   assert float(loss(params, {k: v[1::2] for k, v in batch.items()}, jax.random.fold_in(step_key, 0))) != (

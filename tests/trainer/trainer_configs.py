@@ -9,8 +9,8 @@ from t5x_like.trainer import default_train_config
 
 def tiny_config(arch="decoder", steps=12, mesh_shape=(-1, 1, 1), schedule="rsqrt",
                 **train) -> ml_collections.ConfigDict:
-  """T5's rsqrt schedule by default: unlike warmup_cosine it does not read train.steps, so runs of
-  different lengths compile the same train step, and the tests' shared compilation cache holds it."""
+  """T5's rsqrt schedule by default (flat through warmup, then 1 / sqrt(step)), which the tests'
+  numbers were written against; tests of rates that depend on train.steps name warmup_cosine."""
   config = ml_collections.ConfigDict()
   config.model = model_config_dict(arch=arch, vocab_size=64, emb_dim=32, num_heads=4, mlp_dim=64,
                                    num_layers=2, max_len=32, dropout_rate=0.1)
