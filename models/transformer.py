@@ -358,6 +358,7 @@ class EncoderDecoder(_LanguageModel):
 MODELS = {"encoder": EncoderMLM, "decoder": DecoderLM, "encoder_decoder": EncoderDecoder}
 
 
-def build_model(cfg: ModelConfig, *, seed: int = 0) -> nnx.Module:
-  """Initialises the model the config's `arch` names."""
-  return MODELS[cfg.arch](cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+def build_model(cfg: ModelConfig, *, seed: int = 0, rngs: nnx.Rngs | None = None) -> nnx.Module:
+  """Initialises the model the config's `arch` names: parameters drawn from `seed`, dropout from
+  `seed + 1`, unless `rngs` holds the streams (the trainer's, keyed by traced data)."""
+  return MODELS[cfg.arch](cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1) if rngs is None else rngs)

@@ -265,9 +265,12 @@ class Trainer:
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.features = self.mode.batch_features(self.model_config, config.data.get("objective"))
     # The numbers runs of one model and batch differ in (a sweep's budgets and seeds, a learning-rate
-    # scan), handed to the compiled train step rather than compiled into it, so that such runs share it.
+    # scan), handed to the compiled initialisation and train step rather than compiled into them, so
+    # that such runs share them. The seed as build_model draws from it: parameters from train.seed's
+    # key, dropout from seed + 1's.
+    key_data = lambda seed: np.asarray(jax.random.key_data(jax.random.key(seed)))  # noqa: E731
     run_inputs = {"schedule": schedule_inputs(config.train.optimizer, config.train.steps),
-                  "seed_key": np.asarray(jax.random.key_data(jax.random.key(config.train.seed)))}
+                  "seed_keys": {"params": key_data(config.train.seed), "dropout": key_data(config.train.seed + 1)}}
     self.tx, self.schedule = make_optimizer(config.train.optimizer, run_inputs["schedule"])
     self.run_inputs = jax.tree.map(lambda v: jax.make_array_from_callback(v.shape, self.replicated, lambda _: v),
                                    run_inputs)
@@ -283,12 +286,12 @@ class Trainer:
 
   # State -------------------------------------------------------------------------
 
-  def _new_model(self) -> nnx.Module:
-    return build_model(self.model_config, seed=self.config.train.seed)
+  def _new_model(self, seed_keys) -> nnx.Module:
+    return build_model(self.model_config, rngs=nnx.Rngs(**seed_keys))
 
   def _build_state(self) -> None:
     """Abstract shapes first, then initialisation compiled straight into its shardings."""
-    abstract_model = nnx.eval_shape(self._new_model)
+    abstract_model = nnx.eval_shape(self._new_model, self.run_inputs["seed_keys"])
     self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, self.mode.trainable, ...)
     param_shardings = partitioning.logical_shardings(abstract_params, self.mesh, self.config.partitioning)
     rest_shardings = partitioning.logical_shardings(abstract_rest, self.mesh, self.config.partitioning)
@@ -305,19 +308,21 @@ class Trainer:
     # beside the dropout keys, yet belong to the run: its checkpoints hold them beside `state`.
     self.frozen_template = nnx.as_pure(nnx.filter_state(abstract_rest, nnx.Param))
 
-    def init():
-      _, params, rest = nnx.split(self._new_model(), self.mode.trainable, ...)
+    def init(seed_keys):
+      _, params, rest = nnx.split(self._new_model(seed_keys), self.mode.trainable, ...)
       params, rest = nnx.as_pure(params), nnx.as_pure(rest)
       state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
       return state, rest
 
     if self.config.train.get("init_on_host", False):  # absent from older runs' config.json
       with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        on_host = jax.jit(init)()
+        # This process's replica: every process holds the whole of a replicated array.
+        on_host = jax.jit(init)(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), self.run_inputs["seed_keys"]))
       self.state, self.rest = jax.device_put(on_host, (self.state_shardings, rest_shardings))
     else:
       with jax.set_mesh(self.mesh), threefry_as_gpu_kernels():
-        self.state, self.rest = jax.jit(init, out_shardings=(self.state_shardings, rest_shardings))()
+        self.state, self.rest = jax.jit(init, out_shardings=(self.state_shardings, rest_shardings))(
+            self.run_inputs["seed_keys"])
 
   def checkpointed(self) -> dict:
     """What a checkpoint holds: `state`, and the parameters the mode freezes (if any) as `frozen`."""
@@ -452,7 +457,7 @@ class Trainer:
         p, rest, batch, dropout_key, train=True)), has_aux=True)(params)
 
   def _train_step(self, state, rest, batch, run_inputs):
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(run_inputs["seed_key"]), state["step"])
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(run_inputs["seed_keys"]["params"]), state["step"])
     if self.config.train.grad_accum_steps == 1:  # no scan: it would keep the step inside a loop
       grads, sums = self._grads(state["params"], rest, batch, jax.random.fold_in(step_key, 0))
     else:

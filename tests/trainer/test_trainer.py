@@ -27,6 +27,7 @@ from orbax.checkpoint._src.serialization import replica_slices
 from fake_data import CharacterTokenizer, PatternLoader, RaggedPatternLoader
 from models.config import ConfigError, ModelConfig
 from models.model_size import train_flops_per_sequence
+from models.transformer import build_model
 from t5x_like import evaluation, partitioning
 from t5x_like.checkpoints import MIN_REPLICA_SLICE_BYTES, Checkpointer, this_process_position
 from t5x_like.decoding import DecodeConfig, generate
@@ -142,7 +143,8 @@ def test_initialisation_is_traced_with_threefry_as_gpu_kernels(tmp_path, monkeyp
   flag = "jax_threefry_gpu_kernel_lowering"
   seen = []
   new_model = Trainer._new_model
-  monkeypatch.setattr(Trainer, "_new_model", lambda self: seen.append(getattr(jax.config, flag)) or new_model(self))
+  monkeypatch.setattr(Trainer, "_new_model",
+                      lambda self, keys: seen.append(getattr(jax.config, flag)) or new_model(self, keys))
   Trainer(tiny_config(), tmp_path, make_loader=PatternLoader)
   assert seen == [False, True]  # the abstract shapes, then the compiled initialisation
   assert getattr(jax.config, flag) is False
@@ -503,32 +505,39 @@ def test_the_learning_rate_warning_names_the_schedules_fields():
   assert learning_rate_change(saved, config, 5) is None
 
 
-def test_runs_that_differ_in_schedule_and_seed_share_one_compiled_train_step(tmp_path):
-  """A sweep's token budgets and seeds, or a learning-rate scan, reach the train step as arguments:
-  the second run's step comes out of the compilation cache, and each run keeps its own rates."""
+def test_runs_that_differ_in_schedule_and_seed_share_their_compiled_init_and_train_step(tmp_path):
+  """A sweep's token budgets and seeds, or a learning-rate scan, reach the initialisation and the
+  train step as arguments: the second run loads both from the compilation cache, and each run
+  keeps its own rates."""
   if not jax.config.jax_compilation_cache_dir:
     pytest.skip("JAX_COMPILATION_CACHE_DIR is set empty: no compilation cache to share through")
   first = tiny_config(steps=12, schedule="warmup_cosine")
   second = tiny_config(steps=40, seed=7, schedule="warmup_cosine")
   second.train.optimizer.update(learning_rate=3e-2, warmup_steps=1, end_learning_rate_fraction=0.5)
-  hits = []
-  listener = lambda event, **_: hits.append(event)  # noqa: E731
-  rates = []
-  for name, config in (("first", first), ("second", second)):
-    trainer = Trainer(config, tmp_path / name, make_loader=PatternLoader)
-    batches = PatternLoader(config.data, "train", process_index=0, process_count=1)
-    state = trainer.state
-    jax.monitoring.register_event_listener(listener)
-    try:
+  events, hits, rates = [], [], []
+  listener = lambda event, **_: events.append(event)  # noqa: E731
+  jax.monitoring.register_event_listener(listener)
+  try:
+    for name, config in (("first", first), ("second", second)):
+      events.clear()
+      trainer = Trainer(config, tmp_path / name, make_loader=PatternLoader)
+      hits.append(events.count("/jax/compilation_cache/cache_hits"))
+      events.clear()
+      # Drawn from traced keys, the seed's weights are build_model's from that seed (op by op, which
+      # differs from any compiled draw by a few 1e-9).
+      jax.tree.map(lambda ours, seeds: np.testing.assert_allclose(ours, seeds, rtol=0, atol=1e-7),
+                   trainer.state["params"],
+                   nnx.as_pure(nnx.state(build_model(trainer.model_config, seed=config.train.seed), nnx.Param)))
+      batches = PatternLoader(config.data, "train", process_index=0, process_count=1)
+      state = trainer.state
       for _ in range(3):
         state, metrics = trainer.train_step(state, trainer.rest, trainer.global_batch(next(batches)),
                                             trainer.run_inputs)
         rates.append((float(metrics["learning_rate"]), float(trainer.schedule(len(rates) % 3))))
-    finally:
-      jax.monitoring.unregister_event_listener(listener)
-    if name == "first":
-      hits.clear()
-  assert "/jax/compilation_cache/cache_hits" in hits
+      hits.append(events.count("/jax/compilation_cache/cache_hits"))
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+  assert hits[2] >= 1 and hits[3] >= 1, f"the second run's init and step did not come from the cache: {hits}"
   assert [logged for logged, _ in rates] == pytest.approx([own for _, own in rates], rel=1e-6)
   # Warmup over 3 updates to 1e-2, and over 1 update to 3e-2 then a cosine down to 1.5e-2 over 39.
   cosine = 1.5e-2 + 1.5e-2 * (1 + math.cos(math.pi / 39)) / 2
