@@ -50,7 +50,7 @@ def schedule_over(kind: str, inputs: dict) -> optax.Schedule:
   peak, warmup, total = inputs["learning_rate"], inputs["warmup_steps"], inputs["total_steps"]
   if kind == "warmup_cosine":
     alpha = inputs["end_learning_rate_fraction"]
-    decay_steps = jnp.maximum(total, warmup + 1) - warmup  # the cosine's length, at least 1
+    decay_steps = jnp.maximum(total - warmup, 1)  # the cosine's length, at least 1 (warmup + 1 rounds past 2^24)
 
     def warmup_cosine(step):
       step = jnp.asarray(step, jnp.float32)

@@ -498,6 +498,7 @@ class Trainer:
     # A non-finite step keeps the old state. Chosen by a branch, not by a select per leaf: with
     # selects XLA copied every Adam moment first, as the update and the select both read it
     # (docs/performance.md, item 29).
+    # self.tx's transformation (its state's structure) over the schedule's traced numbers.
     tx, schedule = make_optimizer(self.config.train.optimizer, run_inputs["schedule"])
 
     def update(params, opt_state):
