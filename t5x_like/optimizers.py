@@ -46,7 +46,7 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
 def schedule_over(kind: str, inputs: dict) -> optax.Schedule:
   """Linear warmup then cosine decay; T5's inverse square root; or constant, over schedule_inputs'
   numbers, concrete or traced. optax's warmup_cosine_decay_schedule checks its lengths in Python,
-  so it cannot take traced ones; its formulas are written out here, in its order of operations."""
+  so it cannot take traced ones; its formulas are written out here over arrays."""
   peak, warmup, total = inputs["learning_rate"], inputs["warmup_steps"], inputs["total_steps"]
   if kind == "warmup_cosine":
     alpha = inputs["end_learning_rate_fraction"]
