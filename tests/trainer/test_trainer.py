@@ -516,6 +516,9 @@ def test_runs_that_differ_in_schedule_and_seed_share_their_compiled_init_and_tra
   second.train.optimizer.update(learning_rate=3e-2, warmup_steps=1, end_learning_rate_fraction=0.5)
   events, hits, rates = [], [], []
   listener = lambda event, **_: events.append(event)  # noqa: E731
+  # Every program cached, however fast a machine compiles it (the tests keep those taking 0.1 s or more).
+  min_compile_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.monitoring.register_event_listener(listener)
   try:
     for name, config in (("first", first), ("second", second)):
@@ -537,6 +540,7 @@ def test_runs_that_differ_in_schedule_and_seed_share_their_compiled_init_and_tra
       hits.append(events.count("/jax/compilation_cache/cache_hits"))
   finally:
     jax.monitoring.unregister_event_listener(listener)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
   assert hits[2] >= 1 and hits[3] >= 1, f"the second run's init and step did not come from the cache: {hits}"
   assert [logged for logged, _ in rates] == pytest.approx([own for _, own in rates], rel=1e-6)
   # Warmup over 3 updates to 1e-2, and over 1 update to 3e-2 then a cosine down to 1.5e-2 over 39.
