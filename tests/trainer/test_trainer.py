@@ -533,10 +533,10 @@ def test_runs_that_differ_in_schedule_and_seed_share_their_compiled_init_and_tra
                    nnx.as_pure(nnx.state(build_model(trainer.model_config, seed=config.train.seed), nnx.Param)))
       batches = PatternLoader(config.data, "train", process_index=0, process_count=1)
       state = trainer.state
-      for _ in range(3):
+      for update in range(3):
         state, metrics = trainer.train_step(state, trainer.rest, trainer.global_batch(next(batches)),
                                             trainer.run_inputs)
-        rates.append((float(metrics["learning_rate"]), float(trainer.schedule(len(rates) % 3))))
+        rates.append((float(metrics["learning_rate"]), float(trainer.schedule(update))))
       hits.append(events.count("/jax/compilation_cache/cache_hits"))
   finally:
     jax.monitoring.unregister_event_listener(listener)
