@@ -7,6 +7,8 @@ at exit."""
 import atexit
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 
 import pytest
@@ -30,13 +32,25 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 
+# A subprocess that hangs is sent SIGABRT (outputs_of below), on which Python prints every thread's stack.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
+
 @pytest.fixture
 def outputs_of():
-  """outputs_of(workers, timeout): each subprocess's output once all have ended; after a hang
-  (the timeout) every worker is killed, so a stuck process never outlives its test."""
+  """outputs_of(workers, timeout): each subprocess's output once all have ended. After a hang (the
+  timeout) the test fails with each worker's output ending in where its threads stood, and every
+  worker is killed, so a stuck process never outlives its test."""
   def wait(workers, timeout):
     try:
       return [worker.communicate(timeout=timeout)[0] for worker in workers]
+    except subprocess.TimeoutExpired:
+      for worker in workers:
+        worker.send_signal(signal.SIGABRT)  # a finished process ignores it
+      outputs = [worker.communicate(timeout=60)[0] for worker in workers]
+      pytest.fail(f"the subprocesses were still running after {timeout} s; their outputs' ends:\n" + "\n".join(
+          f"--- subprocess {index} (exit status {worker.returncode}):\n{output[-8000:]}"
+          for index, (worker, output) in enumerate(zip(workers, outputs))))
     finally:
       for worker in workers:
         worker.kill()  # a finished process ignores it
