@@ -389,7 +389,7 @@ def test_restore_onto_another_mesh_shape(tmp_path):
   assert first_result.train_loss == pytest.approx(
       sum(r["loss"] * r["target_tokens"] for r in rows) / sum(r["target_tokens"] for r in rows), rel=1e-6)
   assert len({r["target_tokens"] for r in rows}) > 1  # so a plain mean of the rows would differ
-  second = Trainer(tiny_config(steps=8, mesh_shape=(1, 2, 4), log_every=3), tmp_path,
+  second = Trainer(tiny_config(steps=8, mesh_shape=(2, 2, 2), log_every=3), tmp_path,
                    make_loader=RaggedPatternLoader)
   result = second.train()  # restores step 8 and has nothing left to train
   assert result.train_loss == pytest.approx(first_result.train_loss, rel=1e-6)
