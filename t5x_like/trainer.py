@@ -495,12 +495,12 @@ class Trainer:
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
 
-    # A non-finite step keeps the old state. Chosen by a branch, not by a select per leaf: with
-    # selects XLA copied every Adam moment first, as the update and the select both read it
-    # (docs/performance.md, item 29).
     # self.tx's transformation (its state's structure) over the schedule's traced numbers.
     tx, schedule = make_optimizer(self.config.train.optimizer, run_inputs["schedule"])
 
+    # A non-finite step keeps the old state. Chosen by a branch, not by a select per leaf: with
+    # selects XLA copied every Adam moment first, as the update and the select both read it
+    # (docs/performance.md, item 29).
     def update(params, opt_state):
       updates, opt_state = tx.update(grads, opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state
