@@ -272,6 +272,7 @@ class Checkpointer:
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(self.directory / str(step)), str(target))
     multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+    self.manager.close()  # its metadata store and deleter would otherwise live on beside the new one's
     self.manager = self._new_manager()
     logger.warning("checkpoint %s is unreadable (%s); moved it to %s and falling back to "
                    "an earlier checkpoint", self.directory / str(step), error, target)
