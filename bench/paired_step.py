@@ -32,14 +32,15 @@ from t5x_like.host_memory import exec_with_huge_pages
 def stepper(shape: str, dtype: str, arch: str, overrides: dict):
   """A call that runs one training step, compiled before this returns; the state carries over."""
   trainer, batch = train_throughput.build(shape, dtype, arch, **overrides)
+  arguments = train_throughput.step_arguments(trainer, batch)
   with jax.set_mesh(trainer.mesh):
-    step = trainer.train_step.lower(trainer.state, trainer.rest, batch, trainer.run_inputs).compile()
+    step = trainer.train_step.lower(trainer.state, *arguments).compile()
   state = trainer.state
 
   def call():
     nonlocal state
     with jax.set_mesh(trainer.mesh):
-      state, metrics = step(state, trainer.rest, batch, trainer.run_inputs)
+      state, metrics = step(state, *arguments)
       jax.block_until_ready(metrics)
   return call
 

@@ -61,17 +61,17 @@ def main() -> None:
                                           attention_kernel=args.attention_kernel,
                                           bf16_matmul_inputs=args.bf16_matmul_inputs or None,
                                           loss_kernel=args.loss_kernel)
-  state = trainer.state
+  state, arguments = trainer.state, train_throughput.step_arguments(trainer, batch)
   with jax.set_mesh(trainer.mesh), tempfile.TemporaryDirectory() as trace_dir:
-    step = trainer.train_step.lower(state, trainer.rest, batch, trainer.run_inputs).compile()  # compiled once, here
+    step = trainer.train_step.lower(state, *arguments).compile()  # compiled once, here
     hlo = step.as_text()
     for _ in range(train_throughput.WARMUP_STEPS):
-      state, metrics = step(state, trainer.rest, batch, trainer.run_inputs)
+      state, metrics = step(state, *arguments)
       jax.block_until_ready(metrics)
     start = time.perf_counter()
     with jax.profiler.trace(trace_dir):
       for _ in range(args.steps):
-        state, metrics = step(state, trainer.rest, batch, trainer.run_inputs)
+        state, metrics = step(state, *arguments)
         jax.block_until_ready(metrics)
     wall = (time.perf_counter() - start) / args.steps
     profile = jax.profiler.ProfileData.from_file(str(next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))))

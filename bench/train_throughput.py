@@ -111,6 +111,13 @@ def build(shape_name: str, dtype: str, arch: str = "default", init_on_host: bool
   return trainer, trainer.global_batch(next(loader))
 
 
+def step_arguments(trainer: Trainer, batch: dict) -> tuple:
+  """What the trainer's train_step takes after the state: a baseline tree older than 847443d
+  compiled its schedule in, so its step takes no run_inputs."""
+  run_inputs = getattr(trainer, "run_inputs", None)
+  return (trainer.rest, batch) if run_inputs is None else (trainer.rest, batch, run_inputs)
+
+
 def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", warmup: int = WARMUP_STEPS,
             init_on_host: bool = False, **model_overrides) -> dict:
   """Median step time over `steps` steps after compilation and `warmup` untimed steps, on one device.
@@ -125,7 +132,7 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", warm
   with jax.set_mesh(trainer.mesh):
     for step in range(1 + warmup + steps):  # the first call compiles
       start = time.perf_counter()
-      state, metrics = trainer.train_step(state, trainer.rest, batch, trainer.run_inputs)
+      state, metrics = trainer.train_step(state, *step_arguments(trainer, batch))
       jax.block_until_ready(metrics)
       if step == 0:
         first_step_seconds = time.perf_counter() - start
