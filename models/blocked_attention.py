@@ -44,15 +44,15 @@ def _logits(q, k, mask, scale):
 
 
 def _forward_pair(q, k, v, mask, *, scale, causal):
-  """One pair: q [g, t, e], k and v [s, e], mask [t, s] -> (out [g, t, e] f32, lse [2, g, t]).
+  """One pair: q [g, t, e], k and v [s, e], mask [t, s] -> (out [g, t, e] f32, lse [g, t]).
 
-  The log-sum-exp is kept as its two terms, the row's top logit and the log of its sum after
-  the shift: a query that sees no key has top MASKED_LOGIT, to which log(sum) adds nothing
-  in float32, and its weights (1 / the keys its block reads) must come back. That is all the
-  keys, as the xla kernel's softmax gives, except in a causal call, where a block reads up to
-  its last query; there only padding sees no key, and nothing reads a padding query's output.
+  A query that sees no key has top MASKED_LOGIT, so its log-sum-exp rounds back to
+  MASKED_LOGIT in float32 and says it saw none (_backward_pair). Its weights are 1 / the
+  keys its block reads: all the keys, as the xla kernel's softmax gives, except in a causal
+  call, where a block reads up to its last query; there only padding sees no key, and
+  nothing reads a padding query's output.
   """
-  outs, tops, log_totals = [], [], []
+  outs, lses = [], []
   for start, end, keys in _query_blocks(q.shape[1], k.shape[0], causal):
     logits = _logits(q[:, start:end], k[:keys], mask[start:end, :keys], scale)
     top = row_max(logits, keepdims=True)
@@ -60,9 +60,8 @@ def _forward_pair(q, k, v, mask, *, scale, causal):
     total = row_sum(weights, keepdims=True)
     out = jnp.einsum("gts,se->gte", weights.astype(v.dtype), v[:keys], preferred_element_type=jnp.float32)
     outs.append(out / total)
-    tops.append(top[..., 0])
-    log_totals.append(jnp.log(total)[..., 0])
-  return jnp.concatenate(outs, axis=1), jnp.stack([jnp.concatenate(tops, axis=1), jnp.concatenate(log_totals, axis=1)])
+    lses.append((top + jnp.log(total))[..., 0])
+  return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
 
 
 def _backward_pair(q, k, v, mask_t, out, lse, d_out, *, scale, causal):
@@ -76,13 +75,16 @@ def _backward_pair(q, k, v, mask_t, out, lse, d_out, *, scale, causal):
   The products take their inputs in q's dtype, as the forward pass does, and accumulate in
   float32: with bfloat16 q, k and v they run on bf16 matmul units (item 19).
 
-  A query that sees no key passes no gradient to q and k, as the xla kernel's mask does: its
-  row of d_logits is scaled by 0 rather than by `scale`.
+  A query that sees no key (its lse is MASKED_LOGIT) passes no gradient to q and k, as the
+  xla kernel's mask does: its row of d_logits is scaled by 0 rather than by `scale`. Its
+  recomputed weights come out as exp(0) = 1 rather than 1 / keys, so its d_out is divided by
+  the block's keys for dv. Keeping the log-sum-exp's two terms apart for such rows instead
+  made XLA:CPU's exp fusions here about 3x slower (docs/performance.md, item 60).
   """
   g, t, e, dtype = *q.shape, q.dtype
   matmul = lambda a, b: jnp.matmul(a.astype(dtype), b, preferred_element_type=jnp.float32)  # noqa: E731
-  top, log_total = lse
-  row_scale = jnp.where(top > MASKED_LOGIT, scale, 0.0)  # [g, t]
+  sees_a_key = lse > MASKED_LOGIT  # [g, t]
+  row_scale = jnp.where(sees_a_key, scale, 0.0)
   d_out = d_out.astype(jnp.float32)
   row_dots = row_sum(d_out * out)  # [g, t]: sum_s weights * d_weights, per row
   d_out = d_out.astype(dtype)
@@ -91,10 +93,11 @@ def _backward_pair(q, k, v, mask_t, out, lse, d_out, *, scale, causal):
   dq_t, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
   for start, end, keys in _query_blocks(t, k.shape[0], causal):
     rows, n = slice(start, end), g * (end - start)
-    q_b, d_out_b = q[:, rows].reshape(n, e), d_out[:, rows].reshape(n, e)
+    q_b = q[:, rows].reshape(n, e)
+    d_out_b = jnp.where(sees_a_key[:, rows, None], d_out[:, rows], d_out[:, rows] / keys).reshape(n, e)
     logits = matmul(k[:keys], q_t[:, :, rows].reshape(e, n)).reshape(keys, g, end - start) * scale
     logits = jnp.where(mask_t[:keys, None, rows], logits, MASKED_LOGIT)
-    weights = jnp.exp(logits - top[None, :, rows] - log_total[None, :, rows]).reshape(keys, n)
+    weights = jnp.exp(logits - lse[None, :, rows]).reshape(keys, n)
     dv = dv.at[:keys].add(matmul(weights, d_out_b))
     d_weights = matmul(v[:keys], d_out_t[:, :, rows].reshape(e, n))
     d_logits = weights * (d_weights - row_dots[:, rows].reshape(1, n)) * row_scale[:, rows].reshape(1, n)
@@ -117,7 +120,7 @@ def _forward_item(q, k, v, mask, *, scale, causal):
   pairs = [_forward_pair(q[:, j].swapaxes(0, 1), k[:, j], v[:, j], mask, scale=scale, causal=causal)
            for j in range(k.shape[1])]
   return (jnp.stack([out.swapaxes(0, 1) for out, _ in pairs], axis=1),  # [t, k, g, e]
-          jnp.stack([lse for _, lse in pairs]))  # [k, 2, g, t]
+          jnp.stack([lse for _, lse in pairs]))  # [k, g, t]
 
 
 def _backward_item(q, k, v, mask, out, lse, d_out, *, scale, causal):
