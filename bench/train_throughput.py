@@ -128,11 +128,11 @@ def measure(shape_name: str, dtype: str, steps: int, arch: str = "default", warm
   start = time.perf_counter()
   trainer, batch = build(shape_name, dtype, arch, init_on_host, **model_overrides)
   init_seconds = time.perf_counter() - start
-  state, times = trainer.state, []
+  state, arguments, times = trainer.state, step_arguments(trainer, batch), []
   with jax.set_mesh(trainer.mesh):
     for step in range(1 + warmup + steps):  # the first call compiles
       start = time.perf_counter()
-      state, metrics = trainer.train_step(state, *step_arguments(trainer, batch))
+      state, metrics = trainer.train_step(state, *arguments)
       jax.block_until_ready(metrics)
       if step == 0:
         first_step_seconds = time.perf_counter() - start
