@@ -24,7 +24,7 @@ from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import type_handler_registry
 
 from models.config import ConfigError, first_line
-from t5x_like.distributed import first_failure, gather_json, process_0s
+from t5x_like.distributed import gather_json, process_0s
 
 logger = logging.getLogger(__name__)
 
@@ -160,15 +160,38 @@ def _data_positions(manager: ocp.CheckpointManager, step: int) -> dict | None:
   return restored["data"]
 
 
+# Failures that say nothing about a checkpoint's files: memory too small for the restored arrays,
+# or a storage service briefly away. Setting the step aside for them would throw good work away.
+NOT_ABOUT_THE_FILES = ("MemoryError", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def _not_about_the_files(error: str) -> bool:
+  return any(sign in error for sign in NOT_ABOUT_THE_FILES) or "out of memory" in error.lower()
+
+
 def _read_on_every_process(read: Callable[[], Any]) -> tuple[Any, str | None]:
   """(read(), None) where the read worked on every process, else (None, why it failed). A process
   whose own read worked fails too when another's did not: all then fall back to the same earlier
-  step together (one alone would train on from another step, or wait at the next collective)."""
+  step together (one alone would train on from another step, or wait at the next collective).
+  A failure that says nothing about the files (NOT_ABOUT_THE_FILES) stops every process instead,
+  with nothing set aside: the process that met it raises its own error, the others a ConfigError
+  naming it."""
+  caught = None
   try:
     result, error = read(), None
-  except Exception as caught:  # orbax raises many types for unreadable files
-    result, error = None, first_line(caught)
-  failed = first_failure(error)
+  except Exception as failure:  # orbax raises many types for unreadable files
+    result, error, caught = None, first_line(failure), failure
+  errors = gather_json(error)
+  elsewhere = next(((index, message) for index, message in enumerate(errors)
+                    if message is not None and _not_about_the_files(message)), None)
+  if elsewhere:
+    logger.error("reading a checkpoint failed for a reason other than its files (%s on process %d); it "
+                 "stays where it is", elsewhere[1], elsewhere[0])
+    if caught is not None and _not_about_the_files(error):
+      raise caught
+    raise ConfigError(f"on process {elsewhere[0]}: reading a checkpoint failed ({elsewhere[1]}), not for "
+                      f"its files; nothing was set aside, rerun once that is resolved")
+  failed = next(((index, message) for index, message in enumerate(errors) if message is not None), None)
   if failed and error is None:
     error = f"process {failed[0]} cannot read it: {failed[1]}"
   return (None, error) if error else (result, None)
@@ -234,7 +257,13 @@ class Checkpointer:
   def restore_latest(self, abstract_state):
     """(step, state, every process's data position) from the newest readable checkpoint, or None if none."""
     unreadable = []
-    for step in process_0s(sorted(self.manager.all_steps(), reverse=True)):
+    steps = process_0s(sorted(self.manager.all_steps(), reverse=True))
+    set_aside = self.directory.parent / "corrupt"
+    if not steps and process_0s(set_aside.is_dir() and any(set_aside.iterdir())):
+      # An earlier call set every step aside and stopped; a rerun (a scheduler's restart) must too.
+      raise ConfigError(f"no checkpoint in {self.directory}, and {set_aside} holds the steps set aside as "
+                        f"unreadable; put a good copy back, or remove {set_aside} to train from step 0")
+    for step in steps:
       metadata, error = _read_on_every_process(lambda: self._state_metadata(step))
       if not error:
         differences = state_differences(metadata, abstract_state)
@@ -253,8 +282,7 @@ class Checkpointer:
       return step, restored["state"], restored["data"]
     if unreadable:  # not a fresh start: the run would silently begin again at step 0
       raise ConfigError(f"no checkpoint in {self.directory} is readable (steps {unreadable}, now in "
-                        f"{self.directory.parent / 'corrupt'}); put a good copy back, or train again in "
-                        f"this workdir to start over from step 0")
+                        f"{set_aside}); put a good copy back, or remove {set_aside} to train from step 0")
     return None
 
   def _state_metadata(self, step: int):

@@ -37,7 +37,7 @@ from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_dige
 from t5x_like.config import base_config, fill_defaults
 from t5x_like.data.config import absolute_paths
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
-from t5x_like.distributed import check_on_every_process, check_same_run, mark_this_process_failing
+from t5x_like.distributed import check_on_every_process, check_same_run, mark_this_process_failing, process_0s
 from t5x_like.hardware import peak_flops_per_device
 from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import TrainingMode, make_mode
@@ -349,6 +349,11 @@ class Trainer:
     if checkpointer is None:
       checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=self.config.train.keep_checkpoints)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.checkpointed())
+    if checkpointer.steps():
+      # A checkpoint's state replaces the initial one, or the restore stops with an error: freed
+      # first, a resume needs memory for one train state, not two.
+      for leaf in jax.tree.leaves(self.state):
+        leaf.delete()
     restored = checkpointer.restore_latest(abstract)
     if restored is None:
       return None
@@ -582,95 +587,111 @@ class Trainer:
         logger.warning(warning)
     train_loader = check_on_every_process(lambda: self.loader("train"))
     self.workdir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
-    saved = read_run_config(self.workdir) if (self.workdir / "config.json").exists() else None
-    if saved is not None and checkpointer.steps() and (changed := changed_model_fields(saved, self.config)):
-      # Before restoring: nothing is read, nor set aside, for a run that cannot go on.
-      raise ConfigError(f"{self.workdir} was trained with another model ({'; '.join(changed)}); resume with "
-                        f"the model its config.json holds, or train in a new workdir (train.init_from="
-                        f"{str(self.workdir)!r} starts from these parameters)")
-    data_positions = self.restore(checkpointer)
-    if saved is not None and data_positions is not None and (
-        warning := learning_rate_change(saved, self.config, int(updates_applied(self.state["opt_state"])))):
-      logger.warning(warning)
-    if data_positions is None and cfg.get("init_from"):  # absent from older runs' config.json
-      self.init_params_from(cfg.init_from)
-    elif data_positions:  # {}: a checkpoint from before data positions were saved
-      position = this_process_position(data_positions, checkpointer.directory)
-      check_on_every_process(lambda: train_loader.set_state(position))  # against this host's own data files
-    start_step = int(jax.device_get(self.state["step"]))
-    if start_step > cfg.steps:
-      raise ConfigError(f"{checkpointer.directory} holds step {start_step}, past train.steps={cfg.steps}; "
-                        f"set train.steps to {start_step} or more to go on, or start a new workdir")
-    writer = MetricWriter(self.workdir)
+    # Whatever opens is closed however the run ends (an error, a failed save among them).
+    with contextlib.ExitStack() as cleanup:
+      try:
+        checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
+        cleanup.callback(checkpointer.close)
+        saved = read_run_config(self.workdir) if (self.workdir / "config.json").exists() else None
+        if saved is not None and checkpointer.steps() and (changed := changed_model_fields(saved, self.config)):
+          # Before restoring: nothing is read, nor set aside, for a run that cannot go on.
+          raise ConfigError(f"{self.workdir} was trained with another model ({'; '.join(changed)}); resume with "
+                            f"the model its config.json holds, or train in a new workdir (train.init_from="
+                            f"{str(self.workdir)!r} starts from these parameters)")
+        data_positions = self.restore(checkpointer)
+        if saved is not None and data_positions is not None and (
+            warning := learning_rate_change(saved, self.config, int(updates_applied(self.state["opt_state"])))):
+          logger.warning(warning)
+        if data_positions is None and cfg.get("init_from"):  # absent from older runs' config.json
+          self.init_params_from(cfg.init_from)
+        elif data_positions:  # {}: a checkpoint from before data positions were saved
+          position = this_process_position(data_positions, checkpointer.directory)
+          check_on_every_process(lambda: train_loader.set_state(position))  # against this host's own data files
+        start_step = int(jax.device_get(self.state["step"]))
+        if start_step > cfg.steps:
+          raise ConfigError(f"{checkpointer.directory} holds step {start_step}, past train.steps={cfg.steps}; "
+                            f"set train.steps to {start_step} or more to go on, or start a new workdir")
+        writer = MetricWriter(self.workdir)
+        cleanup.callback(writer.close)
 
-    lengths = _sequence_lengths(self.config, self.model_config)
-    batch_size = self.config.data.batch_size
-    flops_per_step = batch_size * train_flops_per_sequence(self.model_config, *lengths)
-    tokens_per_step = batch_size * sum(lengths)
-    peak, peak_source = peak_flops_per_device()
-    logger.info("MFU relative to %s", peak_source)
+        lengths = _sequence_lengths(self.config, self.model_config)
+        batch_size = self.config.data.batch_size
+        flops_per_step = batch_size * train_flops_per_sequence(self.model_config, *lengths)
+        tokens_per_step = batch_size * sum(lengths)
+        peak, peak_source = peak_flops_per_device()
+        logger.info("MFU relative to %s", peak_source)
 
-    pending: list[tuple[int, dict]] = []
-    config_written = False
-    interval_start = time.perf_counter()
-    # (loss sum, target tokens) of the latest finite steps, the logged ones first, so a run
-    # resumed at its last step reports the same train loss.
-    recent = collections.deque(maxlen=cfg.log_every)
-    logged = read_metrics(self.workdir, "train") if (self.workdir / "metrics.jsonl").exists() else []
-    recent.extend((row["loss"] * row["target_tokens"], row["target_tokens"]) for row in logged
-                  if row["step"] <= start_step and math.isfinite(row["loss"]))
-    progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
-                    dynamic_ncols=True)
-    try:
-      with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning), StopSignal() as stop:
-        for step in range(start_step, cfg.steps):
-          batch = self.global_batch(next(train_loader))
-          self.state, metrics = self.train_step(self.state, self.rest, batch, self.run_inputs)
-          pending.append((step + 1, metrics))
-          done = step + 1
-          preempted = done < cfg.steps and stop_requested(stop, done, cfg.log_every)
-          save = done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted
-          if done % cfg.log_every == 0 or save:
-            # Checked before every save, so a non-finite step is never checkpointed. The steps
-            # are dispatched asynchronously: the interval ends when they have run, not when queued.
-            jax.block_until_ready(metrics)
-            elapsed = time.perf_counter() - interval_start
-            recent.extend(self._log(pending, writer, elapsed, tokens_per_step, flops_per_step, peak))
-            progress.set_postfix(loss=f"{_mean_loss(recent):.3f}")
-            pending, interval_start = [], time.perf_counter()
-          progress.update(1)
-          due_for_eval = done % cfg.eval_every == 0 and done != cfg.steps
-          if save or due_for_eval:
-            jax.block_until_ready(self.state)  # the steps already dispatched are training time
-            pause_start = time.perf_counter()
-            if save:
-              self._check_finite_params(done)
-              # config.json describes the checkpoints, so it changes with the first one made under
-              # this config: a resume that fails first (a NaN, a kernel) leaves the old one in place.
-              if not config_written and jax.process_index() == 0:
-                (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
-              config_written = True
-              checkpointer.save(done, self.checkpointed(), train_loader.get_state())
-            if preempted:
-              raise Preempted(f"stopped by SIGTERM after step {done}, whose checkpoint is saved; rerun the same "
-                              f"command to resume")
-            if due_for_eval:
-              writer.write(done, "validation", self.evaluate(cfg.eval_steps))
-            # Saving and evaluating are not: the throughput interval's clock skips them.
-            interval_start += time.perf_counter() - pause_start
-      validation = self.evaluate(cfg.eval_steps)
-      writer.write(cfg.steps, "validation", validation)
-    except BaseException:
-      mark_this_process_failing()  # the others are told after the saves below, which need them
-      raise
-    finally:
-      # Finish the saves already started (they hold good states) even when stopping on an error.
-      progress.close()
-      checkpointer.wait()
-      checkpointer.close()
-      writer.close()
+        pending: list[tuple[int, dict]] = []
+        config_written = False
+        interval_start = time.perf_counter()
+        # (loss sum, target tokens) of the latest finite steps, the logged ones first, so a run
+        # resumed at its last step reports the same train loss.
+        recent = collections.deque(maxlen=cfg.log_every)
+        logged = read_metrics(self.workdir, "train") if (self.workdir / "metrics.jsonl").exists() else []
+        recent.extend((row["loss"] * row["target_tokens"], row["target_tokens"]) for row in logged
+                      if row["step"] <= start_step and math.isfinite(row["loss"])
+                      and math.isfinite(row.get("grad_norm", 0.0)))  # a skipped step can have a finite loss
+        if self._evaluation_missing(start_step):
+          writer.write(start_step, "validation", self.evaluate(cfg.eval_steps))
+        progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
+                        dynamic_ncols=True)
+        cleanup.callback(progress.close)
+        # Unwound first: the saves already started hold good states, so they finish even on an error.
+        cleanup.callback(checkpointer.wait)
+        with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning), StopSignal() as stop:
+          for step in range(start_step, cfg.steps):
+            batch = self.global_batch(next(train_loader))
+            self.state, metrics = self.train_step(self.state, self.rest, batch, self.run_inputs)
+            pending.append((step + 1, metrics))
+            done = step + 1
+            preempted = done < cfg.steps and stop_requested(stop, done, cfg.log_every)
+            save = done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted
+            if done % cfg.log_every == 0 or save:
+              # Checked before every save, so a non-finite step is never checkpointed. The steps
+              # are dispatched asynchronously: the interval ends when they have run, not when queued.
+              jax.block_until_ready(metrics)
+              elapsed = time.perf_counter() - interval_start
+              recent.extend(self._log(pending, writer, elapsed, tokens_per_step, flops_per_step, peak))
+              progress.set_postfix(loss=f"{_mean_loss(recent):.3f}")
+              pending, interval_start = [], time.perf_counter()
+            progress.update(1)
+            due_for_eval = done % cfg.eval_every == 0 and done != cfg.steps
+            if save or due_for_eval:
+              jax.block_until_ready(self.state)  # the steps already dispatched are training time
+              pause_start = time.perf_counter()
+              if save:
+                self._check_finite_params(done)
+                # config.json describes the checkpoints, so it changes with the first one made under
+                # this config: a resume that fails first (a NaN, a kernel) leaves the old one in place.
+                if not config_written and jax.process_index() == 0:
+                  (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
+                config_written = True
+                checkpointer.save(done, self.checkpointed(), train_loader.get_state())
+              if preempted:
+                raise Preempted(f"stopped by SIGTERM after step {done}, whose checkpoint is saved; rerun the same "
+                                f"command to resume")
+              if due_for_eval:
+                writer.write(done, "validation", self.evaluate(cfg.eval_steps))
+              # Saving and evaluating are not: the throughput interval's clock skips them.
+              interval_start += time.perf_counter() - pause_start
+        validation = self.evaluate(cfg.eval_steps)
+        writer.write(cfg.steps, "validation", validation)
+      except BaseException:
+        mark_this_process_failing()  # the others are told after the saves, which need them
+        raise
     return TrainResult(step=cfg.steps, train_loss=_mean_loss(recent), validation=validation)
+
+  def _evaluation_missing(self, step: int) -> bool:
+    """Whether `step`, an evaluation step the run resumes from, has no validation row: the run
+    stopped between its save and its evaluation (preempted there, or killed)."""
+    cfg = self.config.train
+    if not 0 < step < cfg.steps or step % cfg.eval_every:
+      return False
+    def missing_here():  # process 0's answer counts: it writes the metrics
+      if not (self.workdir / "metrics.jsonl").exists():
+        return True
+      return all(row["step"] != step for row in read_metrics(self.workdir, "validation"))
+    return process_0s(missing_here())
 
   def _log(self, pending, writer: MetricWriter, elapsed: float, tokens_per_step: int,
            flops_per_step: float, peak: float) -> list[tuple[float, float]]:

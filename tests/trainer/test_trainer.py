@@ -28,14 +28,15 @@ from fake_data import CharacterTokenizer, PatternLoader, RaggedPatternLoader
 from models.config import ConfigError, ModelConfig
 from models.model_size import train_flops_per_sequence
 from models.transformer import build_model
-from t5x_like import evaluation, partitioning
+from t5x_like import checkpoints, evaluation, partitioning
+from t5x_like import trainer as trainer_module
 from t5x_like.checkpoints import MIN_REPLICA_SLICE_BYTES, Checkpointer, this_process_position
 from t5x_like.decoding import DecodeConfig, generate
-from t5x_like.metrics import read_metrics
+from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import MODES
 from t5x_like.modes.pretrain import Pretrain
 from t5x_like.optimizers import decay_mask
-from t5x_like.preemption import StopSignal
+from t5x_like.preemption import Preempted, StopSignal
 from t5x_like.trainer import (NonFiniteLossError, Trainer, changed_model_fields, learning_rate_change, loss_means,
                               stop_requested, updates_applied)
 from trainer_configs import tiny_config
@@ -302,6 +303,34 @@ def test_sigkill_or_sigterm_then_rerun_gives_the_uninterrupted_losses(tmp_path):
   assert [run.wait(timeout=240) for run in resumed] == [0, 0]
   for kind in kinds:
     assert losses(tmp_path / kind.name) == losses(tmp_path / "reference")
+
+
+def test_a_run_preempted_at_an_evaluation_step_evaluates_it_when_resumed(tmp_path, monkeypatch):
+  """SIGTERM noticed at a step that both saves and evaluates stops after the save: the resume
+  evaluates that step first, so no validation row is missing."""
+  train(tiny_config(steps=8, eval_every=4), tmp_path / "reference")
+  monkeypatch.setattr(trainer_module, "stop_requested", lambda stop, step, log_every: step == 4)
+  with pytest.raises(Preempted, match="after step 4"):
+    train(tiny_config(steps=8, eval_every=4), tmp_path / "run")
+  assert not read_metrics(tmp_path / "run", "validation")
+  monkeypatch.undo()
+  train(tiny_config(steps=8, eval_every=4), tmp_path / "run")
+  evaluated = {row["step"]: row["loss"] for row in read_metrics(tmp_path / "run", "validation")}
+  reference = {row["step"]: row["loss"] for row in read_metrics(tmp_path / "reference", "validation")}
+  assert evaluated.keys() == reference.keys() == {4, 8}
+  assert evaluated[4] == pytest.approx(reference[4], rel=1e-6)
+
+
+def test_a_failed_save_still_closes_the_checkpointer_and_the_metric_writer(tmp_path, monkeypatch):
+  closed = []
+  for kind in (Checkpointer, MetricWriter):
+    monkeypatch.setattr(kind, "close", lambda self, close=kind.close: (closed.append(type(self)), close(self)))
+  def failed_save(self):
+    raise OSError("No space left on device")
+  monkeypatch.setattr(Checkpointer, "wait", failed_save)
+  with pytest.raises(OSError, match="No space left"):
+    train(tiny_config(steps=4), tmp_path)
+  assert sorted(kind.__name__ for kind in closed) == ["Checkpointer", "MetricWriter"]
 
 
 def test_processes_stop_together_at_a_logging_step_once_any_received_sigterm(monkeypatch):
@@ -725,9 +754,33 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, 
   for file in (tmp_path / "checkpoints").rglob("*"):  # now every checkpoint: no silent start from step 0
     if file.is_file() and file.parent.name == "d":
       file.write_bytes(b"garbage")
-  with pytest.raises(ConfigError, match=r"no checkpoint in .*checkpoints is readable \(steps \[8, 4\], now in "):
+  with pytest.raises(ConfigError, match=r"no checkpoint in .*checkpoints is readable \(steps \[8, 4\], now in "
+                                        r".*corrupt\); put a good copy back, or remove .*corrupt to train from step 0"):
     train(tiny_config(steps=8), tmp_path)
   assert not any((tmp_path / "checkpoints").iterdir()) and len(list((tmp_path / "corrupt").iterdir())) == 3
+  with pytest.raises(ConfigError, match=r"corrupt holds the steps set aside as unreadable"):  # a restart stops too
+    train(tiny_config(steps=8), tmp_path)
+  assert not any((tmp_path / "checkpoints").iterdir())  # and trained nothing
+
+
+def test_running_out_of_memory_while_restoring_sets_nothing_aside(tmp_path, monkeypatch):
+  """Only a failure that points at the files sets a step aside; the initial state is freed
+  before reading, so that a resume holds one train state, not two."""
+  trained, _ = train(tiny_config(steps=4), tmp_path)
+
+  def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1234 bytes.")
+  monkeypatch.setattr(checkpoints, "_restore_here", out_of_memory)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+    train(tiny_config(steps=8), tmp_path)
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["4"] and not (tmp_path / "corrupt").exists()
+  monkeypatch.undo()
+  resumed = Trainer(tiny_config(steps=8), tmp_path, make_loader=PatternLoader)
+  initial = jax.tree.leaves(resumed.state)
+  resumed.restore()
+  assert all(leaf.is_deleted() for leaf in initial)
+  for a, b in zip(jax.tree.leaves(trained.state), jax.tree.leaves(resumed.state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 class NanAtStep(PatternLoader):
@@ -805,6 +858,22 @@ def test_nonfinite_loss_can_skip_the_update(tmp_path, caplog):
     train(tiny_config(steps=12, nonfinite="skip", max_consecutive_skips=3), tmp_path / "diverged",
           loader=DivergedFromStep5)
   assert sorted(p.name for p in (tmp_path / "diverged" / "checkpoints").iterdir()) == ["4"]
+
+
+def test_a_resume_leaves_a_skipped_step_with_a_finite_loss_out_of_the_train_loss(tmp_path):
+  """A step skipped for its gradient alone logs a finite loss and an infinite gradient norm; the
+  train loss a run resumed at its end reports leaves it out, as the run itself did."""
+  train(tiny_config(steps=4, log_every=4), tmp_path)
+  path = tmp_path / "metrics.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  for row in rows:
+    if row["split"] == "train" and row["step"] == 3:
+      row["grad_norm"] = math.inf
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  _, result = train(tiny_config(steps=4, log_every=4), tmp_path)
+  kept = [row for row in read_metrics(tmp_path, "train") if row["step"] != 3]
+  assert len(kept) == 3 and result.train_loss == pytest.approx(
+      sum(r["loss"] * r["target_tokens"] for r in kept) / sum(r["target_tokens"] for r in kept), rel=1e-6)
 
 
 def test_a_skipped_update_leaves_the_state_exactly_as_it_was(tmp_path):
