@@ -347,7 +347,9 @@ class Trainer:
     """Loads the newest readable checkpoint in the workdir; returns every process's data-loader
     position in it (None when there is no checkpoint)."""
     if checkpointer is None:
-      checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=self.config.train.keep_checkpoints)
+      with contextlib.closing(Checkpointer(self.workdir / "checkpoints",
+                                           max_to_keep=self.config.train.keep_checkpoints)) as own:
+        return self.restore(own)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.checkpointed())
     if checkpointer.steps():
       # A checkpoint's state replaces the initial one, or the restore stops with an error: freed
