@@ -265,14 +265,15 @@ class DecoderLM(_LanguageModel):
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
     return self.decoder.init_cache(batch_size, max_len, dtype=dtype)
 
-  def decode(self, tokens, cache, *, segment_ids=None, positions=None, prefix_mask=None):
-    """Extends the cache by tokens [b, t]; returns (logits [b, t, v], cache). A prefix LM's
-    prefix_mask [b, t] goes with the whole prefix in the first call: tokens already cached
-    never see prefix keys that a later call adds."""
+  def decode(self, tokens, cache, *, segment_ids=None, positions=None, prefix_mask=None, last_only=False):
+    """Extends the cache by tokens [b, t]; returns (logits [b, t, v], cache), or only the last
+    token's logits [b, 1, v] with last_only (all a prompt's prefill needs: XLA computed every
+    position's and sliced). A prefix LM's prefix_mask [b, t] goes with the whole prefix in the
+    first call: tokens already cached never see prefix keys that a later call adds."""
     segment_ids, positions = _defaults(tokens, segment_ids, positions, offset=cache["index"])
     hidden, cache = self.decoder(self.token_embed(tokens), segment_ids=segment_ids,
                                  positions=positions, prefix_mask=prefix_mask, cache=cache)
-    return self._logits(hidden), cache
+    return self._logits(hidden[:, -1:] if last_only else hidden), cache
 
 
 class EncoderMLM(_LanguageModel):
@@ -347,12 +348,13 @@ class EncoderDecoder(_LanguageModel):
       encoded_segment_ids = jnp.ones(encoded.shape[:2], jnp.int32)
     return self.decoder.init_cache(encoded.shape[0], max_len, encoded, encoded_segment_ids, dtype=dtype)
 
-  def decode(self, tokens, cache, *, segment_ids=None, positions=None):
-    """Extends the decoder cache by tokens [b, t]; returns (logits [b, t, v], cache)."""
+  def decode(self, tokens, cache, *, segment_ids=None, positions=None, last_only=False):
+    """Extends the decoder cache by tokens [b, t]; returns (logits [b, t, v], cache), [b, 1, v]
+    with last_only (DecoderLM.decode)."""
     segment_ids, positions = _defaults(tokens, segment_ids, positions, offset=cache["index"])
     hidden, cache = self.decoder(self.token_embed(tokens), segment_ids=segment_ids,
                                  positions=positions, cache=cache)
-    return self._logits(hidden), cache
+    return self._logits(hidden[:, -1:] if last_only else hidden), cache
 
 
 MODELS = {"encoder": EncoderMLM, "decoder": DecoderLM, "encoder_decoder": EncoderDecoder}

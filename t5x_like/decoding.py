@@ -34,7 +34,7 @@ NO_TOKEN = -1  # what greedy and sampling choose from a row of non-finite logits
 class DecodeConfig:
   strategy: str = "greedy"  # greedy | sample | beam
   max_new_tokens: int = 64
-  eos_id: int = EOS_ID
+  eos_id: int = EOS_ID  # -1: none, every row runs to max_new_tokens
   pad_id: int = PAD_ID
   temperature: float = 1.0  # sample only
   top_k: int = 0  # sample only; 0: no top-k filter
@@ -188,7 +188,7 @@ def _prefill(model, prompt, lengths, cache_len, encoder_inputs, prefix_lm):
   segment_ids = (slots >= offset[:, None]).astype(jnp.int32)
   positions = jnp.maximum(slots - offset[:, None], 0)
   prefix = {"prefix_mask": segment_ids > 0} if prefix_lm else {}  # a decoder's only
-  logits, cache = model.decode(prompt, cache, segment_ids=segment_ids, positions=positions, **prefix)
+  logits, cache = model.decode(prompt, cache, segment_ids=segment_ids, positions=positions, last_only=True, **prefix)
   return logits[:, -1], cache
 
 
@@ -253,9 +253,9 @@ def _greedy_or_sample_loop(model, prompt, lengths, rng, encoder_inputs, values, 
 
   def body(carry):
     i, logits, cache, out, done, seen, rng = carry
-    logits = limit_vocab(logits, loop.vocab_limit)
     if loop.repetition_penalty:
       logits = apply_repetition_penalty(logits, seen, values["repetition_penalty"])
+    logits = limit_vocab(logits, loop.vocab_limit)  # after the penalty, which would scale its -inf
     if loop.strategy == "greedy":
       token = greedy_token(logits)
     else:
@@ -287,8 +287,10 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, values, *, loop: _Loop):
   b, p = prompt.shape
   k, steps, vocab = loop.num_beams, loop.max_new_tokens, model.config.vocab_size
   repeat = lambda x: jnp.repeat(x, k, axis=0)
-  encoder_inputs = None if encoder_inputs is None else jax.tree.map(repeat, encoder_inputs)
-  logits, cache = _prefill(model, repeat(prompt), repeat(lengths), p + steps, encoder_inputs, loop.prefix_lm)
+  # Each row's beams start from its prompt: prefilled once, then copied (every cache array but
+  # the index is batch-first).
+  logits, cache = _prefill(model, prompt, lengths, p + steps, encoder_inputs, loop.prefix_lm)
+  logits, cache = jax.tree.map(lambda x: repeat(x) if x.ndim else x, (logits, cache))
   own_rows = jnp.broadcast_to(jnp.arange(b * k)[:, None], (b * k, p + steps))
   cache = _with_rows(cache, own_rows)
   # Only the first copy of each row is live at the start, so beams do not duplicate.
@@ -298,7 +300,8 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, values, *, loop: _Loop):
   done_tokens = jnp.full((b, k, steps), values["pad_id"], jnp.int32)
 
   def body(i, carry):
-    logits, cache, live_scores, live_tokens, done_scores, done_tokens = carry
+    logits, cache, live_scores, live_tokens, done_scores, done_tokens, broken = carry
+    broken = broken | ~jnp.all(jnp.isfinite(logits).reshape(b, -1), axis=1)  # as greedy's NO_TOKEN says
     log_probs = _log_softmax(limit_vocab(logits.astype(jnp.float32), loop.vocab_limit)).reshape(b, k, vocab)
     candidates = (live_scores[..., None] + log_probs).reshape(b, k * vocab)
     scores, flat = jax.lax.top_k(candidates, 2 * k)  # 2k: up to k of them may end here
@@ -324,15 +327,16 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, values, *, loop: _Loop):
     cache = _follow_beams(cache, source, own_rows, written=p + i)
     next_token = live_tokens[:, :, i].reshape(-1)
     logits, cache = _step(model, next_token, repeat(lengths) + i, cache)
-    return logits, cache, live_scores, live_tokens, done_scores, done_tokens
+    return logits, cache, live_scores, live_tokens, done_scores, done_tokens, broken
 
-  carry = (logits, cache, live_scores, live_tokens, done_scores, done_tokens)
-  _, _, live_scores, live_tokens, done_scores, done_tokens = jax.lax.fori_loop(0, steps, body, carry)
+  carry = (logits, cache, live_scores, live_tokens, done_scores, done_tokens, jnp.zeros(b, bool))
+  _, _, live_scores, live_tokens, done_scores, done_tokens, broken = jax.lax.fori_loop(0, steps, body, carry)
   # Beams still live at max_new_tokens compete with the finished ones at full length.
   live_final = live_scores / _length_penalty(float(steps), values["length_penalty"])
   all_scores = jnp.concatenate([done_scores, live_final], axis=1)
   all_tokens = jnp.concatenate([done_tokens, live_tokens], axis=1)
-  return jnp.take_along_axis(all_tokens, jnp.argmax(all_scores, axis=1)[:, None, None], axis=1)[:, 0]
+  best = jnp.take_along_axis(all_tokens, jnp.argmax(all_scores, axis=1)[:, None, None], axis=1)[:, 0]
+  return jnp.where(broken[:, None], NO_TOKEN, best)
 
 
 def _with_rows(cache, rows):
@@ -374,6 +378,28 @@ def _check_cache_fits(cfg, rows: int, length: int) -> None:
                       f"of memory here; lower max_new_tokens, num_beams or the number of prompts")
 
 
+def _check_ids(vocab: int, choosable: int, prompts, encoder_inputs, config: DecodeConfig) -> None:
+  """Refuses ids the model has no embedding for (jnp.take reads them as NaN rows, which attention
+  spreads to every row padded with them), an EOS no step can choose, and empty inputs (a row
+  whose queries see no key)."""
+  if len(prompts) == 0:
+    raise ConfigError("no prompts to decode")
+  if not 0 <= config.pad_id < vocab:
+    raise ConfigError(f"pad_id={config.pad_id} is not an id of the model's vocabulary [0, {vocab})")
+  if config.eos_id != -1 and not 0 <= config.eos_id < choosable:
+    raise ConfigError(f"eos_id={config.eos_id} is not among the {choosable} ids a step can choose, so no row "
+                      f"would end at it; -1 decodes every row to max_new_tokens")
+  for name, rows in (("prompt", prompts), ("encoder input", [] if encoder_inputs is None else encoder_inputs)):
+    for row, ids in enumerate(rows):
+      ids = np.asarray(ids, np.int64)
+      if not ids.size:
+        raise ConfigError(f"{name} {row} is empty; give it at least one token (a start token)")
+      outside = ids[(ids < 0) | (ids >= vocab)]
+      if outside.size:
+        raise ConfigError(f"{name} {row} holds ids outside the model's vocabulary [0, {vocab}): "
+                          f"{np.unique(outside)[:5].tolist()}")
+
+
 def check_eval_mode(model) -> None:
   """Refuses a model with dropout on (an nnx.Dropout of rate > 0 not deterministic): it would
   make tokens and scores random, and a compiled decoding loop cannot advance its random streams
@@ -399,6 +425,7 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
                       f"{model.config.arch!r}, encoder_inputs {'given' if encoder_inputs is not None else 'not given'}")
   if encoder_inputs is not None and len(encoder_inputs) != len(prompts):
     raise ConfigError(f"{len(prompts)} decoder prompts for {len(encoder_inputs)} encoder inputs; give one each")
+  _check_ids(model.config.vocab_size, ids, prompts, encoder_inputs, config)
   tokens, lengths = left_pad(prompts, config.pad_id)
   model.config.check_length(tokens.shape[1] + config.max_new_tokens, "the longest prompt plus max_new_tokens:")
   _check_cache_fits(model.config, len(prompts) * (config.num_beams if config.strategy == "beam" else 1),

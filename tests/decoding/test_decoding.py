@@ -202,12 +202,31 @@ def test_a_temperature_near_zero_samples_the_greedy_tokens(decoder):
       DecodeConfig(**{field: float("nan")}).validate()
 
 
-def test_logits_that_are_not_finite_are_named_by_greedy_and_sampled_decoding(decoder):
+def test_logits_that_are_not_finite_are_named_by_every_strategy(decoder):
   broken = build_model(decoder.config, seed=3)
   broken.token_embed.embedding[...] = jnp.full_like(broken.token_embed.embedding[...], jnp.nan)
-  for strategy in ("greedy", "sample"):
+  for strategy in ("greedy", "sample", "beam"):
     with pytest.raises(ConfigError, match="the model's logits were not finite"):
-      generate(broken, PROMPTS, DecodeConfig(strategy=strategy, max_new_tokens=3))
+      generate(broken, PROMPTS, DecodeConfig(strategy=strategy, max_new_tokens=3, num_beams=2))
+
+
+@pytest.mark.parametrize("prompts, options, message", [
+    (PROMPTS, dict(pad_id=24), r"pad_id=24 is not an id of the model's vocabulary \[0, 24\)"),
+    (PROMPTS, dict(eos_id=12, vocab_limit=10), r"eos_id=12 is not among the 10 ids a step can choose"),
+    ([[5, 9], [4, 30, -2]], {}, r"prompt 1 holds ids outside the model's vocabulary \[0, 24\): \[-2, 30\]"),
+    ([[5, 9], []], {}, r"prompt 1 is empty"),
+    ([], {}, r"no prompts to decode"),
+])
+def test_ids_the_model_cannot_read_and_empty_prompts_are_named(decoder, prompts, options, message):
+  """Each would decode garbage or fail inside tracing: an id past the embedding table reads a row
+  of NaNs, and an empty row's queries see no key."""
+  with pytest.raises(ConfigError, match=message):
+    generate(decoder, prompts, DecodeConfig(max_new_tokens=2, **options))
+
+
+def test_an_encoder_input_of_ids_past_the_vocabulary_is_named(encoder_decoder):
+  with pytest.raises(ConfigError, match=r"encoder input 0 holds ids outside"):
+    generate(encoder_decoder, [[0]], DecodeConfig(max_new_tokens=2), encoder_inputs=[[5, 99]])
 
 
 def test_a_temperature_however_high_samples_no_id_past_the_vocab_limit():
@@ -215,6 +234,15 @@ def test_a_temperature_however_high_samples_no_id_past_the_vocab_limit():
   scores = filter_logits(limit_vocab(logits, 40), temperature=1e30, top_k=0, top_p=1.0)
   assert np.all(np.asarray(scores)[:, 40:] <= NEG_INF)  # at 1e30, -1e30 / T would be about -1
   assert np.all(np.asarray(jax.vmap(lambda k: sample(k, scores))(jax.random.split(jax.random.key(0), 64))) < 40)
+
+
+def test_a_repetition_penalty_below_one_keeps_ids_past_the_vocab_limit_out(decoder):
+  """The penalty multiplies a seen id's negative logit, which would lift the limit's -1e30 off the
+  floor filter_logits keeps out; at temperature 1e30 such an id would then be drawn often."""
+  config = DecodeConfig(strategy="sample", temperature=1e30, repetition_penalty=0.5, vocab_limit=8,
+                        max_new_tokens=4, eos_id=-1)
+  prompts = [[5, 20, 21, 22, 23]] * 8  # ids 20 to 23 are past the limit and seen
+  assert all(t < 8 for row in generate(decoder, prompts, config, seed=2) for t in row)
 
 
 def test_sampling_is_reproducible_for_a_seed(decoder):

@@ -190,6 +190,26 @@ def test_a_decode_past_the_caches_end_is_refused():
     nnx.jit(lambda m, t, c: m.decode(t, c))(model, tokens[:, :5], model.init_cache(2, 4))
 
 
+def test_a_prefill_for_the_last_tokens_logits_computes_only_those():
+  """last_only gives the last position's logits and the same cache; the other positions' logits
+  are not computed (without it XLA kept the [b * t, v] product and sliced it)."""
+  model = build_model(small())
+  tokens = random_tokens(8)
+  b, t = tokens.shape
+  graph, state = nnx.split(model)
+  prefill = lambda last_only: jax.jit(  # noqa: E731
+      lambda state, tokens, cache: nnx.merge(graph, state).decode(tokens, cache, last_only=last_only))
+  every, every_cache = prefill(False)(state, tokens, model.init_cache(b, 16))
+  last, last_cache = prefill(True)(state, tokens, model.init_cache(b, 16))
+  assert last.shape == (b, 1, model.config.vocab_size)
+  np.testing.assert_allclose(np.asarray(last), np.asarray(every[:, -1:]), rtol=1e-5, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, last_cache, every_cache)
+  all_logits = f"f32[{b * t},{model.config.vocab_size}]"
+  compiled = {last_only: prefill(last_only).lower(state, tokens, model.init_cache(b, 16)).compile().as_text()
+              for last_only in (False, True)}
+  assert all_logits in compiled[False] and all_logits not in compiled[True]
+
+
 def test_encoder_decoder_cache_matches_full_forward():
   model = build_model(small(arch="encoder_decoder", position="relative", num_kv_heads=2))
   inputs, targets = random_tokens(9, (2, 7)), random_tokens(10, (2, 6))
