@@ -363,18 +363,20 @@ def _follow_beams(cache, source, own_rows, written):
 
 # Entry point ---------------------------------------------------------------------------
 
-def _check_cache_fits(cfg, rows: int, length: int) -> None:
+def _check_cache_fits(cfg, rows: int, length: int, encoder_length: int = 0) -> None:
   """Refuses a KV cache larger than the memory there is, which XLA would fail to allocate with a
-  traceback (or, where the kernel overcommits, the OOM killer would end with no message)."""
+  traceback (or, where the kernel overcommits, the OOM killer would end with no message). An
+  encoder-decoder's decoder layers also keep the encoder input's cross-attention keys."""
   if jax.default_backend() == "cpu":  # the devices share the host's memory; the cache is float32 there
     memory, itemsize = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), 4
   else:
     memory = sum((device.memory_stats() or {}).get("bytes_limit", 0) for device in jax.local_devices())
     itemsize = jnp.dtype(cfg.compute_dtype).itemsize
-  needed = 2 * rows * length * cfg.decoder_layers * cfg.kv_heads * cfg.dim_per_head * itemsize  # keys and values
+  needed = 2 * rows * (length + encoder_length) * cfg.decoder_layers * cfg.kv_heads * cfg.dim_per_head * itemsize
   if memory and needed > memory:
+    encoder = f" and {encoder_length} encoder tokens" if encoder_length else ""
     raise ConfigError(f"the KV cache of {rows} rows (prompts x beams) of {length} tokens (the longest prompt plus "
-                      f"max_new_tokens) needs {needed / 2**30:.3g} GiB, more than the {memory / 2**30:.3g} GiB "
+                      f"max_new_tokens){encoder} needs {needed / 2**30:.3g} GiB, more than the {memory / 2**30:.3g} GiB "
                       f"of memory here; lower max_new_tokens, num_beams or the number of prompts")
 
 
@@ -429,7 +431,7 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
   tokens, lengths = left_pad(prompts, config.pad_id)
   model.config.check_length(tokens.shape[1] + config.max_new_tokens, "the longest prompt plus max_new_tokens:")
   _check_cache_fits(model.config, len(prompts) * (config.num_beams if config.strategy == "beam" else 1),
-                    tokens.shape[1] + config.max_new_tokens)
+                    tokens.shape[1] + config.max_new_tokens, max(map(len, encoder_inputs or [[]])))
   encoder = None
   if encoder_inputs is not None:
     width = max(len(e) for e in encoder_inputs)

@@ -146,6 +146,18 @@ def test_a_cache_past_the_hosts_memory_is_refused_before_allocating(decoder, str
     generate(decoder, PROMPTS, config)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU's cache is float32 in the host's memory")
+def test_an_encoder_decoders_cache_counts_its_cross_attention_keys(encoder_decoder, monkeypatch):
+  memory = 256 * 4096
+  monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 256}.get)
+  token_bytes = 2 * 2 * 4 * 8 * 4  # keys and values, 2 decoder layers x 4 heads x 8 dims, float32
+  rows, length = 2, 1 + 4
+  encoder_length = memory // (rows * token_bytes) - length + 1  # together, one token more than the host holds
+  inputs = [[5] * encoder_length, [4, 8]]
+  with pytest.raises(ConfigError, match=rf"of {length} tokens .* and {encoder_length} encoder tokens needs"):
+    generate(encoder_decoder, [[0]] * rows, DecodeConfig(max_new_tokens=4), encoder_inputs=inputs)
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(decoder, strategy):
   config = DecodeConfig(strategy=strategy, max_new_tokens=6, eos_id=EOS, num_beams=3)
