@@ -376,8 +376,9 @@ def _check_cache_fits(cfg, rows: int, length: int, encoder_length: int = 0) -> N
   if memory and needed > memory:
     encoder = f" and {encoder_length} encoder tokens" if encoder_length else ""
     raise ConfigError(f"the KV cache of {rows} rows (prompts x beams) of {length} tokens (the longest prompt plus "
-                      f"max_new_tokens){encoder} needs {needed / 2**30:.3g} GiB, more than the {memory / 2**30:.3g} GiB "
-                      f"of memory here; lower max_new_tokens, num_beams or the number of prompts")
+                      f"max_new_tokens){encoder} needs {needed / 2**30:.3g} GiB, more than the "
+                      f"{memory / 2**30:.3g} GiB of memory here; lower max_new_tokens, num_beams or the number of "
+                      f"prompts")
 
 
 def _check_ids(vocab: int, choosable: int, prompts, encoder_inputs, config: DecodeConfig) -> None:
