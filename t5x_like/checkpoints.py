@@ -254,15 +254,17 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(gather_data_positions(data_state))))
 
-  def restore_latest(self, abstract_state):
-    """(step, state, every process's data position) from the newest readable checkpoint, or None if none."""
+  def restore_latest(self, abstract_state, *, set_aside: bool = True):
+    """(step, state, every process's data position) from the newest readable checkpoint, or None if
+    none. Unreadable steps are moved into corrupt/, or with set_aside=False (a reader beside a run
+    that may be saving there) only skipped."""
     unreadable = []
     steps = process_0s(sorted(self.manager.all_steps(), reverse=True))
-    set_aside = self.directory.parent / "corrupt"
-    if not steps and process_0s(set_aside.is_dir() and any(set_aside.iterdir())):
+    corrupt = self.directory.parent / "corrupt"
+    if not steps and process_0s(corrupt.is_dir() and any(corrupt.iterdir())):
       # An earlier call set every step aside and stopped; a rerun (a scheduler's restart) must too.
-      raise ConfigError(f"no checkpoint in {self.directory}, and {set_aside} holds the steps set aside as "
-                        f"unreadable; put a good copy back, or remove {set_aside} to train from step 0")
+      raise ConfigError(f"no checkpoint in {self.directory}, and {corrupt} holds the steps set aside as "
+                        f"unreadable; put a good copy back, or remove {corrupt} to train from step 0")
     for step in steps:
       metadata, error = _read_on_every_process(lambda: self._state_metadata(step))
       if not error:
@@ -274,15 +276,21 @@ class Checkpointer:
         restored, error = _read_on_every_process(lambda: _restore_here(
             self.directory / str(step), state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
       if error:
-        self._set_aside(step, error, unreadable)
+        if set_aside:
+          self._set_aside(step, error, unreadable)
+        else:
+          logger.warning("checkpoint %s is unreadable (%s); trying an earlier one", self.directory / str(step), error)
+          unreadable.append(step)
         continue
       if unreadable:
         logger.warning("resuming from checkpoint %s, the newest readable one (unreadable: steps %s)",
                        self.directory / str(step), unreadable)
       return step, restored["state"], restored["data"]
+    if unreadable and not set_aside:
+      raise ConfigError(f"no checkpoint in {self.directory} is readable (steps {unreadable})")
     if unreadable:  # not a fresh start: the run would silently begin again at step 0
       raise ConfigError(f"no checkpoint in {self.directory} is readable (steps {unreadable}, now in "
-                        f"{set_aside}); put a good copy back, or remove {set_aside} to train from step 0")
+                        f"{corrupt}); put a good copy back, or remove {corrupt} to train from step 0")
     return None
 
   def _state_metadata(self, step: int):

@@ -343,20 +343,21 @@ class Trainer:
       run["tokenizer_sha256"] = check_on_every_process(lambda: load_tokenizer(self.config.data.tokenizer).sha256)
     check_same_run(run)
 
-  def restore(self, checkpointer: Checkpointer | None = None) -> dict | None:
+  def restore(self, checkpointer: Checkpointer | None = None, *, set_aside: bool = True) -> dict | None:
     """Loads the newest readable checkpoint in the workdir; returns every process's data-loader
-    position in it (None when there is no checkpoint)."""
+    position in it (None when there is no checkpoint). An unreadable one is set aside
+    (Checkpointer.restore_latest) unless set_aside=False."""
     if checkpointer is None:
       with contextlib.closing(Checkpointer(self.workdir / "checkpoints",
                                            max_to_keep=self.config.train.keep_checkpoints)) as own:
-        return self.restore(own)
+        return self.restore(own, set_aside=set_aside)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.checkpointed())
     if checkpointer.steps():
       # A checkpoint's state replaces the initial one, or the restore stops with an error: freed
       # first, a resume needs memory for one train state, not two.
       for leaf in jax.tree.leaves(self.state):
         leaf.delete()
-    restored = checkpointer.restore_latest(abstract)
+    restored = checkpointer.restore_latest(abstract, set_aside=set_aside)
     if restored is None:
       return None
     step, saved, data_positions = restored
@@ -410,7 +411,8 @@ class Trainer:
 
   @classmethod
   def from_workdir(cls, workdir: str | pathlib.Path, devices=None) -> "Trainer":
-    """The trainer of a finished or running run, with its newest checkpoint loaded.
+    """The trainer of a finished or running run, with its newest readable checkpoint loaded (an
+    unreadable one is skipped and left where it is: training sets it aside).
 
     Where the run's mesh or batch does not fit these devices (a pod's run evaluated on one GPU),
     the devices the batch divides over all go on the data axis: checkpoints restore onto any
@@ -440,7 +442,7 @@ class Trainer:
       first = (partitioning.batch_axes(config.partitioning) or config.partitioning.mesh_axes)[0]
       config.partitioning.mesh_shape = tuple(-1 if axis == first else 1 for axis in config.partitioning.mesh_axes)
     trainer = cls(config, workdir, devices=devices)
-    if trainer.restore() is None:
+    if trainer.restore(set_aside=False) is None:  # it only reads: the run may be saving there
       raise ConfigError(f"{workdir}/checkpoints holds no readable checkpoint")
     return trainer
 

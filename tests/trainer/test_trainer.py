@@ -740,6 +740,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, 
   for file in (newest / "state").rglob("*"):
     if file.is_file() and damage == "garbage":
       file.write_bytes(b"garbage")
+  # Inference only reads, beside a run that may be saving: it skips the step and moves nothing.
+  assert int(Trainer.from_workdir(tmp_path).state["step"]) == 4
+  assert newest.exists() and not (tmp_path / "corrupt").exists()
   with caplog.at_level(logging.WARNING):
     trainer, _ = train(tiny_config(steps=8), tmp_path)
   assert f"checkpoint {newest} is unreadable" in caplog.text
