@@ -68,10 +68,11 @@ def schedule_over(kind: str, inputs: dict) -> optax.Schedule:
 
 def decay_mask(params):
   """Weight decay on weight matrices and embeddings only, never on biases or norms' scales. By
-  name as well as rank: the query, key and value biases are [heads, head_dim]."""
+  name as well as rank: the query, key and value biases are [heads, head_dim], and T5's relative
+  position bias is a table [buckets, heads] of logit biases."""
   def decayed(path, p) -> bool:
-    last = path[-1]
-    return p.ndim > 1 and getattr(last, "key", getattr(last, "name", None)) != "bias"
+    names = [getattr(key, "key", getattr(key, "name", None)) for key in path]
+    return p.ndim > 1 and names[-1] != "bias" and "relative_bias" not in names
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 

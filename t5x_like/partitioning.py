@@ -1,9 +1,9 @@
 """The device mesh and the logical-to-mesh axis rules: the only place that knows both.
 
 Models name their axes (`embed`, `mlp`, `heads`, ...); a rule list maps each name to a
-mesh axis (or None: replicated). As in T5X and flax, the first rule for a name whose mesh
-axes no earlier dim of the same array took is the one applied, to parameters and
-activations alike; a dim with none left is replicated. Defaults follow T5X/MaxText: the
+mesh axis (or None: replicated). As in T5X and flax, rules are applied in list order, to
+parameters and activations alike: a rule is skipped for an array whose other dim already took
+its mesh axes (whichever dim comes first), and a dim no rule is left for is replicated. Defaults follow T5X/MaxText: the
 batch is split over `data` and `fsdp`, weights are sharded along `embed` over `fsdp`
 (ZeRO-3 style) and along heads/mlp/vocab over `tensor` (Megatron style).
 """

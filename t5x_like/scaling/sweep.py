@@ -55,12 +55,13 @@ def kaplan_learning_rate(non_embedding_params: int) -> float:
   return 0.003239 - 0.0001395 * math.log(non_embedding_params)
 
 
-# The base config's fields that sweep_points sets for each point, and the sweep fields that decide them.
+# The base config's fields that sweep_points sets for each point, and the sweep fields that decide
+# them. The seeds are not among them: a point's seeds are the base's plus its replicate number.
 POINT_FIELDS = {"model.num_layers": "sweep.sizes", "model.emb_dim": "sweep.aspect_ratio",
                 "model.num_heads": "sweep.head_dim", "model.head_dim": "sweep.head_dim",
                 "model.mlp_dim": "sweep.mlp_ratio", "train.steps": "sweep.token_budgets",
-                "train.seed": "sweep.seeds", "data.seed": "sweep.seeds", "train.checkpoint_every": "train.steps",
-                "train.eval_every": "train.steps", "train.log_every": "train.steps"}
+                "train.checkpoint_every": "sweep.token_budgets", "train.eval_every": "sweep.token_budgets",
+                "train.log_every": "sweep.token_budgets"}
 
 
 def check_overrides_apply(config: ml_collections.ConfigDict, overridden: list[str]) -> None:
@@ -116,7 +117,13 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
         point.data.seed = base.data.seed + seed  # a replicate draws new weights and a new data order
         model_config = ModelConfig.from_dict(point.model)  # refuses, e.g., kv heads that do not divide the heads
         if sweep.learning_rate_rule == "kaplan":
-          point.train.optimizer.learning_rate = kaplan_learning_rate(model_size(model_config).non_embedding_params)
+          non_embedding = model_size(model_config).non_embedding_params
+          point.train.optimizer.learning_rate = kaplan_learning_rate(non_embedding)
+          if point.train.optimizer.learning_rate <= 0:  # the fit of Kaplan et al. reaches 0 near 1.2e10
+            raise ConfigError(f"sweep.learning_rate_rule='kaplan' gives size {size} ({non_embedding:.3g} "
+                              f"non-embedding parameters) a learning rate of "
+                              f"{point.train.optimizer.learning_rate:.3g}; set it to 'fixed' and choose "
+                              f"base.train.optimizer.learning_rate")
         elif sweep.learning_rate_rule != "fixed":
           raise ConfigError(f"sweep.learning_rate_rule={sweep.learning_rate_rule!r} is not one of "
                             "('kaplan', 'fixed')")

@@ -19,7 +19,7 @@ from t5x_like.data.loader import make_loader
 from t5x_like.scaling import sweep
 from t5x_like.scaling.laws import COARSE_GRID
 from t5x_like.scaling.report import fit_report, load_results
-from t5x_like.scaling.sweep import sweep_points
+from t5x_like.scaling.sweep import check_overrides_apply, sweep_points
 from t5x_like.trainer import Trainer
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "scaling" / "tiny.py")
@@ -104,6 +104,7 @@ def test_rerun_under_another_base_config_is_refused_before_training(sweep_dir, c
 
 @pytest.mark.parametrize("override, decided_by", [
     ("base.train.steps=5", "sweep.token_budgets"), ("base.model.num_layers=3", "sweep.sizes"),
+    ("base.train.eval_every=5", "sweep.token_budgets"),
     ("base.train.optimizer.learning_rate=0.1", "sweep.learning_rate_rule='kaplan'"),
 ])
 def test_a_base_override_every_point_would_replace_is_named(override, decided_by, tmp_path, capsys):
@@ -216,6 +217,14 @@ def test_points_keep_the_base_configs_kv_grouping_and_seed():
   config.base.train.seed = 7
   for _, point in sweep_points(config):
     assert point.model.num_kv_heads == 1 and point.train.seed == 7
+  check_overrides_apply(config, ["base.train.seed", "base.data.seed"])  # so they may be given as flags
+
+
+def test_a_size_the_kaplan_rate_rule_gives_no_positive_rate_is_named():
+  config = load_config(CONFIG)
+  config.sweep.sizes = (2000,)  # past 1e13 non-embedding parameters, where the rule's rate is below 0
+  with pytest.raises(ConfigError, match=r"sweep.learning_rate_rule='kaplan' gives size 2000 .* a learning rate of -"):
+    sweep_points(config)
 
 
 def test_ray_executor_runs_points_as_ray_tasks_that_reserve_their_gpus(tmp_path):

@@ -75,12 +75,16 @@ def test_adamw_decays_matrices_but_not_norms_or_biases():
     np.testing.assert_array_equal(spared, 0.0)
 
 
-def test_a_biased_models_mask_spares_exactly_its_biases_and_norms():
-  model = build_model(ModelConfig(arch="decoder", vocab_size=32, emb_dim=16, num_heads=2, mlp_dim=32,
-                                  num_layers=1, use_bias=True, norm="layernorm", position="learned"), seed=0)
+@pytest.mark.parametrize("arch, position", [("decoder", "learned"), ("encoder_decoder", "relative")])
+def test_a_biased_models_mask_spares_exactly_its_biases_and_norms(arch, position):
+  """T5's relative position table is a bias on the logits, spared as well."""
+  model = build_model(ModelConfig(arch=arch, vocab_size=32, emb_dim=16, num_heads=2, mlp_dim=32,
+                                  num_layers=1, use_bias=True, norm="layernorm", position=position), seed=0)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  for path, decayed in flatten_dict(decay_mask(params)).items():
-    assert decayed == (path[-1] not in ("bias", "scale")), path
+  mask = flatten_dict(decay_mask(params))
+  for path, decayed in mask.items():
+    assert decayed == (path[-1] not in ("bias", "scale") and "relative_bias" not in path), path
+  assert (position == "relative") == any("relative_bias" in path for path in mask)
 
 
 @pytest.mark.parametrize("field, value", [("grad_clip_norm", -1.0), ("learning_rate", -1e-3),
