@@ -76,6 +76,13 @@ def jsonl_objects(path: str | pathlib.Path) -> Iterator[tuple[int, dict]]:
     if not isinstance(record, dict):
       raise DataError(f"{path}, line {number}: a JSONL record must be a JSON object, "
                       f"got {type(record).__name__}")
+    for key, value in record.items():  # JSON's \ud800 escapes parse, but no UTF-8 holds them
+      if isinstance(value, str):
+        try:
+          value.encode("utf-8")
+        except UnicodeEncodeError as error:
+          raise DataError(f"{path}, line {number}: {key!r} holds {value[error.start:error.end]!r}, an unpaired "
+                          f"surrogate escape (half a character); re-encode the source or remove it") from None
     yield number, record
 
 

@@ -49,13 +49,15 @@ def absolute_dataset(spec: str) -> str:
 def local_files(spec: str) -> list[str]:
   """The files a comma-separated list of paths or globs names, in a stable order, each once
   (overlapping globs would otherwise train on a file twice). A path that exists is taken as
-  it is, even if it looks like a glob (`notes[2024].txt`); globs match files, not directories."""
+  it is, even if it looks like a glob (`notes[2024].txt`); globs match files, not directories, and
+  `**` matches any depth of directories."""
   files = []
   for pattern in filter(None, (part.strip() for part in spec.split(","))):
     path = pathlib.Path(pattern).expanduser()
     if path.is_dir():
       raise ConfigError(f"data.dataset={spec!r}: {pattern!r} is a directory; name its files, e.g. {pattern}/*.txt")
-    matches = [str(path)] if path.is_file() else sorted(m for m in glob.glob(str(path)) if pathlib.Path(m).is_file())
+    matches = [str(path)] if path.is_file() else sorted(m for m in glob.glob(str(path), recursive=True)
+                                                               if pathlib.Path(m).is_file())
     if not matches:
       raise ConfigError(
           f"data.dataset={spec!r}: no file matches {pattern!r}; give a bundled corpus "
@@ -74,7 +76,7 @@ def local_files(spec: str) -> list[str]:
 def open_split(dataset: str, split: str, fields: Sequence[str], data_dir: str):
   """The records of `split` ('train' or 'validation'), reading `fields`."""
   if dataset.startswith(CATALOG_PREFIX):
-    return tfds_text.catalog_source(dataset[len(CATALOG_PREFIX):], split, data_dir)
+    return tfds_text.catalog_source(dataset[len(CATALOG_PREFIX):], split, data_dir, fields)
   if split not in tfds_text.SPLITS:
     raise ConfigError(f"split {split!r} is not one of {tfds_text.SPLITS}")
   if dataset in BUNDLED:

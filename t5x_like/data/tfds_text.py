@@ -1,10 +1,11 @@
 """Local text and JSONL files as TFDS datasets in array_record format, read without TensorFlow.
 
 `prepare(files, fields, data_dir)` builds a dataset once, into
-`data_dir/local_files/{label}_{fingerprint}/1.0.0/`, and later calls reuse it. The
-fingerprint covers the files' paths, sizes and modification times, the fields read and
-the split rule, so an edited file is rebuilt rather than read stale. A file lock lets the
-processes of one host share a data_dir: one builds, the others wait and reuse.
+`data_dir/local_files/{label}_{fingerprint}/{version}/`, and later calls reuse it. The
+fingerprint covers the files' paths, sizes and modification times, the fields read, the
+split rule and the reading rules' version, so an edited file is rebuilt rather than read
+stale. A file lock lets the processes of one host share a data_dir: one builds, the others
+wait and reuse.
 
 Split: a record is in `validation` when crc32 of its first field (the text, or the prompt)
 mod 100 is below VALIDATION_PERCENT, else in `train`. The rule is deterministic, ignores
@@ -45,7 +46,9 @@ class LocalFilesConfig(tfds.core.BuilderConfig):
 class LocalFiles(tfds.core.GeneratorBasedBuilder):
   """Documents of local files, one string feature per field (see documents.py)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  # Part of the build's fingerprint: raised whenever documents.py changes how records are read, so
+  # that older builds are not read (1.1.0: a byte-order mark, lone CRs, .JSONL, blank records).
+  VERSION = tfds.core.Version("1.1.0")
   # No code directory to look up: nothing is downloaded, so there is no checksums file
   # (and tfds 4.9.10 would need the undeclared importlib_resources to look).
   code_path = None
@@ -123,7 +126,7 @@ def prepare(files: Sequence[str | pathlib.Path], fields: Sequence[str], data_dir
   return builder
 
 
-def catalog_source(name: str, split: str, data_dir: str | pathlib.Path):
+def catalog_source(name: str, split: str, data_dir: str | pathlib.Path, fields: Sequence[str]):
   """A TFDS catalog dataset the user prepared in array_record format, e.g. after
   `tfds build wikipedia/20230601.en --file_format=array_record --data_dir=DIR` (building
   catalog datasets needs TensorFlow; reading them here does not). Its features must carry
@@ -137,4 +140,9 @@ def catalog_source(name: str, split: str, data_dir: str | pathlib.Path):
   if not builder.is_prepared():  # tfds.data_source would start a download; nothing is fetched at run time
     raise documents.DataError(f"data.dataset='tfds:{name}' is not built in data.data_dir={data_dir!r}; build it with "
                               f"`tfds build {name} --file_format=array_record --data_dir={data_dir}`")
+  features = builder.info.features
+  missing = [field for field in fields if field not in features]
+  if missing:  # else the first batch would stop on a bare KeyError inside the loader
+    raise documents.DataError(f"data.dataset='tfds:{name}' has no {missing} feature(s), which data.objective reads; "
+                              f"its features are {sorted(features.keys())}")
   return builder.as_data_source(split)

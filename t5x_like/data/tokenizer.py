@@ -33,7 +33,7 @@ import io
 import os
 import pathlib
 import re
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -46,6 +46,7 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 FIRST_PIECE_ID = 3
 NUM_SENTINELS = 100
 BYTE_PIECES = 256
+MAX_SENTENCE_BYTES = 1 << 16  # SentencePiece's max_sentence_length; train_tokenizer cuts longer texts
 SPECIAL_NAME = re.compile(r"<extra_id_(\d+)>|<mask>")
 SHIPPED = {"austen_bpe_8k": pathlib.Path(__file__).parent / "tokenizers" / "austen_bpe_8k.model"}
 
@@ -189,7 +190,7 @@ def train_tokenizer(inputs: Sequence[str | pathlib.Path], vocab_size: int,
   if not inputs:
     raise ConfigError("--input names no files")
   path = _output_path(output_prefix, overwrite)
-  texts = [text for file in inputs for text in documents.texts(file)]
+  texts = [piece for file in inputs for text in documents.texts(file) for piece in _training_pieces(text)]
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -197,7 +198,7 @@ def train_tokenizer(inputs: Sequence[str | pathlib.Path], vocab_size: int,
         vocab_size=vocab_size - 1 - NUM_SENTINELS, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
         bos_id=-1, byte_fallback=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, add_dummy_prefix=False,
-        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+        max_sentence_length=MAX_SENTENCE_BYTES, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as error:
     # Too few ids for the text's characters, or more ids than the text has pieces for.
     too_few = "smaller than required_chars" in str(error)
@@ -207,6 +208,19 @@ def train_tokenizer(inputs: Sequence[str | pathlib.Path], vocab_size: int,
                     f"{error}; use {hint}") from None
   path.write_bytes(model.getvalue())
   return path
+
+
+def _training_pieces(text: str) -> Iterator[str]:
+  """text cut at spaces into pieces of at most MAX_SENTENCE_BYTES // 4 characters (so at most
+  MAX_SENTENCE_BYTES bytes): SentencePiece leaves a longer text out of training, silently."""
+  limit = MAX_SENTENCE_BYTES // 4
+  start = 0
+  while len(text) - start > limit:
+    cut = text.rfind(" ", start + 1, start + limit)
+    end = cut if cut > start else start + limit  # a single word that long is cut where it must be
+    yield text[start:end]
+    start = end
+  yield text[start:]
 
 
 def _output_path(output_prefix: str | pathlib.Path, overwrite: bool) -> pathlib.Path:

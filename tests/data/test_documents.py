@@ -72,6 +72,8 @@ def test_missing_file(tmp_path):
     ('{"prompt": "Q", "response": 3}', r"bad\.jsonl, line 2: field 'response' must be a string, got int"),
     ('{"prompt": "Q", "response": "A"', r"bad\.jsonl, line 2: not valid JSON"),
     ('["Q", "A"]', r"bad\.jsonl, line 2: a JSONL record must be a JSON object, got list"),
+    ('{"prompt": "Q", "response": "ab\\ud800c"}',
+     r"bad\.jsonl, line 2: 'response' holds '\\ud800', an unpaired surrogate escape"),
 ])
 def test_bad_jsonl_records_name_file_and_line(tmp_path, line, message):
   path = tmp_path / "bad.jsonl"

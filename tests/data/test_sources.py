@@ -52,6 +52,12 @@ def test_files_and_globs(tmp_path):
       str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), str(tmp_path / "notes[2024].txt")]
   with pytest.raises(ConfigError, match=r"'.*/sub\.txt' is a directory; name its files, e\.g\. .*/sub\.txt/\*\.txt"):
     sources.local_files(f"{tmp_path}/sub.txt")
+  # ** is any depth of directories, none included.
+  (tmp_path / "deep" / "er").mkdir(parents=True)
+  for name in ("deep/top.txt", "deep/er/low.txt"):
+    (tmp_path / name).write_text("Nested.\n", encoding="utf-8")
+  assert sources.local_files(f"{tmp_path}/deep/**/*.txt") == [str(tmp_path / "deep/er/low.txt"),
+                                                              str(tmp_path / "deep/top.txt")]
 
 
 def test_a_split_no_record_falls_in_is_an_error(tmp_path):
@@ -92,6 +98,9 @@ def test_a_catalog_dataset_is_read_once_built_and_named_otherwise(tmp_path):
   assert texts == [b"validation record %d" % i for i in range(3)]
   with pytest.raises(ConfigError, match=r"'tfds:no_such_dataset_here' is not in TFDS's catalog"):
     sources.open_split("tfds:no_such_dataset_here", "train", ("text",), str(tmp_path))
+  with pytest.raises(ConfigError, match=r"has no \['prompt', 'response'\] feature\(s\), which data.objective reads; "
+                                        r"its features are \['text'\]"):
+    sources.open_split(name, "train", ("prompt", "response"), str(tmp_path))
 
 
 def test_a_data_dir_that_cannot_hold_datasets_is_named(tmp_path):

@@ -97,6 +97,18 @@ def test_train_tiny_tokenizer(tmp_path, model_type):
   assert tiny.decode(tiny.encode(text)) == text  # byte fallback covers unseen characters
 
 
+def test_a_text_longer_than_sentencepieces_limit_is_trained_on(tmp_path):
+  """SentencePiece leaves texts past max_sentence_length out of training without a word; this
+  paragraph (no blank line in 96 KiB) holds the corpus's only Cyrillic letter."""
+  path = _small_text(tmp_path)
+  with path.open("a", encoding="utf-8") as file:
+    file.write("\n" + " ".join(f"\u0436eta{i % 50}" for i in range(14000)) + "\n")
+  assert path.stat().st_size > 3 * tokenizer_lib.MAX_SENTENCE_BYTES // 2
+  model = tokenizer_lib.train_tokenizer([path], 410, tmp_path / "tiny")
+  pieces = spm.SentencePieceProcessor(model_file=str(model))
+  assert pieces.encode("\u0436", out_type=str) == ["\u0436"]  # a piece of its own, not its two bytes
+
+
 def test_vocabulary_smaller_than_the_special_ids_is_an_error(tmp_path):
   smallest = tokenizer_lib.min_vocab_size()
   assert smallest == 3 + 256 + 1 + NUM_SENTINELS + 1
