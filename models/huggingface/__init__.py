@@ -67,10 +67,20 @@ def export_to_hf(model: nnx.Module) -> dict[str, np.ndarray]:
   cfg = model.config
   mismatches = {}
   for name, family in FAMILIES.items():
-    wrong = {field: getattr(cfg, field) for field, value in family.FIXED.items()
-             if getattr(cfg, field) != value}
+    wrong = {field: getattr(cfg, field) for field, value in family.FIXED.items() if _differs(cfg, field, value)}
     if not wrong:
       return common.export(family.tensors(model))
     mismatches[name] = wrong
   raise UnsupportedCheckpoint(
       f"the model config matches no Hugging Face family; fields that differ: {mismatches}")
+
+
+def _differs(cfg, field: str, fixed) -> bool:
+  """Whether a config's field differs from a family's fixed value. A family's None kv heads and
+  head dim are the defaults (every head its own keys, emb_dim / num_heads), which a config
+  spelling them out has too."""
+  if field == "num_kv_heads" and fixed is None:
+    return cfg.kv_heads != cfg.num_heads
+  if field == "head_dim" and fixed is None:
+    return cfg.dim_per_head * cfg.num_heads != cfg.emb_dim
+  return getattr(cfg, field) != fixed

@@ -191,6 +191,17 @@ def test_overrides_that_would_change_the_weights_are_refused_and_shapes_checked_
     common.load(narrow, gpt2_family.tensors(narrow), common.hf_state_dict(hf_model))
 
 
+def test_export_takes_default_heads_spelled_out():
+  """num_kv_heads = num_heads and head_dim = emb_dim / num_heads build the same weights as None."""
+  fields = dict(arch="decoder", norm="layernorm", position="learned", use_bias=True, vocab_size=16, emb_dim=8,
+                num_heads=2, mlp_dim=16, num_layers=1, max_len=8)
+  default = export_to_hf(build_model(ModelConfig(**fields), seed=1))
+  spelled = export_to_hf(build_model(ModelConfig(**fields, num_kv_heads=2, head_dim=4), seed=1))
+  assert default.keys() == spelled.keys()
+  for name in default:
+    np.testing.assert_array_equal(default[name], spelled[name], err_msg=name)
+
+
 def test_export_rejects_a_config_no_family_has():
   model = build_model(ModelConfig(arch="decoder", position="sinusoidal", vocab_size=16, emb_dim=8,
                                   num_heads=2, mlp_dim=16, num_layers=1, max_len=8))
