@@ -72,4 +72,7 @@ def peak_flops_per_device() -> tuple[float, str]:
   if device.platform == "cpu":
     # Simulated CPU devices share the host's cores: measure the host once and split it.
     return measured_matmul_flops() / jax.local_device_count(), f"measured f32 matmul on {kind}"
-  return measured_matmul_flops(dtype=jnp.bfloat16), f"measured bf16 matmul on {kind}, which the table lacks"
+  # 8192, as bench/gpu.sh: a 2048 product takes tens of microseconds on an H100, so each call's
+  # dispatch and wait would count against the peak, and MFU would read high.
+  return (measured_matmul_flops(size=8192, dtype=jnp.bfloat16),
+          f"measured bf16 matmul on {kind}, which the table lacks")

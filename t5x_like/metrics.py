@@ -31,6 +31,9 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+FLUSH_SECONDS = 2
+
+
 class MetricWriter:
   """Writes on process 0 only, so a multi-host run produces one file."""
 
@@ -44,7 +47,10 @@ class MetricWriter:
         data = path.read_bytes()
         os.truncate(path, data.rfind(b"\n") + 1)
       self.jsonl = open(path, "a", encoding="utf-8")
-      self.tensorboard = _summary_writer_class()(str(pathlib.Path(workdir) / "tensorboard"))
+      # Rows reach the disk within FLUSH_SECONDS (tensorboardX's default, 120 s, lost a killed run's
+      # last two minutes of rows for good: the rerun re-logs only the steps after its checkpoint).
+      self.tensorboard = _summary_writer_class()(str(pathlib.Path(workdir) / "tensorboard"),
+                                                 flush_secs=FLUSH_SECONDS)
 
   def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
     if not self.enabled:

@@ -640,9 +640,11 @@ class Trainer:
         progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
                         dynamic_ncols=True)
         cleanup.callback(progress.close)
+        # SIGTERM is noted, not obeyed, until the saves below have finished, the final one included.
+        stop = cleanup.enter_context(StopSignal())
         # Unwound first: the saves already started hold good states, so they finish even on an error.
         cleanup.callback(checkpointer.wait)
-        with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning), StopSignal() as stop:
+        with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
           for step in range(start_step, cfg.steps):
             batch = self.global_batch(next(train_loader))
             self.state, metrics = self.train_step(self.state, self.rest, batch, self.run_inputs)

@@ -4,11 +4,12 @@ TensorBoard's event file, written without importing torch."""
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
 from models.config import ConfigError
-from t5x_like.metrics import MetricWriter, read_metrics
+from t5x_like.metrics import FLUSH_SECONDS, MetricWriter, read_metrics
 
 FIRST = {"step": 1, "split": "train", "loss": 2.0}
 
@@ -54,3 +55,26 @@ def test_tensorboard_scalars_are_written_without_importing_torch_which_imports_a
   scalars = [(event.step, value.tag, value.simple_value)
              for event in read_events(events_file) for value in event.summary.value]
   assert scalars == [(3, "train/loss", 2.5), (6, "validation/loss", 2.25)]
+
+
+def test_tensorboard_rows_reach_the_disk_within_seconds_while_the_writer_is_open(tmp_path):
+  """A killed run loses TensorBoard's buffered rows for good (the rerun re-logs only the steps after
+  its checkpoint); tensorboardX buffers them, by default for up to 120 s."""
+  writer = MetricWriter(tmp_path)
+  [events_file] = (tmp_path / "tensorboard").iterdir()
+
+  def on_disk_within(seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+      steps = [event.step for event in read_events(events_file) if event.summary.value]
+      if steps and steps[-1] == written[-1]:
+        return steps
+      time.sleep(0.05)
+    return None
+  written = [1]
+  writer.write(1, "train", {"loss": 2.5})
+  assert on_disk_within(5 * FLUSH_SECONDS) == [1]
+  written.append(2)
+  writer.write(2, "train", {"loss": 2.25})
+  assert on_disk_within(5 * FLUSH_SECONDS) == [1, 2]
+  writer.close()

@@ -333,6 +333,23 @@ def test_a_failed_save_still_closes_the_checkpointer_and_the_metric_writer(tmp_p
   assert sorted(kind.__name__ for kind in closed) == ["Checkpointer", "MetricWriter"]
 
 
+def test_a_sigterm_during_the_final_evaluation_waits_for_the_final_save(tmp_path, monkeypatch):
+  """The last save runs in the background while the run evaluates: a preemption notice then must
+  not end the process (as the handler in place before training would) until the save is done."""
+  before_training = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: before_training.append("SIGTERM"))
+  try:
+    evaluate = Trainer.evaluate
+    def evaluate_after_a_sigterm(self, steps):
+      os.kill(os.getpid(), signal.SIGTERM)
+      return evaluate(self, steps)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_after_a_sigterm)
+    train(tiny_config(steps=4), tmp_path)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert before_training == [] and (tmp_path / "checkpoints" / "4").is_dir()
+
+
 def test_processes_stop_together_at_a_logging_step_once_any_received_sigterm(monkeypatch):
   stop = StopSignal()
   assert not stop_requested(stop, step=3, log_every=2)
