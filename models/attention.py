@@ -157,6 +157,14 @@ def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: ja
                                       implementation=implementation)
 
 
+def _cudnn_takes(head_dim: int, keys: int, queries: int) -> bool:
+  """The limits of jax's cuDNN flash attention past ModelConfig.cudnn_misfit's, which "auto" steers
+  around (check_is_flash_attention in jax/_src/cudnn/fused_attention_stablehlo.py): a head dim past
+  128 before Hopper, and odd lengths, which it refuses when training with a mask (ours always is)."""
+  hopper = float(getattr(jax.devices()[0], "compute_capability", "9.0")) >= 9.0
+  return (head_dim <= 128 or hopper) and keys % 2 == 0 and queries % 2 == 0
+
+
 class Attention(nnx.Module):
   """Multi-head self- or cross-attention with separate q/k/v projections (MHA/MQA/GQA)."""
 
@@ -166,6 +174,7 @@ class Attention(nnx.Module):
     self.scale = head_dim ** -0.5 if cfg.scale_attn_logits else 1.0
     self.kernel = cfg.attention_kernel
     self.cudnn_fits = cfg.cudnn_misfit is None
+    self.head_dim = head_dim
     bias = cfg.use_bias
     # Unscaled logits (T5) start at unit scale all the same: T5 draws its query kernel with
     # variance 1 / (emb_dim * head_dim) instead of 1 / emb_dim.
@@ -216,7 +225,8 @@ class Attention(nnx.Module):
       out = heads_first_attention(query, key, value, mask, bias, scale=self.scale, rows=cache.get("rows"))
     else:
       out = dot_product_attention(query, key, value, mask, bias, scale=self.scale,
-                                  kernel=self._kernel(bias, key.shape[1]), causal=causal, dropout=self._dropout)
+                                  kernel=self._kernel(bias, key.shape[1], query.shape[1]), causal=causal,
+                                  dropout=self._dropout)
     return self.out(out), cache
 
   @property
@@ -224,12 +234,12 @@ class Attention(nnx.Module):
     """The probabilities' dropout while training with it, else None."""
     return None if self.dropout is None or self.dropout.deterministic else self.dropout
 
-  def _kernel(self, bias: jax.Array | None, keys: int) -> str:
+  def _kernel(self, bias: jax.Array | None, keys: int, queries: int | None = None) -> str:
     if bias is not None or self._dropout is not None:
       return "xla"
     if self.kernel == "auto":
       # cuDNN: 1.38x the xla kernel's 1b step on an H200 (docs/performance.md, item 39).
-      if jax.default_backend() == "gpu" and self.cudnn_fits:
+      if jax.default_backend() == "gpu" and self.cudnn_fits and _cudnn_takes(self.head_dim, keys, queries or keys):
         return "cudnn"
       # Short attention fits in cache anyway; on a multi-device mesh the pair loop would
       # gather the batch onto every device.

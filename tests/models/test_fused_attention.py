@@ -6,6 +6,8 @@ query heads per kv head (GQA) and the mask of packed and padded segments. On a G
 test runs cuDNN itself (run on an H200: docs/performance.md, item 39).
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +116,11 @@ def test_auto_picks_cudnn_on_a_gpu_where_it_fits(monkeypatch):
   assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(jnp.zeros(()), 512) == "xla"
   assert kernel(emb_dim=32, num_heads=4, dtype="float32")(None, 512) == "xla"
   assert kernel(emb_dim=48, num_heads=4, dtype="bfloat16")(None, 512) == "xla"  # head dim 12
+  # What jax's cuDNN path refuses past that: odd lengths with a mask when training, and head dims
+  # past 128 before Hopper.
+  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, 511, 511) == "xla"
+  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, 512, 7) == "xla"
+  wide = kernel(emb_dim=512, num_heads=2, dtype="bfloat16")  # head dim 256
+  assert wide(None, 512) == "cudnn"  # a Hopper's, as these CPU devices report none
+  monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(compute_capability="8.0")])  # an A100
+  assert wide(None, 512) == "xla" and kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, 512) == "cudnn"
