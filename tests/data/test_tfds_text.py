@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 
@@ -22,13 +23,33 @@ def _all_texts(builder) -> list[str]:
   return sorted(text for split in builder.info.splits for text in _texts(builder.as_data_source(split)))
 
 
+def in_validation(text: str) -> bool:
+  """The documented rule, written out here: crc32 of the text (UTF-8), mod 100, below 5. A hash
+  that differs between processes (Python's hash()) would split each host's data differently."""
+  return zlib.crc32(text.encode("utf-8")) % 100 < 5
+
+
 def test_every_paragraph_lands_in_exactly_the_split_its_hash_picks(small_corpus, tmp_path):
   builder = tfds_text.prepare([small_corpus], ("text",), tmp_path / "tfds")
   train, validation = (_texts(builder.as_data_source(split)) for split in tfds_text.SPLITS)
   paragraphs = [text for _, text in documents.paragraphs(small_corpus)]
   assert sorted(train + validation) == sorted(paragraphs)
-  assert validation and all(tfds_text.split_of(text) == "validation" for text in validation)
-  assert all(tfds_text.split_of(text) == "train" for text in train)
+  assert validation and all(in_validation(text) for text in validation)
+  assert not any(in_validation(text) for text in train)
+
+
+def test_records_sharing_a_prompt_share_a_split(tmp_path):
+  """The first field decides: a prompt never sits in validation with its other responses in train."""
+  prompts = [f"Question {i}?" for i in range(60)]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p, "response": f"Answer {j} to {p}"}) + "\n"
+                          for p in prompts for j in range(3)), encoding="utf-8")
+  builder = tfds_text.prepare([path], ("prompt", "response"), tmp_path / "tfds")
+  for split in builder.info.splits:
+    source = builder.as_data_source(split)
+    rows = [source[i] for i in range(len(source))]
+    assert all(in_validation(row["prompt"].decode()) == (split == "validation") for row in rows)
+    assert all(sum(r["prompt"] == row["prompt"] for r in rows) == 3 for row in rows)
 
 
 def test_prepare_reuses_a_build_and_rebuilds_an_edited_file(small_corpus, tmp_path):

@@ -79,10 +79,14 @@ def test_samples_of_a_learned_position_table_stop_where_it_ends(tokenizer):
   model = build_model(config, seed=0)
   model.eval()
   longest = max(len(tokenizer.encode(p)) for p in ("It is a truth universally acknowledged", "Mr. Darcy", "She was"))
-  assert sample_room(config, tokenizer) == 16 - (longest + 1) < 40
+  room = 16 - (longest + 1)
+  assert sample_room(config, tokenizer) == room < 40
   for prompt, text in sample_texts(model, tokenizer):
-    # Greedy ids may merge when decoded, so count the new text's ids as generated, at most the room.
-    assert text.startswith(prompt) and 0 < len(tokenizer.encode(text)) <= 16
+    # The same continuation one prompt at a time: start token, pieces, then `room` greedy tokens
+    # (fewer only at EOS) with the samples' mild repetition penalty and no mask or sentinel.
+    [new] = generate(model, [[PAD_ID] + tokenizer.encode(prompt).tolist()],
+                     DecodeConfig(max_new_tokens=room, repetition_penalty=1.2, vocab_limit=tokenizer.mask_id))
+    assert text == prompt + tokenizer.decode(new) and (len(new) == room or new[-1] == EOS_ID)
   assert sample_room(config.replace(position="rope"), tokenizer) == 40
   words = "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition"
   fits = next(words[:i] for i in range(len(words), 0, -1) if len(tokenizer.encode(words[:i])) == 14)

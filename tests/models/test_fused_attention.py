@@ -116,11 +116,31 @@ def test_auto_picks_cudnn_on_a_gpu_where_it_fits(monkeypatch):
   assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(jnp.zeros(()), 512) == "xla"
   assert kernel(emb_dim=32, num_heads=4, dtype="float32")(None, 512) == "xla"
   assert kernel(emb_dim=48, num_heads=4, dtype="bfloat16")(None, 512) == "xla"  # head dim 12
-  # What jax's cuDNN path refuses past that: odd lengths with a mask when training, and head dims
-  # past 128 before Hopper.
-  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, 511, 511) == "xla"
-  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, 512, 7) == "xla"
-  wide = kernel(emb_dim=512, num_heads=2, dtype="bfloat16")  # head dim 256
-  assert wide(None, 512) == "cudnn"  # a Hopper's, as these CPU devices report none
-  monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(compute_capability="8.0")])  # an A100
-  assert wide(None, 512) == "xla" and kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, 512) == "cudnn"
+
+
+def test_auto_picks_cudnn_only_where_jaxs_own_check_takes_the_call(monkeypatch):
+  """Against jax's check_is_flash_attention (which runs without a GPU): our mask reaches cuDNN as
+  a bias, and training is the strictest case. An odd length or a head dim past 128 on an A100
+  would otherwise fail the step with NotImplementedError."""
+  from flax import nnx
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+  from models.attention import Attention
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  layers = {head_dim: Attention(ModelConfig(emb_dim=2 * head_dim, num_heads=2, dtype="bfloat16"), rope=True,
+                                rngs=nnx.Rngs(0)) for head_dim in (64, 160, 256)}
+  for capability in ("9.0", "8.0"):  # an H100, an A100
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda wanted: float(capability) >= float(wanted))
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(compute_capability=capability)])
+    for head_dim, attention in layers.items():
+      for queries, keys in ((512, 512), (511, 511), (512, 7), (1, 512)):
+        shape = lambda length: jax.ShapeDtypeStruct((1, length, 2, head_dim), jnp.bfloat16)  # noqa: E731
+        try:
+          cudnn.check_is_flash_attention(shape(queries), shape(keys), shape(keys), cudnn.AttentionLayout.BTNH.value,
+                                         91000, has_bias=True, is_training=True)
+          takes = True
+        except NotImplementedError:
+          takes = False
+        picked = attention._kernel(None, keys, queries)
+        assert picked == ("cudnn" if takes else "xla"), (capability, head_dim, queries, keys)

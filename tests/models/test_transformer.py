@@ -87,13 +87,20 @@ def test_logits_shape_and_dtype(options):
   assert np.isfinite(np.asarray(logits)).all()
 
 
-def test_every_parameter_has_logical_axis_names():
+def test_every_parameter_has_logical_axis_names_that_fit_its_dims():
+  """Each name labels a dim of the size it stands for (the sizes below are all distinct), so a
+  kernel whose names are swapped, which computes the same and shards wrongly, fails."""
   for options in COMBOS:
-    model = build_model(small(**options))
+    cfg = small(**options, relative_num_buckets=16, max_len=24)
+    sizes = {"embed": 32, "norm": 32, "mlp": 48, "heads": 4, "kv_heads": cfg.kv_heads, "kv": 8, "vocab": VOCAB,
+             "relpos_buckets": 16, None: 24}  # None: the learned position table's rows, never sharded
+    model = build_model(cfg)
     for path, var in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param),
                                                          is_leaf=lambda x: isinstance(x, nnx.Variable)):
       axes = var.get_metadata().get("out_sharding")
       assert axes is not None and len(axes) == var[...].ndim, (options, path, axes)
+      expected = tuple(32 if (name == "mlp" and "mlm_dense" in str(path)) else sizes[name] for name in axes)
+      assert var[...].shape == expected, (options, jax.tree_util.keystr(path), axes)  # BERT's head is [d, d]
 
 
 # Masks --------------------------------------------------------------------------

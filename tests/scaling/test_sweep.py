@@ -11,11 +11,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from models.config import ConfigError
+from models.config import ConfigError, ModelConfig
+from models.transformer import build_model
 from t5x_like.cli import main
 from t5x_like.config import load_config
 from t5x_like.data.loader import make_loader
+from t5x_like.metrics import read_metrics
 from t5x_like.scaling import sweep
 from t5x_like.scaling.laws import COARSE_GRID
 from t5x_like.scaling.report import fit_report, load_results
@@ -51,7 +54,17 @@ def test_sweep_writes_one_row_per_point(sweep_dir):
     seq_len = config.data.seq_len
     assert row["tokens"] in budgets and row["tokens"] == config.train.steps * config.data.batch_size * seq_len
     assert row["flops"] == palm_flops(config.model, seq_len, row["tokens"])
-    assert row["validation_loss"] > 0 and row["wall_seconds"] > 0
+    # N counted off the initialised parameters; the losses are the point's own logged figures.
+    params = nnx.state(build_model(ModelConfig.from_dict(config.model)), nnx.Param)
+    total = sum(leaf.size for leaf in jax.tree.leaves(params))
+    embedding = params["token_embed"]["embedding"].size
+    assert (row["total_params"], row["non_embedding_params"]) == (total, total - embedding)
+    logged = {split: read_metrics(sweep_dir / row["name"], split) for split in ("train", "validation")}
+    assert row["validation_loss"] == pytest.approx(logged["validation"][-1]["loss"], rel=1e-6)
+    last = logged["train"][-config.train.log_every:]
+    assert row["train_loss"] == pytest.approx(
+        sum(r["loss"] * r["target_tokens"] for r in last) / sum(r["target_tokens"] for r in last), rel=1e-6)
+    assert row["wall_seconds"] > 0
   # More data lowers the loss at each size.
   for size in (0, 3):
     assert rows[size]["train_loss"] > rows[size + 1]["train_loss"] > rows[size + 2]["train_loss"]
@@ -78,7 +91,12 @@ def test_fit_writes_report_and_plots(sweep_dir, capsys):
   assert {"chinchilla", "kaplan_joint", "kaplan_n", "kaplan_d", "compute_optimal"} <= set(report)
   for name in ("loss_vs_n.png", "loss_vs_d.png", "loss_vs_compute.png"):
     assert (sweep_dir / "plots" / name).stat().st_size > 10_000
-  assert "Chinchilla: L =" in capsys.readouterr().out
+  chinchilla = report["chinchilla"]
+  assert f"Chinchilla: L = {chinchilla['e']:.3f} + {chinchilla['a']:.4g}/N^{chinchilla['alpha']:.3f}" in (
+      capsys.readouterr().out)
+  # The flags reach the fit: validation loss, 5 bootstrap refits, the coarse grid (deterministic, seed 0).
+  expected = fit_report(load_results(sweep_dir), loss_key="validation_loss", bootstrap_samples=5, grid=COARSE_GRID)
+  assert report == json.loads(json.dumps(expected))
 
 
 def test_rerun_skips_finished_points_and_runs_the_missing_one(sweep_dir):

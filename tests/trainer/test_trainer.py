@@ -990,10 +990,25 @@ def test_token_ids_outside_the_vocabulary_are_named_before_they_become_a_nan_los
     (dict(max_consecutive_skips=0), "train.max_consecutive_skips=0 must be a positive integer"),
     (dict(z_loss=-5.0), "train.z_loss=-5.0 must be at least 0"),
 ])
-def test_bad_configs_fail_before_compiling(changes, message, tmp_path):
+def test_bad_configs_fail_before_compiling(changes, message, tmp_path, lowered):
   mesh_shape = changes.pop("mesh_shape", (-1, 1, 1))
   with pytest.raises(ConfigError, match=message):
     Trainer(tiny_config(mesh_shape=mesh_shape, **changes), tmp_path, make_loader=PatternLoader)
+  assert not lowered
+
+
+@pytest.fixture
+def lowered():
+  """Programs lowered for XLA while the test runs (each jitted call's first, and every eager op's):
+  refused before compiling means none."""
+  programs = []
+
+  def listen(event, seconds, **kwargs):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      programs.append(kwargs.get("fun_name", "?"))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  yield programs
+  jax.monitoring.unregister_event_duration_listener(listen)
 
 
 @pytest.mark.parametrize("rules, message", [
@@ -1028,12 +1043,13 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
     Trainer(tiny_config(), tmp_path / "notes.txt", make_loader=PatternLoader)
 
 
-def test_the_cudnn_kernel_is_refused_off_a_gpu_before_compiling(tmp_path, monkeypatch):
+def test_the_cudnn_kernel_is_refused_off_a_gpu_before_compiling(tmp_path, monkeypatch, lowered):
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # as on CI, wherever the suite runs
   config = tiny_config()
   config.model.update(attention_kernel="cudnn", dtype="bfloat16", emb_dim=64)  # what cuDNN takes
   with pytest.raises(ConfigError, match="model.attention_kernel='cudnn' runs on NVIDIA GPUs only, not on this cpu"):
     Trainer(config, tmp_path, make_loader=PatternLoader)
+  assert not lowered
 
 
 def test_the_first_rule_for_a_name_applies_to_parameters_as_to_activations(tmp_path):
