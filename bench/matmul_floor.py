@@ -4,7 +4,7 @@
 
 Chains exactly the matmuls of one step of our decoder at a bench shape (q, k, v, o and
 the MLP per layer, both attention products, the vocabulary projection) with nothing
-between them but residual adds, differentiates the sum of the logits, and reports
+between them but residual adds, returns the sum of the logits and its gradient, and reports
 model FLOP/s by the same count as bench/train_throughput.py. The projections go through
 `models.layers.project`, as the model's do, so --bf16-matmul-inputs rounds the same
 products the model option does; attention products stay float32, as in the model; the
@@ -78,8 +78,10 @@ def step_matmuls(shape: dict, bf16_inputs: bool = False) -> tuple:
   config = ModelConfig(vocab_size=VOCAB, emb_dim=d, num_heads=h, mlp_dim=f, num_layers=layers, max_len=t)
   flops = b * train_flops_per_sequence(config, t)  # our default block: the same matmuls
   # Differentiating the input too keeps the first layer's input-gradient matmuls, as the
-  # embeddings do in a real step.
-  return jax.jit(jax.grad(loss, argnums=(0, 1))), params, init(b * t, d), flops
+  # embeddings do in a real step. The value is returned as well: with the gradient alone the
+  # backward never reads the logits, and their product was dropped as unused (before session
+  # 48 the floor was credited with that product and did not run it: docs/performance.md, item 62).
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params, init(b * t, d), flops
 
 
 def main() -> None:

@@ -215,6 +215,9 @@ def main() -> None:
     if not set(values) <= set(known):
       parser.error(f"{option} takes some of {','.join(known)}; got {','.join(values)}")
   revisions = [r for r in args.baselines.split(",") if r]
+  if jax.default_backend() != "cpu":  # the peers and the matmul peak are CPU runs
+    parser.error(f"bench/run.py compares runs on the CPU, and this backend is {jax.default_backend()!r}; "
+                 f"on a GPU use bench/gpu.sh")
   os.environ.update(with_huge_pages(dict(os.environ)))
 
   start_times = cpu_times()
@@ -233,7 +236,11 @@ def main() -> None:
           for _ in range(args.rounds):
             # A shared VM's speed drifts by tens of percent between spells; the highest peak
             # seen in the run keeps `of peak` from flattering a runner timed in a slow spell.
-            peak = {dtype: max(peak[dtype], again) for dtype, again in matmul_peaks().items()}
+            try:
+              peak = {dtype: max(peak[dtype], again) for dtype, again in matmul_peaks().items()}
+            except Exception as error:  # the rows measured so far outweigh one round's peak
+              print(f"matmul peak not measured this round ({str(error).strip().splitlines()[-1][:200]}); "
+                    f"keeping the highest so far", flush=True)
             print(f"matmul peak so far: f32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 inputs + f32 "
                   f"accumulation {peak['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
             for i, (runner, measure) in enumerate(runners):
@@ -269,13 +276,21 @@ def median_round(result: dict) -> float:
   return result.get("median_round_flops_per_second", result["model_flops_per_second"])
 
 
+def block(result: dict) -> str:
+  """The dtype block a runner was timed in ('float32, bf16 matmul inputs' runs with float32)."""
+  return result["dtype"].split(",")[0]
+
+
 def same_round_ratio(result: dict, peer_results: list[dict]) -> float | None:
   """The median over rounds of a runner's model FLOP/s over the best peer's in the same round.
 
   A round's runners run within minutes of each other, so a machine that drifts between
   spells (its matmul peak moved 5% between two runs, performance.md item 29) moves both
   sides of each ratio alike; rounds where the runner or every peer failed are left out.
+  Only the peers of the runner's own dtype block share its rounds: a shape's float32 rounds
+  all run before its bfloat16 ones.
   """
+  peer_results = [p for p in peer_results if block(p) == block(result)]
   ratios = []
   for ours, *peers_then in zip(result["round_flops_per_second"], *(p["round_flops_per_second"] for p in peer_results)):
     best = max(filter(None, peers_then), default=None)
@@ -286,6 +301,8 @@ def same_round_ratio(result: dict, peer_results: list[dict]) -> float | None:
 
 def share_of_peak(result: dict, peak: dict) -> str:
   """Model FLOP/s over the f32 matmul peak; rows with bf16 matmuls also over the bf16 peak."""
+  if not peak["float32"] or not peak["bfloat16"]:
+    return "n/a (no peak measured)"
   f32 = f"{result['model_flops_per_second'] / peak['float32']:.0%}"
   if "bf" not in result["dtype"]:
     return f32
@@ -324,7 +341,8 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
          "runs without it. " if huge_pages_available() else "")
       + (f"Each runner's fastest of {rounds} rounds taken in turns; `median rounds vs best peer` divides "
          "the median of a runner's rounds by the best such median among the peers, `same-round vs best peer` "
-         "is the median over rounds of a runner's FLOP/s over the best peer's in that round." if rounds > 1 else
+         "is the median over rounds of a runner's FLOP/s over the best peer's of the same dtype in that round "
+         "(a shape's float32 rounds run before its bfloat16 ones)." if rounds > 1 else
          "Each runner ran once, in turn."),
   ]
   for shape in shapes:

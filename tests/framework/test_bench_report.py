@@ -126,6 +126,10 @@ def test_each_runner_keeps_its_fastest_round_and_its_median_round(monkeypatch):
   ours = next(line for line in text.splitlines() if line.startswith("| t5x_like |")).split(" | ")
   assert ours[7:10] == ["1.25x", "1.20x", "1.50x"]  # 300/240 fastest; 240/200 medians; same-round ratios
   assert run.same_round_ratio(rows[0][2], []) is None  # no peer ran: no ratio, not a division by zero
+  # Peers timed in the other dtype block ran minutes or hours away: they are not the same round.
+  other_block = [dict(peer, dtype="float32") for _, _, peer in rows[1:]]
+  assert run.same_round_ratio(rows[0][2], other_block) is None
+  assert run.same_round_ratio(dict(rows[0][2], dtype="float32, bf16 matmul inputs"), other_block) == 1.5
   assert text.count("Tiny decoder, greedy, batch 1") == 1
   assert "2 new tokens/s with the KV cache" in text and "(2x); in bfloat16, 3 with the KV cache." in text
   # Decoding or the data pipeline failing after the training rows, or none of ours running,
