@@ -98,11 +98,19 @@ def test_cudnn_trains_and_kv_cache_decoding_keeps_xla():
   cfg = ModelConfig(emb_dim=32, num_heads=4, dtype="bfloat16", attention_kernel="cudnn")
   attention = Attention(cfg, rope=True, rngs=nnx.Rngs(0))
   assert attention._kernel(None, 512) == "cudnn"
-  # A cached step takes the xla kernel: cuDNN, on this CPU, would raise.
-  cache = {"k": jnp.zeros((1, 4, 8, 8), jnp.bfloat16), "v": jnp.zeros((1, 4, 8, 8), jnp.bfloat16)}
-  out, cache = attention(jnp.ones((1, 1, 32), jnp.bfloat16), mask=jnp.ones((1, 1, 1, 8), bool),
-                         positions=jnp.zeros((1, 1), jnp.int32), cache=cache, cache_index=jnp.array(0))
-  assert out.shape == (1, 1, 32) and cache["k"].shape == (1, 4, 8, 8)
+  # A cached step takes the xla kernel: cuDNN, on this CPU, would raise. It writes its slot and
+  # attends as the same layer with the xla kernel does.
+  xla = Attention(cfg.replace(attention_kernel="xla"), rope=True, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (1, 1, 32), jnp.bfloat16)
+  outs = []
+  for layer in (attention, xla):
+    cache = {"k": jnp.zeros((1, 4, 8, 8), jnp.bfloat16), "v": jnp.zeros((1, 4, 8, 8), jnp.bfloat16)}
+    out, cache = layer(x, mask=jnp.arange(8)[None, None, None] < 1, positions=jnp.zeros((1, 1), jnp.int32),
+                       cache=cache, cache_index=jnp.array(0))
+    assert bool(jnp.any(cache["k"][:, :, 0] != 0)) and not bool(jnp.any(cache["k"][:, :, 1:] != 0))
+    outs.append(np.asarray(out, np.float32))
+  np.testing.assert_array_equal(*outs)
+  assert np.any(outs[0] != 0)
 
 
 def test_auto_picks_cudnn_on_a_gpu_where_it_fits(monkeypatch):
