@@ -432,7 +432,8 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
   tokens, lengths = left_pad(prompts, config.pad_id)
   model.config.check_length(tokens.shape[1] + config.max_new_tokens, "the longest prompt plus max_new_tokens:")
   _check_cache_fits(model.config, len(prompts) * (config.num_beams if config.strategy == "beam" else 1),
-                    tokens.shape[1] + config.max_new_tokens, max(map(len, encoder_inputs or [[]])))
+                    tokens.shape[1] + config.max_new_tokens,
+                    0 if encoder_inputs is None else max(map(len, encoder_inputs)))
   encoder = None
   if encoder_inputs is not None:
     width = max(len(e) for e in encoder_inputs)
