@@ -631,11 +631,11 @@ class Trainer:
         # (loss sum, target tokens) of the latest finite steps, the logged ones first, so a run
         # resumed at its last step reports the same train loss.
         recent = collections.deque(maxlen=cfg.log_every)
-        logged = read_metrics(self.workdir, "train") if (self.workdir / "metrics.jsonl").exists() else []
+        logged = read_metrics(self.workdir) if (self.workdir / "metrics.jsonl").exists() else []
         recent.extend((row["loss"] * row["target_tokens"], row["target_tokens"]) for row in logged
-                      if row["step"] <= start_step and math.isfinite(row["loss"])
+                      if row["split"] == "train" and row["step"] <= start_step and math.isfinite(row["loss"])
                       and math.isfinite(row.get("grad_norm", 0.0)))  # a skipped step can have a finite loss
-        if self._evaluation_missing(start_step):
+        if self._evaluation_missing(start_step, logged):
           writer.write(start_step, "validation", self.evaluate(cfg.eval_steps))
         progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
                         dynamic_ncols=True)
@@ -687,17 +687,14 @@ class Trainer:
         raise
     return TrainResult(step=cfg.steps, train_loss=_mean_loss(recent), validation=validation)
 
-  def _evaluation_missing(self, step: int) -> bool:
-    """Whether `step`, an evaluation step the run resumes from, has no validation row: the run
-    stopped between its save and its evaluation (preempted there, or killed)."""
+  def _evaluation_missing(self, step: int, logged: list[dict]) -> bool:
+    """Whether `step`, an evaluation step the run resumes from, has no validation row among the
+    `logged` metrics: the run stopped between its save and its evaluation (preempted there, or
+    killed). Process 0's answer counts: it writes the metrics."""
     cfg = self.config.train
     if not 0 < step < cfg.steps or step % cfg.eval_every:
       return False
-    def missing_here():  # process 0's answer counts: it writes the metrics
-      if not (self.workdir / "metrics.jsonl").exists():
-        return True
-      return all(row["step"] != step for row in read_metrics(self.workdir, "validation"))
-    return process_0s(missing_here())
+    return process_0s(not any(row["split"] == "validation" and row["step"] == step for row in logged))
 
   def _log(self, pending, writer: MetricWriter, elapsed: float, tokens_per_step: int,
            flops_per_step: float, peak: float) -> list[tuple[float, float]]:
