@@ -49,15 +49,18 @@ def write_replicated_arrays_in_slices_of_at_least(min_bytes: int) -> None:
 write_replicated_arrays_in_slices_of_at_least(MIN_REPLICA_SLICE_BYTES)
 
 
-def state_differences(saved_metadata, abstract_state, limit: int = 5) -> list[str]:
-  """What differs between a checkpoint's arrays and the state the config builds (the first `limit`)."""
+def state_differences(saved_metadata, abstract_state, limit: int = 5, *, partial: bool = False) -> list[str]:
+  """What differs between a checkpoint's arrays and the state the config builds (the first `limit`).
+  With `partial`, saved arrays the state leaves out (an inference reader's optimizer moments) are no
+  difference."""
   saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(saved_metadata)}
   flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
   wanted = {".".join(ocp.tree.str_keypath(path)): tuple(leaf.shape) for path, leaf in flat}  # orbax's names
   differences = [f"{name}: saved {saved[name]}, the config builds {wanted[name]}"
                  for name in sorted(saved.keys() & wanted.keys()) if saved[name] != wanted[name]]
   differences += [f"{name}: not in the checkpoint" for name in sorted(wanted.keys() - saved.keys())]
-  differences += [f"{name}: saved, but the config does not build it" for name in sorted(saved.keys() - wanted.keys())]
+  if not partial:
+    differences += [f"{name}: saved, but the config does not build it" for name in sorted(saved.keys() - wanted.keys())]
   if len(differences) > limit:
     differences = differences[:limit] + [f"and {len(differences) - limit} more"]
   return differences
@@ -254,10 +257,11 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(gather_data_positions(data_state))))
 
-  def restore_latest(self, abstract_state, *, set_aside: bool = True):
+  def restore_latest(self, abstract_state, *, set_aside: bool = True, partial: bool = False):
     """(step, state, every process's data position) from the newest readable checkpoint, or None if
     none. Unreadable steps are moved into corrupt/, or with set_aside=False (a reader beside a run
-    that may be saving there) only skipped."""
+    that may be saving there) only skipped. With `partial`, only the arrays `abstract_state` holds
+    are read (inference reads the parameters, not the optimizer moments beside them)."""
     unreadable = []
     steps = process_0s(sorted(self.manager.all_steps(), reverse=True))
     corrupt = self.directory.parent / "corrupt"
@@ -268,13 +272,16 @@ class Checkpointer:
     for step in steps:
       metadata, error = _read_on_every_process(lambda: self._state_metadata(step))
       if not error:
-        differences = state_differences(metadata, abstract_state)
+        differences = state_differences(metadata, abstract_state, partial=partial)
         if differences:
           raise ConfigError(f"checkpoint {self.directory / str(step)} holds another train state than this config "
                             f"builds ({'; '.join(differences)}); resume with the config it was saved with "
                             f"(the workdir's config.json) or train in a new workdir")
+        state = ocp.args.StandardRestore(abstract_state) if not partial else ocp.args.PyTreeRestore(
+            item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+            partial_restore=True)
         restored, error = _read_on_every_process(lambda: _restore_here(
-            self.directory / str(step), state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            self.directory / str(step), state=state, data=ocp.args.JsonRestore()))
       if error:
         if set_aside:
           self._set_aside(step, error, unreadable)

@@ -247,8 +247,12 @@ class Trainer:
   """Builds the sharded state and compiled steps for one config and runs the loop."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-               make_loader: Callable[..., Iterator] | None = None, devices=None):
+               make_loader: Callable[..., Iterator] | None = None, devices=None, params_only: bool = False):
+    """`params_only`: for a trainer that evaluates or decodes and never trains (from_workdir), a
+    state without optimizer moments (Adam's two would triple its memory), whose parameters stay
+    shapes until restore() reads them."""
     self.config = config
+    self.params_only = params_only
     config.data.update(absolute_paths(config.data))  # so config.json names them wherever eval or decode runs
     self.workdir = pathlib.Path(workdir)
     self._check_same_run_on_every_process()
@@ -296,17 +300,20 @@ class Trainer:
     param_shardings = partitioning.logical_shardings(abstract_params, self.mesh, self.config.partitioning)
     rest_shardings = partitioning.logical_shardings(abstract_rest, self.mesh, self.config.partitioning)
     param_shardings, rest_shardings = nnx.as_pure(param_shardings), nnx.as_pure(rest_shardings)
-    abstract_opt = jax.eval_shape(self.tx.init, nnx.as_pure(abstract_params))
-    # Optimizer moments are sharded like their parameters; counters, and Adafactor's factored
-    # row and column statistics (vectors of a matrix's shape), are replicated.
-    opt_shardings = optax.tree_map_params(
-        self.tx, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else self.replicated,
-        abstract_opt, param_shardings, nnx.as_pure(abstract_params), transform_non_params=lambda _: self.replicated)
-    self.state_shardings = {"step": self.replicated, "params": param_shardings, "opt_state": opt_shardings}
+    self.state_shardings = {"step": self.replicated, "params": param_shardings}
     self.rest_shardings = rest_shardings
     # Parameters the mode does not train (a fine-tuning mode's pretrained base) sit in `rest`
     # beside the dropout keys, yet belong to the run: its checkpoints hold them beside `state`.
     self.frozen_template = nnx.as_pure(nnx.filter_state(abstract_rest, nnx.Param))
+    if self.params_only:
+      self._build_state_to_restore(nnx.as_pure(abstract_params), nnx.as_pure(abstract_rest))
+      return
+    abstract_opt = jax.eval_shape(self.tx.init, nnx.as_pure(abstract_params))
+    # Optimizer moments are sharded like their parameters; counters, and Adafactor's factored
+    # row and column statistics (vectors of a matrix's shape), are replicated.
+    self.state_shardings["opt_state"] = optax.tree_map_params(
+        self.tx, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else self.replicated,
+        abstract_opt, param_shardings, nnx.as_pure(abstract_params), transform_non_params=lambda _: self.replicated)
 
     def init(seed_keys):
       _, params, rest = nnx.split(self._new_model(seed_keys), self.mode.trainable, ...)
@@ -323,6 +330,25 @@ class Trainer:
       with jax.set_mesh(self.mesh), threefry_as_gpu_kernels():
         self.state, self.rest = jax.jit(init, out_shardings=(self.state_shardings, rest_shardings))(
             self.run_inputs["seed_keys"])
+
+  def _build_state_to_restore(self, abstract_params, abstract_rest) -> None:
+    """A params_only state: every parameter, trained or frozen, a shape and sharding for restore()
+    to fill, and the rest's other variables (dropout keys) drawn as a run draws them. Initialising
+    the parameters only to overwrite them took three times their memory at once."""
+    def shapes(tree, shardings):
+      return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                          tree, shardings)
+    self.state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
+                  "params": shapes(abstract_params, self.state_shardings["params"])}
+
+    def not_params(seed_keys):
+      _, _, rest = nnx.split(self._new_model(seed_keys), self.mode.trainable, ...)
+      return nnx.as_pure(nnx.filter_state(rest, nnx.Not(nnx.Param)))
+    with jax.set_mesh(self.mesh):
+      drawn = _leaves_by_path(jax.jit(not_params)(self.run_inputs["seed_keys"]))
+    shardings = _leaves_by_path(self.rest_shardings)
+    self.rest = _replace_leaves(shapes(abstract_rest, self.rest_shardings),
+                                {path: jax.device_put(leaf, shardings[path]) for path, leaf in drawn.items()})
 
   def checkpointed(self) -> dict:
     """What a checkpoint holds: `state`, and the parameters the mode freezes (if any) as `frozen`."""
@@ -356,8 +382,9 @@ class Trainer:
       # A checkpoint's state replaces the initial one, or the restore stops with an error: freed
       # first, a resume needs memory for one train state, not two.
       for leaf in jax.tree.leaves(self.state):
-        leaf.delete()
-    restored = checkpointer.restore_latest(abstract, set_aside=set_aside)
+        if isinstance(leaf, jax.Array):  # a params_only state's parameters are shapes until restored
+          leaf.delete()
+    restored = checkpointer.restore_latest(abstract, set_aside=set_aside, partial=self.params_only)
     if restored is None:
       return None
     step, saved, data_positions = restored
@@ -411,8 +438,9 @@ class Trainer:
 
   @classmethod
   def from_workdir(cls, workdir: str | pathlib.Path, devices=None) -> "Trainer":
-    """The trainer of a finished or running run, with its newest readable checkpoint loaded (an
-    unreadable one is skipped and left where it is: training sets it aside).
+    """The trainer of a finished or running run, for inference: its newest readable checkpoint's
+    parameters loaded, not its optimizer moments (an unreadable step is skipped and left where it
+    is: training sets it aside).
 
     Where the run's mesh or batch does not fit these devices (a pod's run evaluated on one GPU),
     the devices the batch divides over all go on the data axis: checkpoints restore onto any
@@ -441,7 +469,7 @@ class Trainer:
       devices = devices[:count]
       first = (partitioning.batch_axes(config.partitioning) or config.partitioning.mesh_axes)[0]
       config.partitioning.mesh_shape = tuple(-1 if axis == first else 1 for axis in config.partitioning.mesh_axes)
-    trainer = cls(config, workdir, devices=devices)
+    trainer = cls(config, workdir, devices=devices, params_only=True)
     if trainer.restore(set_aside=False) is None:  # it only reads: the run may be saving there
       raise ConfigError(f"{workdir}/checkpoints holds no readable checkpoint")
     return trainer
@@ -582,6 +610,9 @@ class Trainer:
             f"{rows}: they go round it and count some rows more than once; lower {setting}")
 
   def train(self) -> TrainResult:
+    if self.params_only:
+      raise ConfigError("this trainer holds no optimizer state (params_only, as from_workdir loads a run for "
+                        "inference); train with Trainer(config, workdir), which resumes from the workdir")
     cfg = self.config.train
     # Each host reads its own data files: one missing or broken there stops every process.
     validation_warning = check_on_every_process(

@@ -35,10 +35,10 @@ from t5x_like.decoding import DecodeConfig, generate
 from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import MODES
 from t5x_like.modes.pretrain import Pretrain
-from t5x_like.optimizers import decay_mask
+from t5x_like.optimizers import decay_mask, make_optimizer
 from t5x_like.preemption import Preempted, StopSignal
 from t5x_like.trainer import (NonFiniteLossError, Trainer, changed_model_fields, learning_rate_change, loss_means,
-                              stop_requested, updates_applied)
+                              read_run_config, stop_requested, updates_applied)
 from trainer_configs import tiny_config
 
 flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]  # noqa: E731
@@ -640,6 +640,35 @@ def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path, monk
   loaded = Trainer.from_workdir(tmp_path)
   assert loaded.model_config.attention_kernel == "auto"
   assert loaded.config.train.keep_checkpoints == tiny_config().train.keep_checkpoints
+
+
+def test_inference_loads_a_runs_parameters_without_its_optimizer_moments(tmp_path, pretrained_run, monkeypatch):
+  """eval, decode and score need the parameters alone: from_workdir neither builds nor reads the
+  optimizer's moments (Adam's two would triple its memory), so a run whose optimizer no longer
+  matches its checkpoints still loads."""
+  shutil.copytree(pretrained_run, tmp_path / "run")
+  saved = Trainer(tiny_config(steps=8), tmp_path / "run", make_loader=PatternLoader)
+  saved.restore()
+  inits = []
+
+  def counting_inits(*args):
+    tx, schedule = make_optimizer(*args)
+    return optax.GradientTransformation(lambda params: inits.append(1) or tx.init(params), tx.update), schedule
+  monkeypatch.setattr(trainer_module, "make_optimizer", counting_inits)
+  loaded = Trainer.from_workdir(tmp_path / "run")
+  assert not inits
+  assert loaded.state.keys() == {"step", "params"} and int(loaded.state["step"]) == 8
+  for a, b in zip(jax.tree.leaves(saved.state["params"]), jax.tree.leaves(loaded.state["params"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Adafactor's statistics have other shapes than the saved Adam moments: a resume would stop.
+  config = json.loads((tmp_path / "run" / "config.json").read_text())
+  config["train"]["optimizer"]["name"] = "adafactor"
+  (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+  assert int(Trainer.from_workdir(tmp_path / "run").state["step"]) == 8
+  with pytest.raises(ConfigError, match=r"holds another train state than this config builds \(.*opt_state"):
+    Trainer(read_run_config(tmp_path / "run"), tmp_path / "run", make_loader=PatternLoader).restore()
+  with pytest.raises(ConfigError, match=r"holds no optimizer state \(params_only"):
+    loaded.train()
 
 
 def test_a_run_starts_from_another_runs_parameters_with_a_fresh_optimizer(tmp_path):
