@@ -65,40 +65,20 @@ def _train_and_sample(args, overrides) -> None:
   tokenizer = load_tokenizer(config.data.tokenizer)
   sample_room(trainer.model_config, tokenizer, args.sample_prompt)  # a prompt too long stops it now, not after
   result = trainer.train()
-  state = trainer.state["params"], trainer.rest
-  if jax.process_count() > 1:
-    # Process 0 samples alone, so it needs the whole model on its own devices: computing on
-    # arrays spread over processes takes them all, so every process helps gather it.
-    state = _gathered(state)
-  if jax.process_index() != 0:
-    return
   validation = result.validation
   shown = [f"validation loss {validation['loss']:.4f}"]  # a mode reports perplexity and accuracy if it can
   shown += [f"perplexity {validation['perplexity']:.2f}"] if "perplexity" in validation else []
   shown += [f"token accuracy {validation['accuracy']:.3f}"] if "accuracy" in validation else []
-  print(f"step {result.step}: {', '.join(shown)}")
-  model = trainer.model_from(*state)
+  printing = jax.process_index() == 0
+  if printing:
+    print(f"step {result.step}: {', '.join(shown)}", flush=True)
+  # Every process samples, on the model as training left it split over them.
+  model = trainer.model_from(trainer.state["params"], trainer.rest)
   model.eval()
-  samples = sample_texts(model, tokenizer, args.sample_prompt, prefix_lm=trainer.prefix_lm)
-  for prompt, text in samples:
+  with jax.set_mesh(trainer.mesh):
+    samples = sample_texts(model, tokenizer, args.sample_prompt, prefix_lm=trainer.prefix_lm)
+  for prompt, text in samples if printing else ():
     print(f"--- {prompt!r}\n{text}")
-
-
-def _gathered(tree):
-  """Process 0's whole copy of every global array of `tree`, on its default device; None on the
-  other processes, which must call it too (each gather takes every process). One array at a
-  time, so that no other process holds more than one array whole at once; random keys travel
-  as their key data (process_allgather takes plain arrays)."""
-  from jax.experimental import multihost_utils
-
-  def whole(x):
-    is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-    value = multihost_utils.process_allgather(jax.random.key_data(x) if is_key else x, tiled=True)
-    if jax.process_index() != 0:
-      return None  # dropped at once
-    return jax.random.wrap_key_data(value, impl=jax.random.key_impl(x)) if is_key else jax.numpy.asarray(value)
-  gathered = jax.tree.map(whole, tree)
-  return gathered if jax.process_index() == 0 else None
 
 
 def _load(args, overrides):

@@ -8,6 +8,10 @@ would alone.
 Strategies: greedy; sampling with temperature, top-k and top-p (Holtzman et al. 2020);
 beam search with a length penalty (Wu et al. 2016, eq. 14). Greedy and sampling take an
 optional repetition penalty (Keskar et al. 2019, sec. 4.1).
+
+A model whose arrays span several processes (a run split over a pod's hosts) decodes on all
+of them at once: each process calls `generate` with the same arguments (jit takes its host
+values as replicated) and gets the same, replicated, tokens back; no host gathers the model.
 """
 
 from __future__ import annotations

@@ -248,9 +248,9 @@ def _train_on_two_processes(workdir, outputs_of, *flags, per_process=((), ()), s
 
 
 def test_two_process_train_with_the_model_split_over_processes_prints_samples(tmp_path, outputs_of):
-  """Process 0 samples alone, so it must gather the model first (without, it waited on process 1
-  in the first sharded computation until the coordinator gave up). Its sample is the one the
-  saved run gives loaded on one device here: the gathered model is the trained one, whole."""
+  """Both processes sample together on the model split over them (process 0 alone waited on
+  process 1 in the first sharded computation until the coordinator gave up), and process 0
+  prints: the sample the saved run gives loaded on one device here."""
   codes, outputs = _train_on_two_processes(tmp_path, outputs_of, "--config.train.steps=2",
                                            "--config.train.checkpoint_every=2", "--sample-prompt", "Emma")
   assert codes == [0, 0], outputs
