@@ -10,7 +10,8 @@ Id layout of a vocabulary of V ids, the same for every model:
                                  (T5's <extra_id_i>)
 
 Like T5's extra ids, the mask and the sentinels are appended to the SentencePiece model's
-pieces: a model file of P pieces gives V = P + 101. A model trained elsewhere with other
+pieces: a model file of P pieces, pad, eos and unk among them, gives V = P + 101 (one more for
+each of the three it lacks, whose id stays reserved). A model trained elsewhere with other
 special ids (e.g. unk=0, bos=1, eos=2) is remapped to this layout on load.
 
 Training keeps an exact round trip, decode(encode(text)) == text: identity normalization,
