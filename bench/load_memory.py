@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -67,9 +66,11 @@ def main() -> None:
     save_initial_run(args.config, overrides, workdir)
     for round_ in range(args.rounds):
       for name, tree in trees.items():
-        output = subprocess.run([sys.executable, "-c", LOAD, str(tree), str(workdir)], check=True,
-                                capture_output=True, text=True, cwd=tree, env=dict(os.environ)).stdout
-        row = json.loads(output.strip().splitlines()[-1])
+        done = subprocess.run([sys.executable, "-c", LOAD, str(tree), str(workdir)], capture_output=True, text=True,
+                              cwd=tree)
+        if done.returncode:
+          raise SystemExit(f"loading with {tree} failed:\n{done.stderr[-3000:]}")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
         print(json.dumps({"tree": name, "round": round_, "config": pathlib.Path(args.config).name,
                           "overrides": overrides, **{key: round(value, 2) for key, value in row.items()}}))
 

@@ -6,7 +6,8 @@ truncated file) is moved aside into `corrupt/`, never deleted, and the previous 
 used with a warning naming both. A step that any one process cannot read is set aside by
 all of them. A checkpoint whose arrays differ from what the config builds (another model
 size, another optimizer) is a config error, not a corrupt file: restoring stops with the
-differences named and nothing is moved.
+differences named and nothing is moved. Inference (Trainer.from_workdir) reads the parameters
+alone, so for it another optimizer's moments are no difference.
 """
 
 from __future__ import annotations
@@ -49,18 +50,22 @@ def write_replicated_arrays_in_slices_of_at_least(min_bytes: int) -> None:
 write_replicated_arrays_in_slices_of_at_least(MIN_REPLICA_SLICE_BYTES)
 
 
+# The parameters a checkpoint's state holds: those trained, and those the run's mode froze.
+SAVED_PARAMS = ("params", "frozen")
+
+
 def state_differences(saved_metadata, abstract_state, limit: int = 5, *, partial: bool = False) -> list[str]:
   """What differs between a checkpoint's arrays and the state the config builds (the first `limit`).
-  With `partial`, saved arrays the state leaves out (an inference reader's optimizer moments) are no
-  difference."""
+  With `partial` (an inference reader), saved arrays other than parameters that the state leaves
+  out, the optimizer's moments, are no difference; a saved parameter it does not build still is."""
   saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(saved_metadata)}
   flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
   wanted = {".".join(ocp.tree.str_keypath(path)): tuple(leaf.shape) for path, leaf in flat}  # orbax's names
   differences = [f"{name}: saved {saved[name]}, the config builds {wanted[name]}"
                  for name in sorted(saved.keys() & wanted.keys()) if saved[name] != wanted[name]]
   differences += [f"{name}: not in the checkpoint" for name in sorted(wanted.keys() - saved.keys())]
-  if not partial:
-    differences += [f"{name}: saved, but the config does not build it" for name in sorted(saved.keys() - wanted.keys())]
+  differences += [f"{name}: saved, but the config does not build it" for name in sorted(saved.keys() - wanted.keys())
+                  if not partial or name.split(".")[0] in SAVED_PARAMS]
   if len(differences) > limit:
     differences = differences[:limit] + [f"and {len(differences) - limit} more"]
   return differences
@@ -93,9 +98,6 @@ def saved_tokenizer_digest(positions: dict) -> str | None:
   entries = _by_process(positions or {}).values()
   return next((entry["tokenizer_sha256"] for entry in entries if "tokenizer_sha256" in entry), None)
 
-
-# The parameters a checkpoint's state holds: those trained, and those the run's mode froze.
-SAVED_PARAMS = ("params", "frozen")
 
 
 def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]

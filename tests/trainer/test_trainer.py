@@ -667,6 +667,11 @@ def test_inference_loads_a_runs_parameters_without_its_optimizer_moments(tmp_pat
   assert int(Trainer.from_workdir(tmp_path / "run").state["step"]) == 8
   with pytest.raises(ConfigError, match=r"holds another train state than this config builds \(.*opt_state"):
     Trainer(read_run_config(tmp_path / "run"), tmp_path / "run", make_loader=PatternLoader).restore()
+  # A saved parameter the config does not build still stops it: a layer fewer would run another model.
+  config["model"]["num_layers"] = 1
+  (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ConfigError, match=r"params\.decoder\.layers\.1\.[\w.]+: saved, but the config does not build"):
+    Trainer.from_workdir(tmp_path / "run")
   with pytest.raises(ConfigError, match=r"holds no optimizer state \(params_only"):
     loaded.train()
 
