@@ -11,7 +11,7 @@ optional repetition penalty (Keskar et al. 2019, sec. 4.1).
 
 A model whose arrays span several processes (a run split over a pod's hosts) decodes on all
 of them at once: each process calls `generate` with the same arguments (jit takes its host
-values as replicated) and gets the same, replicated, tokens back; no host gathers the model.
+values as replicated) and gets the same tokens back; no host gathers the model.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from models.config import ConfigError
 from models.layers import row_max, row_sum
@@ -407,6 +408,14 @@ def _check_ids(vocab: int, choosable: int, prompts, encoder_inputs, config: Deco
                           f"{np.unique(outside)[:5].tolist()}")
 
 
+def fetched(array: jax.Array) -> np.ndarray:
+  """An output's whole value on every process: one split over processes (logits whose vocabulary
+  a tensor axis across hosts holds) is gathered, as np.asarray cannot read it."""
+  if array.is_fully_addressable or array.is_fully_replicated:
+    return np.asarray(array)
+  return multihost_utils.process_allgather(array, tiled=True)
+
+
 def check_eval_mode(model) -> None:
   """Refuses a model with dropout on (an nnx.Dropout of rate > 0 not deterministic): it would
   make tokens and scores random, and a compiled decoding loop cannot advance its random streams
@@ -453,7 +462,7 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
   else:
     out = _greedy_or_sample_loop(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), encoder,
                                  values, loop=loop)
-  out = np.asarray(out)
+  out = fetched(out)
   if (out == NO_TOKEN).any():
     raise ConfigError("the model's logits were not finite (NaN) at a decoding step: its weights or inputs are broken")
   results = []

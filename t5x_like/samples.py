@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from t5x_like.data.tokenizer import EOS_ID, FIRST_PIECE_ID, PAD_ID
-from t5x_like.decoding import DecodeConfig, check_eval_mode, generate
+from t5x_like.decoding import DecodeConfig, check_eval_mode, fetched, generate
 
 DEFAULT_PROMPTS = ("It is a truth universally acknowledged", "Mr. Darcy", "She was")
 NEW_TOKENS = 40
@@ -55,7 +55,8 @@ def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = NEW_TO
                  prefix_lm: bool = False) -> list[tuple[str, str]]:
   """(prompt, text) pairs by architecture: a decoder continues the prompt greedily (a prefix
   LM reads it as its prefix); an encoder-decoder fills the span its prompt marks (prompt_ids);
-  an encoder fills a [MASK] put in place of the prompt's last token, with an ordinary piece."""
+  an encoder fills a [MASK] put in place of the prompt's last token, with an ordinary piece.
+  A model split over processes samples on all of them: each calls this alike."""
   check_eval_mode(model)  # an encoder's prediction below runs the model directly
   prompts = list(prompts or DEFAULT_PROMPTS)
   arch = model.config.arch
@@ -76,7 +77,7 @@ def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = NEW_TO
     # A document as masked LM trained on it: its pieces, then eos; the mask is never a target,
     # nor are eos, pad, unk or the sentinels.
     masked = tokens[:-1] + [tokenizer.mask_id]
-    logits = np.asarray(model(np.array([masked + [EOS_ID]], np.int32)))[0, len(masked) - 1]
+    logits = fetched(model(np.array([masked + [EOS_ID]], np.int32)))[0, len(masked) - 1]
     predicted = FIRST_PIECE_ID + int(np.argmax(logits[FIRST_PIECE_ID:tokenizer.mask_id]))
     results.append((tokenizer.decode(masked), tokenizer.decode(tokens[:-1] + [predicted])))
   return results
