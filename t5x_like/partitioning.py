@@ -153,8 +153,24 @@ def data_shards(config: ml_collections.ConfigDict, num_devices: int) -> int:
 
 
 def batch_sharding(mesh: Mesh, config: ml_collections.ConfigDict) -> NamedSharding:
-  """Batch dimension split over the activation_batch rule's axes, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(batch_axes(config)))
+  """Batch dimension split over the activation_batch rule's axes, the rest replicated.
+
+  Each process loads rows of its own (Trainer.global_batch), so no two processes may hold the
+  same part of the batch: where a model axis spans processes, jax would take each process's
+  different rows as copies of one another and train on neither whole.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec(batch_axes(config)))
+  shards = math.prod(mesh.shape[axis] for axis in batch_axes(config))
+  holders = {}  # each part of the batch -> the processes whose devices hold it
+  for device, index in sharding.devices_indices_map((shards,)).items():
+    holders.setdefault(index[0].indices(shards)[0], set()).add(device.process_index)
+  shared = next((sorted(processes) for processes in holders.values() if len(processes) > 1), None)
+  if shared:
+    raise ConfigError(f"partitioning.mesh_shape={tuple(config.mesh_shape)} puts the same rows of the batch on "
+                      f"processes {shared}: each process loads rows of its own, so the batch axes "
+                      f"{batch_axes(config)} ({shards} shards here) must split over the {jax.process_count()} "
+                      f"processes; keep the other axes within one host's devices")
+  return sharding
 
 
 def activation_rules(config: ml_collections.ConfigDict):

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from models.config import ConfigError
 from t5x_like import checkpoints, distributed
 from t5x_like.data.tokenizer import load_tokenizer
+from t5x_like.partitioning import DEFAULT_RULES
 from t5x_like.samples import sample_texts
 from t5x_like.trainer import Trainer
 
@@ -247,11 +248,10 @@ def _train_on_two_processes(workdir, outputs_of, *flags, per_process=((), ()), s
   return [worker.returncode for worker in workers], outputs
 
 
-# A decoder split by FSDP; an encoder whose logits' vocabulary a tensor axis splits across the
-# two processes (np.asarray cannot read them: each process holds half).
+# A decoder split by FSDP; an encoder whose vocabulary a rule puts on the FSDP axis, so that its
+# logits are split across the two processes (np.asarray cannot read them: each holds half).
 SPLITS = {"decoder": (), "encoder": ("--config.model.arch=encoder", "--config.data.objective=mlm",
-                                     "--config.partitioning.mesh_shape=(1,1,8)", "--config.model.num_heads=8",
-                                     "--config.model.num_kv_heads=8", "--config.model.emb_dim=64")}
+                                     f"--config.partitioning.rules={(('vocab', 'fsdp'), *DEFAULT_RULES)!r}")}
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -282,6 +282,19 @@ def test_processes_started_with_different_flags_stop_before_training_naming_them
     assert (f'error: the processes run different configs (train.steps: 2 on process 0, 3 on process 1; '
             f'workdir: "{tmp_path}" on process 0, "{other}" on process 1)') in output
   assert not (tmp_path / "checkpoints").exists() and not other.exists()
+
+
+def test_a_mesh_that_gives_both_processes_the_same_rows_of_the_batch_stops_them(tmp_path, outputs_of):
+  """A tensor axis over both hosts' devices leaves each the whole batch, while each loads rows of
+  its own: jax would take the two hosts' different rows as copies of one another."""
+  codes, outputs = _train_on_two_processes(tmp_path, outputs_of, "--config.partitioning.mesh_shape=(1,1,8)",
+                                           "--config.model.num_heads=8", "--config.model.num_kv_heads=8")
+  assert codes == [2, 2], outputs
+  for output in outputs:
+    assert ("error: partitioning.mesh_shape=(1, 1, 8) puts the same rows of the batch on processes [0, 1]: each "
+            "process loads rows of its own, so the batch axes ('data', 'fsdp') (1 shards here) must split over the "
+            "2 processes") in output
+  assert not (tmp_path / "checkpoints").exists()
 
 
 def test_an_experiment_file_missing_on_one_host_stops_both_processes(tmp_path, outputs_of):
