@@ -234,6 +234,9 @@ class ModelConfig:
                         f"that model.attention_dropout_rate drops; use attention_kernel='auto' or 'xla'")
     if self.num_token_types < 0:
       raise ConfigError(f"model.num_token_types={self.num_token_types} must be >= 0")
+    if self.num_token_types and self.arch != "encoder":  # decode and encode take no token types
+      raise ConfigError(f"model.num_token_types applies only to model.arch='encoder' (BERT's segment embeddings); "
+                        f"a {self.arch}'s table would add one learned row to every token")
     if self.norm_eps <= 0:
       raise ConfigError(f"model.norm_eps={self.norm_eps} must be > 0")
     if not self.rope_theta > 0:  # the rotation frequencies are powers of it

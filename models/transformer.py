@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import Attention, attention_mask, heads_first
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
 from models.layers import (Dense, Embed, Mlp, Norm, RelativePositionBias, activation, constrain,
                            param, sinusoidal_embedding)
 from models.losses import chunked_cross_entropy_sums, cross_entropy_sums
@@ -26,6 +26,12 @@ BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed
 # projections are 2-D matmuls and attention's products are batched, so "dots" keeps the
 # former and recomputes the latter.
 CHECKPOINT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# A decoder's T5 buckets are one-directional (distance max(query - key, 0)): a prefix that reads
+# both ways would see every later prefix token at distance 0, its order lost. Mesh TensorFlow
+# gave prefix LMs bidirectional buckets instead; this codebase does not yet.
+PREFIX_LM_RELATIVE = ("a prefix LM (prefix_mask, data.objective='prefix_lm') cannot use model.position='relative': "
+                      "a decoder's relative buckets are one-directional, so a prefix token would see every later "
+                      "one at distance 0; use position 'rope', 'learned' or 'sinusoidal'")
 
 
 class Block(nnx.Module):
@@ -93,6 +99,8 @@ class Stack(nnx.Module):
   def __call__(self, x, *, segment_ids, positions, token_type_ids=None, prefix_mask=None,
                encoded=None, encoded_segment_ids=None, cache=None):
     """x: token embeddings [b, t, d]; returns (hidden [b, t, d], updated cache or None)."""
+    if prefix_mask is not None and self.causal and self.relative_bias is not None:
+      raise ConfigError(PREFIX_LM_RELATIVE)
     if self.position_embed is not None:
       x = x + self.position_embed(positions)
     elif self.cfg.position == "sinusoidal":

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from models.config import ConfigError, ModelConfig
 from models.model_size import train_flops_per_sequence
-from models.transformer import build_model
+from models.transformer import PREFIX_LM_RELATIVE, build_model
 from t5x_like import partitioning
 from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_digest, this_process_position
 from t5x_like.config import base_config, fill_defaults
@@ -123,6 +123,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
   if batch % jax.process_count():
     raise ConfigError(f"data.batch_size={batch} does not divide over {jax.process_count()} processes")
   model_config.check_length(max(_sequence_lengths(config, model_config)), "data length")
+  if config.data.get("objective") == "prefix_lm" and model_config.position == "relative":
+    raise ConfigError(PREFIX_LM_RELATIVE)  # named now, not when the first step is traced
   objective = OBJECTIVE_CLASSES.get(config.data.get("objective"))
   if objective is not None and model_config.arch not in objective.architectures:
     # A decoder would otherwise train on span corruption's target strings without their inputs.

@@ -130,6 +130,7 @@ def test_info_prints_counts_and_names_the_bad_field(capsys):
     (dict(arch="gpt"), "model.arch='gpt'"),
     (dict(position="rope", head_dim=7), "even head dimension"),
     (dict(num_decoder_layers=2), "model.num_decoder_layers applies only"),
+    (dict(num_token_types=2), "model.num_token_types applies only to model.arch='encoder'"),
     (dict(dropout_rate=1.0), "model.dropout_rate"),
     (dict(vocab_size=0), "model.vocab_size=0"),
     (dict(position="relative", relative_max_distance=16), "model.relative_max_distance=16 must exceed 16"),

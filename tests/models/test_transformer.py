@@ -131,6 +131,15 @@ def test_prefix_lm_is_bidirectional_inside_the_prefix_only():
     np.testing.assert_allclose(changed[:, :t + 1], base[:, :t + 1], atol=1e-6)
 
 
+def test_a_prefix_lm_with_t5_relative_positions_is_refused():
+  """A decoder's buckets are one-directional: every later prefix token would sit at distance 0,
+  so the first position's output ignored their order."""
+  model = build_model(small(position="relative"))
+  tokens = random_tokens(2)
+  with pytest.raises(ConfigError, match=r"cannot use model.position='relative': a decoder's relative buckets"):
+    run(model, tokens, prefix_mask=jnp.broadcast_to(jnp.arange(LENGTH) < 4, tokens.shape))
+
+
 @pytest.mark.parametrize("arch,position", [("decoder", "rope"), ("decoder", "relative"),
                                            ("encoder", "learned"), ("encoder", "rope")])
 def test_packed_documents_do_not_attend_to_each_other(arch, position):

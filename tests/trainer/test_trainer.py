@@ -1150,6 +1150,10 @@ def test_bad_model_and_data_configs_name_the_fields(tmp_path):
                                         r"\('encoder_decoder',\), not 'decoder'"):
     Trainer(config, tmp_path, make_loader=PatternLoader)
   config = tiny_config()
+  config.model.position, config.data.objective = "relative", "prefix_lm"
+  with pytest.raises(ConfigError, match=r"a prefix LM .* cannot use model.position='relative'"):
+    Trainer(config, tmp_path, make_loader=PatternLoader)
+  config = tiny_config()
   config.data.objective = "preference"  # pairs for a reward model or DPO, not for pretraining
   with pytest.raises(ConfigError, match=r"train.mode='pretrain' reads \['decoder_input_tokens', .*\], which "
                                         r"data.objective='preference' does not make \(it makes \['chosen_decoder_"):
