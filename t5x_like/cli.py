@@ -240,8 +240,9 @@ def _fit(args, overrides) -> None:
   print(f"Chinchilla: L = {chinchilla['e']:.3f} + {chinchilla['a']:.4g}/N^{chinchilla['alpha']:.3f} "
         f"+ {chinchilla['b']:.4g}/D^{chinchilla['beta']:.3f}  (R^2 {chinchilla['r_squared']:.3f}; N counts "
         f"non-embedding parameters, as Kaplan et al. do, where Hoffmann et al. count all)")
+  e_interval = f"[{ci['e'][0]:.3f}, {ci['e'][1]:.3f}]" if ci["e"] else "none (fitted to 0: these losses fix no floor)"
   print(f"  95% bootstrap: alpha [{ci['alpha'][0]:.3f}, {ci['alpha'][1]:.3f}], "
-        f"beta [{ci['beta'][0]:.3f}, {ci['beta'][1]:.3f}], E [{ci['e'][0]:.3f}, {ci['e'][1]:.3f}]")
+        f"beta [{ci['beta'][0]:.3f}, {ci['beta'][1]:.3f}], E {e_interval}")
   joint = report["kaplan_joint"]
   print(f"Kaplan joint: alpha_N {joint['alpha_n']:.3f}, alpha_D {joint['alpha_d']:.3f} "
         f"(R^2 {joint['r_squared']:.3f})")

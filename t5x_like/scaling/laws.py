@@ -148,9 +148,15 @@ def fit_chinchilla(n, d, loss, *, delta: float = 1e-3, grid: dict | None = None)
                     beta=float(beta))
 
 
+# A fitted E below this is log E running off toward -inf, where the losses fix no floor: refits
+# started there cannot move it (the gradient in log E is E itself), so it gets no interval.
+E_UNIDENTIFIED = 1e-6
+
+
 def bootstrap_chinchilla(n, d, loss, fit: Chinchilla, *, samples: int = 200, seed: int = 0,
-                         level: float = 0.95) -> dict[str, tuple[float, float]]:
-  """Percentile confidence intervals from refits on runs resampled with replacement.
+                         level: float = 0.95) -> dict[str, tuple[float, float] | None]:
+  """Percentile confidence intervals from refits on runs resampled with replacement; None for
+  an E the fit sent to 0 (E_UNIDENTIFIED).
 
   Each refit starts from the full fit (a one-point grid), which keeps this cheap.
   """
@@ -166,8 +172,14 @@ def bootstrap_chinchilla(n, d, loss, fit: Chinchilla, *, samples: int = 200, see
   draws = np.array(draws)
   tail = (1 - level) / 2 * 100
   names = [f.name for f in dataclasses.fields(Chinchilla)]
-  return {name: (float(np.percentile(draws[:, i], tail)), float(np.percentile(draws[:, i], 100 - tail)))
-          for i, name in enumerate(names)}
+  intervals = {name: (float(np.percentile(draws[:, i], tail)), float(np.percentile(draws[:, i], 100 - tail)))
+               for i, name in enumerate(names)}
+  return dict(intervals, e=None) if fit.e < E_UNIDENTIFIED else intervals
+
+
+def points_by_compute(n, d) -> list[tuple[float, float]]:
+  """The distinct (N, D) points, smallest compute N·D first: extrapolation holds out the last."""
+  return sorted(set(zip(np.asarray(n, float), np.asarray(d, float))), key=lambda point: (point[0] * point[1], point))
 
 
 def extrapolation_error(n, d, loss, *, holdout: int = 1, law: str = "chinchilla",
@@ -177,7 +189,7 @@ def extrapolation_error(n, d, loss, *, holdout: int = 1, law: str = "chinchilla"
   if law not in ("chinchilla", "kaplan"):
     raise ValueError(f"law={law!r} is not 'chinchilla' or 'kaplan'")
   n, d, loss = map(lambda x: np.asarray(x, float), (n, d, loss))
-  points = sorted(set(zip(n, d)), key=lambda point: (point[0] * point[1], point))
+  points = points_by_compute(n, d)
   if not 1 <= holdout < len(points):
     raise ValueError(f"holdout={holdout} must leave some of the {len(points)} (N, D) points on each side")
   largest = set(points[-holdout:])

@@ -111,17 +111,31 @@ def fit_report(rows: list[dict], *, loss_key: str = "validation_loss", bootstrap
     # Compute here is Chinchilla's C = 6ND (N non-embedding), not the results' PaLM FLOP count.
     report["compute_optimal"] = [{"compute_6nd": float(c), "n": float(a), "d": float(b)}
                                  for c, a, b in zip(compute, n_opt, d_opt)]
-    if holdout and len(points) - holdout >= MIN_POINTS:
+    skipped = _why_not_extrapolate(n, d, holdout) if holdout else None
+    if holdout and not skipped:
       report["extrapolation"] = laws.extrapolation_error(n, d, loss, holdout=holdout, grid=grid)
   except ConfigError:
     raise
   except (ValueError, np.linalg.LinAlgError) as error:  # scipy's fits of non-finite residuals
     raise ConfigError(f"the laws could not be fitted to these {loss_key} values ({str(error)[:200]}); losses "
                       f"that barely change with N and D (models that did not learn) follow no power law") from None
-  if holdout and len(points) - holdout < MIN_POINTS:
-    report["extrapolation"] = {"skipped": f"holding out {holdout} of {len(points)} points would leave "
-                                          f"{len(points) - holdout}, fewer than the {MIN_POINTS} a fit needs"}
+  if skipped:
+    report["extrapolation"] = {"skipped": skipped}
   return report
+
+
+def _why_not_extrapolate(n, d, holdout: int) -> str | None:
+  """Why the points left after holding out the largest `holdout` cannot be fitted, or None."""
+  points = laws.points_by_compute(n, d)
+  kept = points[:-holdout] if holdout < len(points) else []
+  if len(kept) < MIN_POINTS:
+    return (f"holding out {holdout} of {len(points)} points would leave {len(kept)}, fewer than the {MIN_POINTS} "
+            f"a fit needs")
+  for name, values in (("N", {a for a, _ in kept}), ("D", {b for _, b in kept})):
+    if len(values) < 2:  # the largest compute points are often all of the largest model's
+      return (f"the {len(kept)} points left after holding out {holdout} share one {name}, which leaves its "
+              f"exponent and coefficient undetermined")
+  return None
 
 
 def plot(rows: list[dict], report: dict, out_dir: pathlib.Path, *, loss_key: str = "validation_loss"):

@@ -88,7 +88,11 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
   if isinstance(sweep.gpus_per_point, bool) or not isinstance(sweep.gpus_per_point, (int, float)) \
       or not sweep.gpus_per_point >= 0:
     raise ConfigError(f"sweep.gpus_per_point={sweep.gpus_per_point!r} must be a number, 0 or more")
+  if sweep.learning_rate_rule not in ("kaplan", "fixed"):
+    raise ConfigError(f"sweep.learning_rate_rule={sweep.learning_rate_rule!r} is not one of ('kaplan', 'fixed')")
   for field in ("sizes", "token_budgets", "seeds"):
+    if not sweep[field]:  # the sweep would run nothing and write empty results
+      raise ConfigError(f"sweep.{field} is empty; it must name at least one value")
     if any(isinstance(v, bool) or not isinstance(v, int) or v < (0 if field == "seeds" else 1)
            for v in sweep[field]):
       kind = "non-negative" if field == "seeds" else "positive"
@@ -124,9 +128,6 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
                               f"non-embedding parameters) a learning rate of "
                               f"{point.train.optimizer.learning_rate:.3g}; set it to 'fixed' and choose "
                               f"base.train.optimizer.learning_rate")
-        elif sweep.learning_rate_rule != "fixed":
-          raise ConfigError(f"sweep.learning_rate_rule={sweep.learning_rate_rule!r} is not one of "
-                            "('kaplan', 'fixed')")
         points.append((f"s{size}_tokens{tokens}_seed{seed}", point))
   return points
 

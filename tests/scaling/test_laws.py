@@ -141,13 +141,15 @@ def test_bootstrap_intervals_are_the_refits_central_percentiles(level, monkeypat
 
 
 def test_bootstrap_from_a_fit_whose_irreducible_loss_went_to_zero():
-  """Losses with no floor: the fitted E underflows to 0.0, and its log is no start for the refits."""
+  """Losses with no floor: the fitted E underflows to 0.0, and its log is no start for the refits.
+  Refits cannot move an E started there, so it gets no interval rather than [0, 0]."""
   n, d, noise = grid_runs(3)
   loss = laws.Chinchilla(e=0.0, a=406.4, b=410.7, alpha=0.34, beta=0.28)(n, d) * noise
   fit = dataclasses.replace(laws.fit_chinchilla(n, d, loss, grid=SMALL_GRID), e=0.0)
   intervals = laws.bootstrap_chinchilla(n, d, loss, fit, samples=10)
   assert intervals["alpha"][0] <= fit.alpha <= intervals["alpha"][1]
-  assert 0.0 <= intervals["e"][0] <= intervals["e"][1] < 0.01
+  assert intervals["e"] is None
+  assert laws.bootstrap_chinchilla(n, d, loss, dataclasses.replace(fit, e=0.5), samples=2)["e"] is not None
 
 
 def test_bootstrap_interval_width_matches_the_spread_over_fresh_noise():
@@ -210,6 +212,20 @@ def test_a_holdout_that_leaves_too_few_points_is_reported_skipped(chinchilla_dat
   report = fit_report(rows, bootstrap_samples=2, grid=SMALL_GRID, holdout=25)
   assert report["extrapolation"] == {"skipped": "holding out 25 of 30 points would leave 5, fewer than the 6 "
                                                 "a fit needs"}
+
+
+def test_a_holdout_that_leaves_one_model_size_is_reported_skipped():
+  """Two sizes by six budgets: the six largest-compute points are the large model's, and a fit of
+  the small model's alone has no N to find alpha and A from (it predicted 7.75 for a loss of 4.82)."""
+  truth = laws.Chinchilla(e=1.69, a=406.4, b=410.7, alpha=0.34, beta=0.28)
+  n, d = (a.ravel() for a in np.meshgrid([1e6, 1e8], np.logspace(8, 10, 6)))
+  rows = [{"name": str(i), "non_embedding_params": a, "tokens": b, "validation_loss": c}
+          for i, (a, b, c) in enumerate(zip(n, d, truth(n, d)))]
+  assert {a for a, _ in laws.points_by_compute(n, d)[:6]} == {1e6}
+  report = fit_report(rows, bootstrap_samples=2, grid=SMALL_GRID, holdout=6)
+  assert report["extrapolation"] == {"skipped": "the 6 points left after holding out 6 share one N, which leaves "
+                                                "its exponent and coefficient undetermined"}
+  assert "skipped" not in fit_report(rows, bootstrap_samples=2, grid=SMALL_GRID, holdout=1)["extrapolation"]
 
 
 def test_kaplan_extrapolation_to_held_out_largest_runs():

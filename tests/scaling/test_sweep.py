@@ -91,9 +91,10 @@ def test_fit_writes_report_and_plots(sweep_dir, capsys):
   assert {"chinchilla", "kaplan_joint", "kaplan_n", "kaplan_d", "compute_optimal"} <= set(report)
   for name in ("loss_vs_n.png", "loss_vs_d.png", "loss_vs_compute.png"):
     assert (sweep_dir / "plots" / name).stat().st_size > 10_000
-  chinchilla = report["chinchilla"]
-  assert f"Chinchilla: L = {chinchilla['e']:.3f} + {chinchilla['a']:.4g}/N^{chinchilla['alpha']:.3f}" in (
-      capsys.readouterr().out)
+  chinchilla, out = report["chinchilla"], capsys.readouterr().out
+  assert f"Chinchilla: L = {chinchilla['e']:.3f} + {chinchilla['a']:.4g}/N^{chinchilla['alpha']:.3f}" in out
+  e = chinchilla["confidence_95"]["e"]
+  assert (f"E [{e[0]:.3f}, {e[1]:.3f}]" if e else "E none (fitted to 0: these losses fix no floor)") in out
   # The flags reach the fit: validation loss, 5 bootstrap refits, the coarse grid (deterministic, seed 0).
   expected = fit_report(load_results(sweep_dir), loss_key="validation_loss", bootstrap_samples=5, grid=COARSE_GRID)
   assert report == json.loads(json.dumps(expected))
@@ -175,6 +176,8 @@ def test_damaged_point_files_and_results_are_named_with_what_to_do(sweep_dir, tm
     (dict(sizes=(1.5,)), r"sweep.sizes=\(1.5,\) must hold positive integers"),
     (dict(seeds=(-1,)), "must hold non-negative integers"),
     (dict(sizes=(1, 1)), r"sweep.sizes=\(1, 1\) names a value twice"),
+    (dict(seeds=()), "sweep.seeds is empty; it must name at least one value"),
+    (dict(sizes=(), learning_rate_rule="bogus"), r"sweep.learning_rate_rule='bogus' is not one of"),
     (dict(workers=0), "sweep.workers=0 must be a positive integer"),
     (dict(gpus_per_point=-1.0), "sweep.gpus_per_point=-1.0 must be a number, 0 or more"),
     (dict(head_dim=0), "sweep.head_dim=0 must be a positive integer"),
