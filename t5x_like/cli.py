@@ -170,6 +170,9 @@ def _eval(args, overrides) -> None:
         f"({int(result['tokens'])} tokens, {result['bytes']} bytes)")
 
 
+BUILT_IN_TASK_ITEMS = 200
+
+
 def _score(args, overrides) -> None:
   """Few-shot rank scoring on a multiple-choice JSONL task; writes a JSON report."""
   import json
@@ -179,9 +182,9 @@ def _score(args, overrides) -> None:
     from t5x_like.data import sources
     source = sources.open_split("austen", "validation", ("text",), trainer.config.data.data_dir)
     paragraphs = [source[i]["text"].decode("utf-8") for i in range(len(source))]
-    items = evaluation.sentence_completion_task(paragraphs, size=args.items, seed=args.seed)
+    items = evaluation.sentence_completion_task(paragraphs, size=args.items or BUILT_IN_TASK_ITEMS, seed=args.seed)
   else:
-    items = evaluation.read_task(args.task)[:args.items]
+    items = evaluation.read_task(args.task)[:args.items]  # None: every item
   model = trainer.model_from(trainer.state["params"])
   model.eval()
   with jax.set_mesh(trainer.mesh):
@@ -326,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="JSONL of {context, options, answer}, or austen_sentence_completion (built "
                           "in: Austen's validation sentences, which ending fits)")
   score.add_argument("--shots", type=_at_least(0), default=0)
-  score.add_argument("--items", type=_at_least(1), default=200)
+  score.add_argument("--items", type=_at_least(1), help=f"score the first N items (default: a task file's every "
+                     f"item; the built-in task makes {BUILT_IN_TASK_ITEMS})")
   score.add_argument("--seed", type=int, default=0)
   score.add_argument("--output", help="JSON report path")
   score.set_defaults(run=_score)

@@ -156,7 +156,8 @@ def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int
     choices = {"sum": [s for s, _ in scores], "per_token": [s / max(n, 1) for s, n in scores],
                "calibrated": [s - p for (s, _), (p, _) in zip(scores, priors)]}
     for name, values in choices.items():
-      correct[name] += int(np.argmax(values) == item["answer"])
+      best = np.flatnonzero(np.asarray(values) == np.max(values))
+      correct[name] += (item["answer"] in best) / len(best)  # a tie shares the credit, not the first option
   chance = float(np.mean([1 / len(item["options"]) for item in items]))
   # An item has the others for examples: fewer items than shots + 1 give each fewer shots.
   return {"items": len(items), "shots": min(shots, len(items) - 1), "accuracy": correct["sum"] / len(items),
@@ -180,6 +181,9 @@ def read_task(path: str | pathlib.Path) -> list[dict]:
       raise ConfigError(f"{where}: option {options.index('')} is empty; every option needs text")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
       raise ConfigError(f"{where}: answer {answer!r} is not an index of the options")
+    if len(set(options)) < len(options):  # the same text scores the same: no ranking tells them apart
+      twice = next(option for option in options if options.count(option) > 1)
+      raise ConfigError(f"{where}: option {twice!r} is given twice")
     items.append(item)
   return items
 

@@ -351,6 +351,9 @@ def test_sentence_completion_task_and_score_command(run_dir, trained, tmp_path):
   _, model, tokenizer = trained  # the command scores with the run's model, one shot, seed 0
   assert report == {**evaluation.few_shot_score(model, tokenizer, items, shots=1, seed=0),
                     "task": str(task), "workdir": str(run_dir)}
+  assert main(["score", "--workdir", str(run_dir), "--task", str(task), "--items", "4", "--output",
+               str(report_file)]) == 0
+  assert json.loads(report_file.read_text())["items"] == 4  # the file's first four
 
 
 def test_sentence_completion_options_are_distinct_in_a_text_that_repeats_itself():
@@ -439,6 +442,9 @@ def test_few_shot_prompts_are_other_items_with_their_right_answers_then_the_item
     assert last == item["context"] and len(set(shots)) == 3
     answered = {other["context"] + other["options"][other["answer"]] for other in items if other is not item}
     assert set(shots) <= answered  # never the item itself, never a wrong option
+  # Every option scores the same here: each rule gives each item a third, not the first option all.
+  report = evaluation.few_shot_score(decoder, None, [dict(item, answer=1) for item in items], shots=3)
+  assert report["accuracy"] == report["accuracy_per_token"] == report["accuracy_calibrated"] == pytest.approx(1 / 3)
 
 
 def test_bad_task_files_name_the_line(tmp_path):
@@ -455,6 +461,8 @@ def test_bad_task_files_name_the_line(tmp_path):
                         ('{"context": "a", "options": ["b"], "answer": 0}', "options a list of 2 or more strings"),
                         ('{"context": "a", "options": ["b"]', "line 1: not valid JSON"),
                         ('{"context": "a", "options": ["b", ""], "answer": 0}', "line 1: option 1 is empty"),
+                        ('{"context": "a", "options": ["b", "c", "b"], "answer": 0}',
+                         "line 1: option 'b' is given twice"),
                         ('["a"]', "line 1: a JSONL record must be a JSON object, got list"),
                         ('{"options": ["b", "c"]}', r"line 1: missing field\(s\) \['answer', 'context'\]")):
     task.write_text(line + "\n")
