@@ -29,12 +29,20 @@ def is_jsonl(path: str | pathlib.Path) -> bool:
   return pathlib.Path(path).suffix.lower() == ".jsonl"
 
 
+# The first bytes of compressed files, which would otherwise fail as bytes that are not UTF-8.
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+              b"PK\x03\x04": "zip"}
+
+
 def read_utf8(path: str | pathlib.Path) -> str:
   """The file's text; an empty file or bytes that are not UTF-8 are errors naming the line."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise DataError(f"{path}: no such file")
   data = path.read_bytes()
+  kind = next((kind for magic, kind in COMPRESSED.items() if data.startswith(magic)), None)
+  if kind:
+    raise DataError(f"{path} is {kind}-compressed; decompress it: data files are plain UTF-8 text or JSONL")
   try:
     text = data.decode("utf-8-sig")
   except UnicodeDecodeError as error:
@@ -121,6 +129,7 @@ def jsonl_records(path: str | pathlib.Path, fields: Sequence[str] | None = None,
 def records(path: str | pathlib.Path, fields: Sequence[str],
             aliases: Mapping[str, str] | None = None) -> Iterator[tuple[int, dict[str, str]]]:
   """(line number, {field: text}) for each document of a file, JSONL or text, as training reads them."""
+  _refuse_json(path)
   if is_jsonl(path):
     yield from jsonl_records(path, fields, aliases)
   elif tuple(fields) == ("text",):
@@ -131,8 +140,16 @@ def records(path: str | pathlib.Path, fields: Sequence[str],
                     f"{sorted(fields)} are needed; use a .jsonl file with these fields")
 
 
+def _refuse_json(path: str | pathlib.Path) -> None:
+  """A .json file would be read as one paragraph of brackets and quotes."""
+  if pathlib.Path(path).suffix.lower() == ".json":
+    raise DataError(f"{path} is a .json file; data files are text or JSONL (one JSON object per line, named "
+                    f".jsonl): convert it, e.g. `jq -c '.[]' {path} > {pathlib.Path(path).with_suffix('.jsonl')}`")
+
+
 def texts(path: str | pathlib.Path) -> Iterator[str]:
   """Every text of a file, for training a tokenizer: paragraphs, or a record's string fields."""
+  _refuse_json(path)
   if is_jsonl(path):
     for _, record in jsonl_records(path):
       yield from (value for value in record.values() if value)

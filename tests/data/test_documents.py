@@ -1,6 +1,10 @@
 """Files -> documents, and an error naming the file and line for each kind of bad input."""
 
+import bz2
+import gzip
 import json
+import lzma
+import zipfile
 
 import pytest
 
@@ -60,6 +64,30 @@ def test_non_utf8_bytes_name_file_line_and_column(tmp_path):
   path.write_bytes("first line\nsecond line\ncaf\u00e9 au lait\n".encode("latin-1"))
   with pytest.raises(DataError, match=r"latin1\.txt, line 3, column 4: byte 0xe9 is not UTF-8; convert"):
     list(documents.paragraphs(path))
+
+
+@pytest.mark.parametrize("kind, compress", [("gzip", gzip.compress), ("bzip2", bz2.compress), ("xz", lzma.compress)])
+def test_a_compressed_file_is_named_as_compressed_not_as_bad_utf8(tmp_path, kind, compress):
+  path = tmp_path / "docs.jsonl"
+  path.write_bytes(compress(b'{"text": "hello"}\n'))
+  with pytest.raises(DataError, match=rf"docs\.jsonl is {kind}-compressed; decompress it"):
+    list(documents.records(path, ("text",)))
+
+
+def test_a_zip_archive_is_named_as_compressed(tmp_path):
+  path = tmp_path / "docs.txt"
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("inner.txt", "hello")
+  with pytest.raises(DataError, match=r"docs\.txt is zip-compressed"):
+    list(documents.paragraphs(path))
+
+
+def test_a_json_array_file_is_refused_not_read_as_one_paragraph(tmp_path):
+  path = tmp_path / "docs.json"
+  path.write_text(json.dumps([{"text": "hello world"}, {"text": "second doc"}]))
+  for read in (lambda: list(documents.records(path, ("text",))), lambda: list(documents.texts(path))):
+    with pytest.raises(DataError, match=r"docs\.json is a \.json file; data files are text or JSONL .*`jq -c"):
+      read()
 
 
 def test_missing_file(tmp_path):
