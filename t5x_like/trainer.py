@@ -131,7 +131,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
     raise ConfigError(f"data.objective={config.data.objective!r} makes rows for model.arch in "
                       f"{objective.architectures}, not {model_config.arch!r}")
   if objective is not None:
-    needed = make_mode(train.mode, z_loss=train.z_loss).batch_features(model_config, config.data.objective)
+    needed = make_mode(train).batch_features(model_config, config.data.objective)
     missing = [name for name in needed if name not in objective.feature_names]
     if missing:  # preference pairs under pretrain: found here, not at the first batch
       raise ConfigError(f"train.mode={train.mode!r} reads {missing}, which data.objective="
@@ -262,7 +262,7 @@ class Trainer:
       raise ConfigError(f"the workdir {self.workdir} is a file, not a directory")
     devices = jax.devices() if devices is None else devices
     self.model_config = validate_config(config, len(devices))
-    self.mode: TrainingMode = make_mode(config.train.mode, z_loss=config.train.z_loss)
+    self.mode: TrainingMode = make_mode(config.train)
     if make_loader is None:
       from t5x_like.data.loader import make_loader
     self.make_loader = make_loader
@@ -496,7 +496,9 @@ class Trainer:
         p, rest, batch, dropout_key, train=True)), has_aux=True)(params)
 
   def _train_step(self, state, rest, batch, run_inputs):
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(run_inputs["seed_keys"]["params"]), state["step"])
+    # The dropout stream's key, not the parameters': nnx draws each of their initialisers from
+    # that key folded with a count, which would reuse one key for a step's masks and a weight.
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(run_inputs["seed_keys"]["dropout"]), state["step"])
     if self.config.train.grad_accum_steps == 1:  # no scan: it would keep the step inside a loop
       grads, sums = self._grads(state["params"], rest, batch, jax.random.fold_in(step_key, 0))
     else:
@@ -546,9 +548,12 @@ class Trainer:
 
     params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state["params"], state["opt_state"])
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-    metrics = dict(sums, grad_norm=grad_norm, learning_rate=schedule(updates_applied(state["opt_state"])),
-                   finite=finite)
-    return new_state, metrics
+    step_metrics = dict(grad_norm=grad_norm, learning_rate=schedule(updates_applied(state["opt_state"])),
+                        finite=finite)
+    if step_metrics.keys() & sums.keys():
+      raise ConfigError(f"train.mode={self.config.train.mode!r} sums {sorted(step_metrics.keys() & sums.keys())}, "
+                        f"which the train step reports itself; name them otherwise")
+    return new_state, {**sums, **step_metrics}
 
   def _eval_step(self, params, rest, batch):
     return self._loss_sums(params, rest, batch, None, train=False)
@@ -660,7 +665,6 @@ class Trainer:
 
         pending: list[tuple[int, dict]] = []
         config_written = False
-        interval_start = time.perf_counter()
         # (loss sum, target tokens) of the latest finite steps, the logged ones first, so a run
         # resumed at its last step reports the same train loss.
         recent = collections.deque(maxlen=cfg.log_every)
@@ -677,6 +681,7 @@ class Trainer:
         stop = cleanup.enter_context(StopSignal())
         # Unwound first: the saves already started hold good states, so they finish even on an error.
         cleanup.callback(checkpointer.wait)
+        interval_start = time.perf_counter()  # after a resume's missing evaluation, which is no training time
         with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
           for step in range(start_step, cfg.steps):
             batch = self.global_batch(next(train_loader))
@@ -736,7 +741,7 @@ class Trainer:
     rows = jax.device_get([m for _, m in pending])
     steps_per_second = len(pending) / max(elapsed, 1e-9)
     for (step, _), row in zip(pending, rows):
-      scalars = loss_means(row)
+      scalars = loss_means({key: value for key, value in row.items() if key not in STEP_METRICS})
       scalars.update(grad_norm=float(row["grad_norm"]), learning_rate=float(row["learning_rate"]),
                      tokens_per_second=tokens_per_step * steps_per_second,
                      model_flops_per_second=flops_per_step * steps_per_second,
@@ -820,12 +825,17 @@ def add_sums(totals, sums):
   return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
 
 
+# What the train step reports beside the mode's loss sums.
+STEP_METRICS = ("grad_norm", "learning_rate", "finite")
+
+
 def loss_means(sums) -> dict[str, float]:
   """Per-token loss, and accuracy, perplexity and z-loss where the mode sums their terms.
 
   "loss" is the cross-entropy alone where there is one, so runs with and without z-loss
   compare; the z-loss the optimiser adds to it is reported beside it. A mode whose loss is not
-  a cross-entropy (a reward model's, say) sums only `loss` and `weight`.
+  a cross-entropy (a reward model's, say) sums only `loss` and `weight`; any other sum it
+  returns (a preference accuracy, a reward margin) is reported per weight under its own name.
   """
   weight = float(sums["weight"]) or float("nan")  # no scored token: no loss, not a perfect one
   loss = float(_reported_loss_sum(sums)) / weight
@@ -835,6 +845,8 @@ def loss_means(sums) -> dict[str, float]:
   for key, name in (("correct", "accuracy"), ("z_loss", "z_loss")):
     if key in sums:
       means[name] = float(sums[key]) / weight
+  for key in sorted(sums.keys() - {"loss", "weight", "cross_entropy", "correct", "z_loss"}):
+    means[key] = float(sums[key]) / weight
   return means
 
 

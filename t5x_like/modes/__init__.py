@@ -1,9 +1,12 @@
 """Training modes: what a batch holds, what the loss is, which parameters train.
 
 The trainer runs any mode; a new one (reward model, DPO, LoRA, ...) is a new module here
-registered in MODES, never a change to the loop. Instruction tuning needs none: it is
+registered in MODES, never a change to the loop: it reads its settings from the train section
+(TrainingMode.from_config), and the trainer reports whatever sums its loss returns. Instruction tuning needs none: it is
 `pretrain` on the `sft` objective's rows, whose loss weights cover only the responses.
 """
+
+import ml_collections
 
 from models.config import ConfigError
 from t5x_like.modes.base import TrainingMode
@@ -12,7 +15,8 @@ from t5x_like.modes.pretrain import Pretrain
 MODES = {"pretrain": Pretrain}
 
 
-def make_mode(name: str, **kwargs) -> TrainingMode:
-  if name not in MODES:
-    raise ConfigError(f"train.mode={name!r} is not one of {sorted(MODES)}")
-  return MODES[name](**kwargs)
+def make_mode(train: ml_collections.ConfigDict) -> TrainingMode:
+  """The mode train.mode names, with its settings read from the train section."""
+  if train.mode not in MODES:
+    raise ConfigError(f"train.mode={train.mode!r} is not one of {sorted(MODES)}")
+  return MODES[train.mode].from_config(train)

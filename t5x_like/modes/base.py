@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 
 import jax
+import ml_collections
 from flax import nnx
 
 from models.config import ModelConfig
@@ -17,6 +18,11 @@ class TrainingMode(abc.ABC):
   # and adapters narrow this).
   trainable = nnx.Param
 
+  @classmethod
+  def from_config(cls, train: ml_collections.ConfigDict) -> TrainingMode:
+    """The mode with its own settings (a DPO beta, a LoRA rank) read from the run's train section."""
+    return cls()
+
   @abc.abstractmethod
   def batch_features(self, model_config: ModelConfig, objective: str | None) -> tuple[str, ...]:
     """Names of the features the mode reads from a batch made by the data objective
@@ -27,4 +33,5 @@ class TrainingMode(abc.ABC):
     """Summed loss statistics (see models.losses.cross_entropy_sums): `loss`, which is
     minimised, and `weight`, by which the trainer divides every sum. `cross_entropy`,
     `correct` and `z_loss` are optional: the trainer reports the loss, perplexity, accuracy
-    and z-loss from whichever are there (trainer.loss_means)."""
+    and z-loss from whichever are there, and any other sum per weight by its own name
+    (trainer.loss_means)."""

@@ -6,6 +6,7 @@ Batches use T5X's feature names, produced by t5x_like.data's objectives.
 
 from __future__ import annotations
 
+import ml_collections
 from flax import nnx
 
 from models.config import ModelConfig
@@ -28,6 +29,10 @@ class Pretrain(TrainingMode):
 
   def __init__(self, z_loss: float = 0.0):
     self.z_loss = z_loss
+
+  @classmethod
+  def from_config(cls, train: ml_collections.ConfigDict) -> Pretrain:
+    return cls(z_loss=train.z_loss)
 
   def batch_features(self, model_config: ModelConfig, objective: str | None) -> tuple[str, ...]:
     return FEATURES[model_config.arch] + objective_model_inputs(objective)

@@ -314,11 +314,22 @@ def test_a_run_preempted_at_an_evaluation_step_evaluates_it_when_resumed(tmp_pat
     train(tiny_config(steps=8, eval_every=4), tmp_path / "run")
   assert not read_metrics(tmp_path / "run", "validation")
   monkeypatch.undo()
-  train(tiny_config(steps=8, eval_every=4), tmp_path / "run")
+  clock = [0.0]  # a step takes 1 s, an evaluation 100 s
+  monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+  resumed = Trainer(tiny_config(steps=8, eval_every=4), tmp_path / "run", make_loader=PatternLoader)
+  for name, seconds in (("train_step", 1.0), ("evaluate", 100.0)):
+    call = getattr(resumed, name)
+    setattr(resumed, name, lambda *args, call=call, seconds=seconds: (clock.__setitem__(0, clock[0] + seconds),
+                                                                     call(*args))[1])
+  resumed.train()
   evaluated = {row["step"]: row["loss"] for row in read_metrics(tmp_path / "run", "validation")}
   reference = {row["step"]: row["loss"] for row in read_metrics(tmp_path / "reference", "validation")}
   assert evaluated.keys() == reference.keys() == {4, 8}
   assert evaluated[4] == pytest.approx(reference[4], rel=1e-6)
+  # Evaluating step 4 again is no training time: the steps after it run at one a second.
+  tokens_per_step = resumed.config.data.batch_size * resumed.config.data.seq_len
+  assert [row["tokens_per_second"] / tokens_per_step for row in read_metrics(tmp_path / "run", "train")
+          if row["step"] > 4] == pytest.approx([1.0] * 4)
 
 
 def test_a_failed_save_still_closes_the_checkpointer_and_the_metric_writer(tmp_path, monkeypatch):
@@ -404,17 +415,21 @@ def test_two_processes_give_the_one_process_losses_and_evaluation(tmp_path, monk
 
 def test_a_mode_that_sums_only_its_loss_and_weight_trains_and_reports_that_loss(tmp_path, monkeypatch):
   """A mode's loss need not be a cross-entropy (a reward model's is not): the trainer reports
-  loss / weight and nothing it cannot compute."""
+  loss / weight and nothing it cannot compute, and any sum of its own per weight by its name."""
   class HalfLoss(Pretrain):
     def loss_sums(self, model, batch):
       sums = super().loss_sums(model, batch)
-      return {"loss": sums["loss"] / 2, "weight": sums["weight"]}
+      return {"loss": sums["loss"] / 2, "weight": sums["weight"], "margin": sums["weight"] / 4}
 
   monkeypatch.setitem(MODES, "half_loss", HalfLoss)
-  _, half = train(tiny_config(steps=4, mode="half_loss"), tmp_path / "half")
-  _, full = train(tiny_config(steps=4), tmp_path / "full")
+  configs = tiny_config(steps=4, mode="half_loss"), tiny_config(steps=4)
+  for config in configs:  # clipping at a fixed norm would scale the two runs' gradients apart
+    config.train.optimizer.grad_clip_norm = 0.0
+  _, half = train(configs[0], tmp_path / "half")
+  _, full = train(configs[1], tmp_path / "full")
   rows = read_metrics(tmp_path / "half", "train")
   assert set(rows[0]) >= {"loss", "target_tokens"} and not {"accuracy", "perplexity", "z_loss"} & set(rows[0])
+  assert [row["margin"] for row in rows + read_metrics(tmp_path / "half", "validation")] == [0.25] * 5
   # Adam divides the gradient's scale away: half the loss trains the same weights, reported halved.
   assert rows[0]["loss"] == pytest.approx(losses(tmp_path / "full")[1] / 2, rel=1e-5)
   assert half.validation["loss"] == pytest.approx(full.validation["loss"] / 2, rel=1e-3)
@@ -975,8 +990,9 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_not_applied(tmp_path):
 
 
 def test_dropout_draws_a_new_mask_for_every_micro_batch_and_step(tmp_path):
-  """Micro-batch i of step s (rows i, i + accum, ...) draws dropout from fold_in(fold_in(key(seed), s), i):
-  the step's loss is the sum of those micro-batch losses, computed one by one."""
+  """Micro-batch i of step s (rows i, i + accum, ...) draws dropout from fold_in(fold_in(key(seed + 1), s), i),
+  the dropout stream's key (the parameters' is key(seed)): the step's loss is the sum of those
+  micro-batch losses, computed one by one."""
   config = tiny_config(grad_accum_steps=2, seed=5)
   config.model.dropout_rate = 0.5
   trainer = Trainer(config, tmp_path, make_loader=PatternLoader, devices=jax.devices()[:2])
@@ -985,7 +1001,7 @@ def test_dropout_draws_a_new_mask_for_every_micro_batch_and_step(tmp_path):
   with jax.set_mesh(trainer.mesh), partitioning.activation_rules(config.partitioning):
     for step in range(2):
       params = jax.tree.map(jnp.copy, trainer.state["params"])
-      step_key = jax.random.fold_in(jax.random.key(5), step)
+      step_key = jax.random.fold_in(jax.random.key(5 + 1), step)
       micro_losses = [float(loss(params, {k: v[i::2] for k, v in batch.items()}, jax.random.fold_in(step_key, i)))
                       for i in range(2)]
       trainer.state, metrics = trainer.train_step(trainer.state, trainer.rest, batch, trainer.run_inputs)
