@@ -99,7 +99,6 @@ def saved_tokenizer_digest(positions: dict) -> str | None:
   return next((entry["tokenizer_sha256"] for entry in entries if "tokenizer_sha256" in entry), None)
 
 
-
 def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
                 ) -> tuple[dict[tuple, jax.Array], dict | None]:
   """(parameters, data positions) saved in another run's newest readable checkpoint (`source`: its

@@ -2,8 +2,9 @@
 
 The trainer runs any mode; a new one (reward model, DPO, LoRA, ...) is a new module here
 registered in MODES, never a change to the loop: it reads its settings from the train section
-(TrainingMode.from_config), and the trainer reports whatever sums its loss returns. Instruction tuning needs none: it is
-`pretrain` on the `sft` objective's rows, whose loss weights cover only the responses.
+(TrainingMode.from_config), and the trainer reports whatever sums its loss returns.
+Instruction tuning needs none: it is `pretrain` on the `sft` objective's rows, whose loss
+weights cover only the responses.
 """
 
 import ml_collections
