@@ -157,15 +157,22 @@ def stop_requested(stop: StopSignal, step: int, log_every: int) -> bool:
 
 def training_warnings(config: ml_collections.ConfigDict) -> list[str]:
   """What makes a config run but not train as meant: a zero learning rate, a warmup as long as
-  the run (the rate never peaks nor decays), and weights stored below float32, whose small steps
-  round away (bfloat16's near 1.0 below a learning rate of about 4e-3). Logged when training
-  starts, not when decode, eval or score load a run."""
+  the run (the rate never peaks nor decays), Adam's settings given to Adafactor, which ignores
+  them, and weights stored below float32, whose small steps round away (bfloat16's near 1.0
+  below a learning rate of about 4e-3). Logged when training starts, not when decode, eval or
+  score load a run."""
   warnings, train = [], config.train
   if train.optimizer.learning_rate == 0:
     warnings.append("train.optimizer.learning_rate=0: the weights never change")
   if train.optimizer.schedule == "warmup_cosine" and train.optimizer.warmup_steps >= train.steps:
     warnings.append(f"train.optimizer.warmup_steps={train.optimizer.warmup_steps} is not below "
                     f"train.steps={train.steps}: the learning rate never reaches its peak nor decays")
+  defaults = default_optimizer_config()
+  adam_only = [f"{name}={train.optimizer[name]}" for name in ("b1", "b2", "eps")
+               if train.optimizer[name] != defaults[name]]
+  if train.optimizer.name == "adafactor" and adam_only:
+    warnings.append(f"train.optimizer.name='adafactor' takes optax's factored defaults and ignores "
+                    f"{', '.join(adam_only)}, which set adamw's moments")
   if config.model.get("param_dtype", "float32") != "float32":
     warnings.append(f"model.param_dtype={config.model.param_dtype!r}: the optimizer updates the weights in that "
                     f"dtype, where small steps round away; model.dtype='bfloat16' computes in bfloat16 from "

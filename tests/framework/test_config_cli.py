@@ -66,6 +66,9 @@ def test_a_warmup_past_the_last_step_bfloat16_weights_and_a_zero_rate_are_warned
   assert not caplog.records
   config.train.optimizer.learning_rate = 0.0
   assert training_warnings(config)[0] == "train.optimizer.learning_rate=0: the weights never change"
+  config.train.optimizer.update(name="adafactor", b2=0.999)
+  assert ("train.optimizer.name='adafactor' takes optax's factored defaults and ignores b2=0.999, which set "
+          "adamw's moments" in training_warnings(config))
 
 
 def test_a_failure_recovered_from_is_logged_as_its_type_and_first_line():
