@@ -5,6 +5,7 @@ the environment of the process that ran this file first. The cache starts empty 
 at exit."""
 
 import atexit
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -43,8 +44,12 @@ def outputs_of():
   worker is killed, so a stuck process never outlives its test."""
   def wait(workers, timeout):
     try:
-      return [worker.communicate(timeout=timeout)[0] for worker in workers]
-    except subprocess.TimeoutExpired:
+      # Every pipe drained at once: read one after another, a process whose output filled its pipe
+      # blocked writing, and held the others at their next collective until the timeout.
+      with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+        reads = [pool.submit(worker.communicate, timeout=timeout) for worker in workers]
+      if not any(isinstance(read.exception(), subprocess.TimeoutExpired) for read in reads):
+        return [read.result()[0] for read in reads]
       for worker in workers:
         worker.send_signal(signal.SIGABRT)  # a finished process ignores it
       outputs = [worker.communicate(timeout=60)[0] for worker in workers]
