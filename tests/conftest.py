@@ -31,6 +31,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # with them cached the trainer's file took 292 s on two workers, against 315 and 320 s at 0.5 s
 # (one run each).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+# The xdist workers and their subprocesses share the cache. Without a size cap jax reads and writes
+# its files without a lock, so one process could load a program another was still writing: a
+# clean-clone CI aborted once (SIGABRT) dispatching a jnp.add. With a cap it takes a file lock.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 
 # A subprocess that hangs is sent SIGABRT (outputs_of below), on which Python prints every thread's stack.
