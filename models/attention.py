@@ -234,12 +234,12 @@ class Attention(nnx.Module):
     """The probabilities' dropout while training with it, else None."""
     return None if self.dropout is None or self.dropout.deterministic else self.dropout
 
-  def _kernel(self, bias: jax.Array | None, keys: int, queries: int | None = None) -> str:
+  def _kernel(self, bias: jax.Array | None, keys: int, queries: int) -> str:
     if bias is not None or self._dropout is not None:
       return "xla"
     if self.kernel == "auto":
       # cuDNN: 1.38x the xla kernel's 1b step on an H200 (docs/performance.md, item 39).
-      if jax.default_backend() == "gpu" and self.cudnn_fits and _cudnn_takes(self.head_dim, keys, queries or keys):
+      if jax.default_backend() == "gpu" and self.cudnn_fits and _cudnn_takes(self.head_dim, keys, queries):
         return "cudnn"
       # Short attention fits in cache anyway; on a multi-device mesh the pair loop would
       # gather the batch onto every device.

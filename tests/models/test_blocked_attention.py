@@ -183,8 +183,8 @@ def test_auto_picks_blocked_on_cpu_for_long_uncached_unbiased_attention():
 
   attention = Attention(ModelConfig(emb_dim=32, num_heads=4), rope=True, rngs=nnx.Rngs(0))
   assert jax.default_backend() == "cpu"
-  assert attention._kernel(None, QUERY_BLOCK + 1) == "blocked"
-  assert attention._kernel(None, QUERY_BLOCK) == "xla"
-  assert attention._kernel(jnp.zeros(()), 512) == "xla"
+  assert attention._kernel(None, QUERY_BLOCK + 1, QUERY_BLOCK + 1) == "blocked"
+  assert attention._kernel(None, QUERY_BLOCK, QUERY_BLOCK) == "xla"
+  assert attention._kernel(jnp.zeros(()), 512, 512) == "xla"
   with jax.set_mesh(jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))):
-    assert attention._kernel(None, 512) == "xla"
+    assert attention._kernel(None, 512, 512) == "xla"

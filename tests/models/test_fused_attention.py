@@ -97,7 +97,7 @@ def test_cudnn_trains_and_kv_cache_decoding_keeps_xla():
 
   cfg = ModelConfig(emb_dim=32, num_heads=4, dtype="bfloat16", attention_kernel="cudnn")
   attention = Attention(cfg, rope=True, rngs=nnx.Rngs(0))
-  assert attention._kernel(None, 512) == "cudnn"
+  assert attention._kernel(None, 512, 512) == "cudnn"
   # A cached step takes the xla kernel: cuDNN, on this CPU, would raise. It writes its slot and
   # attends as the same layer with the xla kernel does.
   xla = Attention(cfg.replace(attention_kernel="xla"), rope=True, rngs=nnx.Rngs(0))
@@ -120,10 +120,10 @@ def test_auto_picks_cudnn_on_a_gpu_where_it_fits(monkeypatch):
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   kernel = lambda **fields: Attention(ModelConfig(**fields), rope=True, rngs=nnx.Rngs(0))._kernel  # noqa: E731
-  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, 512) == "cudnn"
-  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(jnp.zeros(()), 512) == "xla"
-  assert kernel(emb_dim=32, num_heads=4, dtype="float32")(None, 512) == "xla"
-  assert kernel(emb_dim=48, num_heads=4, dtype="bfloat16")(None, 512) == "xla"  # head dim 12
+  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(None, 512, 512) == "cudnn"
+  assert kernel(emb_dim=32, num_heads=4, dtype="bfloat16")(jnp.zeros(()), 512, 512) == "xla"
+  assert kernel(emb_dim=32, num_heads=4, dtype="float32")(None, 512, 512) == "xla"
+  assert kernel(emb_dim=48, num_heads=4, dtype="bfloat16")(None, 512, 512) == "xla"  # head dim 12
 
 
 def test_auto_picks_cudnn_only_where_jaxs_own_check_takes_the_call(monkeypatch):

@@ -708,7 +708,8 @@ def test_attention_dropout_trains_through_the_xla_kernel_and_is_off_in_eval():
   model, plain = build_model(config.replace(attention_dropout_rate=0.3)), build_model(config)
   attention = model.decoder.layers[0].self_attention
   model.train()
-  assert attention._kernel(None, 160) == "xla" and plain.decoder.layers[0].self_attention._kernel(None, 160) != "xla"
+  assert attention._kernel(None, 160, 160) == "xla"
+  assert plain.decoder.layers[0].self_attention._kernel(None, 160, 160) != "xla"
   assert not np.allclose(model(tokens), model(tokens))
   model.eval()
   np.testing.assert_allclose(model(tokens), plain(tokens), rtol=1e-5, atol=1e-6)
