@@ -688,10 +688,12 @@ class Trainer:
         stop = cleanup.enter_context(StopSignal())
         # Unwound first: the saves already started hold good states, so they finish even on an error.
         cleanup.callback(checkpointer.wait)
-        interval_start = time.perf_counter()  # after a resume's missing evaluation, which is no training time
         with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
           for step in range(start_step, cfg.steps):
             batch = self.global_batch(next(train_loader))
+            if step == start_step:
+              self._compile_train_step(batch)
+              interval_start = time.perf_counter()  # neither compiling nor a resume's evaluation is training
             self.state, metrics = self.train_step(self.state, self.rest, batch, self.run_inputs)
             pending.append((step + 1, metrics))
             done = step + 1
@@ -731,6 +733,13 @@ class Trainer:
         mark_this_process_failing()  # the others are told after the saves, which need them
         raise
     return TrainResult(step=cfg.steps, train_loss=_mean_loss(recent), validation=validation)
+
+  def _compile_train_step(self, batch: dict[str, jax.Array]) -> None:
+    """Compiles the train step ahead of its first call, which then finds it compiled: the first
+    logged interval's throughput would otherwise count the compile as training time."""
+    start = time.perf_counter()
+    self.train_step.lower(self.state, self.rest, batch, self.run_inputs).compile()
+    logger.info("compiled the train step in %.1f s", time.perf_counter() - start)
 
   def _evaluation_missing(self, step: int, logged: list[dict]) -> bool:
     """Whether `step`, an evaluation step the run resumes from, has no validation row among the
