@@ -163,7 +163,7 @@ def test_padding_does_not_change_real_tokens(arch):
   np.testing.assert_allclose(run(model, padded, segments)[:, :7], run(model, tokens), atol=1e-5)
 
 
-def test_encoder_decoder_padding_and_packing():
+def test_encoder_decoder_padding_does_not_change_real_tokens():
   model = build_model(small(arch="encoder_decoder", position="relative"))
   inputs, targets = random_tokens(6, (1, 6)), random_tokens(7, (1, 5))
   reference = encoder_decoder_forward(model, inputs, targets)
@@ -172,6 +172,22 @@ def test_encoder_decoder_padding_and_packing():
   logits = encoder_decoder_forward(model, padded_inputs, padded_targets,
                                    jnp.array([[1] * 6 + [0] * 3]), jnp.array([[1] * 5 + [0] * 2]))
   np.testing.assert_allclose(logits[:, :5], reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["relative", "rope"])
+def test_packed_encoder_decoder_pairs_do_not_attend_to_each_other(position):
+  """Rows packing pairs A and B on both sides (as span corruption packs them) give each pair's
+  targets the logits it gets alone: neither its decoder nor its cross-attention sees the other."""
+  model = build_model(small(arch="encoder_decoder", position=position))
+  inputs_a, targets_a = random_tokens(8, (1, 4)), random_tokens(9, (1, 3))
+  inputs_b, targets_b = random_tokens(10, (1, 5)), random_tokens(11, (1, 4))
+  logits = model(jnp.concatenate([inputs_a, inputs_b], axis=1), jnp.concatenate([targets_a, targets_b], axis=1),
+                 encoder_segment_ids=jnp.array([[1] * 4 + [2] * 5]),
+                 encoder_positions=jnp.array([list(range(4)) + list(range(5))]),
+                 decoder_segment_ids=jnp.array([[1] * 3 + [2] * 4]),
+                 decoder_positions=jnp.array([list(range(3)) + list(range(4))]))
+  np.testing.assert_allclose(logits[:, :3], encoder_decoder_forward(model, inputs_a, targets_a), atol=1e-5)
+  np.testing.assert_allclose(logits[:, 3:], encoder_decoder_forward(model, inputs_b, targets_b), atol=1e-5)
 
 
 # Incremental decoding ----------------------------------------------------------------
