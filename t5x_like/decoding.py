@@ -2,8 +2,9 @@
 
 Prompts are left-padded so every row's next token lands in the same cache slot; the
 padding has segment id 0 (never attended) and positions count from each row's first
-real token, so a batch of prompts of different lengths decodes exactly as each prompt
-would alone.
+real token, so a batch of prompts of different lengths decodes greedily or by beam search
+exactly as each prompt would alone. Sampling draws one number per row and step from the
+batch's key, so a prompt's samples depend on its row.
 
 Strategies: greedy; sampling with temperature, top-k and top-p (Holtzman et al. 2020);
 beam search with a length penalty (Wu et al. 2016, eq. 14). Greedy and sampling take an
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 
 import jax
@@ -33,6 +33,7 @@ from t5x_like.data.tokenizer import EOS_ID, PAD_ID
 
 NEG_INF = -1e30
 NO_TOKEN = -1  # what greedy and sampling choose from a row of non-finite logits
+FLOAT32 = np.finfo(np.float32)  # the loop's arithmetic, whatever Python floats configure it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +61,24 @@ class DecodeConfig:
       raise ConfigError(f"strategy={self.strategy!r} is not one of ('greedy', 'sample', 'beam')")
     if self.max_new_tokens <= 0:
       raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be positive")
-    if not self.temperature > 0 or self.top_k < 0 or not 0 < self.top_p <= 1:  # NaN fails the first
-      raise ConfigError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1; got "
-                        f"{self.temperature}, {self.top_k}, {self.top_p}")
+    if not (_positive_float32(self.temperature) and self.top_k >= 0 and _positive_float32(self.top_p)
+            and self.top_p <= 1):
+      raise ConfigError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1 (finite float32 values, in which "
+                        f"anything below {FLOAT32.tiny:.3g} flushes to 0); got {self.temperature}, {self.top_k}, "
+                        f"{self.top_p}")
     if self.vocab_limit < 0:
       raise ConfigError(f"vocab_limit={self.vocab_limit} must be at least 0 (0: every id)")
-    if not self.repetition_penalty > 0 or self.num_beams < 1 or not math.isfinite(self.length_penalty):
-      raise ConfigError(f"need repetition_penalty > 0, num_beams >= 1 and a finite length_penalty; got "
+    if not (_positive_float32(self.repetition_penalty) and self.num_beams >= 1
+            and abs(self.length_penalty) <= FLOAT32.max):
+      raise ConfigError(f"need repetition_penalty > 0 (in float32), num_beams >= 1 and a finite length_penalty; got "
                         f"{self.repetition_penalty}, {self.num_beams}, {self.length_penalty}")
     if self.strategy == "beam" and self.repetition_penalty != 1.0:
       raise ConfigError("repetition_penalty applies to greedy and sample decoding, not to beam search")
+
+
+def _positive_float32(value: float) -> bool:
+  """Whether `value` stays a positive normal float32, as the loop computes with it (NaN is not)."""
+  return bool(FLOAT32.tiny <= value <= FLOAT32.max)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,12 +161,13 @@ def greedy_token(logits: jax.Array) -> jax.Array:
 
   XLA:CPU runs argmax as one reduction over (value, index) pairs in scalar code: 120 us for
   [8, 8192], 5% of a tiny decoder's step. A row maximum and then the smallest index that
-  reaches it take 49 us. A row of NaNs reaches nothing: NO_TOKEN, which `generate` reports.
+  reaches it take 49 us. A row of NaNs reaches nothing, and a row whose largest logit is
+  infinite picks by overflow, not by the model: NO_TOKEN, which `generate` reports.
   """
   vocab = logits.shape[-1]
-  reaches = logits == row_max(logits, keepdims=True)
-  first = jnp.min(jnp.where(reaches, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
-  return jnp.where(first < vocab, first, NO_TOKEN)
+  largest = row_max(logits, keepdims=True)
+  first = jnp.min(jnp.where(logits == largest, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+  return jnp.where((first < vocab) & jnp.isfinite(largest[..., 0]), first, NO_TOKEN)
 
 
 def sample(key: jax.Array, scores: jax.Array) -> jax.Array:
@@ -313,8 +323,10 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, values, *, loop: _Loop):
     beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
     tokens = jnp.take_along_axis(live_tokens, beam[..., None], axis=1).at[:, :, i].set(token)
     ended = token == values["eos_id"]
-    # A candidate that ends counts as finished only if it is among the k best (as in
-    # Hugging Face's beam search), so that one beam is exactly greedy decoding.
+    # A candidate that ends counts as finished only if it is among the k best (as in Hugging
+    # Face's beam search), so that one beam without a length penalty is exactly greedy decoding.
+    # With alpha > 0 a beam still live at max_new_tokens is divided by a larger penalty and can
+    # outrank one that ended early, as Wu et al.'s normalisation intends.
     finished = ended & (jnp.arange(2 * k) < k)[None, :]
     # Finished: merge with earlier finished sequences, keep the k best by penalised score.
     final = jnp.where(finished, scores / _length_penalty(i + 1.0, values["length_penalty"]), NEG_INF)
@@ -464,7 +476,8 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
                                  values, loop=loop)
   out = fetched(out)
   if (out == NO_TOKEN).any():
-    raise ConfigError("the model's logits were not finite (NaN) at a decoding step: its weights or inputs are broken")
+    raise ConfigError("the model's logits were not finite (NaN or infinite) at a decoding step: its weights or "
+                      "inputs are broken")
   results = []
   for row in out.tolist():
     if config.eos_id in row:

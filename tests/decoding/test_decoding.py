@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from flax import nnx
 from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
 from t5x_like import decoding
-from t5x_like.decoding import NEG_INF, DecodeConfig, filter_logits, generate, greedy_token, limit_vocab, sample
+from t5x_like.decoding import NEG_INF, NO_TOKEN, DecodeConfig, filter_logits, generate, greedy_token, limit_vocab, sample
 
 EOS = 1
 
@@ -199,7 +200,9 @@ def test_top_k_1_and_beam_width_1_equal_greedy(decoder, dtype):
     decoder = build_model(dataclasses.replace(decoder.config, dtype="bfloat16"), seed=3)
   greedy = generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=6, eos_id=EOS))
   top1 = generate(decoder, PROMPTS, DecodeConfig(strategy="sample", top_k=1, max_new_tokens=6, eos_id=EOS))
-  beam1 = generate(decoder, PROMPTS, DecodeConfig(strategy="beam", num_beams=1, max_new_tokens=6, eos_id=EOS))
+  # Without a length penalty: with alpha > 0 a beam still live at the end may outrank one that ended.
+  beam1 = generate(decoder, PROMPTS, DecodeConfig(strategy="beam", num_beams=1, length_penalty=0.0,
+                                                  max_new_tokens=6, eos_id=EOS))
   assert top1 == greedy and beam1 == greedy
 
 
@@ -212,6 +215,11 @@ def test_a_temperature_near_zero_samples_the_greedy_tokens(decoder):
   for field in ("temperature", "repetition_penalty", "length_penalty"):
     with pytest.raises(ConfigError, match="nan"):
       DecodeConfig(**{field: float("nan")}).validate()
+  # Positive as Python floats, 0 (or infinite) as the float32 the loop computes in.
+  for field, value in (("temperature", 1e-40), ("top_p", 1e-45), ("repetition_penalty", 1e-50),
+                       ("temperature", 1e39), ("length_penalty", -1e39)):
+    with pytest.raises(ConfigError, match=re.escape(str(value))):
+      DecodeConfig(**{field: value}).validate()
 
 
 def test_logits_that_are_not_finite_are_named_by_every_strategy(decoder):
@@ -373,6 +381,16 @@ def test_greedy_token_is_the_first_largest_logit_as_numpy_argmax_picks():
   logits[2, :-1] = NEG_INF  # only the last token left
   logits[3] = -np.abs(logits[3]) - 50  # all negative
   np.testing.assert_array_equal(greedy_token(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+
+
+def test_greedy_token_refuses_rows_whose_largest_logit_is_not_finite():
+  """argmax would pick id 0 from a row of -inf and the overflowed id from a +inf: neither is the model's choice."""
+  logits = np.zeros((4, 6), np.float32)
+  logits[0] = -np.inf
+  logits[1, 3] = np.inf
+  logits[2, 4] = np.nan
+  logits[3, :5] = -np.inf  # one finite logit is a choice
+  np.testing.assert_array_equal(greedy_token(jnp.asarray(logits)), [NO_TOKEN, NO_TOKEN, NO_TOKEN, 5])
 
 
 def test_sample_draws_each_token_at_its_probability():
