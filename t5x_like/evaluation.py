@@ -35,8 +35,10 @@ from t5x_like.trainer import loss_means
 
 
 def _summary(totals, num_bytes: int) -> dict[str, float]:
-  """The trainer's per-token figures for the summed loss terms, plus bits per byte."""
-  return {**loss_means(totals), "bits_per_byte": float(totals["cross_entropy"]) / math.log(2) / max(num_bytes, 1),
+  """The trainer's per-token figures for the summed loss terms, plus bits per byte (NaN where the
+  scored targets hold no text, as loss_means gives NaN for no targets)."""
+  bits = float(totals["cross_entropy"]) / math.log(2)
+  return {**loss_means(totals), "bits_per_byte": bits / num_bytes if num_bytes else math.nan,
           "tokens": float(totals["weight"]), "bytes": num_bytes}
 
 
@@ -139,6 +141,8 @@ def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int
   and prefix_lm: see option_log_likelihoods."""
   if model.config.arch != "decoder":
     raise ConfigError("few-shot scoring needs a decoder")
+  if not items:
+    raise ConfigError("few-shot scoring got no items; the task file or --items left none")
   rng = random.Random(seed)
   correct = {"sum": 0, "per_token": 0, "calibrated": 0}
   for index, item in enumerate(items):
@@ -156,6 +160,9 @@ def few_shot_score(model, tokenizer, items: list[dict], *, shots: int, seed: int
     choices = {"sum": [s for s, _ in scores], "per_token": [s / max(n, 1) for s, n in scores],
                "calibrated": [s - p for (s, _), (p, _) in zip(scores, priors)]}
     for name, values in choices.items():
+      if not np.all(np.isfinite(values)):
+        raise ConfigError(f"item {index + 1}'s option log-likelihoods are not finite ({values}): the model's "
+                          f"weights are broken")
       best = np.flatnonzero(np.asarray(values) == np.max(values))
       correct[name] += (item["answer"] in best) / len(best)  # a tie shares the credit, not the first option
   chance = float(np.mean([1 / len(item["options"]) for item in items]))

@@ -447,6 +447,25 @@ def test_few_shot_prompts_are_other_items_with_their_right_answers_then_the_item
   assert report["accuracy"] == report["accuracy_per_token"] == report["accuracy_calibrated"] == pytest.approx(1 / 3)
 
 
+def test_few_shot_scoring_refuses_no_items_and_scores_that_are_not_finite(monkeypatch):
+  """An empty task divided by zero items; a NaN score matched no option and divided by zero ties."""
+  decoder = build_model(ModelConfig(vocab_size=16, emb_dim=8, num_heads=1, mlp_dim=8, num_layers=1))
+  with pytest.raises(ConfigError, match="got no items"):
+    evaluation.few_shot_score(decoder, None, [], shots=0)
+  monkeypatch.setattr(evaluation, "option_log_likelihoods", lambda model, tokenizer, prompt, options, prefix_lm=False:
+                      [(float("nan"), 1)] * len(options))
+  with pytest.raises(ConfigError, match="item 1's option log-likelihoods are not finite"):
+    evaluation.few_shot_score(decoder, None, [{"context": "a", "options": ["b", "c"], "answer": 0}], shots=0)
+
+
+def test_bits_per_byte_of_targets_holding_no_text_is_nan_not_nats():
+  """Sentinels and eos stand for no bytes: dividing by a floor of 1 byte reported nats / ln 2."""
+  summary = evaluation._summary({"loss": 6.0, "cross_entropy": 6.0, "weight": 3.0}, 0)
+  assert summary["loss"] == 2.0 and math.isnan(summary["bits_per_byte"])
+  assert evaluation._summary({"loss": 6.0, "cross_entropy": 6.0, "weight": 3.0}, 4)["bits_per_byte"] == pytest.approx(
+      6.0 / math.log(2) / 4)
+
+
 def test_bad_task_files_name_the_line(tmp_path):
   task = tmp_path / "task.jsonl"
   task.write_text('{"context": "a", "options": ["b", "c"], "answer": 1}\n{"context": "a", "options": ["b"]}\n')
