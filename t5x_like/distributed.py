@@ -43,13 +43,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                         "SLURM); drop --num_processes and --process_id, or give an address")
     jax.distributed.initialize()
     return
-  if address is None:
-    if num_processes is not None or process_id is not None:
-      raise ConfigError("--num_processes and --process_id need --coordinator_address (or "
-                        "JAX_COORDINATOR_ADDRESS); without one every process would train alone")
-    return
   num_processes = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
   process_id = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
+  if address is None:
+    if num_processes is not None or process_id is not None:
+      raise ConfigError("--num_processes and --process_id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID) need "
+                        "--coordinator_address (or JAX_COORDINATOR_ADDRESS); without one every process "
+                        "would train alone")
+    return
   if num_processes is None or process_id is None:
     raise ConfigError(f"coordinator address {address} given without --num_processes and --process_id "
                       "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")

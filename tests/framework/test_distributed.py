@@ -29,7 +29,8 @@ from t5x_like.trainer import Trainer
 def test_process_flags_without_a_coordinator_or_out_of_range_are_refused(monkeypatch):
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     monkeypatch.delenv(name, raising=False)
-  with pytest.raises(ConfigError, match="--num_processes and --process_id need --coordinator_address"):
+  with pytest.raises(ConfigError, match=r"--num_processes and --process_id \(or JAX_NUM_PROCESSES and "
+                                        r"JAX_PROCESS_ID\) need --coordinator_address"):
     distributed.initialize(None, 2, 1)
   with pytest.raises(ConfigError, match="coordinator address 127.0.0.1:1234 given without --num_processes"):
     distributed.initialize("127.0.0.1:1234", None, None)
@@ -45,6 +46,11 @@ def test_process_flags_without_a_coordinator_or_out_of_range_are_refused(monkeyp
     distributed.initialize("127.0.0.1:1234", None, None)
   with pytest.raises(ConfigError, match="the process count must be at least 1, got 0"):
     distributed.initialize("127.0.0.1:1234", 0, 0)
+  # The environment's count and id without its address: each host would train alone into one workdir.
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_PROCESS_ID", "1")
+  with pytest.raises(ConfigError, match="without one every process would train alone"):
+    distributed.initialize(None, None, None)
 
 
 def _as_process(monkeypatch, index, others):
