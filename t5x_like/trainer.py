@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 from typing import Callable, Iterable, Iterator
@@ -717,7 +718,7 @@ class Trainer:
                 # config.json describes the checkpoints, so it changes with the first one made under
                 # this config: a resume that fails first (a NaN, a kernel) leaves the old one in place.
                 if not config_written and jax.process_index() == 0:
-                  (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
+                  _replace_file(self.workdir / "config.json", self.config.to_json_best_effort(indent=2))
                 config_written = True
                 checkpointer.save(done, self.checkpointed(), train_loader.get_state())
               if preempted:
@@ -795,6 +796,14 @@ class Trainer:
     if bad:
       raise NonFiniteLossError(f"the parameters became non-finite by step {step} ({', '.join(bad[:3])}); no "
                                f"checkpoint was written. Lower train.optimizer.learning_rate")
+
+
+def _replace_file(path: pathlib.Path, text: str) -> None:
+  """Writes `text` beside `path` and renames it into place: a full disk or a kill mid-write leaves
+  the old file whole, not a truncated one that every resume would refuse."""
+  partial = path.with_name(path.name + ".partial")
+  partial.write_text(text)
+  os.replace(partial, path)
 
 
 def read_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:

@@ -338,6 +338,24 @@ def test_a_run_preempted_at_an_evaluation_step_evaluates_it_when_resumed(tmp_pat
           if row["step"] > 4] == pytest.approx([1.0] * 4)
 
 
+def test_a_config_json_write_that_fails_leaves_the_old_one_whole(tmp_path, monkeypatch):
+  """A disk that fills while config.json is rewritten (a resume's first save under a new config)
+  left it truncated, and every later resume or inference refused the workdir."""
+  train(tiny_config(steps=2), tmp_path)
+  written = (tmp_path / "config.json").read_text()
+  real_write = pathlib.Path.write_text
+
+  def full_disk(path, text, *args, **kwargs):
+    real_write(path, text[:len(text) // 2], *args, **kwargs)
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    train(tiny_config(steps=4, log_every=2), tmp_path)
+  monkeypatch.undo()
+  assert (tmp_path / "config.json").read_text() == written
+  assert trainer_module.read_run_config(tmp_path).train.steps == 2
+
+
 def test_a_failed_save_still_closes_the_checkpointer_and_the_metric_writer(tmp_path, monkeypatch):
   closed = []
   for kind in (Checkpointer, MetricWriter):
