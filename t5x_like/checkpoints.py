@@ -2,9 +2,9 @@
 
 Saves are asynchronous (training continues while arrays are written). On restore
 the newest checkpoint is tried first; one that fails to read (a crash mid-write, a
-truncated file) is moved aside into `corrupt/`, never deleted, and the previous one is
-used with a warning naming both. A step that any one process cannot read is set aside by
-all of them. A checkpoint whose arrays differ from what the config builds (another model
+truncated file) is skipped for the previous one, with a warning naming both, and once an
+earlier step has restored it is moved aside into `corrupt/`, never deleted. A step that
+any one process cannot read is set aside by all of them. Where no step reads, none moves. A checkpoint whose arrays differ from what the config builds (another model
 size, another optimizer) is a config error, not a corrupt file: restoring stops with the
 differences named and nothing is moved. Inference (Trainer.from_workdir) reads the parameters
 alone, so for it another optimizer's moments are no difference.
@@ -260,17 +260,14 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state, *, set_aside: bool = True, partial: bool = False):
     """(step, state, every process's data position) from the newest readable checkpoint, or None if
-    none. Unreadable steps are moved into corrupt/, or with set_aside=False (a reader beside a run
-    that may be saving there) only skipped. With `partial`, only the arrays `abstract_state` holds
-    are read (inference reads the parameters, not the optimizer moments beside them)."""
-    unreadable = []
-    steps = process_0s(sorted(self.manager.all_steps(), reverse=True))
-    corrupt = self.directory.parent / "corrupt"
-    if not steps and process_0s(corrupt.is_dir() and any(corrupt.iterdir())):
-      # An earlier call set every step aside and stopped; a rerun (a scheduler's restart) must too.
-      raise ConfigError(f"no checkpoint in {self.directory}, and {corrupt} holds the steps set aside as "
-                        f"unreadable; put a good copy back, or remove {corrupt} to train from step 0")
-    for step in steps:
+    none. Unreadable steps newer than it are then moved into corrupt/ (the run saves their steps
+    again), or with set_aside=False (a reader beside a run that may be saving there) only skipped.
+    Where no step reads, nothing moves: a cause that fails every step is more likely the machine's
+    (permissions, a lost mount, a library upgrade) than every checkpoint's. With `partial`, only
+    the arrays `abstract_state` holds are read (inference reads the parameters, not the optimizer
+    moments beside them)."""
+    unreadable = {}  # step: why
+    for step in process_0s(sorted(self.manager.all_steps(), reverse=True)):
       metadata, error = _read_on_every_process(lambda: self._state_metadata(step))
       if not error:
         differences = state_differences(metadata, abstract_state, partial=partial)
@@ -284,21 +281,20 @@ class Checkpointer:
         restored, error = _read_on_every_process(lambda: _restore_here(
             self.directory / str(step), state=state, data=ocp.args.JsonRestore()))
       if error:
-        if set_aside:
-          self._set_aside(step, error, unreadable)
-        else:
-          logger.warning("checkpoint %s is unreadable (%s); trying an earlier one", self.directory / str(step), error)
-          unreadable.append(step)
+        logger.warning("checkpoint %s is unreadable (%s); trying an earlier one", self.directory / str(step), error)
+        unreadable[step] = error
         continue
       if unreadable:
+        for newer, why in unreadable.items() if set_aside else ():
+          self._set_aside(newer, why)
         logger.warning("resuming from checkpoint %s, the newest readable one (unreadable: steps %s)",
-                       self.directory / str(step), unreadable)
+                       self.directory / str(step), list(unreadable))
       return step, restored["state"], restored["data"]
-    if unreadable and not set_aside:
-      raise ConfigError(f"no checkpoint in {self.directory} is readable (steps {unreadable})")
     if unreadable:  # not a fresh start: the run would silently begin again at step 0
-      raise ConfigError(f"no checkpoint in {self.directory} is readable (steps {unreadable}, now in "
-                        f"{corrupt}); put a good copy back, or remove {corrupt} to train from step 0")
+      newest, why = next(iter(unreadable.items()))
+      raise ConfigError(f"no checkpoint in {self.directory} is readable (steps {list(unreadable)}; step {newest}: "
+                        f"{why}); nothing was moved. Fix the cause and rerun, or if the files themselves are "
+                        f"damaged, move {self.directory} aside to train from step 0")
     return None
 
   def _state_metadata(self, step: int):
@@ -307,7 +303,7 @@ class Checkpointer:
       raise ValueError("its state metadata is missing")
     return metadata
 
-  def _set_aside(self, step: int, error: str, unreadable: list[int]) -> None:
+  def _set_aside(self, step: int, error: str) -> None:
     """Moves an unreadable step into corrupt/ (never deletes it) and says so."""
     target = self.directory.parent / "corrupt" / f"{step}-{int(time.time())}"
     # Every process has listed the steps and agreed this one is unreadable (_read_on_every_process),
@@ -318,9 +314,7 @@ class Checkpointer:
     multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     self.manager.close()  # its metadata store and deleter would otherwise live on beside the new one's
     self.manager = self._new_manager()
-    logger.warning("checkpoint %s is unreadable (%s); moved it to %s and falling back to "
-                   "an earlier checkpoint", self.directory / str(step), error, target)
-    unreadable.append(step)
+    logger.warning("checkpoint %s is unreadable (%s); moved it to %s", self.directory / str(step), error, target)
 
   def steps(self) -> list[int]:
     return list(self.manager.all_steps())

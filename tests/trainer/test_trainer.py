@@ -847,13 +847,27 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, 
   for file in (tmp_path / "checkpoints").rglob("*"):  # now every checkpoint: no silent start from step 0
     if file.is_file() and file.parent.name == "d":
       file.write_bytes(b"garbage")
-  with pytest.raises(ConfigError, match=r"no checkpoint in .*checkpoints is readable \(steps \[8, 4\], now in "
-                                        r".*corrupt\); put a good copy back, or remove .*corrupt to train from step 0"):
-    train(tiny_config(steps=8), tmp_path)
-  assert not any((tmp_path / "checkpoints").iterdir()) and len(list((tmp_path / "corrupt").iterdir())) == 3
-  with pytest.raises(ConfigError, match=r"corrupt holds the steps set aside as unreadable"):  # a restart stops too
-    train(tiny_config(steps=8), tmp_path)
-  assert not any((tmp_path / "checkpoints").iterdir())  # and trained nothing
+  for _ in range(2):  # a restart stops too, and trains nothing
+    with pytest.raises(ConfigError, match=r"no checkpoint in .*checkpoints is readable \(steps \[8, 4\]; step 8: "
+                                          r".*\); nothing was moved. Fix the cause and rerun, or if the files "
+                                          r"themselves are damaged, move .*checkpoints aside to train from step 0"):
+      train(tiny_config(steps=8), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+    assert len(list((tmp_path / "corrupt").iterdir())) == 1  # the first damage's step 8
+
+
+def test_a_failure_that_every_step_meets_moves_none_of_them(tmp_path, monkeypatch):
+  """A restore that fails for the machine's reasons (here, permissions) fails for every step: setting
+  them aside one by one emptied checkpoints/ of good work."""
+  train(tiny_config(steps=8), tmp_path)
+
+  def no_permission(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(tmp_path / "checkpoints"))
+  monkeypatch.setattr(checkpoints, "_restore_here", no_permission)
+  with pytest.raises(ConfigError, match=r"is readable \(steps \[8, 4\]; step 8: .*Permission denied"):
+    train(tiny_config(steps=12), tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+  assert not (tmp_path / "corrupt").exists()
 
 
 def test_running_out_of_memory_while_restoring_sets_nothing_aside(tmp_path, monkeypatch):
