@@ -677,9 +677,13 @@ class Trainer:
         # resumed at its last step reports the same train loss.
         recent = collections.deque(maxlen=cfg.log_every)
         logged = read_metrics(self.workdir) if (self.workdir / "metrics.jsonl").exists() else []
-        recent.extend((row["loss"] * row["target_tokens"], row["target_tokens"]) for row in logged
-                      if row["split"] == "train" and row["step"] <= start_step and math.isfinite(row["loss"])
-                      and math.isfinite(row.get("grad_norm", 0.0)))  # a skipped step can have a finite loss
+        logged_steps = sorted((row for row in logged if row["split"] == "train" and row["step"] <= start_step),
+                              key=lambda row: row["step"])
+        recent.extend((row["loss"] * row["target_tokens"], row["target_tokens"]) for row in logged_steps
+                      if _applied(row))
+        # A run preempted amid skipped updates carries its count on, or each resume would allow
+        # train.max_consecutive_skips more.
+        self.skipped_in_a_row = len(list(itertools.takewhile(lambda row: not _applied(row), logged_steps[::-1])))
         if self._evaluation_missing(start_step, logged):
           writer.write(start_step, "validation", self.evaluate(cfg.eval_steps))
         progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
@@ -873,6 +877,12 @@ def loss_means(sums) -> dict[str, float]:
   for key in sorted(sums.keys() - {"loss", "weight", "cross_entropy", "correct", "z_loss"}):
     means[key] = float(sums[key]) / weight
   return means
+
+
+def _applied(row: dict) -> bool:
+  """Whether a logged train row's update was applied: a skipped step can log a finite loss beside
+  its non-finite gradient norm."""
+  return math.isfinite(row["loss"]) and math.isfinite(row.get("grad_norm", 0.0))
 
 
 def _reported_loss_sum(sums):

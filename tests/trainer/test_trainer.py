@@ -965,6 +965,12 @@ def test_nonfinite_loss_can_skip_the_update(tmp_path, caplog):
     train(tiny_config(steps=12, nonfinite="skip", max_consecutive_skips=3), tmp_path / "diverged",
           loader=DivergedFromStep5)
   assert sorted(p.name for p in (tmp_path / "diverged" / "checkpoints").iterdir()) == ["4"]
+  # Stopped after two skips in a row (steps 5 and 6), a resume's third (step 7) is the limit, not its first.
+  train(tiny_config(steps=6, nonfinite="skip", max_consecutive_skips=3), tmp_path / "resumed",
+        loader=DivergedFromStep5)
+  with pytest.raises(NonFiniteLossError, match=r"the last 3 updates, up to step 7, were all non-finite"):
+    train(tiny_config(steps=12, nonfinite="skip", max_consecutive_skips=3), tmp_path / "resumed",
+          loader=DivergedFromStep5)
 
 
 def test_a_resume_leaves_a_skipped_step_with_a_finite_loss_out_of_the_train_loss(tmp_path):
