@@ -106,6 +106,10 @@ LOGICAL_AXIS_FIELDS = {"vocab": "model.vocab_size", "embed": "model.emb_dim", "n
                        "kv": "the head dim", "relpos_buckets": "model.relative_num_buckets"}
 
 
+class UnevenShardingError(ConfigError):
+  """A parameter dim that its mesh axes do not split evenly: a mesh problem, not the model's."""
+
+
 def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.ConfigDict):
   """NamedShardings for every Variable in `state` (abstract or concrete), by the rules.
 
@@ -136,7 +140,7 @@ def logical_shardings(state: nnx.State, mesh: Mesh, config: ml_collections.Confi
 
   shardings = jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   if uneven:
-    raise ConfigError("; ".join(sorted(uneven)))
+    raise UnevenShardingError("; ".join(sorted(uneven)))
   return shardings
 
 

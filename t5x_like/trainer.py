@@ -452,9 +452,10 @@ class Trainer:
     parameters loaded, not its optimizer moments (an unreadable step is skipped and left where it
     is: training sets it aside).
 
-    Where the run's mesh or batch does not fit these devices (a pod's run evaluated on one GPU),
-    the devices the batch divides over all go on the data axis: checkpoints restore onto any
-    mesh, though each device then holds the whole model.
+    Where the run's mesh or batch does not fit these devices (a pod's run evaluated on one GPU,
+    a model axis that -1 sizes to a count its dims do not divide), the devices the batch divides
+    over all go on the data axis: checkpoints restore onto any mesh, though each device then
+    holds the whole model.
     """
     workdir = pathlib.Path(workdir)
     if not (workdir / "config.json").exists():
@@ -474,12 +475,11 @@ class Trainer:
       if batch % shards:
         raise ConfigError(f"data.batch_size={batch} does not divide over {shards} data shards")
     except ConfigError as error:
-      count = max(k for k in range(1, len(devices) + 1) if batch % k == 0)
-      logger.warning("%s; loading the run with %d of the %d devices on the data axis", error, count, len(devices))
-      devices = devices[:count]
-      first = (partitioning.batch_axes(config.partitioning) or config.partitioning.mesh_axes)[0]
-      config.partitioning.mesh_shape = tuple(-1 if axis == first else 1 for axis in config.partitioning.mesh_axes)
-    trainer = cls(config, workdir, devices=devices, params_only=True)
+      devices = _on_the_data_axis(config, devices, error)
+    try:
+      trainer = cls(config, workdir, devices=devices, params_only=True)
+    except partitioning.UnevenShardingError as error:
+      trainer = cls(config, workdir, devices=_on_the_data_axis(config, devices, error), params_only=True)
     if trainer.restore(set_aside=False) is None:  # it only reads: the run may be saving there
       raise ConfigError(f"{workdir}/checkpoints holds no readable checkpoint")
     return trainer
@@ -800,6 +800,16 @@ class Trainer:
     if bad:
       raise NonFiniteLossError(f"the parameters became non-finite by step {step} ({', '.join(bad[:3])}); no "
                                f"checkpoint was written. Lower train.optimizer.learning_rate")
+
+
+def _on_the_data_axis(config: ml_collections.ConfigDict, devices: list, why: Exception) -> list:
+  """As many of `devices` as the batch divides over, all on the first batch axis (config's mesh
+  changed to say so), for a run whose own mesh does not fit them."""
+  count = max(k for k in range(1, len(devices) + 1) if config.data.batch_size % k == 0)
+  logger.warning("%s; loading the run with %d of the %d devices on the data axis", why, count, len(devices))
+  first = (partitioning.batch_axes(config.partitioning) or config.partitioning.mesh_axes)[0]
+  config.partitioning.mesh_shape = tuple(-1 if axis == first else 1 for axis in config.partitioning.mesh_axes)
+  return devices[:count]
 
 
 def _replace_file(path: pathlib.Path, text: str) -> None:

@@ -668,6 +668,12 @@ def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path, monk
     assert loaded.mesh.shape == {"data": data_axis, "fsdp": 1, "tensor": 1}
     for a, b in zip(jax.tree.leaves(accumulated.state["params"]), jax.tree.leaves(loaded.state["params"])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A run whose mesh gave the rest of the devices to a model axis: 3 would split its 4 heads unevenly.
+  split, _ = train(tiny_config(steps=4, mesh_shape=(1, 1, -1)), tmp_path / "tensor", devices=jax.devices()[:2])
+  loaded = Trainer.from_workdir(tmp_path / "tensor", devices=jax.devices()[:3])
+  assert loaded.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 1}
+  for a, b in zip(jax.tree.leaves(split.state["params"]), jax.tree.leaves(loaded.state["params"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # A run trained with cuDNN's kernel on a GPU loads on a CPU with the kernel it has; one whose
   # config.json predates some fields loads with their defaults.
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
