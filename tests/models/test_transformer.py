@@ -747,10 +747,30 @@ def test_final_dropout_drops_the_final_hidden_states_only_where_asked(norm_posit
   assert 0.4 < 1 - kept.mean() < 0.6
 
 
-def test_dropout_is_active_in_training_and_off_in_eval():
-  model = build_model(small(dropout_rate=0.3))
-  tokens = random_tokens(15)
+def test_dropout_drops_the_embeddings_and_each_sublayers_output_in_training_only(monkeypatch):
+  """Without the final dropout, every dropout the stack runs, recorded: the embeddings' and one per
+  sublayer, each zeroing about the rate and scaling the rest by 1 / (1 - rate); none in eval."""
+  rate, tokens = 0.3, random_tokens(15)
+  model = build_model(small(dropout_rate=rate, final_dropout=False, position="rope"))
+  calls = []
+  real_call = nnx.Dropout.__call__
+
+  def recorded(self, x, *args, **kwargs):
+    out = real_call(self, x, *args, **kwargs)
+    if not self.deterministic and self.rate:
+      calls.append((np.asarray(x), np.asarray(out)))
+    return out
+  monkeypatch.setattr(nnx.Dropout, "__call__", recorded)
   model.train()
-  assert not np.allclose(model(tokens), model(tokens))
+  trained = np.asarray(model(tokens))
+  assert len(calls) == 1 + 2 * model.config.num_layers  # embeddings; attention and MLP of each layer
+  np.testing.assert_array_equal(calls[0][0], np.asarray(model.token_embed(tokens)))  # RoPE adds nothing there
+  for x, out in calls:
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], x[kept] / (1 - rate), rtol=1e-6)
+    assert abs((~kept).mean() - rate) < 4 * math.sqrt(rate * (1 - rate) / kept.size)
   model.eval()
-  np.testing.assert_array_equal(model(tokens), model(tokens))
+  calls.clear()
+  evaluated = np.asarray(model(tokens))
+  assert not calls and not np.allclose(trained, evaluated)
+  np.testing.assert_array_equal(evaluated, np.asarray(model(tokens)))
