@@ -121,6 +121,35 @@ def test_decode_command_writes_what_generate_decodes_with_its_flags(flags, confi
   assert [r["completion"] for r in rows] == [tokenizer.decode(tokens) for tokens in expected]
 
 
+def test_an_encoder_decoder_run_decodes_the_span_its_prompt_marks(tmp_path, capsys):
+  """README's `decode --prompt "...<extra_id_0>..."` on a span-corruption run: the encoder reads the
+  prompt's ids (sentinel 0 added where none is written) and eos, the decoder starts from the start
+  token, and every id of the tokenizer may come out, sentinels included. Its training samples too."""
+  workdir = tmp_path / "t5"
+  flags = ["--config.model.emb_dim=32", "--config.model.num_heads=2", "--config.model.head_dim=16",
+           "--config.model.mlp_dim=64", "--config.model.num_layers=1", "--config.data.input_len=32",
+           "--config.data.target_len=8", "--config.train.steps=2", "--config.train.log_every=1",
+           "--config.train.eval_steps=1", "--config.train.checkpoint_every=2", "--config.data.worker_threads=0"]
+  assert main(["train", "--config", str(pathlib.Path(EXPERIMENT).with_name("encoder_decoder_tiny.py")),
+               "--workdir", str(workdir), *flags, "--sample-prompt", "She was"]) == 0
+  printed = capsys.readouterr().out
+  out = tmp_path / "out.jsonl"
+  assert main(["decode", "--workdir", str(workdir), "--prompt", "Mr. Darcy", "--prompt", "She was<extra_id_0>",
+               "--max-new-tokens", "6", "--output", str(out)]) == 0
+  trainer = Trainer.from_workdir(workdir)
+  model = trainer.model_from(trainer.state["params"])
+  model.eval()
+  tokenizer = load_tokenizer(trainer.config.data.tokenizer)
+  inputs = [tokenizer.encode(text).tolist() + [tokenizer.sentinel_id(0), 1] for text in ("Mr. Darcy", "She was")]
+  expected = generate(model, [[0], [0]], DecodeConfig(max_new_tokens=6, vocab_limit=tokenizer.vocab_size),
+                      encoder_inputs=inputs)
+  assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == [
+      tokenizer.decode(tokens) for tokens in expected]
+  sample = generate(model, [[0]], DecodeConfig(max_new_tokens=40, vocab_limit=tokenizer.vocab_size,
+                                               repetition_penalty=1.2), encoder_inputs=inputs[1:])[0]
+  assert f"--- 'She was<extra_id_0>'\n{tokenizer.decode(sample)}\n" in printed, printed
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--temperature", "0.7"], "--temperature applies to --strategy sample, not greedy"),
     (["--strategy", "beam", "--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p apply to --strategy sample, not beam"),
