@@ -71,6 +71,29 @@ def test_sweep_writes_one_row_per_point(sweep_dir):
   assert (sweep_dir / "results.csv").read_text().count("\n") == 7
 
 
+def test_each_size_is_shaped_by_the_sweep_rules_and_takes_kaplans_learning_rate():
+  """experiments/scaling/tiny.py: size s has s layers of width 16 s (aspect ratio 16), heads of 8
+  (so 2 s of them) and an MLP twice as wide; its rate is Kaplan et al.'s eq. D.1, 0.003239 -
+  0.0001395 ln N, at its non-embedding parameter count N; 'fixed' keeps the base's rate."""
+  config = load_config(CONFIG)
+  tokens_per_step = config.base.data.batch_size * config.base.data.seq_len
+  points = dict(sweep_points(config))
+  assert len(points) == 2 * 3
+  for size in (1, 2):
+    for tokens in (2048, 4096, 8192):
+      point = points[f"s{size}_tokens{tokens}_seed0"]
+      model = point.model
+      assert (model.num_layers, model.emb_dim, model.num_heads, model.mlp_dim) == (size, 16 * size, 2 * size,
+                                                                                   32 * size)
+      assert point.train.steps * tokens_per_step == tokens
+      params = nnx.state(build_model(ModelConfig.from_dict(model)), nnx.Param)
+      non_embedding = sum(leaf.size for leaf in jax.tree.leaves(params)) - params["token_embed"]["embedding"].size
+      assert point.train.optimizer.learning_rate == pytest.approx(0.003239 - 0.0001395 * np.log(non_embedding))
+  config.sweep.learning_rate_rule = "fixed"
+  assert {p.train.optimizer.learning_rate for _, p in sweep_points(config)} == {
+      config.base.train.optimizer.learning_rate}
+
+
 def test_seed_replicates_vary_the_weights_and_the_data_order(tmp_path):
   config = load_config(CONFIG)
   config.sweep.seeds = (0, 1)
