@@ -264,7 +264,8 @@ def test_logged_throughput_counts_the_steps_running_not_just_queued(tmp_path):
 
 
 def test_z_loss_is_the_scaled_mean_square_log_normaliser(tmp_path):
-  """PaLM's z-loss against the model's logits; the reported loss stays the cross-entropy alone."""
+  """PaLM's z-loss against the model's logits; the reported loss stays the cross-entropy alone, and
+  perplexity and token accuracy are its exponential and the argmax's rate."""
   config = tiny_config(z_loss=1e-2)
   trainer = Trainer(config, tmp_path, make_loader=RaggedPatternLoader)
   local = next(RaggedPatternLoader(config.data, "validation", process_index=0, process_count=1))
@@ -278,6 +279,13 @@ def test_z_loss_is_the_scaled_mean_square_log_normaliser(tmp_path):
   weights = local["decoder_loss_weights"]
   assert means["z_loss"] == pytest.approx(1e-2 * np.sum(log_z ** 2 * weights) / np.sum(weights), rel=1e-4)
   assert means["loss"] == pytest.approx(np.sum((log_z - target_logits) * weights) / np.sum(weights), rel=1e-5)
+  assert means["perplexity"] == pytest.approx(np.exp(means["loss"]), rel=1e-6)
+  # A target sharing the row's top logit with k - 1 others counts 1 / k, argmax's expected rate.
+  top = logits == logits.max(axis=-1, keepdims=True)
+  ties = top.sum(axis=-1)
+  hit = np.take_along_axis(top, local["decoder_target_tokens"][..., None], axis=-1)[..., 0]
+  assert means["accuracy"] == pytest.approx(np.sum(hit / ties * weights) / np.sum(weights), rel=1e-5)
+  assert 0 < means["accuracy"] < 1
 
 
 def _run(workdir, overrides, *extra):
