@@ -28,6 +28,7 @@ CONFIGS = {
     "t5_like": dict(arch="encoder_decoder", position="relative", mlp_gated=True, tie_embeddings=False,
                     scale_attn_logits=False, num_decoder_layers=3, num_kv_heads=1, head_dim=6),
     "sinusoidal_mqa": dict(arch="decoder", position="sinusoidal", num_kv_heads=1, norm_position="post"),
+    "no_positions": dict(arch="decoder", position="none", max_len=16),
 }
 
 

@@ -50,7 +50,7 @@ def encoder_decoder_forward(model, inputs, targets, encoder_segment_ids=None, de
   return model(inputs, targets, encoder_segment_ids=encoder_segment_ids, decoder_segment_ids=decoder_segment_ids)
 
 
-POSITIONS = ("rope", "learned", "sinusoidal", "relative")
+POSITIONS = ("rope", "learned", "sinusoidal", "relative", "none")
 
 
 # Shapes over option combinations ------------------------------------------------
@@ -193,7 +193,7 @@ def test_packed_encoder_decoder_pairs_do_not_attend_to_each_other(position):
 # Incremental decoding ----------------------------------------------------------------
 
 @pytest.mark.parametrize("position,kv_heads", [("rope", 2), ("learned", None), ("relative", 1),
-                                               ("sinusoidal", None)])
+                                               ("sinusoidal", None), ("none", None)])
 def test_decoder_cache_matches_full_forward(position, kv_heads):
   model = build_model(small(position=position, num_kv_heads=kv_heads))
   tokens = random_tokens(8)
