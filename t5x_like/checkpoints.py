@@ -4,9 +4,10 @@ Saves are asynchronous (training continues while arrays are written). On restore
 the newest checkpoint is tried first; one that fails to read (a crash mid-write, a
 truncated file) is skipped for the previous one, with a warning naming both, and once an
 earlier step has restored it is moved aside into `corrupt/`, never deleted. A step that
-any one process cannot read is set aside by all of them. Where no step reads, none moves. A checkpoint whose arrays differ from what the config builds (another model
-size, another optimizer) is a config error, not a corrupt file: restoring stops with the
-differences named and nothing is moved. Inference (Trainer.from_workdir) reads the parameters
+any one process cannot read is set aside by all of them. Where no step reads, none moves.
+A checkpoint whose arrays differ from what the config builds (another model size, another
+optimizer) is a config error, not a corrupt file: restoring stops with the differences
+named and nothing is moved. Inference (Trainer.from_workdir) reads the parameters
 alone, so for it another optimizer's moments are no difference.
 """
 

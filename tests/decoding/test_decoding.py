@@ -17,7 +17,8 @@ from flax import nnx
 from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
 from t5x_like import decoding
-from t5x_like.decoding import NEG_INF, NO_TOKEN, DecodeConfig, filter_logits, generate, greedy_token, limit_vocab, sample
+from t5x_like.decoding import (NEG_INF, NO_TOKEN, DecodeConfig, filter_logits, generate, greedy_token, limit_vocab,
+                               sample)
 
 EOS = 1
 
