@@ -284,6 +284,25 @@ def test_report_and_plots(chinchilla_data, tmp_path, monkeypatch):
   np.testing.assert_allclose(y, loss)
 
 
+def test_one_variable_laws_read_each_sizes_largest_budget_and_average_its_replicates():
+  """L = 5 N^-0.08 D^-0.1 on a 4 x 4 grid, two replicates a point at -+10% (their mean is the law),
+  and every point off the largest N and the largest D raised 30%: the one-variable fits must take,
+  for each N, the most data (and for each D, the largest model) to recover 0.08 and 0.1."""
+  sizes, budgets = [1e6, 4e6, 1.6e7, 6.4e7], [1e8, 4e8, 1.6e9, 6.4e9]
+  rows = []
+  for n in sizes:
+    for d in budgets:
+      law = 5 * n ** -0.08 * d ** -0.1
+      if n != sizes[-1] and d != budgets[-1]:
+        law *= 1.3
+      rows += [{"non_embedding_params": n, "tokens": d, "validation_loss": law * (1 + e)} for e in (-0.1, 0.1)]
+  report = fit_report(rows, bootstrap_samples=2, grid=SMALL_GRID, holdout=0)
+  assert report["kaplan_n"]["alpha_n"] == pytest.approx(0.08, rel=1e-6)
+  assert report["kaplan_d"]["alpha_d"] == pytest.approx(0.1, rel=1e-6)
+  # L = (N_c / N)^alpha_n at the largest budget: N_c^0.08 = 5 x 6.4e9^-0.1.
+  assert report["kaplan_n"]["n_c"] == pytest.approx((5 * budgets[-1] ** -0.1) ** (1 / 0.08), rel=1e-4)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(holdout=-1), r"held-out points \(-1\) at least 0"),
     (dict(bootstrap_samples=0), r"bootstrap samples \(0\) must be at least 1"),
