@@ -19,6 +19,7 @@ from flax import nnx
 from models.config import ConfigError, ModelConfig
 from models.transformer import build_model
 from t5x_like import cli, evaluation
+from t5x_like.data import sources
 from t5x_like.cli import main
 from t5x_like.config import apply_overrides, load_config
 from t5x_like.data.loader import make_loader
@@ -383,6 +384,16 @@ def test_sentence_completion_task_and_score_command(run_dir, trained, tmp_path):
   assert main(["score", "--workdir", str(run_dir), "--task", str(task), "--items", "4", "--output",
                str(report_file)]) == 0
   assert json.loads(report_file.read_text())["items"] == 4  # the file's first four
+  # The built-in task: sentences of the run's own validation split, drawn with --seed.
+  assert main(["score", "--workdir", str(run_dir), "--task", "austen_sentence_completion", "--items", "3",
+               "--seed", "2", "--output", str(report_file)]) == 0
+  trainer = trained[0]
+  source = sources.open_split("austen", "validation", ("text",), trainer.config.data.data_dir)
+  built_in = evaluation.sentence_completion_task([source[i]["text"].decode("utf-8") for i in range(len(source))],
+                                                 size=3, seed=2)
+  assert json.loads(report_file.read_text()) == {
+      **evaluation.few_shot_score(model, tokenizer, built_in, shots=0, seed=2),
+      "task": "austen_sentence_completion", "workdir": str(run_dir)}
 
 
 def test_sentence_completion_options_are_distinct_in_a_text_that_repeats_itself():
