@@ -124,6 +124,12 @@ def test_info_prints_counts_and_names_the_bad_field(capsys):
   assert main(["info", "--config", str(EXPERIMENTS / "gpt2.py:small")]) == 0
   out = capsys.readouterr().out
   assert "124,439,808" in out and "85,056,000" in out
+  # PaLM app. B by hand: 12 layers of 12 d^2 matmul weights plus the 50257 x 768 output projection,
+  # 6 FLOPs each per token, and 12 x layers x context x width for attention.
+  d, layers, context = 768, 12, 1024
+  matmul = layers * 12 * d * d + 50257 * d
+  assert f"matmul (for MFU):     {matmul:,}" in out
+  assert f"train FLOPs per token:  {6 * matmul + 12 * layers * context * d:.4g} (sequence length 1024" in out
   assert main(["info", "--config", str(EXPERIMENTS / "decoder_tiny.py"), "--config.model.num_heads=6"]) == 2
   assert "model.num_heads=6 does not divide model.emb_dim=256" in capsys.readouterr().err
 
