@@ -340,8 +340,9 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
          "`t5x-like` command restarts itself (t5x_like/host_memory.py); the `glibc's 4 KiB pages` row "
          "runs without it. " if huge_pages_available() else "")
       + (f"Each runner's fastest of {rounds} rounds taken in turns; `median rounds vs best peer` divides "
-         "the median of a runner's rounds by the best such median among the peers, `same-round vs best peer` "
-         "is the median over rounds of a runner's FLOP/s over the best peer's of the same dtype in that round "
+         "the median of a runner's rounds by the best such median among the peers, `same-round vs best "
+         "same-dtype peer` is the median over rounds of a runner's FLOP/s over the best peer's of the same "
+         "dtype in that round "
          "(a shape's float32 rounds run before its bfloat16 ones)." if rounds > 1 else
          "Each runner ran once, in turn."),
   ]
@@ -350,7 +351,7 @@ def render(rows, peak, decode, data, shapes, command, rounds, warmup, steal=None
     lines += ["", f"### {shape}: d_model {s['emb_dim']}, {s['num_layers']} layers, {s['num_heads']} heads, "
               f"ffn {s['mlp_dim']}, seq {s['seq_len']}, batch {s['batch_size']}, vocab {VOCAB}", "",
               "| runner | architecture | dtype | ms/step | tokens/s | GFLOP/s | of peak | vs best peer "
-              "| median rounds vs best peer | same-round vs best peer | vs same-architecture peer |",
+              "| median rounds vs best peer | same-round vs best same-dtype peer | vs same-architecture peer |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     shape_rows = [(runner, r) for sh, runner, r in rows if sh == shape]
     peer_results = [r for runner, r in shape_rows if runner in peers.PEERS and "error" not in r]

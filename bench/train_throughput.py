@@ -10,7 +10,8 @@ measures a baseline revision with the same script.
 Model FLOPs by PaLM's count (app. B): 6 x matmul parameters including the vocabulary
 projection, plus 12 x layers x context x attention width, per token; recomputation
 is not counted. On a GPU or TPU, `mfu` divides them by the data sheet's dense bf16 peak
-(t5x_like.hardware), so the GPU target's figure comes from
+(t5x_like.hardware), as the trainer's logged mfu does. The issue's MFU divides by the bf16
+matmul peak measured in the same run instead: bench/gpu.sh measures it, then runs
 
     python bench/train_throughput.py --shape 1b --dtype bfloat16 --steps 10
 
