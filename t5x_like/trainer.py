@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from models.config import ConfigError, ModelConfig
 from models.model_size import train_flops_per_sequence
-from models.transformer import PREFIX_LM_RELATIVE, build_model
+from models.transformer import PREFIX_LM_RELATIVE
 from t5x_like import partitioning
 from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_digest, this_process_position
 from t5x_like.config import base_config, fill_defaults
@@ -271,6 +271,7 @@ class Trainer:
     devices = jax.devices() if devices is None else devices
     self.model_config = validate_config(config, len(devices))
     self.mode: TrainingMode = make_mode(config.train)
+    self.trainable = nnx.All(nnx.Param, self.mode.trainable)  # never an RNG key or other state
     if make_loader is None:
       from t5x_like.data.loader import make_loader
     self.make_loader = make_loader
@@ -301,12 +302,15 @@ class Trainer:
   # State -------------------------------------------------------------------------
 
   def _new_model(self, seed_keys) -> nnx.Module:
-    return build_model(self.model_config, rngs=nnx.Rngs(**seed_keys))
+    return self.mode.build_model(self.model_config, nnx.Rngs(**seed_keys))
 
   def _build_state(self) -> None:
     """Abstract shapes first, then initialisation compiled straight into its shardings."""
     abstract_model = nnx.eval_shape(self._new_model, self.run_inputs["seed_keys"])
-    self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, self.mode.trainable, ...)
+    self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, self.trainable, ...)
+    if not jax.tree.leaves(abstract_params):  # a mistyped filter: every gradient would be empty
+      raise ConfigError(f"train.mode={self.config.train.mode!r} trains no parameter: its trainable filter "
+                        f"matches none of the model's")
     param_shardings = partitioning.logical_shardings(abstract_params, self.mesh, self.config.partitioning)
     rest_shardings = partitioning.logical_shardings(abstract_rest, self.mesh, self.config.partitioning)
     param_shardings, rest_shardings = nnx.as_pure(param_shardings), nnx.as_pure(rest_shardings)
@@ -326,7 +330,7 @@ class Trainer:
         abstract_opt, param_shardings, nnx.as_pure(abstract_params), transform_non_params=lambda _: self.replicated)
 
     def init(seed_keys):
-      _, params, rest = nnx.split(self._new_model(seed_keys), self.mode.trainable, ...)
+      _, params, rest = nnx.split(self._new_model(seed_keys), self.trainable, ...)
       params, rest = nnx.as_pure(params), nnx.as_pure(rest)
       state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
       return state, rest
@@ -352,7 +356,7 @@ class Trainer:
                   "params": shapes(abstract_params, self.state_shardings["params"])}
 
     def not_params(seed_keys):
-      _, _, rest = nnx.split(self._new_model(seed_keys), self.mode.trainable, ...)
+      _, _, rest = nnx.split(self._new_model(seed_keys), self.trainable, ...)
       return nnx.as_pure(nnx.filter_state(rest, nnx.Not(nnx.Param)))
     with jax.set_mesh(self.mesh):
       drawn = _leaves_by_path(jax.jit(not_params)(self.run_inputs["seed_keys"]))
@@ -435,6 +439,12 @@ class Trainer:
                for tree in (self.state["params"], self.rest)
                for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     loaded, data_positions = read_params(source, targets)
+    frozen = [".".join(map(str, _path_of(keys))) for keys, _ in
+              jax.tree_util.tree_flatten_with_path(self.frozen_template)[0] if _path_of(keys) not in loaded]
+    if frozen:  # never trained, they would stay at their random initialisation
+      raise ConfigError(f"train.mode={self.config.train.mode!r} freezes {len(frozen)} parameters that {source} "
+                        f"does not hold: {', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}; start "
+                        f"from a run that has them, or train them")
     self._check_tokenizer(data_positions, init_from=str(source))
     params, self.rest = _replace_leaves(self.state["params"], loaded), _replace_leaves(self.rest, loaded)
     kept = [".".join(map(str, _path_of(keys))) for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -654,6 +664,9 @@ class Trainer:
           logger.warning(warning)
         if data_positions is None and cfg.get("init_from"):  # absent from older runs' config.json
           self.init_params_from(cfg.init_from)
+        elif data_positions is None and jax.tree.leaves(self.frozen_template):
+          logger.warning("train.mode=%r freezes %d parameters and no train.init_from gives them: they keep their "
+                         "random initialisation", cfg.mode, len(jax.tree.leaves(self.frozen_template)))
         elif data_positions:  # {}: a checkpoint from before data positions were saved
           position = this_process_position(data_positions, checkpointer.directory)
           check_on_every_process(lambda: train_loader.set_state(position))  # against this host's own data files

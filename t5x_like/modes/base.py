@@ -9,14 +9,21 @@ import ml_collections
 from flax import nnx
 
 from models.config import ModelConfig
+from models.transformer import build_model
 
 
 class TrainingMode(abc.ABC):
   """A loss over a batch, the batch's features, and a filter of trainable parameters."""
 
-  # Variables the optimizer updates; everything else stays frozen (LoRA, prompt tuning
-  # and adapters narrow this).
+  # Parameters the optimizer updates (the trainer narrows it to nnx.Param); everything else
+  # stays frozen (LoRA, prompt tuning and adapters narrow this).
   trainable = nnx.Param
+
+  def build_model(self, model_config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The module the mode trains: the config's model, or that model with parameters of the
+    mode's own added (LoRA's low-rank weights, prompt embeddings, a reward head). Added beside
+    the model's own, they leave its parameters' paths, and so train.init_from, as they are."""
+    return build_model(model_config, rngs=rngs)
 
   @classmethod
   def from_config(cls, train: ml_collections.ConfigDict) -> TrainingMode:

@@ -793,6 +793,64 @@ def test_parameters_a_mode_freezes_are_the_pretrained_ones_through_training_resu
     np.testing.assert_array_equal(value, expected[name], err_msg=name)
 
 
+def test_a_mode_adds_its_own_parameters_and_trains_only_them_on_the_pretrained_model(tmp_path, pretrained_run,
+                                                                                    monkeypatch):
+  """A mode in the way of LoRA or prompt tuning, written without touching the trainer: build_model
+  adds a gain on the final hidden states, the only parameter trained; the pretrained ones come
+  from init_from and stay, and the run saves and reloads both."""
+  class HiddenGain(Pretrain):
+    trainable = nnx.PathContains("hidden_gain")
+
+    def build_model(self, model_config, rngs):
+      model = super().build_model(model_config, rngs)
+      model.hidden_gain = nnx.Param(jnp.ones(model_config.emb_dim))
+      return model
+
+    def loss_sums(self, model, batch):
+      hidden = model.hidden(batch["decoder_input_tokens"], segment_ids=batch["decoder_segment_ids"],
+                            positions=batch["decoder_positions"]) * model.hidden_gain[...]
+      return model.loss_sums(hidden, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+
+  monkeypatch.setitem(MODES, "hidden_gain", HiddenGain)
+  pretrained = {keystr(path): np.asarray(leaf) for path, leaf in flat(Trainer.from_workdir(pretrained_run)
+                                                                      .state["params"])}
+  tuned = Trainer(tiny_config(steps=2, mode="hidden_gain", init_from=str(pretrained_run)), tmp_path,
+                  make_loader=PatternLoader)
+  tuned.train()
+  for trainer in (tuned, Trainer.from_workdir(tmp_path)):
+    assert [keystr(path) for path, _ in flat(trainer.state["params"])] == ["['hidden_gain']"]
+    gain = np.asarray(trainer.state["params"]["hidden_gain"])
+    assert np.all(np.abs(gain - 1) > 1e-4), "Adam moves every element of the gain by about the rate"
+    frozen = {keystr(path): np.asarray(leaf) for path, leaf in flat(trainer.rest) if keystr(path) in pretrained}
+    assert frozen.keys() == pretrained.keys()
+    for name, value in frozen.items():
+      np.testing.assert_array_equal(value, pretrained[name], err_msg=name)
+
+
+def test_a_mode_that_trains_nothing_or_freezes_what_its_source_lacks_is_refused(tmp_path, pretrained_run,
+                                                                                monkeypatch, caplog):
+  class Misspelled(Pretrain):
+    trainable = nnx.PathContains("mpl")
+
+  class MlpOnly(Pretrain):
+    trainable = nnx.PathContains("mlp")
+
+  monkeypatch.setitem(MODES, "misspelled", Misspelled)
+  monkeypatch.setitem(MODES, "mlp_only", MlpOnly)
+  with pytest.raises(ConfigError, match="train.mode='misspelled' trains no parameter"):
+    Trainer(tiny_config(mode="misspelled"), tmp_path / "none", make_loader=PatternLoader)
+  # The source tied its head to the embedding: a frozen lm_head would never leave its random start.
+  config = tiny_config(steps=2, mode="mlp_only", init_from=str(pretrained_run))
+  config.model.tie_embeddings = False
+  with pytest.raises(ConfigError, match=r"train.mode='mlp_only' freezes 1 parameters that .* does not hold: "
+                                        r"lm_head.kernel; start from a run that has them"):
+    train(config, tmp_path / "untied")
+  assert not (tmp_path / "untied" / "config.json").exists()
+  with caplog.at_level(logging.WARNING):
+    train(tiny_config(steps=1, mode="mlp_only"), tmp_path / "scratch")
+  assert "train.mode='mlp_only' freezes" in caplog.text and "no train.init_from gives them" in caplog.text
+
+
 def test_init_from_passes_over_a_source_step_without_metadata_and_warns_of_a_head_left_random(
     tmp_path, pretrained_run, caplog):
   source = tmp_path / "source"
