@@ -38,6 +38,18 @@ def test_a_long_pair_keeps_the_same_prompt_on_both_sides(tokenizer):
   assert objective.counts.snapshot()["truncated"] == 1
 
 
+def test_a_pair_whose_kept_responses_are_the_same_is_dropped_and_counted(tokenizer):
+  """Equal in the record, or cut to a shared start: the pair prefers nothing (DPO's gradient is 0)."""
+  objective = PreferencePairs(tokenizer, 16)
+  prompt = "Human: Is Bath far?\n\nAssistant:"
+  shared = " It is a long day's drive from here, and more"
+  assert objective.examples({"prompt": prompt, "chosen": " Yes.", "rejected": " Yes."}, None) == []
+  assert objective.examples({"prompt": prompt, "chosen": shared + " by coach.", "rejected": shared + " on foot."},
+                            None) == []
+  assert len(objective.examples({"prompt": prompt, "chosen": " Yes.", "rejected": " No."}, None)) == 1
+  assert objective.counts.snapshot()["tied_pairs"] == 2 and objective.counts.snapshot()["documents"] == 3
+
+
 def test_bundled_hhh_pairs_batch_unpacked(data_dir):
   config = default_data_config()
   config.update(dataset="hhh", objective="preference", pack=False, seq_len=128, batch_size=4,

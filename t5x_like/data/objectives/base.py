@@ -60,7 +60,8 @@ class Objective(abc.ABC):
     self.tokenizer = tokenizer
     # documents: records read; split_documents: records longer than a row, cut into
     # `chunks` pieces (never dropped); empty_documents: records without a token (nothing
-    # to train on); truncated: prompt/response examples cut to fit a row.
+    # to train on); truncated: prompt/response examples cut to fit a row; tied_pairs:
+    # preference pairs dropped as their kept responses are the same.
     self.counts = Counts()
 
   @abc.abstractmethod

@@ -6,7 +6,9 @@ side in one row: `chosen_decoder_*` and `rejected_decoder_*` features. A pair to
 the row keeps the same end of the prompt on both sides, as much as the longer response
 leaves, so that the two responses are compared after the same prompt. A reward model
 scores the last weighted token of each; DPO sums the weighted log-probabilities. Pairs
-are never packed, one pair per row.
+are never packed, one pair per row. A pair whose two responses are the same as kept (equal
+in the record, or cut to a shared start) prefers nothing, so it is dropped and counted as
+`tied_pairs`: it gave DPO no gradient and the reward model a tie to score.
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ class PreferencePairs(Objective):
     prompt = self.tokenizer.encode(record["prompt"])
     responses = {side: response_ids(self.tokenizer, record[side]) for side in SIDES}
     kept_prompt, _ = fit_pair(prompt, max(responses.values(), key=len), length)
-    example, truncated = {}, len(kept_prompt) < len(prompt)
-    for side, response in responses.items():
-      kept_response = response[:length - len(kept_prompt)]
-      truncated |= len(kept_response) < len(response)
-      sequence = prompt_response_sequence(kept_prompt, kept_response)
+    kept = {side: response[:length - len(kept_prompt)] for side, response in responses.items()}
+    if np.array_equal(kept["chosen"], kept["rejected"]):
+      self.counts.add(tied_pairs=1)
+      return []
+    example = {}
+    for side, response in kept.items():
+      sequence = prompt_response_sequence(kept_prompt, response)
       example[side], example[f"{side}_loss_weights"] = sequence["targets"], sequence["loss_weights"]
+    truncated = len(kept_prompt) < len(prompt) or any(len(kept[s]) < len(responses[s]) for s in SIDES)
     self.counts.add(truncated=int(truncated))
     return [example]
 
