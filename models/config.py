@@ -70,6 +70,9 @@ class ModelConfig:
   rope_theta: float = 10_000.0
   relative_num_buckets: int = 32
   relative_max_distance: int = 128
+  # A decoder's T5 buckets in both directions, as Mesh TensorFlow gives a prefix LM (data.objective
+  # 'prefix_lm'), whose prefix attends to later prefix tokens; a causal decoder's are one-directional.
+  relative_bidirectional: bool = False
 
   use_bias: bool = False
   tie_embeddings: bool = True
@@ -209,7 +212,12 @@ class ModelConfig:
     # T5's buckets are exact below max_exact (half a direction's buckets), then log-spaced to
     # max_distance; an encoder stack, bidirectional, gives each direction half the buckets. Each
     # stack needs max_exact >= 1 and max_distance past it: an encoder-decoder has both kinds.
-    shares = {"decoder": (2,), "encoder": (4,), "encoder_decoder": (4, 2)}[self.arch]
+    if self.relative_bidirectional and (self.arch != "decoder" or self.position != "relative"):
+      raise ConfigError(f"model.relative_bidirectional applies only to model.arch='decoder' with "
+                        f"position='relative' (an encoder's buckets are bidirectional already); got "
+                        f"arch={self.arch!r}, position={self.position!r}")
+    decoder_share = 4 if self.relative_bidirectional else 2
+    shares = {"decoder": (decoder_share,), "encoder": (4,), "encoder_decoder": (4, 2)}[self.arch]
     if self.position == "relative" and self.relative_num_buckets // max(shares) < 1:
       raise ConfigError(f"model.relative_num_buckets={self.relative_num_buckets} is too few for "
                         f"model.arch={self.arch!r}: {max(shares)} or more are needed")

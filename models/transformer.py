@@ -29,9 +29,9 @@ CHECKPOINT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_n
 # A decoder's T5 buckets are one-directional (distance max(query - key, 0)): a prefix that reads
 # both ways would see every later prefix token at distance 0, its order lost. Mesh TensorFlow
 # gave prefix LMs bidirectional buckets instead; this codebase does not yet.
-PREFIX_LM_RELATIVE = ("a prefix LM (prefix_mask, data.objective='prefix_lm') cannot use model.position='relative': "
-                      "a decoder's relative buckets are one-directional, so a prefix token would see every later "
-                      "one at distance 0; use position 'rope', 'learned' or 'sinusoidal'")
+PREFIX_LM_RELATIVE = ("a prefix LM (prefix_mask, data.objective='prefix_lm') with model.position='relative' needs "
+                      "model.relative_bidirectional=True: a causal decoder's relative buckets are one-directional, "
+                      "so a prefix token would see every later one at distance 0")
 
 
 class Block(nnx.Module):
@@ -86,7 +86,8 @@ class Stack(nnx.Module):
       self.position_embed = Embed(cfg.max_len, cfg.emb_dim, (None, "embed"), cfg, rngs=rngs)
     self.relative_bias = nnx.data(None)
     if cfg.position == "relative":
-      self.relative_bias = RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
+      self.relative_bias = RelativePositionBias(cfg, bidirectional=not causal or cfg.relative_bidirectional,
+                                                rngs=rngs)
     self.token_type_embed = nnx.data(None)
     if cfg.num_token_types and not cross_attention:
       self.token_type_embed = Embed(cfg.num_token_types, cfg.emb_dim, (None, "embed"), cfg, rngs=rngs)
@@ -99,7 +100,7 @@ class Stack(nnx.Module):
   def __call__(self, x, *, segment_ids, positions, token_type_ids=None, prefix_mask=None,
                encoded=None, encoded_segment_ids=None, cache=None):
     """x: token embeddings [b, t, d]; returns (hidden [b, t, d], updated cache or None)."""
-    if prefix_mask is not None and self.causal and self.relative_bias is not None:
+    if prefix_mask is not None and self.relative_bias is not None and not self.relative_bias.bidirectional:
       raise ConfigError(PREFIX_LM_RELATIVE)
     if self.position_embed is not None:
       x = x + self.position_embed(positions)

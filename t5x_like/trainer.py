@@ -124,7 +124,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
   if batch % jax.process_count():
     raise ConfigError(f"data.batch_size={batch} does not divide over {jax.process_count()} processes")
   model_config.check_length(max(_sequence_lengths(config, model_config)), "data length")
-  if config.data.get("objective") == "prefix_lm" and model_config.position == "relative":
+  if config.data.get("objective") == "prefix_lm" and model_config.position == "relative" \
+      and not model_config.relative_bidirectional:
     raise ConfigError(PREFIX_LM_RELATIVE)  # named now, not when the first step is traced
   objective = OBJECTIVE_CLASSES.get(config.data.get("objective"))
   if objective is not None and model_config.arch not in objective.architectures:

@@ -100,13 +100,20 @@ def test_encoder_decoder_greedy_equals_recomputation(encoder_decoder):
     assert out == tokens[1:]
 
 
-def test_prefix_lm_decoding_reads_the_prompt_both_ways_and_the_new_tokens_causally(decoder, encoder_decoder):
+@pytest.mark.parametrize("relative", [False, True])
+def test_prefix_lm_decoding_reads_the_prompt_both_ways_and_the_new_tokens_causally(relative, decoder,
+                                                                                   encoder_decoder):
+  """With RoPE, and with T5 buckets in both directions (the cache's keys read at their distances)."""
+  if relative:
+    decoder = build_model(dataclasses.replace(decoder.config, position="relative", relative_bidirectional=True),
+                          seed=3)
   config = DecodeConfig(max_new_tokens=6, eos_id=EOS, prefix_lm=True)
   outputs = generate(decoder, PROMPTS, config)
   for prompt, out in zip(PROMPTS, outputs):
     assert out == greedy_by_recomputation(decoder, prompt, 6, prefix_len=len(prompt))
   assert outputs != generate(decoder, PROMPTS, dataclasses.replace(config, prefix_lm=False))
-  assert generate(decoder, PROMPTS, dataclasses.replace(config, strategy="beam", num_beams=1)) == outputs
+  one_beam = dataclasses.replace(config, strategy="beam", num_beams=1, length_penalty=0.0)
+  assert generate(decoder, PROMPTS, one_beam) == outputs
   with pytest.raises(ConfigError, match="prefix_lm decoding needs a decoder"):
     generate(encoder_decoder, [[0]], config, encoder_inputs=[[5, 9]])
 

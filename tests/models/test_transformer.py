@@ -116,8 +116,9 @@ def test_decoder_is_causal(position):
     assert not np.allclose(changed[:, t + 1], base[:, t + 1], atol=1e-4)
 
 
-def test_prefix_lm_is_bidirectional_inside_the_prefix_only():
-  model = build_model(small())
+@pytest.mark.parametrize("position", ["rope", "relative"])
+def test_prefix_lm_is_bidirectional_inside_the_prefix_only(position):
+  model = build_model(small(position=position, relative_bidirectional=position == "relative"))
   tokens = random_tokens(2)
   prefix_len = 4
   prefix = jnp.broadcast_to(jnp.arange(LENGTH) < prefix_len, tokens.shape)
@@ -131,13 +132,21 @@ def test_prefix_lm_is_bidirectional_inside_the_prefix_only():
     assert np.all(moved[~sees_j] < 1e-6) and np.all(moved[sees_j] > 1e-4), (j, moved)
 
 
-def test_a_prefix_lm_with_t5_relative_positions_is_refused():
-  """A decoder's buckets are one-directional: every later prefix token would sit at distance 0,
-  so the first position's output ignored their order."""
-  model = build_model(small(position="relative"))
+def test_a_prefix_lm_with_t5_relative_positions_needs_buckets_in_both_directions():
+  """A causal decoder's buckets are one-directional: every later prefix token would sit at distance
+  0, so the first position's output ignored their order. With relative_bidirectional it reads it,
+  as it does with RoPE, and unlike a model without positions, for which the prefix is a set."""
   tokens = random_tokens(2)
-  with pytest.raises(ConfigError, match=r"cannot use model.position='relative': a decoder's relative buckets"):
-    run(model, tokens, prefix_mask=jnp.broadcast_to(jnp.arange(LENGTH) < 4, tokens.shape))
+  prefix = jnp.broadcast_to(jnp.arange(LENGTH) < 4, tokens.shape)
+  with pytest.raises(ConfigError, match=r"with model.position='relative' needs model.relative_bidirectional=True"):
+    run(build_model(small(position="relative")), tokens, prefix_mask=prefix)
+  swapped = tokens.at[:, 1].set(tokens[:, 2]).at[:, 2].set(tokens[:, 1])  # two later prefix tokens
+  for position, reads_order in (("relative", True), ("rope", True), ("none", False)):
+    model = build_model(small(position=position, relative_bidirectional=position == "relative"))
+    first = [np.asarray(run(model, t, prefix_mask=prefix))[:, 0] for t in (tokens, swapped)]
+    assert np.allclose(first[0], first[1], atol=1e-5) != reads_order, position
+  with pytest.raises(ConfigError, match="model.relative_bidirectional applies only to model.arch='decoder'"):
+    small(arch="encoder", position="relative", relative_bidirectional=True).validate()
 
 
 @pytest.mark.parametrize("arch,position", [("decoder", "rope"), ("decoder", "relative"),

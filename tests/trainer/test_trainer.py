@@ -1283,8 +1283,11 @@ def test_bad_model_and_data_configs_name_the_fields(tmp_path):
     Trainer(config, tmp_path, make_loader=PatternLoader)
   config = tiny_config()
   config.model.position, config.data.objective = "relative", "prefix_lm"
-  with pytest.raises(ConfigError, match=r"a prefix LM .* cannot use model.position='relative'"):
+  with pytest.raises(ConfigError, match=r"a prefix LM .* with model.position='relative' needs "
+                                        r"model.relative_bidirectional=True"):
     Trainer(config, tmp_path, make_loader=PatternLoader)
+  config.model.relative_bidirectional = True  # Mesh TensorFlow's prefix LM
+  assert Trainer(config, tmp_path, make_loader=PatternLoader).model_config.relative_bidirectional
   config = tiny_config()
   config.data.objective = "preference"  # pairs for a reward model or DPO, not for pretraining
   with pytest.raises(ConfigError, match=r"train.mode='pretrain' reads \['decoder_input_tokens', .*\], which "
