@@ -103,7 +103,7 @@ def _decode(args, overrides) -> None:
   """Continues prompts (a decoder) or decodes inputs (an encoder-decoder) from a trained run."""
   import json
   from t5x_like.decoding import DecodeConfig, generate
-  from t5x_like.samples import generation_inputs, prompt_ids, vocab_limit
+  from t5x_like.samples import excluded_ids, generation_inputs, prompt_ids, vocab_limit
   trainer, tokenizer = _load(args, overrides)
   if trainer.model_config.arch == "encoder":
     raise ConfigError("decode needs a decoder or an encoder-decoder; this run trained an encoder")
@@ -120,6 +120,7 @@ def _decode(args, overrides) -> None:
   config = DecodeConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                         repetition_penalty=args.repetition_penalty,
                         vocab_limit=vocab_limit(tokenizer, trainer.model_config.arch),
+                        excluded_ids=excluded_ids(tokenizer, trainer.model_config.arch),
                         prefix_lm=trainer.prefix_lm, **chosen)
   model = trainer.model_from(trainer.state["params"])
   model.eval()

@@ -33,7 +33,8 @@ from t5x_like.data.tokenizer import EOS_ID, PAD_ID
 
 NEG_INF = -1e30
 NO_TOKEN = -1  # what greedy and sampling choose from a row of non-finite logits
-FLOAT32 = np.finfo(np.float32)  # the loop's arithmetic, whatever Python floats configure it
+# The loop computes in float32, whatever Python floats configure it: its smallest normal and largest values.
+FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,9 @@ class DecodeConfig:
   # it (GPT-2's 50257 with an 8192-id tokenizer), or a decoder's first id its targets never hold
   # (samples.vocab_limit). 0: every id of the model.
   vocab_limit: int = 0
+  # Ids below vocab_limit never chosen either: an encoder-decoder's mask, which sits below the
+  # sentinels its targets hold (samples.excluded_ids).
+  excluded_ids: tuple[int, ...] = ()
   # The prompt attends both ways, as a prefix LM (data.objective "prefix_lm") learned to read
   # its prefix; the new tokens attend causally, as its targets did.
   prefix_lm: bool = False
@@ -64,12 +68,14 @@ class DecodeConfig:
     if not (_positive_float32(self.temperature) and self.top_k >= 0 and _positive_float32(self.top_p)
             and self.top_p <= 1):
       raise ConfigError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1 (finite float32 values, in which "
-                        f"anything below {FLOAT32.tiny:.3g} flushes to 0); got {self.temperature}, {self.top_k}, "
+                        f"anything below {FLOAT32_TINY:.3g} flushes to 0); got {self.temperature}, {self.top_k}, "
                         f"{self.top_p}")
     if self.vocab_limit < 0:
       raise ConfigError(f"vocab_limit={self.vocab_limit} must be at least 0 (0: every id)")
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.excluded_ids):
+      raise ConfigError(f"excluded_ids={self.excluded_ids!r} must be a tuple of ids, each at least 0")
     if not (_positive_float32(self.repetition_penalty) and self.num_beams >= 1
-            and abs(self.length_penalty) <= FLOAT32.max):
+            and abs(self.length_penalty) <= FLOAT32_MAX):
       raise ConfigError(f"need repetition_penalty > 0 (in float32), num_beams >= 1 and a finite length_penalty; got "
                         f"{self.repetition_penalty}, {self.num_beams}, {self.length_penalty}")
     if self.strategy == "beam" and self.repetition_penalty != 1.0:
@@ -78,7 +84,7 @@ class DecodeConfig:
 
 def _positive_float32(value: float) -> bool:
   """Whether `value` stays a positive normal float32, as the loop computes with it (NaN is not)."""
-  return bool(FLOAT32.tiny <= value <= FLOAT32.max)
+  return FLOAT32_TINY <= value <= FLOAT32_MAX
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,11 +98,12 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 # Logit filters -------------------------------------------------------------------------
 
-def limit_vocab(logits: jax.Array, limit: int) -> jax.Array:
-  """logits [b, v] with the ids at or above limit (0: none) at -inf."""
-  if not limit or limit >= logits.shape[-1]:
-    return logits
-  return jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, NEG_INF)
+def limit_vocab(logits: jax.Array, limit: int, excluded: tuple[int, ...] = ()) -> jax.Array:
+  """logits [b, v] with the ids at or above limit (0: none) and the excluded ones at -inf."""
+  vocab = logits.shape[-1]
+  allowed = np.arange(vocab) < (limit or vocab)
+  allowed[[i for i in excluded if i < vocab]] = False
+  return logits if allowed.all() else jnp.where(allowed, logits, NEG_INF)
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
@@ -226,6 +233,7 @@ class _Loop:
   max_new_tokens: int
   num_beams: int
   vocab_limit: int
+  excluded_ids: tuple[int, ...]
   prefix_lm: bool
   top_k: bool
   top_p: bool
@@ -235,8 +243,8 @@ class _Loop:
   def of(cls, config: DecodeConfig) -> _Loop:
     sampled, beam = config.strategy == "sample", config.strategy == "beam"
     return cls(config.strategy, config.max_new_tokens, config.num_beams if beam else 1, config.vocab_limit,
-               config.prefix_lm, sampled and config.top_k > 0, sampled and config.top_p < 1.0,
-               not beam and config.repetition_penalty != 1.0)
+               tuple(config.excluded_ids), config.prefix_lm, sampled and config.top_k > 0,
+               sampled and config.top_p < 1.0, not beam and config.repetition_penalty != 1.0)
 
 
 def _traced_values(config: DecodeConfig) -> dict[str, jax.Array]:
@@ -270,7 +278,7 @@ def _greedy_or_sample_loop(model, prompt, lengths, rng, encoder_inputs, values, 
     i, logits, cache, out, done, seen, rng = carry
     if loop.repetition_penalty:
       logits = apply_repetition_penalty(logits, seen, values["repetition_penalty"])
-    logits = limit_vocab(logits, loop.vocab_limit)  # after the penalty, which would scale its -inf
+    logits = limit_vocab(logits, loop.vocab_limit, loop.excluded_ids)  # after the penalty, which would scale its -inf
     if loop.strategy == "greedy":
       token = greedy_token(logits)
     else:
@@ -317,7 +325,8 @@ def _beam_loop(model, prompt, lengths, encoder_inputs, values, *, loop: _Loop):
   def body(i, carry):
     logits, cache, live_scores, live_tokens, done_scores, done_tokens, broken = carry
     broken = broken | ~jnp.all(jnp.isfinite(logits).reshape(b, -1), axis=1)  # as greedy's NO_TOKEN says
-    log_probs = _log_softmax(limit_vocab(logits.astype(jnp.float32), loop.vocab_limit)).reshape(b, k, vocab)
+    log_probs = _log_softmax(limit_vocab(logits.astype(jnp.float32), loop.vocab_limit, loop.excluded_ids)
+                             ).reshape(b, k, vocab)
     candidates = (live_scores[..., None] + log_probs).reshape(b, k * vocab)
     scores, flat = jax.lax.top_k(candidates, 2 * k)  # 2k: up to k of them may end here
     beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
@@ -398,7 +407,7 @@ def _check_cache_fits(cfg, rows: int, length: int, encoder_length: int = 0) -> N
                       f"prompts")
 
 
-def _check_ids(vocab: int, choosable: int, prompts, encoder_inputs, config: DecodeConfig) -> None:
+def _check_ids(vocab: int, limit: int, prompts, encoder_inputs, config: DecodeConfig) -> None:
   """Refuses ids the model has no embedding for (jnp.take reads them as NaN rows, which attention
   spreads to every row padded with them), an EOS no step can choose, and empty inputs (a row
   whose queries see no key)."""
@@ -406,9 +415,9 @@ def _check_ids(vocab: int, choosable: int, prompts, encoder_inputs, config: Deco
     raise ConfigError("no prompts to decode")
   if not 0 <= config.pad_id < vocab:
     raise ConfigError(f"pad_id={config.pad_id} is not an id of the model's vocabulary [0, {vocab})")
-  if config.eos_id != -1 and not 0 <= config.eos_id < choosable:
-    raise ConfigError(f"eos_id={config.eos_id} is not among the {choosable} ids a step can choose, so no row "
-                      f"would end at it; -1 decodes every row to max_new_tokens")
+  if config.eos_id != -1 and (not 0 <= config.eos_id < limit or config.eos_id in config.excluded_ids):
+    raise ConfigError(f"eos_id={config.eos_id} is not among the ids a step can choose (below {limit}, not "
+                      f"excluded), so no row would end at it; -1 decodes every row to max_new_tokens")
   for name, rows in (("prompt", prompts), ("encoder input", [] if encoder_inputs is None else encoder_inputs)):
     for row, ids in enumerate(rows):
       ids = np.asarray(ids, np.int64)
@@ -445,7 +454,8 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
   check_eval_mode(model)
   if config.prefix_lm and model.config.arch != "decoder":
     raise ConfigError(f"prefix_lm decoding needs a decoder, not model.arch={model.config.arch!r}")
-  ids = min(config.vocab_limit or model.config.vocab_size, model.config.vocab_size)
+  limit = min(config.vocab_limit or model.config.vocab_size, model.config.vocab_size)
+  ids = limit - len({i for i in config.excluded_ids if i < limit})
   if config.strategy == "beam" and config.num_beams > ids:  # the beams would hold -inf candidates
     raise ConfigError(f"num_beams={config.num_beams} exceeds the {ids} ids a step can choose from")
   if (encoder_inputs is not None) != (model.config.arch == "encoder_decoder"):
@@ -453,7 +463,7 @@ def generate(model, prompts: list[list[int]], config: DecodeConfig, *, seed: int
                       f"{model.config.arch!r}, encoder_inputs {'given' if encoder_inputs is not None else 'not given'}")
   if encoder_inputs is not None and len(encoder_inputs) != len(prompts):
     raise ConfigError(f"{len(prompts)} decoder prompts for {len(encoder_inputs)} encoder inputs; give one each")
-  _check_ids(model.config.vocab_size, ids, prompts, encoder_inputs, config)
+  _check_ids(model.config.vocab_size, limit, prompts, encoder_inputs, config)
   tokens, lengths = left_pad(prompts, config.pad_id)
   model.config.check_length(tokens.shape[1] + config.max_new_tokens, "the longest prompt plus max_new_tokens:")
   _check_cache_fits(model.config, len(prompts) * (config.num_beams if config.strategy == "beam" else 1),

@@ -51,6 +51,12 @@ def vocab_limit(tokenizer, arch: str) -> int:
   return tokenizer.mask_id if arch == "decoder" else tokenizer.vocab_size
 
 
+def excluded_ids(tokenizer, arch: str) -> tuple[int, ...]:
+  """Ids below vocab_limit that generation may not pick: an encoder-decoder's mask, which its
+  targets never hold and which sits just below the sentinels they do."""
+  return (tokenizer.mask_id,) if arch == "encoder_decoder" else ()
+
+
 def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = NEW_TOKENS,
                  prefix_lm: bool = False) -> list[tuple[str, str]]:
   """(prompt, text) pairs by architecture: a decoder continues the prompt greedily (a prefix
@@ -64,7 +70,8 @@ def sample_texts(model, tokenizer, prompts=None, *, max_new_tokens: int = NEW_TO
   max_new_tokens = sample_room(model.config, tokenizer, prompts, max_new_tokens)
   # Greedy, with a mild repetition penalty: small models otherwise loop on "and, and, ...".
   config = DecodeConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2,
-                        vocab_limit=vocab_limit(tokenizer, arch), prefix_lm=prefix_lm)
+                        vocab_limit=vocab_limit(tokenizer, arch), excluded_ids=excluded_ids(tokenizer, arch),
+                        prefix_lm=prefix_lm)
   if arch == "decoder":
     outputs = generate(model, generation_inputs(arch, ids)[0], config)
     return [(p, p + tokenizer.decode(o)) for p, o in zip(prompts, outputs)]

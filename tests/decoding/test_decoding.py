@@ -240,7 +240,8 @@ def test_logits_that_are_not_finite_are_named_by_every_strategy(decoder):
 
 @pytest.mark.parametrize("prompts, options, message", [
     (PROMPTS, dict(pad_id=24), r"pad_id=24 is not an id of the model's vocabulary \[0, 24\)"),
-    (PROMPTS, dict(eos_id=12, vocab_limit=10), r"eos_id=12 is not among the 10 ids a step can choose"),
+    (PROMPTS, dict(eos_id=12, vocab_limit=10), r"eos_id=12 is not among the ids a step can choose \(below 10, "),
+    (PROMPTS, dict(eos_id=1, excluded_ids=(1,)), r"eos_id=1 is not among the ids a step can choose .*not excluded"),
     ([[5, 9], [4, 30, -2]], {}, r"prompt 1 holds ids outside the model's vocabulary \[0, 24\): \[-2, 30\]"),
     ([[5, 9], []], {}, r"prompt 1 is empty"),
     ([], {}, r"no prompts to decode"),
@@ -262,6 +263,22 @@ def test_a_temperature_however_high_samples_no_id_past_the_vocab_limit():
   scores = filter_logits(limit_vocab(logits, 40), temperature=1e30, top_k=0, top_p=1.0)
   assert np.all(np.asarray(scores)[:, 40:] <= NEG_INF)  # at 1e30, -1e30 / T would be about -1
   assert np.all(np.asarray(jax.vmap(lambda k: sample(k, scores))(jax.random.split(jax.random.key(0), 64))) < 40)
+
+
+def test_excluded_ids_are_never_chosen_by_any_strategy(decoder):
+  """An encoder-decoder's mask sits below the sentinels it may write: a limit cannot cut it off.
+  Each strategy, its first greedy picks excluded, chooses as if those ids had -inf logits."""
+  first = sorted({row[0] for row in generate(decoder, PROMPTS, DecodeConfig(max_new_tokens=1, eos_id=-1))})
+  for strategy in ("greedy", "sample", "beam"):
+    config = DecodeConfig(strategy=strategy, max_new_tokens=4, eos_id=-1, excluded_ids=tuple(first), num_beams=2)
+    assert not {t for row in generate(decoder, PROMPTS, config, seed=1) for t in row} & set(first), strategy
+  logits = jnp.asarray(np.random.default_rng(0).normal(0, 3, (2, 12)), jnp.float32)
+  limited = np.asarray(limit_vocab(logits, 10, (3, 7, 11)))
+  kept = np.isin(np.arange(12), [3, 7, 10, 11], invert=True)
+  np.testing.assert_array_equal(limited[:, kept], np.asarray(logits)[:, kept])
+  assert np.all(limited[:, ~kept] == NEG_INF)
+  with pytest.raises(ConfigError, match=r"excluded_ids=\(-1,\) must be a tuple of ids"):
+    DecodeConfig(excluded_ids=(-1,)).validate()
 
 
 def test_a_repetition_penalty_below_one_keeps_ids_past_the_vocab_limit_out(decoder):

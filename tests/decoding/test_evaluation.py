@@ -125,7 +125,8 @@ def test_decode_command_writes_what_generate_decodes_with_its_flags(flags, confi
 def test_an_encoder_decoder_run_decodes_the_span_its_prompt_marks(tmp_path, capsys):
   """README's `decode --prompt "...<extra_id_0>..."` on a span-corruption run: the encoder reads the
   prompt's ids (sentinel 0 added where none is written) and eos, the decoder starts from the start
-  token, and every id of the tokenizer may come out, sentinels included. Its training samples too."""
+  token, and every id of the tokenizer but the mask may come out, sentinels included. Its training
+  samples too."""
   workdir = tmp_path / "t5"
   flags = ["--config.model.emb_dim=32", "--config.model.num_heads=2", "--config.model.head_dim=16",
            "--config.model.mlp_dim=64", "--config.model.num_layers=1", "--config.data.input_len=32",
@@ -142,12 +143,13 @@ def test_an_encoder_decoder_run_decodes_the_span_its_prompt_marks(tmp_path, caps
   model.eval()
   tokenizer = load_tokenizer(trainer.config.data.tokenizer)
   inputs = [tokenizer.encode(text).tolist() + [tokenizer.sentinel_id(0), 1] for text in ("Mr. Darcy", "She was")]
-  expected = generate(model, [[0], [0]], DecodeConfig(max_new_tokens=6, vocab_limit=tokenizer.vocab_size),
-                      encoder_inputs=inputs)
+  # Every id but the mask, which span corruption's targets never hold: the sentinels lie above it.
+  limits = dict(vocab_limit=tokenizer.vocab_size, excluded_ids=(tokenizer.vocab_size - 101,))
+  expected = generate(model, [[0], [0]], DecodeConfig(max_new_tokens=6, **limits), encoder_inputs=inputs)
   assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == [
       tokenizer.decode(tokens) for tokens in expected]
-  sample = generate(model, [[0]], DecodeConfig(max_new_tokens=40, vocab_limit=tokenizer.vocab_size,
-                                               repetition_penalty=1.2), encoder_inputs=inputs[1:])[0]
+  sample = generate(model, [[0]], DecodeConfig(max_new_tokens=40, repetition_penalty=1.2, **limits),
+                    encoder_inputs=inputs[1:])[0]
   assert f"--- 'She was<extra_id_0>'\n{tokenizer.decode(sample)}\n" in printed, printed
 
 
