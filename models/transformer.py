@@ -28,7 +28,7 @@ BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed
 CHECKPOINT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 # A decoder's T5 buckets are one-directional (distance max(query - key, 0)): a prefix that reads
 # both ways would see every later prefix token at distance 0, its order lost. Mesh TensorFlow
-# gave prefix LMs bidirectional buckets instead; this codebase does not yet.
+# gives prefix LMs bidirectional buckets instead: model.relative_bidirectional.
 PREFIX_LM_RELATIVE = ("a prefix LM (prefix_mask, data.objective='prefix_lm') with model.position='relative' needs "
                       "model.relative_bidirectional=True: a causal decoder's relative buckets are one-directional, "
                       "so a prefix token would see every later one at distance 0")
