@@ -6,7 +6,9 @@ at exit."""
 
 import atexit
 import concurrent.futures
+import faulthandler
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -39,6 +41,30 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 # A subprocess that hangs is sent SIGABRT (outputs_of below), on which Python prints every thread's stack.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
+# An xdist worker that dies in native code (a SIGABRT during `eval`, three times so far, each beside
+# another worker, never in a run alone) is taken down before its stderr shows the stack that
+# aborted. Each pytest process writes Python's dump of its threads to a file of its own instead, and
+# the run prints the non-empty ones at its end.
+if "T5X_LIKE_TESTS_FAULTS" not in os.environ:
+  os.environ["T5X_LIKE_TESTS_FAULTS"] = tempfile.mkdtemp(prefix="t5x_like_tests_faults_")
+  atexit.register(shutil.rmtree, os.environ["T5X_LIKE_TESTS_FAULTS"], ignore_errors=True)
+_fault_file = None
+
+
+def pytest_sessionstart(session):
+  """After pytest's own faulthandler plugin has pointed the dump at stderr; the file stays open."""
+  global _fault_file
+  _fault_file = open(os.path.join(os.environ["T5X_LIKE_TESTS_FAULTS"], f"{os.getpid()}.log"), "w")
+  faulthandler.enable(_fault_file, all_threads=True)
+
+
+def pytest_sessionfinish(session):
+  if "PYTEST_XDIST_WORKER" in os.environ:
+    return
+  for dump in sorted(pathlib.Path(os.environ["T5X_LIKE_TESTS_FAULTS"]).glob("*.log")):
+    if dump.read_text().strip():
+      print(f"\npytest process {dump.stem} died in native code; its threads then:\n{dump.read_text()}")
 
 
 @pytest.fixture
