@@ -268,7 +268,14 @@ class Checkpointer:
     the arrays `abstract_state` holds are read (inference reads the parameters, not the optimizer
     moments beside them)."""
     unreadable = {}  # step: why
-    for step in process_0s(sorted(self.manager.all_steps(), reverse=True)):
+    steps = process_0s(sorted(self.manager.all_steps(), reverse=True))
+    corrupt = self.directory.parent / "corrupt"
+    if not steps and process_0s(corrupt.is_dir() and any(corrupt.iterdir())):
+      # Before 9bd73b8 a run whose every step was unreadable moved them all here; its reruns must
+      # not begin again at step 0.
+      raise ConfigError(f"no checkpoint in {self.directory}, and {corrupt} holds the steps set aside as "
+                        f"unreadable; put a good copy back, or remove {corrupt} to train from step 0")
+    for step in steps:
       metadata, error = _read_on_every_process(lambda: self._state_metadata(step))
       if not error:
         differences = state_differences(metadata, abstract_state, partial=partial)

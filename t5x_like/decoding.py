@@ -72,8 +72,8 @@ class DecodeConfig:
                         f"{self.top_p}")
     if self.vocab_limit < 0:
       raise ConfigError(f"vocab_limit={self.vocab_limit} must be at least 0 (0: every id)")
-    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.excluded_ids):
-      raise ConfigError(f"excluded_ids={self.excluded_ids!r} must be a tuple of ids, each at least 0")
+    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in self.excluded_ids):
+      raise ConfigError(f"excluded_ids={self.excluded_ids!r} must hold ids (integers), each at least 0")
     if not (_positive_float32(self.repetition_penalty) and self.num_beams >= 1
             and abs(self.length_penalty) <= FLOAT32_MAX):
       raise ConfigError(f"need repetition_penalty > 0 (in float32), num_beams >= 1 and a finite length_penalty; got "
@@ -243,7 +243,7 @@ class _Loop:
   def of(cls, config: DecodeConfig) -> _Loop:
     sampled, beam = config.strategy == "sample", config.strategy == "beam"
     return cls(config.strategy, config.max_new_tokens, config.num_beams if beam else 1, config.vocab_limit,
-               tuple(config.excluded_ids), config.prefix_lm, sampled and config.top_k > 0,
+               tuple(int(i) for i in config.excluded_ids), config.prefix_lm, sampled and config.top_k > 0,
                sampled and config.top_p < 1.0, not beam and config.repetition_penalty != 1.0)
 
 

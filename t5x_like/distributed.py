@@ -46,7 +46,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   num_processes = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
   process_id = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
   if address is None:
-    if num_processes is not None or process_id is not None:
+    alone = str(num_processes) == "1" and str(process_id) in ("0", "None")  # a launcher's single-host job
+    if (num_processes is not None or process_id is not None) and not alone:
       raise ConfigError("--num_processes and --process_id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID) need "
                         "--coordinator_address (or JAX_COORDINATOR_ADDRESS); without one every process "
                         "would train alone")

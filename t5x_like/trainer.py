@@ -694,10 +694,10 @@ class Trainer:
         logged_steps = sorted((row for row in logged if row["split"] == "train" and row["step"] <= start_step),
                               key=lambda row: row["step"])
         recent.extend((row["loss"] * row["target_tokens"], row["target_tokens"]) for row in logged_steps
-                      if _applied(row))
+                      if math.isfinite(row["loss"]) and not _skipped(row))
         # A run preempted amid skipped updates carries its count on, or each resume would allow
-        # train.max_consecutive_skips more.
-        self.skipped_in_a_row = len(list(itertools.takewhile(lambda row: not _applied(row), logged_steps[::-1])))
+        # train.max_consecutive_skips more. Process 0's count: it alone writes the metrics.
+        self.skipped_in_a_row = process_0s(len(list(itertools.takewhile(_skipped, logged_steps[::-1]))))
         if self._evaluation_missing(start_step, logged):
           writer.write(start_step, "validation", self.evaluate(cfg.eval_steps))
         progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=jax.process_index() != 0,
@@ -830,7 +830,11 @@ def _replace_file(path: pathlib.Path, text: str) -> None:
   """Writes `text` beside `path` and renames it into place: a full disk or a kill mid-write leaves
   the old file whole, not a truncated one that every resume would refuse."""
   partial = path.with_name(path.name + ".partial")
-  partial.write_text(text)
+  try:
+    partial.write_text(text)
+  except BaseException:
+    partial.unlink(missing_ok=True)
+    raise
   os.replace(partial, path)
 
 
@@ -903,10 +907,11 @@ def loss_means(sums) -> dict[str, float]:
   return means
 
 
-def _applied(row: dict) -> bool:
-  """Whether a logged train row's update was applied: a skipped step can log a finite loss beside
-  its non-finite gradient norm."""
-  return math.isfinite(row["loss"]) and math.isfinite(row.get("grad_norm", 0.0))
+def _skipped(row: dict) -> bool:
+  """Whether a logged train row's update was skipped as non-finite: its gradient norm says so (a
+  skipped step can log a finite loss), or its loss where tokens were scored (a step that scored
+  none logs a NaN loss, yet applied its zero update)."""
+  return not math.isfinite(row.get("grad_norm", 0.0)) or (not math.isfinite(row["loss"]) and row["target_tokens"] > 0)
 
 
 def _reported_loss_sum(sums):

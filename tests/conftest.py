@@ -44,8 +44,8 @@ os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 # An xdist worker that dies in native code (a SIGABRT during `eval`, three times so far, each beside
 # another worker, never in a run alone) is taken down before its stderr shows the stack that
-# aborted. Each pytest process writes Python's dump of its threads to a file of its own instead, and
-# the run prints the non-empty ones at its end.
+# aborted. Each worker writes Python's dump of its threads to a file of its own instead, and the
+# run prints the non-empty ones at its end.
 if "T5X_LIKE_TESTS_FAULTS" not in os.environ:
   os.environ["T5X_LIKE_TESTS_FAULTS"] = tempfile.mkdtemp(prefix="t5x_like_tests_faults_")
   atexit.register(shutil.rmtree, os.environ["T5X_LIKE_TESTS_FAULTS"], ignore_errors=True)
@@ -53,8 +53,11 @@ _fault_file = None
 
 
 def pytest_sessionstart(session):
-  """After pytest's own faulthandler plugin has pointed the dump at stderr; the file stays open."""
+  """In an xdist worker, after pytest's own faulthandler plugin has pointed the dump at stderr (a
+  run without workers keeps it there); the file stays open."""
   global _fault_file
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    return
   _fault_file = open(os.path.join(os.environ["T5X_LIKE_TESTS_FAULTS"], f"{os.getpid()}.log"), "w")
   faulthandler.enable(_fault_file, all_threads=True)
 
@@ -64,7 +67,7 @@ def pytest_sessionfinish(session):
     return
   for dump in sorted(pathlib.Path(os.environ["T5X_LIKE_TESTS_FAULTS"]).glob("*.log")):
     if dump.read_text().strip():
-      print(f"\npytest process {dump.stem} died in native code; its threads then:\n{dump.read_text()}")
+      print(f"\npytest worker process {dump.stem} died in native code; its threads then:\n{dump.read_text()}")
 
 
 @pytest.fixture

@@ -277,7 +277,7 @@ def test_excluded_ids_are_never_chosen_by_any_strategy(decoder):
   kept = np.isin(np.arange(12), [3, 7, 10, 11], invert=True)
   np.testing.assert_array_equal(limited[:, kept], np.asarray(logits)[:, kept])
   assert np.all(limited[:, ~kept] == NEG_INF)
-  with pytest.raises(ConfigError, match=r"excluded_ids=\(-1,\) must be a tuple of ids"):
+  with pytest.raises(ConfigError, match=r"excluded_ids=\(-1,\) must hold ids \(integers\), each at least 0"):
     DecodeConfig(excluded_ids=(-1,)).validate()
 
 

@@ -60,6 +60,21 @@ def test_a_decoder_never_generates_the_mask_or_a_sentinel_it_never_trained_on(to
   assert sample_texts(model, tokenizer, ["Mr. Darcy"], max_new_tokens=4) == plain
 
 
+def test_an_encoder_decoder_never_generates_the_mask_but_may_write_sentinels(tokenizer):
+  """The mask sits below the sentinels its targets hold: vocab_limit cannot cut it off, excluded_ids does."""
+  config = ModelConfig(arch="encoder_decoder", vocab_size=tokenizer.vocab_size, emb_dim=32, num_heads=2, mlp_dim=64,
+                       num_layers=1, position="relative")
+  model = build_model(config, seed=0)
+  model.eval()
+  model.output_bias = nnx.Param(jnp.zeros(tokenizer.vocab_size).at[tokenizer.mask_id].set(100.0))
+  inputs = [tokenizer.encode("Mr. Darcy").tolist() + [tokenizer.sentinel_id(0), 1]]
+  assert generate(model, [[0]], DecodeConfig(max_new_tokens=1), encoder_inputs=inputs)[0] == [tokenizer.mask_id]
+  (_, text), = sample_texts(model, tokenizer, ["Mr. Darcy"], max_new_tokens=4)
+  assert "<mask>" not in text
+  model.output_bias[...] = jnp.zeros(tokenizer.vocab_size).at[tokenizer.sentinel_id(1)].set(100.0)
+  assert "<extra_id_1>" in sample_texts(model, tokenizer, ["Mr. Darcy"], max_new_tokens=4)[0][1]
+
+
 def test_an_encoder_decoder_prompt_marks_its_spans_or_gets_sentinel_0_at_its_end(tokenizer):
   mr, darcy = tokenizer.encode("Mr.").tolist(), tokenizer.encode(" Darcy").tolist()
   assert prompt_ids(tokenizer, "encoder_decoder", "Mr. Darcy") == mr + darcy + [tokenizer.sentinel_id(0)]

@@ -51,6 +51,10 @@ def test_process_flags_without_a_coordinator_or_out_of_range_are_refused(monkeyp
   monkeypatch.setenv("JAX_PROCESS_ID", "1")
   with pytest.raises(ConfigError, match="without one every process would train alone"):
     distributed.initialize(None, None, None)
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "1")  # a launcher's single-host job: nothing to join
+  monkeypatch.setenv("JAX_PROCESS_ID", "0")
+  distributed.initialize(None, None, None)
+  assert jax.process_count() == 1
 
 
 def _as_process(monkeypatch, index, others):

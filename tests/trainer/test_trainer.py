@@ -833,7 +833,7 @@ def test_a_mode_that_trains_nothing_or_freezes_what_its_source_lacks_is_refused(
     trainable = nnx.PathContains("mpl")
 
   class MlpOnly(Pretrain):
-    trainable = nnx.PathContains("mlp")
+    trainable = nnx.PathContains("mlp")  # the MLP's dropout keys too: the trainer keeps only parameters
 
   monkeypatch.setitem(MODES, "misspelled", Misspelled)
   monkeypatch.setitem(MODES, "mlp_only", MlpOnly)
@@ -846,9 +846,18 @@ def test_a_mode_that_trains_nothing_or_freezes_what_its_source_lacks_is_refused(
                                         r"lm_head.kernel; start from a run that has them"):
     train(config, tmp_path / "untied")
   assert not (tmp_path / "untied" / "config.json").exists()
+  config = tiny_config(steps=1, mode="mlp_only")
+  config.model.mlp_dropout_rate = 0.1
   with caplog.at_level(logging.WARNING):
-    train(tiny_config(steps=1, mode="mlp_only"), tmp_path / "scratch")
+    trainer, _ = train(config, tmp_path / "scratch")
   assert "train.mode='mlp_only' freezes" in caplog.text and "no train.init_from gives them" in caplog.text
+  assert {type(v) for v in jax.tree.leaves(nnx.state(trainer.model_from(trainer.state["params"]), nnx.Param),
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))} == {nnx.Param}
+  assert all("['mlp']" in keystr(path) for path, _ in flat(trainer.state["params"]))
+  assert any("['mlp']" in keystr(path) and "dropout" in keystr(path) for path, _ in flat(trainer.rest))
+  # A step that scored no token logs a NaN loss beside a finite gradient norm: applied, not skipped.
+  assert not trainer_module._skipped({"loss": float("nan"), "target_tokens": 0.0, "grad_norm": 0.0})
+  assert trainer_module._skipped({"loss": 2.0, "target_tokens": 8.0, "grad_norm": float("inf")})
 
 
 def test_init_from_passes_over_a_source_step_without_metadata_and_warns_of_a_head_left_random(
@@ -926,6 +935,12 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, 
       train(tiny_config(steps=8), tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
     assert len(list((tmp_path / "corrupt").iterdir())) == 1  # the first damage's step 8
+  # A workdir whose every step an older version set aside: a rerun stops rather than start at step 0.
+  for step in ("4", "8"):
+    shutil.move(tmp_path / "checkpoints" / step, tmp_path / "corrupt" / f"{step}-0")
+  with pytest.raises(ConfigError, match=r"corrupt holds the steps set aside as unreadable"):
+    train(tiny_config(steps=8), tmp_path)
+  assert not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_a_failure_that_every_step_meets_moves_none_of_them(tmp_path, monkeypatch):
