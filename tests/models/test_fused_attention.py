@@ -110,6 +110,11 @@ def test_cudnn_trains_and_kv_cache_decoding_keeps_xla():
     assert bool(jnp.any(cache["k"][:, :, 0] != 0)) and not bool(jnp.any(cache["k"][:, :, 1:] != 0))
     outs.append(np.asarray(out, np.float32))
   np.testing.assert_array_equal(*outs)
+  # One key seen, so softmax gives it weight 1 whatever the query: the output is x's value,
+  # projected out (each head's value of x, through the output kernel), computed here in float32.
+  value = np.einsum("btd,dke->btke", np.asarray(x, np.float32), np.asarray(attention.value.kernel[...], np.float32))
+  expected = np.einsum("btke,ked->btd", value, np.asarray(attention.out.kernel[...], np.float32))
+  np.testing.assert_allclose(outs[0], expected, rtol=0.05, atol=0.02)  # bfloat16 roundings on the way
   assert np.any(outs[0] != 0)
 
 
