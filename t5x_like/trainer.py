@@ -31,7 +31,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from models.config import ConfigError, ModelConfig
-from models.model_size import train_flops_per_sequence
 from models.transformer import PREFIX_LM_RELATIVE
 from t5x_like import partitioning
 from t5x_like.checkpoints import Checkpointer, read_params, saved_tokenizer_digest, this_process_position
@@ -678,10 +677,9 @@ class Trainer:
         writer = MetricWriter(self.workdir)
         cleanup.callback(writer.close)
 
-        lengths = _sequence_lengths(self.config, self.model_config)
+        row_flops, row_tokens = self.mode.row_cost(self.model_config, _sequence_lengths(self.config, self.model_config))
         batch_size = self.config.data.batch_size
-        flops_per_step = batch_size * train_flops_per_sequence(self.model_config, *lengths)
-        tokens_per_step = batch_size * sum(lengths)
+        flops_per_step, tokens_per_step = batch_size * row_flops, batch_size * row_tokens
         peak, peak_source = peak_flops_per_device()
         logger.info("MFU relative to %s", peak_source)
 

@@ -3,7 +3,8 @@
 The trainer runs any mode; a new one (reward model, DPO, LoRA, ...) is a new module here
 registered in MODES, never a change to the loop: it reads its settings from the train section
 (TrainingMode.from_config), adds parameters of its own to the model (TrainingMode.build_model),
-and the trainer reports whatever sums its loss returns.
+says what a row of its batch costs if not one sequence (TrainingMode.row_cost), and the trainer
+reports whatever sums its loss returns.
 Instruction tuning needs none: it is `pretrain` on the `sft` objective's rows, whose loss
 weights cover only the responses.
 """

@@ -9,6 +9,7 @@ import ml_collections
 from flax import nnx
 
 from models.config import ModelConfig
+from models.model_size import train_flops_per_sequence
 from models.transformer import build_model
 
 
@@ -29,6 +30,13 @@ class TrainingMode(abc.ABC):
   def from_config(cls, train: ml_collections.ConfigDict) -> TrainingMode:
     """The mode with its own settings (a DPO beta, a LoRA rank) read from the run's train section."""
     return cls()
+
+  def row_cost(self, model_config: ModelConfig, lengths: tuple[int, ...]) -> tuple[float, int]:
+    """(model FLOPs, tokens) a training step spends on one row of the batch, for the logged
+    throughput and MFU: one sequence of the data's lengths, trained (PaLM app. B). A mode that
+    runs the model on more than one sequence a row (a preference pair's two responses) or
+    trains fewer weights says so here, or its tokens/s and MFU are misreported."""
+    return train_flops_per_sequence(model_config, *lengths), sum(lengths)
 
   @abc.abstractmethod
   def batch_features(self, model_config: ModelConfig, objective: str | None) -> tuple[str, ...]:

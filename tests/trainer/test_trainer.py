@@ -216,13 +216,25 @@ def _taking(clock: list[float], seconds: float, call):
   return timed
 
 
-def test_a_run_keeps_its_last_checkpoints_evaluates_every_n_steps_and_reports_mfu(tmp_path, monkeypatch):
+class TwoSequencesARow(Pretrain):
+  """Costs what a preference pair's two responses would: twice a sequence's FLOPs and tokens."""
+
+  def row_cost(self, model_config, lengths):
+    flops, tokens = super().row_cost(model_config, lengths)
+    return 2 * flops, 2 * tokens
+
+
+@pytest.mark.parametrize("sequences_a_row", [1, 2])
+def test_a_run_keeps_its_last_checkpoints_evaluates_every_n_steps_and_reports_mfu(tmp_path, monkeypatch,
+                                                                                  sequences_a_row):
   """On a clock where a step takes 1 s and each compile, save or evaluation 100 s: throughput
-  counts steps only, the first interval's too."""
+  counts steps only, the first interval's too, at what the mode says a row costs."""
   monkeypatch.setattr("t5x_like.trainer.peak_flops_per_device", lambda: (1e12, "a test's peak"))
+  monkeypatch.setitem(MODES, "pairs", TwoSequencesARow)
   clock = [0.0]
   monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-  config = tiny_config(steps=8, keep_checkpoints=1, eval_every=4, log_every=2)
+  config = tiny_config(steps=8, keep_checkpoints=1, eval_every=4, log_every=2,
+                       mode="pretrain" if sequences_a_row == 1 else "pairs")
   trainer = Trainer(config, tmp_path, make_loader=PatternLoader)
   trainer.train_step = _taking(clock, 1.0, trainer.train_step)
   trainer.evaluate = _taking(clock, 100.0, trainer.evaluate)
@@ -234,8 +246,9 @@ def test_a_run_keeps_its_last_checkpoints_evaluates_every_n_steps_and_reports_mf
   checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert checkpoints == ["8"]
   assert [row["step"] for row in read_metrics(tmp_path, "validation")] == [4, 8]
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-  flops_per_step = config.data.batch_size * train_flops_per_sequence(trainer.model_config, config.data.seq_len)
+  tokens_per_step = sequences_a_row * config.data.batch_size * config.data.seq_len
+  flops_per_step = sequences_a_row * config.data.batch_size * train_flops_per_sequence(trainer.model_config,
+                                                                                       config.data.seq_len)
   for row in read_metrics(tmp_path, "train"):
     steps_per_second = row["tokens_per_second"] / tokens_per_step
     assert steps_per_second == pytest.approx(1.0), row["step"]
