@@ -104,13 +104,15 @@ def make_optimizer(config: ml_collections.ConfigDict, inputs: dict):
                      optax.scale_by_learning_rate(schedule))
   else:
     raise ConfigError(f"train.optimizer.name={config.name!r} is not one of ('adamw', 'adafactor')")
-  if config.grad_clip_norm:
-    return optax.chain(clip_by_global_norm(config.grad_clip_norm), tx), schedule
-  return optax.with_extra_args_support(tx), schedule
+  # Chained with clipping off too, so that the optimizer state has one layout: a run resumes
+  # with clipping turned on or off (without the clip step, Adam's moments moved from
+  # opt_state.1 to opt_state.0 and the checkpoint no longer fitted).
+  return optax.chain(clip_by_global_norm(config.grad_clip_norm), tx), schedule
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
-  """optax.clip_by_global_norm, reusing the norm its caller already has (`update(..., grad_norm=)`).
+  """optax.clip_by_global_norm, reusing the norm its caller already has (`update(..., grad_norm=)`);
+  a max_norm of 0 clips nothing.
 
   The trainer computes the gradients' norm for its metrics and its NaN check, outside the
   branch that updates; optax's clip computed it again inside, and XLA shares no work across
@@ -118,6 +120,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   """
   def update(updates, state, params=None, *, grad_norm=None, **extra_args):
     del params, extra_args
+    if not max_norm:
+      return updates, state
     norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
     scale = jnp.minimum(1.0, max_norm / norm)
     return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state

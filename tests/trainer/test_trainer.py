@@ -573,6 +573,22 @@ def test_resuming_under_another_model_stops_and_keeps_every_checkpoint_and_a_lon
       pytest.approx(rebuilt, rel=1e-5))
 
 
+def test_a_resume_may_turn_gradient_clipping_off_and_keeps_adams_moments(tmp_path):
+  """Clipping is a step of the optimizer chain, on or off, so the saved state fits both (without
+  the step the moments moved and the checkpoint no longer fitted): a run clipped at a norm it never
+  reaches, resumed unclipped, trains as a run never clipped."""
+  def config(steps, clip):
+    config = tiny_config(steps=steps, checkpoint_every=2)
+    config.train.optimizer.grad_clip_norm = clip
+    return config
+  train(config(2, 1e9), tmp_path / "resumed")
+  train(config(4, 0.0), tmp_path / "resumed")
+  train(config(4, 0.0), tmp_path / "unclipped")
+  resumed, unclipped = losses(tmp_path / "resumed"), losses(tmp_path / "unclipped")
+  assert sorted(resumed) == [1, 2, 3, 4]
+  np.testing.assert_allclose([resumed[s] for s in range(1, 5)], [unclipped[s] for s in range(1, 5)], rtol=1e-6)
+
+
 # How the model computes, which a resume may change (the README's list); every other field is what it computes.
 HOW_IT_COMPUTES = {"attention_kernel", "loss_kernel", "remat", "dtype", "bf16_matmul_inputs", "dropout_rate",
                    "final_dropout", "attention_dropout_rate", "mlp_dropout_rate"}
