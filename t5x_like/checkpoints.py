@@ -107,7 +107,7 @@ def read_params(source: pathlib.Path, targets: dict[tuple, jax.ShapeDtypeStruct]
   `targets` (keyed by their path in the saved params tree). Only this run reads the source and
   nothing there is moved. A saved parameter that targets lack or hold in another shape is a
   ConfigError; targets the source did not save are left out of the result."""
-  source = pathlib.Path(source).absolute()
+  source = pathlib.Path(source).expanduser().absolute()
   # Process 0's view, on every process: all look in one place, and try the same steps.
   looked_in = source / "checkpoints" if (source / "checkpoints").is_dir() else source
   directory, found = process_0s([str(looked_in), looked_in.is_dir()])

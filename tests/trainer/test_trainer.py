@@ -758,16 +758,26 @@ def test_inference_loads_a_runs_parameters_without_its_optimizer_moments(tmp_pat
     loaded.train()
 
 
-def test_a_run_starts_from_another_runs_parameters_with_a_fresh_optimizer(tmp_path):
+def test_a_run_starts_from_another_runs_parameters_with_a_fresh_optimizer(tmp_path, monkeypatch):
   pretrained, _ = train(tiny_config(steps=4, mesh_shape=(2, 2, 2)), tmp_path / "pretrained")
   # Biases the pretrained run lacks stand for an adapter's new weights; they start at zero, so the
   # tuned model computes what the pretrained one does. At learning rate 0 nothing moves.
-  config = tiny_config(steps=4, mesh_shape=(8, 1, 1), init_from=str(tmp_path / "pretrained"))
+  monkeypatch.setenv("HOME", str(tmp_path))  # a path in a config is not the shell's to expand
+  config = tiny_config(steps=4, mesh_shape=(8, 1, 1), init_from="~/pretrained")
   config.model.use_bias = True
   config.train.optimizer.learning_rate = 0.0
   tuned = Trainer(config, tmp_path / "tuned", make_loader=PatternLoader)
-  initial = {keystr(path): np.asarray(leaf) for path, leaf in flat(tuned.state["params"])}
+  # Copies: np.asarray's view of a CPU buffer would keep jax from donating it.
+  initial = {keystr(path): np.array(leaf) for path, leaf in flat(tuned.state["params"])}
+  # The initial state is freed as it is replaced: its optimizer state before the source's parameters
+  # are read, its parameters by the time the new state is made.
+  initial_state, read = tuned.state, trainer_module.read_params
+  def reading(source, targets):
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(initial_state["opt_state"]))
+    return read(source, targets)
+  monkeypatch.setattr(trainer_module, "read_params", reading)
   result = tuned.train()
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves((initial_state["params"], initial_state["opt_state"])))
   saved = {keystr(path): np.asarray(leaf) for path, leaf in flat(pretrained.state["params"])}
   final = {keystr(path): np.asarray(leaf) for path, leaf in flat(tuned.state["params"])}
   assert saved.keys() < final.keys() and any("bias" in name for name in final.keys() - saved.keys())
