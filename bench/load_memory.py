@@ -1,13 +1,17 @@
-"""Peak host memory and time of loading a run for inference (Trainer.from_workdir), one JSON line per tree.
+"""Peak host memory and time of loading a run for inference (Trainer.from_workdir), or of a
+fine-tune starting from it (--init-from), one JSON line per tree.
 
     python bench/load_memory.py [--config experiments/decoder_tiny.py] [--config.model.emb_dim=1024 ...] \
-        [--baselines DIR,...] [--rounds 2]
+        [--baselines DIR,...] [--rounds 2] [--init-from]
 
 The config's initial train state (optimizer moments included, as training saves them) is saved
 as a run's step 0 in a temporary workdir. Each tree (ours, then each --baselines checkout of an
 older revision) loads it in a fresh process, alternating over --rounds, which reports its peak
 resident memory (VmHWM) and load time. On a CPU the arrays live in host memory, so the peak
-is what inference needs at most to start.
+is what inference needs at most to start. With --init-from, each process builds the config's
+own train state and then replaces it by the saved parameters (Trainer.init_params_from, as
+train.init_from does), and also reports the peak's rise above the memory that state held, in
+copies of the parameters.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,13 +34,28 @@ from t5x_like.trainer import Trainer
 def peak_mib():  # this process's own high-water mark (ru_maxrss can carry the parent's over a fork)
   status = open("/proc/self/status").read()
   return int(status.split("VmHWM:")[1].split()[0]) / 1024
+def resident_mib():
+  return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+if sys.argv[3] == "init_from":  # a fine-tune's start: its own initial state, replaced by the saved parameters
+  from t5x_like.config import apply_overrides, load_run_config
+  config = load_run_config(sys.argv[4])
+  apply_overrides(config, json.loads(sys.argv[5]))
+  trainer = Trainer(config, sys.argv[6])
+  jax.block_until_ready(trainer.state)
+  holding = resident_mib()
 before = peak_mib()
 start = time.perf_counter()
-trainer = Trainer.from_workdir(sys.argv[2])
+if sys.argv[3] == "init_from":
+  trainer.init_params_from(sys.argv[2])
+else:
+  trainer = Trainer.from_workdir(sys.argv[2])
 jax.block_until_ready(trainer.state)
 seconds = time.perf_counter() - start
 params = sum(leaf.nbytes for leaf in jax.tree.leaves(trainer.state["params"])) / 2**20
-print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(), "peak_before_load_mib": before, "params_mib": params}))
+row = {"seconds": seconds, "peak_mib": peak_mib(), "peak_before_load_mib": before, "params_mib": params}
+if sys.argv[3] == "init_from":
+  row["rise_in_params"] = (peak_mib() - holding) / params
+print(json.dumps(row))
 """
 
 
@@ -58,6 +78,8 @@ def main() -> None:
   parser.add_argument("--config", default=str(ROOT / "experiments" / "decoder_tiny.py"))
   parser.add_argument("--baselines", default="", help="comma-separated checkouts of other revisions")
   parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--init-from", action="store_true",
+                      help="time a fine-tune's start from the run (train.init_from), not inference's load")
   args, overrides = parser.parse_known_args()
   trees = {"this": ROOT} | {pathlib.Path(tree).name: pathlib.Path(tree).resolve()
                             for tree in args.baselines.split(",") if tree}
@@ -66,8 +88,11 @@ def main() -> None:
     save_initial_run(args.config, overrides, workdir)
     for round_ in range(args.rounds):
       for name, tree in trees.items():
-        done = subprocess.run([sys.executable, "-c", LOAD, str(tree), str(workdir)], capture_output=True, text=True,
-                              cwd=tree)
+        fine_tune = (["init_from", args.config, json.dumps(overrides), str(pathlib.Path(directory) / name)]
+                     if args.init_from else ["inference"])
+        shutil.rmtree(pathlib.Path(directory) / name, ignore_errors=True)
+        done = subprocess.run([sys.executable, "-c", LOAD, str(tree), str(workdir), *fine_tune], capture_output=True,
+                              text=True, cwd=tree)
         if done.returncode:
           raise SystemExit(f"loading with {tree} failed:\n{done.stderr[-3000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
