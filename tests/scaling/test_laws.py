@@ -292,8 +292,18 @@ def test_report_and_plots(chinchilla_data, tmp_path, monkeypatch):
   report = fit_report(rows, bootstrap_samples=20, grid=SMALL_GRID)
   assert report["loss"] == "validation_loss" and report["chinchilla"]["e"] == pytest.approx(1.69, rel=0.03)
   assert report["chinchilla"]["alpha"] == pytest.approx(0.34, abs=0.02)
-  for point in report["compute_optimal"]:
+  # The frontier: at each compute, the N that minimises the reported law along 6ND = C (scipy's
+  # minimiser), from the smallest run's compute to 100x the largest's.
+  reported = laws.Chinchilla(**{key: report["chinchilla"][key] for key in ("e", "a", "b", "alpha", "beta")})
+  frontier = report["compute_optimal"]
+  assert [point["compute_6nd"] for point in (frontier[0], frontier[-1])] == pytest.approx(
+      [(6 * n * d).min(), 100 * (6 * n * d).max()])
+  for point in frontier:
     assert 6 * point["n"] * point["d"] == pytest.approx(point["compute_6nd"])
+    c = point["compute_6nd"]
+    numeric = optimize.minimize_scalar(lambda log_n: reported(np.exp(log_n), c / (6 * np.exp(log_n))),
+                                       bounds=(np.log(1e3), np.log(1e16)), method="bounded")
+    assert np.log(point["n"]) == pytest.approx(numeric.x, abs=1e-3)
   assert report["kaplan_n"]["alpha_n"] > 0 and report["kaplan_d"]["alpha_d"] > 0
   assert report["extrapolation"]["max_abs_relative_error"] < 0.02
   json.dumps(report)  # serialisable as the fit report file
