@@ -5,6 +5,7 @@ import pathlib
 import numpy as np
 import pytest
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from models.config import ConfigError
 from t5x_like import cli
@@ -95,6 +96,13 @@ def test_train_tiny_tokenizer(tmp_path, model_type):
   assert tiny.vocab_size == 410
   text = "The quick fox, naïvely: 42 dogs!"
   assert tiny.decode(tiny.encode(text)) == text  # byte fallback covers unseen characters
+  assert model_type_of(path) == model_type.upper()  # both pass the checks above; the model says which it is
+
+
+def model_type_of(path) -> str:
+  """The algorithm a SentencePiece model file was trained with, as its proto records it."""
+  proto = sentencepiece_model_pb2.ModelProto.FromString(pathlib.Path(path).read_bytes())
+  return sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
 
 
 def test_a_text_longer_than_sentencepieces_limit_is_trained_on(tmp_path):
@@ -150,3 +158,7 @@ def test_cli_main_trains_and_reports_errors(tmp_path, capsys):
   assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "410", "--output",
                    str(tmp_path / "cli.model"), "--overwrite"]) == 0
   assert Tokenizer(tmp_path / "cli.model").vocab_size == 410 and not (tmp_path / "cli.model.model").exists()
+  assert model_type_of(tmp_path / "cli.model") == "BPE"  # the default
+  assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "410", "--output",
+                   str(tmp_path / "unigram"), "--model-type", "unigram"]) == 0
+  assert model_type_of(tmp_path / "unigram.model") == "UNIGRAM"
