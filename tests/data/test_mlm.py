@@ -35,13 +35,18 @@ def test_the_count_chosen_is_berts(candidates, count):
   assert chosen.sum() == count
 
 
-def test_a_random_replacement_is_an_ordinary_piece_never_pad_eos_or_unk():
+def test_a_random_replacement_is_an_ordinary_piece_never_pad_eos_unk_or_the_mask():
+  """With one ordinary id, a random replacement can only be that id: a draw from the special ids
+  below would show at once, and one that took in the mask id would make 85% of the chosen masks."""
   rng = np.random.default_rng(3)
-  mask_id = FIRST_PIECE_ID + 2  # two ordinary ids: a draw from the special ids below would show at once
-  for _ in range(50):
-    tokens = np.append(rng.integers(FIRST_PIECE_ID, mask_id, size=40), EOS_ID)
+  mask_id, chosen_total, masked = FIRST_PIECE_ID + 1, 0, 0
+  for _ in range(200):
+    tokens = np.append(np.full(100, FIRST_PIECE_ID), EOS_ID)
     inputs, chosen = mask_tokens(tokens, rng, rate=0.5, mask_id=mask_id)
-    assert ((inputs[chosen] >= FIRST_PIECE_ID) & (inputs[chosen] <= mask_id)).all()
+    assert np.isin(inputs[chosen], [FIRST_PIECE_ID, mask_id]).all()
+    chosen_total += chosen.sum()
+    masked += np.sum(inputs[chosen] == mask_id)
+  assert masked / chosen_total == pytest.approx(0.8, abs=0.012)  # 10,000 chosen: 3 standard deviations
 
 
 def test_at_least_one_token_and_none_in_an_eos_only_piece():
