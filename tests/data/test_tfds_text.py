@@ -90,6 +90,8 @@ def test_processes_of_one_host_share_a_data_dir(small_corpus, tmp_path, outputs_
   """Two processes prepare the same dataset at once: one builds, the other waits and reads it."""
   root = pathlib.Path(__file__).resolve().parents[2]
   script = ("import sys; from t5x_like.data import tfds_text; "
+            "build = tfds_text.LocalFiles.download_and_prepare; "
+            "tfds_text.LocalFiles.download_and_prepare = lambda self, **kw: print('built') or build(self, **kw); "
             "b = tfds_text.prepare([sys.argv[1]], ('text',), sys.argv[2]); "
             "print(sum(len(b.as_data_source(s)) for s in b.info.splits))")
   env = dict(os.environ, PYTHONPATH=str(root))
@@ -99,3 +101,4 @@ def test_processes_of_one_host_share_a_data_dir(small_corpus, tmp_path, outputs_
   outputs = [output.split() for output in outputs_of(runs, timeout=120)]
   assert [run.returncode for run in runs] == [0, 0]
   assert [out[-1] for out in outputs] == [str(len(list(documents.paragraphs(small_corpus))))] * 2
+  assert sorted(out.count("built") for out in outputs) == [0, 1]
