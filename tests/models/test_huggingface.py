@@ -5,6 +5,7 @@ Nothing downloads: each HF model is built from a small config with a fixed seed,
 are actually checked.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch  # test dependencies (setup.py's "test" extra): a broken install fails, not skips
@@ -13,6 +14,7 @@ import transformers
 from models.config import ModelConfig
 from models.huggingface import UnsupportedCheckpoint, common, config_from_hf, export_to_hf, import_from_hf
 from models.huggingface import gpt2 as gpt2_family
+from models.layers import relative_position_bucket
 from models.transformer import build_model
 
 VOCAB, LENGTH, PADDED_LENGTH = 128, 12, 7
@@ -134,6 +136,19 @@ def test_export_of_bfloat16_parameters_loads_into_torch(pair):
   for name, value in hf_model.state_dict().items():
     rounded = value.to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(torch.from_numpy(exported[name]).numpy(), rounded, err_msg=name)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (16, 40), (64, 256)])
+def test_relative_position_buckets_are_t5s_at_every_distance(bidirectional, num_buckets, max_distance):
+  """Against transformers' T5 bucketing (key - query, as ours), over the exact range, the whole
+  log-spaced range and past max_distance: a rounding in place of T5's floor would show."""
+  relative = np.arange(-3 * max_distance, 3 * max_distance + 1)
+  theirs = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
+      torch.from_numpy(relative), bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+  ours = relative_position_bucket(jnp.asarray(relative), bidirectional=bidirectional, num_buckets=num_buckets,
+                                  max_distance=max_distance)
+  np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
 
 
 def test_config_maps_eps_theta_activation_and_heads():
