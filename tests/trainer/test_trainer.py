@@ -1,6 +1,7 @@
 """The trainer: losses fall, sharding follows the rules, runs resume exactly, guards hold."""
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -299,6 +300,29 @@ def test_z_loss_is_the_scaled_mean_square_log_normaliser(tmp_path):
   hit = np.take_along_axis(top, local["decoder_target_tokens"][..., None], axis=-1)[..., 0]
   assert means["accuracy"] == pytest.approx(np.sum(hit / ties * weights) / np.sum(weights), rel=1e-5)
   assert 0 < means["accuracy"] < 1
+
+
+def test_validation_loss_is_the_cross_entropy_of_the_validation_splits_first_batches(tmp_path):
+  """The evaluation at the end of training, its logged row and evaluate() against numpy's
+  cross-entropy of the trained model's logits on the loader's first train.eval_steps validation
+  batches, weighted per scored token (rows from another split or batch would not agree)."""
+  config = tiny_config(steps=2, eval_steps=2)
+  trainer, result = train(config, tmp_path, loader=RaggedPatternLoader)
+  model = trainer.model_from(trainer.state["params"], trainer.rest)
+  model.eval()
+  loss_sum = weight_sum = 0.0
+  validation = RaggedPatternLoader(config.data, "validation", process_index=0, process_count=1)
+  for local in itertools.islice(validation, 2):
+    logits = np.asarray(model(local["decoder_input_tokens"], segment_ids=local["decoder_segment_ids"],
+                              positions=local["decoder_positions"]), np.float64)
+    target_logits = np.take_along_axis(logits, local["decoder_target_tokens"][..., None], axis=-1)[..., 0]
+    cross_entropy = scipy.special.logsumexp(logits, axis=-1) - target_logits
+    loss_sum += np.sum(cross_entropy * local["decoder_loss_weights"])
+    weight_sum += np.sum(local["decoder_loss_weights"])
+  expected = loss_sum / weight_sum
+  assert result.validation["loss"] == pytest.approx(expected, rel=1e-5)
+  assert read_metrics(tmp_path, "validation")[-1]["loss"] == pytest.approx(expected, rel=1e-5)
+  assert trainer.evaluate(2)["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def _run(workdir, overrides, *extra):
