@@ -43,10 +43,16 @@ class MetricWriter:
     self.tensorboard = None
     if self.enabled:
       path = pathlib.Path(workdir) / "metrics.jsonl"
+      tail = b""
       if path.exists():  # a row torn by a crash would run into the first new one: cut it off
         data = path.read_bytes()
-        os.truncate(path, data.rfind(b"\n") + 1)
+        end = data.rfind(b"\n") + 1
+        tail = data[end:]
+        if tail and _row_problem(tail) is not None:
+          os.truncate(path, end)
       self.jsonl = open(path, "a", encoding="utf-8")
+      if tail and _row_problem(tail) is None:  # a whole row that lost only its newline (an editor's save) is kept
+        self.jsonl.write("\n")
       # Rows reach the disk within FLUSH_SECONDS (tensorboardX's default, 120 s, lost a killed run's
       # last two minutes of rows for good: the rerun re-logs only the steps after its checkpoint).
       self.tensorboard = _summary_writer_class()(str(pathlib.Path(workdir) / "tensorboard"),
@@ -67,23 +73,48 @@ class MetricWriter:
       self.tensorboard.close()
 
 
-def read_metrics(workdir: pathlib.Path, split: str | None = None) -> list[dict]:
-  """Rows of a run's metrics.jsonl, optionally of one split, one per (split, step).
+def read_metrics(workdir: pathlib.Path, split: str | None = None, *, fields: tuple[str, ...] = ()) -> list[dict]:
+  """Rows of a run's metrics.jsonl, optionally of one split, one per (split, step); a row without
+  one of `fields` (those the caller reads) is an error, as is one MetricWriter did not write.
 
   The file only grows: a resumed run logs again the steps it trains again after its last
   checkpoint, and a rerun evaluates its end again. The newest row of each step counts.
   A row a crash tore is skipped, and the next writer cuts it off.
   """
   path = pathlib.Path(workdir) / "metrics.jsonl"
-  text = path.read_text(encoding="utf-8")
+  lines = path.read_bytes().split(b"\n")
+  if _row_problem(lines[-1]) is not None:  # a last line without its newline: a row torn by a crash, or being written
+    lines = lines[:-1]
   newest = {}
-  # A last line without its newline is a row torn by a crash (or still being written).
-  for number, line in enumerate(text[:text.rfind("\n") + 1].splitlines(), start=1):
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as error:
-      raise ConfigError(f"{path}, line {number}: not a metrics row ({error.msg}); remove the line") from None
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    if problem := _row_problem(line, fields):
+      raise ConfigError(f"{path}, line {number}: not a metrics row ({problem}); remove the line")
+    row = json.loads(line)
     if split is None or row["split"] == split:
       newest.pop((row["split"], row["step"]), None)  # re-inserted: in the order last written
       newest[(row["split"], row["step"])] = row
   return list(newest.values())
+
+
+def _row_problem(line: bytes, fields: tuple[str, ...] = ()) -> str | None:
+  """Why a line is not a row MetricWriter writes (None if it is one): a JSON object with an integer
+  step, a split, and numbers for the rest, `fields` among them."""
+  try:
+    row = json.loads(line.decode("utf-8"))
+  except UnicodeDecodeError as error:
+    return f"byte {line[error.start]:#x} is not UTF-8"
+  except json.JSONDecodeError as error:
+    return error.msg
+  if not isinstance(row, dict):
+    return f"a JSON {type(row).__name__}, not an object"
+  if type(row.get("step")) is not int or not isinstance(row.get("split"), str):
+    return "no integer step or no split"
+  missing = [key for key in fields if key not in row]
+  if missing:
+    return f"no {' or '.join(missing)}"
+  not_numbers = [key for key, value in row.items() if key not in ("step", "split") and type(value) not in (int, float)]
+  if not_numbers:
+    return f"{', '.join(not_numbers)} not a number"
+  return None

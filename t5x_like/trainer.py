@@ -696,7 +696,8 @@ class Trainer:
         # (loss sum, target tokens) of the latest finite steps, the logged ones first, so a run
         # resumed at its last step reports the same train loss.
         recent = collections.deque(maxlen=cfg.log_every)
-        logged = read_metrics(self.workdir) if (self.workdir / "metrics.jsonl").exists() else []
+        logged = (read_metrics(self.workdir, fields=("loss", "target_tokens"))
+                  if (self.workdir / "metrics.jsonl").exists() else [])
         logged_steps = sorted((row for row in logged if row["split"] == "train" and row["step"] <= start_step),
                               key=lambda row: row["step"])
         recent.extend((row["loss"] * row["target_tokens"], row["target_tokens"]) for row in logged_steps

@@ -25,10 +25,33 @@ def test_a_row_torn_by_a_crash_is_skipped_then_cut_off_by_the_next_writer(tmp_pa
   assert path.read_text().count("\n") == 2
 
 
-def test_a_damaged_row_inside_the_file_is_named(tmp_path):
-  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\nnot json\n{"step": 2}\n')
-  with pytest.raises(ConfigError, match=r"metrics.jsonl, line 2: not a metrics row"):
-    read_metrics(tmp_path)
+def test_a_whole_last_row_without_its_newline_is_read_and_kept_by_the_next_writer(tmp_path):
+  """An editor's save drops the final newline: that row is whole, not torn, and resuming kept
+  nothing of it (the step's row was cut off the file)."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "split": "train", "loss": 2.0}')
+  assert read_metrics(tmp_path) == [FIRST]
+  writer = MetricWriter(tmp_path)
+  writer.write(2, "train", {"loss": 1.5})
+  writer.close()
+  assert read_metrics(tmp_path) == [FIRST, {"step": 2, "split": "train", "loss": 1.5}]
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b"not json", "Expecting value"),
+    (b"[1, 2]", "a JSON list, not an object"),
+    (b'{"step": 3}', "no integer step or no split"),
+    (b'{"step": "3", "split": "train"}', "no integer step or no split"),
+    (b'{"step": 4, "split": "train", "loss": "x"}', "loss not a number"),
+    (b'{"step": 4, "split": "train", "accuracy": 0.5}', "no loss"),
+    (b'\xff\xfe{"step": 4}', "byte 0xff is not UTF-8"),
+])
+def test_a_damaged_row_inside_the_file_is_named(tmp_path, line, problem):
+  """Hand edits that a resume met as a KeyError or TypeError deep in the trainer."""
+  (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "split": "train", "loss": 2.0}\n' + line +
+                                           b'\n{"step": 2, "split": "train", "loss": 1.0}\n')
+  with pytest.raises(ConfigError, match=rf"metrics.jsonl, line 2: not a metrics row \({problem}.*\); remove the line"):
+    read_metrics(tmp_path, fields=("loss",))
 
 
 def read_events(path):
