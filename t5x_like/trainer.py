@@ -845,14 +845,24 @@ def _replace_file(path: pathlib.Path, text: str) -> None:
   os.replace(partial, path)
 
 
+RUN_CONFIG_SECTIONS = ("model", "data", "train", "partitioning")
+
+
 def read_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   """The config a run's checkpoints were made with (its workdir's config.json), as it was written."""
   config_file = pathlib.Path(workdir) / "config.json"
   try:
-    return ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  except json.JSONDecodeError as error:
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise ConfigError(f"{config_file} is not valid JSON ({error}); train writes it, and nothing "
                       f"else should") from None
+  # A hand edit that left JSON but not a run's config met a KeyError or AttributeError later.
+  missing = [section for section in RUN_CONFIG_SECTIONS if not isinstance(config, dict) or
+             not isinstance(config.get(section), dict)]
+  if missing:
+    raise ConfigError(f"{config_file} is not the config train writes: no {', '.join(missing)} section (an object); "
+                      f"train writes it, and nothing else should")
+  return ml_collections.ConfigDict(config)
 
 
 def _path_of(keys) -> tuple:

@@ -708,10 +708,19 @@ def test_a_resume_that_stops_before_saving_leaves_the_runs_config_and_checkpoint
   assert (tmp_path / "config.json").read_text() == saved_config
 
 
-def test_a_workdir_whose_config_is_not_json_is_named(tmp_path):
-  (tmp_path / "config.json").write_text('{"model": ')
-  with pytest.raises(ConfigError, match=r"config\.json is not valid JSON"):
+@pytest.mark.parametrize("content, message", [
+    (b'{"model": ', r"is not valid JSON"),
+    (b'{"model": {}}\xff', r"is not valid JSON \('utf-8' codec can't decode byte 0xff"),
+    (b"[]", r"is not the config train writes: no model, data, train, partitioning section"),
+    (b'{"model": {}, "data": {}, "train": 3, "partitioning": {}}', r"is not the config train writes: no train section"),
+])
+def test_a_workdir_whose_config_is_not_a_run_config_is_named(tmp_path, content, message):
+  """Cut short or edited by hand: named, where a list or a missing section met an AttributeError."""
+  (tmp_path / "config.json").write_bytes(content)
+  with pytest.raises(ConfigError, match=r"config\.json " + message):
     Trainer.from_workdir(tmp_path)
+  with pytest.raises(ConfigError, match=r"config\.json " + message):
+    trainer_module.read_run_config(tmp_path)  # as a resume reads it
 
 
 def test_a_run_loads_for_inference_on_fewer_devices_than_its_mesh(tmp_path, monkeypatch):
