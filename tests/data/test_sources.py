@@ -86,6 +86,13 @@ class T5xLikeTestCatalog(tfds.core.GeneratorBasedBuilder):
       yield index, {"text": f"{split} record {index}"}
 
 
+class T5xLikeTrainOnlyCatalog(T5xLikeTestCatalog):
+  """One split, as Wikipedia has."""
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples("train")}
+
+
 def test_a_catalog_dataset_is_read_once_built_and_named_otherwise(tmp_path):
   name = "tfds:t5x_like_test_catalog"
   with pytest.raises(ConfigError, match=rf"data.dataset='{name}' is not built in data.data_dir='{tmp_path}'; build it "
@@ -101,6 +108,15 @@ def test_a_catalog_dataset_is_read_once_built_and_named_otherwise(tmp_path):
   with pytest.raises(ConfigError, match=r"has no \['prompt', 'response'\] feature\(s\), which data.objective reads; "
                                         r"its features are \['text'\]"):
     sources.open_split(name, "train", ("prompt", "response"), str(tmp_path))
+  T5xLikeTrainOnlyCatalog(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  assert len(sources.open_split("tfds:t5x_like_train_only_catalog", "train", ("text",), str(tmp_path))) == 3
+  with pytest.raises(ConfigError, match=r"'tfds:t5x_like_train_only_catalog' has no 'validation' split \(it has "
+                                        r"\['train'\]\); training reads 'train' and evaluates on 'validation'"):
+    sources.open_split("tfds:t5x_like_train_only_catalog", "validation", ("text",), str(tmp_path))
+  for malformed in ("", "my-data", "a/b/c/d"):
+    with pytest.raises(ConfigError, match=rf"data.dataset='tfds:{malformed}' is not a TFDS name \(NAME, NAME/CONFIG "
+                                          r"or NAME/CONFIG:VERSION\): \S"):
+      sources.open_split(f"tfds:{malformed}", "train", ("text",), str(tmp_path))
 
 
 def test_a_data_dir_that_cannot_hold_datasets_is_named(tmp_path):
