@@ -64,6 +64,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     raise ConfigError(f"the process count must be at least 1, got {num_processes}")
   if not 0 <= process_id < num_processes:
     raise ConfigError(f"process id {process_id} is not in [0, {num_processes}) for {num_processes} processes")
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():  # jax indexes the split port and stops on an IndexError
+    raise ConfigError(f"coordinator address {address!r} (--coordinator_address or JAX_COORDINATOR_ADDRESS) "
+                      f"must be HOST:PORT, such as 10.0.0.1:1234")
   jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
                              process_id=process_id)
 

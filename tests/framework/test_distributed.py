@@ -39,6 +39,9 @@ def test_process_flags_without_a_coordinator_or_out_of_range_are_refused(monkeyp
     distributed.initialize("auto", 4, 3)
   with pytest.raises(ConfigError, match=r"process id 5 is not in \[0, 2\) for 2 processes"):
     distributed.initialize("127.0.0.1:1234", 2, 5)
+  for address in ("foo", "foo:", ":1234", "foo:12a"):  # jax met "foo" with an IndexError
+    with pytest.raises(ConfigError, match=rf"coordinator address '{address}' .* must be HOST:PORT"):
+      distributed.initialize(address, 2, 1)
   monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
   monkeypatch.setenv("JAX_PROCESS_ID", "0")
   with pytest.raises(ConfigError, match=r"the process count 'two' and id '0' \(--num_processes and --process_id, or "
