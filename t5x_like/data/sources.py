@@ -89,4 +89,5 @@ def open_split(dataset: str, split: str, fields: Sequence[str], data_dir: str):
   if split not in builder.info.splits:
     raise ConfigError(f"data.dataset={dataset!r} has no {split} records ({tfds_text.VALIDATION_PERCENT}% "
                       f"of records fall in validation, by a hash of their text); add data")
-  return builder.as_data_source(split)
+  return tfds_text.readable_source(builder, split, f"delete {builder.data_dir} and it is built again from the "
+                                                   f"files")

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
+from models.config import first_line
 from t5x_like.data import documents
 
 VALIDATION_PERCENT = 5
@@ -152,4 +153,19 @@ def catalog_source(name: str, split: str, data_dir: str | pathlib.Path, fields: 
     raise documents.DataError(f"data.dataset='tfds:{name}' has no {split!r} split (it has "
                               f"{sorted(builder.info.splits.keys())}); training reads 'train' and evaluates on "
                               f"'validation', so it needs both")
-  return builder.as_data_source(split)
+  return readable_source(builder, split, f"rebuild it with `tfds build {name} --file_format=array_record "
+                                         f"--data_dir={data_dir}`")
+
+
+def readable_source(builder: tfds.core.DatasetBuilder, split: str, remedy: str):
+  """The split's data source, its first and last records read now: files of a build cut short or
+  damaged on disk are named with their directory, where array_record raised a RuntimeError in
+  the loader's thread at the first batch."""
+  source = builder.as_data_source(split)
+  try:
+    for index in sorted({0, len(source) - 1}) if len(source) else ():
+      source[index]
+  except RuntimeError as error:
+    raise documents.DataError(f"the {split} split built in {builder.data_dir} cannot be read "
+                              f"({first_line(error)}); {remedy}") from None
+  return source

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import time
 
 import pytest
@@ -67,6 +68,19 @@ def test_a_split_no_record_falls_in_is_an_error(tmp_path):
   assert len(sources.open_split(str(tmp_path / "one.txt"), present, ("text",), tmp_path / "tfds")) == 1
   with pytest.raises(ConfigError, match=rf"one\.txt' has no {missing} records"):
     sources.open_split(str(tmp_path / "one.txt"), missing, ("text",), tmp_path / "tfds")
+
+
+def test_a_built_dataset_damaged_on_disk_is_named_with_its_directory_and_rebuilt_once_deleted(tmp_path):
+  """A build cut short or a disk error: array_record raised a RuntimeError at the first batch."""
+  (tmp_path / "text.txt").write_text("\n\n".join(f"Paragraph {i} of the text." for i in range(200)), encoding="utf-8")
+  records = len(sources.open_split(str(tmp_path / "text.txt"), "train", ("text",), tmp_path / "tfds"))
+  [built] = (tmp_path / "tfds").rglob("*-train.array_record-*")
+  built.write_bytes(built.read_bytes()[:1000])
+  with pytest.raises(ConfigError, match=rf"the train split built in {built.parent} cannot be read \(RuntimeError: "
+                                        rf".*\); delete {built.parent} and it is built again from the files"):
+    sources.open_split(str(tmp_path / "text.txt"), "train", ("text",), tmp_path / "tfds")
+  shutil.rmtree(built.parent)
+  assert len(sources.open_split(str(tmp_path / "text.txt"), "train", ("text",), tmp_path / "tfds")) == records
 
 
 class T5xLikeTestCatalog(tfds.core.GeneratorBasedBuilder):
