@@ -117,6 +117,8 @@ def _decode(args, overrides) -> None:
       raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in given)} "
                         f"{'apply' if len(given) > 1 else 'applies'} to --strategy {strategy}, not {args.strategy}")
     chosen.update(given)
+  if args.seed is not None and args.strategy != "sample":  # greedy and beam search draw nothing
+    raise ConfigError(f"--seed applies to --strategy sample, not {args.strategy}")
   config = DecodeConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                         repetition_penalty=args.repetition_penalty,
                         vocab_limit=vocab_limit(tokenizer, trainer.model_config.arch),
@@ -127,7 +129,7 @@ def _decode(args, overrides) -> None:
   arch = trainer.model_config.arch
   decoder_prompts, encoder_inputs = generation_inputs(arch, [prompt_ids(tokenizer, arch, p) for p in prompts])
   with jax.set_mesh(trainer.mesh):
-    outputs = generate(model, decoder_prompts, config, seed=args.seed, encoder_inputs=encoder_inputs)
+    outputs = generate(model, decoder_prompts, config, seed=args.seed or 0, encoder_inputs=encoder_inputs)
   rows = [{"prompt": p, "completion": tokenizer.decode(o)} for p, o in zip(prompts, outputs)]
   if args.output:
     with open(args.output, "w", encoding="utf-8") as file:
@@ -259,6 +261,14 @@ def _fit(args, overrides) -> None:
   print(f"wrote {sweep_dir / 'fit.json'} and {', '.join(str(p) for p in paths)}")
 
 
+def _path(text: str) -> str:
+  """An argparse type: a path that is not empty ('' is the current directory to pathlib, so an
+  unset shell variable trained into it, or evaluated a split in place of a file)."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+  return text
+
+
 def _at_least(minimum: int):
   """An argparse type: an integer no smaller than minimum."""
   def parse(text: str) -> int:
@@ -285,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
   train = commands.add_parser("train", help="train or resume a model in --workdir",
                               epilog="Override fields with --config.FIELD=VALUE. Re-running the "
                                      "same command resumes from the newest checkpoint.")
-  train.add_argument("--config", required=True, help="experiments/FILE.py or FILE.py:VARIANT")
-  train.add_argument("--workdir", required=True, help="checkpoints, metrics and the resolved config")
+  train.add_argument("--config", required=True, type=_path, help="experiments/FILE.py or FILE.py:VARIANT")
+  train.add_argument("--workdir", required=True, type=_path, help="checkpoints, metrics and the resolved config")
   train.add_argument("--sample-prompt", action="append", default=[],
                      help="a prompt to continue after training (repeatable)")
   train.add_argument("--coordinator_address", help="host:port of process 0 in a multi-process run")
@@ -295,18 +305,18 @@ def main(argv: list[str] | None = None) -> int:
   train.set_defaults(run=_train)
   info = commands.add_parser("info", help="parameter count and FLOPs per token of a config",
                              epilog="Override fields with --config.FIELD=VALUE.")
-  info.add_argument("--config", required=True, help="experiments/FILE.py or FILE.py:VARIANT")
+  info.add_argument("--config", required=True, type=_path, help="experiments/FILE.py or FILE.py:VARIANT")
   info.add_argument("--show-config", action="store_true", help="print the resolved config too")
   info.set_defaults(run=_info)
 
   decode = commands.add_parser("decode", help="generate from a trained run")
-  decode.add_argument("--workdir", required=True)
+  decode.add_argument("--workdir", required=True, type=_path)
   decode.add_argument("--prompt", action="append", default=[],
                       help="repeatable; an encoder-decoder's may mark the spans to fill with <extra_id_N> "
                            "written against the word before it, as span corruption cuts before a word's space "
                            "('Mr. Darcy<extra_id_0> Elizabeth'); without one, <extra_id_0> is put at its end")
-  decode.add_argument("--input", help="JSONL with a 'prompt' field per line")
-  decode.add_argument("--output", help="JSONL to write {prompt, completion} rows to (default: print)")
+  decode.add_argument("--input", type=_path, help="JSONL with a 'prompt' field per line")
+  decode.add_argument("--output", type=_path, help="JSONL to write {prompt, completion} rows to (default: print)")
   decode.add_argument("--strategy", default="greedy", choices=("greedy", "sample", "beam"))
   decode.add_argument("--max-new-tokens", type=int, default=64)
   decode.add_argument("--temperature", type=float, help="sample only (default 1.0)")
@@ -315,36 +325,37 @@ def main(argv: list[str] | None = None) -> int:
   decode.add_argument("--repetition-penalty", type=float, default=1.0)
   decode.add_argument("--num-beams", type=int, help="beam only (default 4)")
   decode.add_argument("--length-penalty", type=float, help="beam only (default 0.6)")
-  decode.add_argument("--seed", type=int, default=0)
+  decode.add_argument("--seed", type=int, help="sample only (default 0)")
   decode.set_defaults(run=_decode)
   evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a trained run")
-  evaluate.add_argument("--workdir", required=True)
+  evaluate.add_argument("--workdir", required=True, type=_path)
   evaluate.add_argument("--split", choices=("train", "validation"), help="default: validation")
   evaluate.add_argument("--batches", type=_at_least(1), help="default: 20")
-  evaluate.add_argument("--text-file", help="evaluate on this file's documents instead of a split (decoders): "
-                        "a text file's paragraphs or a JSONL file's `text` fields, read as training reads them")
+  evaluate.add_argument("--text-file", type=_path,
+                        help="evaluate on this file's documents instead of a split (decoders): a text file's "
+                             "paragraphs or a JSONL file's `text` fields, read as training reads them")
   evaluate.set_defaults(run=_eval)
   score = commands.add_parser("score", help="few-shot rank scoring on a multiple-choice task (decoders)")
-  score.add_argument("--workdir", required=True)
-  score.add_argument("--task", default="austen_sentence_completion",
+  score.add_argument("--workdir", required=True, type=_path)
+  score.add_argument("--task", default="austen_sentence_completion", type=_path,
                      help="JSONL of {context, options, answer}, or austen_sentence_completion (built "
                           "in: Austen's validation sentences, which ending fits)")
   score.add_argument("--shots", type=_at_least(0), default=0)
   score.add_argument("--items", type=_at_least(1), help=f"score the first N items (default: a task file's every "
                      f"item; the built-in task makes {BUILT_IN_TASK_ITEMS})")
   score.add_argument("--seed", type=int, default=0)
-  score.add_argument("--output", help="JSON report path")
+  score.add_argument("--output", type=_path, help="JSON report path")
   score.set_defaults(run=_score)
   tokenizer = commands.add_parser("tokenizer", help="train SentencePiece tokenizers")
   from t5x_like.data import tokenizer as tokenizer_module
   tokenizer_module.add_arguments(tokenizer)
   tokenizer.set_defaults(run=_tokenizer)
   sweep = commands.add_parser("sweep", help="run or continue a scaling-law sweep")
-  sweep.add_argument("--config", required=True, help="experiments/scaling/FILE.py")
-  sweep.add_argument("--workdir", required=True, help="one subdirectory per point, plus results")
+  sweep.add_argument("--config", required=True, type=_path, help="experiments/scaling/FILE.py")
+  sweep.add_argument("--workdir", required=True, type=_path, help="one subdirectory per point, plus results")
   sweep.set_defaults(run=_sweep)
   fit = commands.add_parser("fit", help="fit scaling laws to a sweep's results")
-  fit.add_argument("sweep_dir")
+  fit.add_argument("sweep_dir", type=_path)
   fit.add_argument("--loss", default="validation_loss", choices=("validation_loss", "train_loss"))
   fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
   fit.add_argument("--holdout", type=int, default=1,

@@ -201,6 +201,8 @@ def _local_submit(points, workers: int):
 def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> list[dict]:
   """Runs every unfinished point; returns all results (also written as results.json/.csv)."""
   sweep_dir = pathlib.Path(sweep_dir)
+  if sweep_dir.exists() and not sweep_dir.is_dir():
+    raise ConfigError(f"the sweep's workdir {sweep_dir} is a file, not a directory")
   sweep_dir.mkdir(parents=True, exist_ok=True)
   points = sweep_points(config)
   results, todo = {}, []

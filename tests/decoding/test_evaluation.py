@@ -157,10 +157,27 @@ def test_an_encoder_decoder_run_decodes_the_span_its_prompt_marks(tmp_path, caps
     (["--temperature", "0.7"], "--temperature applies to --strategy sample, not greedy"),
     (["--strategy", "beam", "--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p apply to --strategy sample, not beam"),
     (["--strategy", "sample", "--num-beams", "2"], "--num-beams applies to --strategy beam, not sample"),
+    (["--seed", "3"], "--seed applies to --strategy sample, not greedy"),
+    (["--strategy", "beam", "--seed", "3"], "--seed applies to --strategy sample, not beam"),
 ])
 def test_decode_flags_its_strategy_would_ignore_are_refused(flags, message, run_dir, capsys):
   assert main(["decode", "--workdir", str(run_dir), "--prompt", "Emma", *flags]) == 2
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["decode", "--workdir", "RUN", "--prompt", "Emma", "--output", ""],
+                                     ["eval", "--workdir", "RUN", "--text-file", ""],
+                                     ["eval", "--workdir", " "],
+                                     ["score", "--workdir", "RUN", "--task", ""],
+                                     ["train", "--config", "", "--workdir", "W"],
+                                     ["fit", ""]])
+def test_an_empty_path_is_refused_before_it_means_the_current_directory(command, run_dir, capsys):
+  """An unset shell variable: `eval --text-file ""` scored the validation split instead, and
+  `train --workdir ""` would have trained into the current directory."""
+  with pytest.raises(SystemExit) as stopped:
+    main([str(run_dir) if part == "RUN" else part for part in command])
+  assert stopped.value.code == 2
+  assert "an empty path (an unset shell variable?)" in capsys.readouterr().err
 
 
 def test_decode_command_reads_a_prefix_lm_runs_prompts_both_ways(trained, run_dir, tmp_path):

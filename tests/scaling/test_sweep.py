@@ -144,6 +144,13 @@ def test_rerun_under_another_base_config_is_refused_before_training(sweep_dir, c
   assert "was run with another config (train.optimizer.weight_decay differ)" in capsys.readouterr().err
 
 
+def test_a_sweep_workdir_that_is_a_file_is_named(tmp_path, capsys):
+  (tmp_path / "s").write_text("notes\n")  # a FileExistsError's traceback before
+  assert main(["sweep", "--config", CONFIG, "--workdir", str(tmp_path / "s")]) == 2
+  assert f"the sweep's workdir {tmp_path / 's'} is a file, not a directory" in capsys.readouterr().err
+  assert (tmp_path / "s").read_text() == "notes\n"
+
+
 @pytest.mark.parametrize("override, decided_by", [
     ("base.train.steps=5", "sweep.token_budgets"), ("base.model.num_layers=3", "sweep.sizes"),
     ("base.train.eval_every=5", "sweep.token_budgets"),
