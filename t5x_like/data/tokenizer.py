@@ -201,14 +201,23 @@ def train_tokenizer(inputs: Sequence[str | pathlib.Path], vocab_size: int,
         remove_extra_whitespaces=False, add_dummy_prefix=False,
         max_sentence_length=MAX_SENTENCE_BYTES, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as error:
-    # Too few ids for the text's characters, or more ids than the text has pieces for.
-    too_few = "smaller than required_chars" in str(error)
-    hint = "a larger --vocab-size" if too_few else "a smaller --vocab-size or more text"
     raise DataError(f"SentencePiece could not train {vocab_size} ids on {len(inputs)} file(s) "
                     f"({', '.join(map(str, inputs[:3]))}{', ...' if len(inputs) > 3 else ''}): "
-                    f"{error}; use {hint}") from None
+                    f"{_in_vocab_size_units(str(error))}") from None
   path.write_bytes(model.getvalue())
   return path
+
+
+def _in_vocab_size_units(error: str) -> str:
+  """SentencePiece's complaint about its piece count, with its bounds in --vocab-size's units,
+  which count the mask and sentinels too (its "<= 308" meant --vocab-size 409)."""
+  reserved = 1 + NUM_SENTINELS
+  if match := re.search(r"required_chars\. (\d+) vs (\d+)", error):  # fewer pieces than the text's characters
+    return (f"the text's characters and the byte and special pieces take {match[2]} pieces; use --vocab-size "
+            f"{int(match[2]) + reserved} or more")
+  if match := re.search(r"set it to a value <= (\d+)", error):  # more pieces than the text can make
+    return f"the text makes at most {match[1]} pieces; use --vocab-size {int(match[1]) + reserved} or less, or more text"
+  return f"{error}; use another --vocab-size or more text"
 
 
 def _training_pieces(text: str) -> Iterator[str]:

@@ -1,6 +1,7 @@
 """The fixed id layout, exact round trips, loading foreign models, training and its CLI."""
 
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -126,15 +127,25 @@ def test_vocabulary_smaller_than_the_special_ids_is_an_error(tmp_path):
     tokenizer_lib.train_tokenizer([_small_text(tmp_path)], 300, tmp_path / "tiny")
 
 
-def test_sentencepiece_failure_names_the_files(tmp_path):
-  with pytest.raises(DataError, match=r"could not train 20000 ids on 1 file\(s\) \(.*small\.txt\)"
-                                      r".*smaller --vocab-size"):
+def test_sentencepiece_failure_names_the_files_and_the_vocab_size_that_trains(tmp_path):
+  """The bound named is in --vocab-size's units, which count the mask and sentinels
+  (SentencePiece's own "<= 308" meant 409): it trains, and one past it fails."""
+  with pytest.raises(DataError, match=r"could not train 20000 ids on 1 file\(s\) \(.*small\.txt\): the text makes "
+                                      r"at most \d+ pieces; use --vocab-size (\d+) or less, or more text$") as failed:
     tokenizer_lib.train_tokenizer([_small_text(tmp_path)], 20000, tmp_path / "tiny", "unigram")
+  most = int(re.search(r"--vocab-size (\d+) or less", str(failed.value))[1])
+  tokenizer_lib.train_tokenizer([_small_text(tmp_path)], most, tmp_path / "most", "unigram")
+  with pytest.raises(DataError, match=rf"use --vocab-size {most} or less"):
+    tokenizer_lib.train_tokenizer([_small_text(tmp_path)], most + 1, tmp_path / "past", "unigram")
   # Text of more distinct characters than the ids left for pieces: more ids, not fewer.
   (tmp_path / "many.txt").write_text("".join(chr(c) for c in range(0x4E00, 0x4E00 + 60)) + "\n")
-  with pytest.raises(DataError, match=r"could not train 381 ids .*smaller than required_chars.*; use a larger "
-                                      r"--vocab-size$"):
+  with pytest.raises(DataError, match=r"could not train 381 ids .*: the text's characters and the byte and special "
+                                      r"pieces take \d+ pieces; use --vocab-size \d+ or more$") as failed:
     tokenizer_lib.train_tokenizer([tmp_path / "many.txt"], tokenizer_lib.min_vocab_size() + 20, tmp_path / "many")
+  least = int(re.search(r"--vocab-size (\d+) or more", str(failed.value))[1])
+  tokenizer_lib.train_tokenizer([tmp_path / "many.txt"], least, tmp_path / "least")
+  with pytest.raises(DataError, match=rf"use --vocab-size {least} or more"):
+    tokenizer_lib.train_tokenizer([tmp_path / "many.txt"], least - 1, tmp_path / "below")
 
 
 def test_cli_main_trains_and_reports_errors(tmp_path, capsys):
