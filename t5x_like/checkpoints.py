@@ -17,7 +17,7 @@ import logging
 import pathlib
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -259,14 +259,16 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(gather_data_positions(data_state))))
 
-  def restore_latest(self, abstract_state, *, set_aside: bool = True, partial: bool = False):
+  def restore_latest(self, abstract_state, *, set_aside: bool = True, partial: bool = False,
+                     older_layouts: Sequence[tuple[Any, Callable]] = ()):
     """(step, state, every process's data position) from the newest readable checkpoint, or None if
     none. Unreadable steps newer than it are then moved into corrupt/ (the run saves their steps
     again), or with set_aside=False (a reader beside a run that may be saving there) only skipped.
     Where no step reads, nothing moves: a cause that fails every step is more likely the machine's
     (permissions, a lost mount, a library upgrade) than every checkpoint's. With `partial`, only
     the arrays `abstract_state` holds are read (inference reads the parameters, not the optimizer
-    moments beside them)."""
+    moments beside them). A checkpoint that matches one of `older_layouts`' (abstract state,
+    conversion) pairs, the state as an older version saved it, is read in that layout and converted."""
     unreadable = {}  # step: why
     steps = process_0s(sorted(self.manager.all_steps(), reverse=True))
     corrupt = self.directory.parent / "corrupt"
@@ -278,14 +280,16 @@ class Checkpointer:
     for step in steps:
       metadata, error = _read_on_every_process(lambda: self._state_metadata(step))
       if not error:
-        differences = state_differences(metadata, abstract_state, partial=partial)
-        if differences:
+        layouts = [(abstract_state, lambda state: state), *older_layouts]
+        fitting = [layout for layout in layouts if not state_differences(metadata, layout[0], partial=partial)]
+        if not fitting:
+          differences = state_differences(metadata, abstract_state, partial=partial)
           raise ConfigError(f"checkpoint {self.directory / str(step)} holds another train state than this config "
                             f"builds ({'; '.join(differences)}); resume with the config it was saved with "
                             f"(the workdir's config.json) or train in a new workdir")
-        state = ocp.args.StandardRestore(abstract_state) if not partial else ocp.args.PyTreeRestore(
-            item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
-            partial_restore=True)
+        target, convert = fitting[0]
+        state = ocp.args.StandardRestore(target) if not partial else ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)
         restored, error = _read_on_every_process(lambda: _restore_here(
             self.directory / str(step), state=state, data=ocp.args.JsonRestore()))
       if error:
@@ -297,7 +301,7 @@ class Checkpointer:
           self._set_aside(newer, why)
         logger.warning("resuming from checkpoint %s, the newest readable one (unreadable: steps %s)",
                        self.directory / str(step), list(unreadable))
-      return step, restored["state"], restored["data"]
+      return step, convert(restored["state"]), restored["data"]
     if unreadable:  # not a fresh start: the run would silently begin again at step 0
       newest, why = next(iter(unreadable.items()))
       raise ConfigError(f"no checkpoint in {self.directory} is readable (steps {list(unreadable)}; step {newest}: "

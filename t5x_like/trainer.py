@@ -398,7 +398,13 @@ class Trainer:
       for leaf in jax.tree.leaves(self.state):
         if isinstance(leaf, jax.Array):  # a params_only state's parameters are shapes until restored
           leaf.delete()
-    restored = checkpointer.restore_latest(abstract, set_aside=set_aside, partial=self.params_only)
+    older_layouts = []
+    if not self.params_only and not self.config.train.optimizer.grad_clip_norm:
+      # Runs saved with clipping off before 1f5209f hold the optimizer state without its clip step.
+      older_layouts.append(({**abstract, "opt_state": abstract["opt_state"][1]},
+                            lambda state: {**state, "opt_state": (optax.EmptyState(), state["opt_state"])}))
+    restored = checkpointer.restore_latest(abstract, set_aside=set_aside, partial=self.params_only,
+                                           older_layouts=older_layouts)
     if restored is None:
       return None
     step, saved, data_positions = restored

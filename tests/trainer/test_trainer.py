@@ -597,20 +597,40 @@ def test_resuming_under_another_model_stops_and_keeps_every_checkpoint_and_a_lon
       pytest.approx(rebuilt, rel=1e-5))
 
 
-def test_a_resume_may_turn_gradient_clipping_off_and_keeps_adams_moments(tmp_path):
+def _without_the_clip_step(config, inputs):
+  """make_optimizer as it was before 1f5209f with clipping off: the state without the clip step's."""
+  chained, schedule = make_optimizer(config, inputs)
+  assert not config.grad_clip_norm
+
+  def update(updates, state, params=None, **extra_args):
+    updates, (_, state) = chained.update(updates, (optax.EmptyState(), state), params, **extra_args)
+    return updates, state
+  return optax.GradientTransformationExtraArgs(lambda params: chained.init(params)[1], update), schedule
+
+
+def test_a_resume_may_turn_gradient_clipping_off_and_keeps_adams_moments(tmp_path, monkeypatch):
   """Clipping is a step of the optimizer chain, on or off, so the saved state fits both (without
   the step the moments moved and the checkpoint no longer fitted): a run clipped at a norm it never
-  reaches, resumed unclipped, trains as a run never clipped."""
+  reaches, resumed unclipped, trains as a run never clipped, and so does a run saved unclipped
+  by the version that left the step out."""
   def config(steps, clip):
     config = tiny_config(steps=steps, checkpoint_every=2)
     config.train.optimizer.grad_clip_norm = clip
     return config
   train(config(2, 1e9), tmp_path / "resumed")
   train(config(4, 0.0), tmp_path / "resumed")
+  with monkeypatch.context() as older_version:
+    older_version.setattr(trainer_module, "make_optimizer", _without_the_clip_step)
+    older, _ = train(config(2, 0.0), tmp_path / "older")
+  assert not isinstance(older.state["opt_state"][0], optax.EmptyState)
+  train(config(4, 0.0), tmp_path / "older")
   train(config(4, 0.0), tmp_path / "unclipped")
-  resumed, unclipped = losses(tmp_path / "resumed"), losses(tmp_path / "unclipped")
-  assert sorted(resumed) == [1, 2, 3, 4]
-  np.testing.assert_allclose([resumed[s] for s in range(1, 5)], [unclipped[s] for s in range(1, 5)], rtol=1e-6)
+  unclipped = losses(tmp_path / "unclipped")
+  for run in ("resumed", "older"):
+    resumed = losses(tmp_path / run)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    np.testing.assert_allclose([resumed[s] for s in range(1, 5)], [unclipped[s] for s in range(1, 5)], rtol=1e-6,
+                               err_msg=run)
 
 
 # How the model computes, which a resume may change (the README's list); every other field is what it computes.
