@@ -88,9 +88,11 @@ def main() -> None:
     save_initial_run(args.config, overrides, workdir)
     for round_ in range(args.rounds):
       for name, tree in trees.items():
-        fine_tune = (["init_from", args.config, json.dumps(overrides), str(pathlib.Path(directory) / name)]
-                     if args.init_from else ["inference"])
-        shutil.rmtree(pathlib.Path(directory) / name, ignore_errors=True)
+        fine_tune = ["inference"]
+        if args.init_from:  # each tree's fine-tune in a workdir of its own, fresh each round
+          tuned = pathlib.Path(directory) / "tuned" / name
+          shutil.rmtree(tuned, ignore_errors=True)
+          fine_tune = ["init_from", args.config, json.dumps(overrides), str(tuned)]
         done = subprocess.run([sys.executable, "-c", LOAD, str(tree), str(workdir), *fine_tune], capture_output=True,
                               text=True, cwd=tree)
         if done.returncode:

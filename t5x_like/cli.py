@@ -13,7 +13,7 @@ import jax
 from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size, train_flops_per_token
 from t5x_like.config import (apply_overrides, base_config, check_known_fields, fill_defaults, load_config,
-                             load_run_config)
+                             load_run_config, nonempty_path)
 from t5x_like.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS, Preempted
 
 
@@ -261,14 +261,6 @@ def _fit(args, overrides) -> None:
   print(f"wrote {sweep_dir / 'fit.json'} and {', '.join(str(p) for p in paths)}")
 
 
-def _path(text: str) -> str:
-  """An argparse type: a path that is not empty ('' is the current directory to pathlib, so an
-  unset shell variable trained into it, or evaluated a split in place of a file)."""
-  if not text.strip():
-    raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
-  return text
-
-
 def _at_least(minimum: int):
   """An argparse type: an integer no smaller than minimum."""
   def parse(text: str) -> int:
@@ -295,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
   train = commands.add_parser("train", help="train or resume a model in --workdir",
                               epilog="Override fields with --config.FIELD=VALUE. Re-running the "
                                      "same command resumes from the newest checkpoint.")
-  train.add_argument("--config", required=True, type=_path, help="experiments/FILE.py or FILE.py:VARIANT")
-  train.add_argument("--workdir", required=True, type=_path, help="checkpoints, metrics and the resolved config")
+  train.add_argument("--config", required=True, type=nonempty_path, help="experiments/FILE.py or FILE.py:VARIANT")
+  train.add_argument("--workdir", required=True, type=nonempty_path,
+                     help="checkpoints, metrics and the resolved config")
   train.add_argument("--sample-prompt", action="append", default=[],
                      help="a prompt to continue after training (repeatable)")
   train.add_argument("--coordinator_address", help="host:port of process 0 in a multi-process run")
@@ -305,18 +298,19 @@ def main(argv: list[str] | None = None) -> int:
   train.set_defaults(run=_train)
   info = commands.add_parser("info", help="parameter count and FLOPs per token of a config",
                              epilog="Override fields with --config.FIELD=VALUE.")
-  info.add_argument("--config", required=True, type=_path, help="experiments/FILE.py or FILE.py:VARIANT")
+  info.add_argument("--config", required=True, type=nonempty_path, help="experiments/FILE.py or FILE.py:VARIANT")
   info.add_argument("--show-config", action="store_true", help="print the resolved config too")
   info.set_defaults(run=_info)
 
   decode = commands.add_parser("decode", help="generate from a trained run")
-  decode.add_argument("--workdir", required=True, type=_path)
+  decode.add_argument("--workdir", required=True, type=nonempty_path)
   decode.add_argument("--prompt", action="append", default=[],
                       help="repeatable; an encoder-decoder's may mark the spans to fill with <extra_id_N> "
                            "written against the word before it, as span corruption cuts before a word's space "
                            "('Mr. Darcy<extra_id_0> Elizabeth'); without one, <extra_id_0> is put at its end")
-  decode.add_argument("--input", type=_path, help="JSONL with a 'prompt' field per line")
-  decode.add_argument("--output", type=_path, help="JSONL to write {prompt, completion} rows to (default: print)")
+  decode.add_argument("--input", type=nonempty_path, help="JSONL with a 'prompt' field per line")
+  decode.add_argument("--output", type=nonempty_path,
+                      help="JSONL to write {prompt, completion} rows to (default: print)")
   decode.add_argument("--strategy", default="greedy", choices=("greedy", "sample", "beam"))
   decode.add_argument("--max-new-tokens", type=int, default=64)
   decode.add_argument("--temperature", type=float, help="sample only (default 1.0)")
@@ -328,34 +322,34 @@ def main(argv: list[str] | None = None) -> int:
   decode.add_argument("--seed", type=int, help="sample only (default 0)")
   decode.set_defaults(run=_decode)
   evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a trained run")
-  evaluate.add_argument("--workdir", required=True, type=_path)
+  evaluate.add_argument("--workdir", required=True, type=nonempty_path)
   evaluate.add_argument("--split", choices=("train", "validation"), help="default: validation")
   evaluate.add_argument("--batches", type=_at_least(1), help="default: 20")
-  evaluate.add_argument("--text-file", type=_path,
+  evaluate.add_argument("--text-file", type=nonempty_path,
                         help="evaluate on this file's documents instead of a split (decoders): a text file's "
                              "paragraphs or a JSONL file's `text` fields, read as training reads them")
   evaluate.set_defaults(run=_eval)
   score = commands.add_parser("score", help="few-shot rank scoring on a multiple-choice task (decoders)")
-  score.add_argument("--workdir", required=True, type=_path)
-  score.add_argument("--task", default="austen_sentence_completion", type=_path,
+  score.add_argument("--workdir", required=True, type=nonempty_path)
+  score.add_argument("--task", default="austen_sentence_completion", type=nonempty_path,
                      help="JSONL of {context, options, answer}, or austen_sentence_completion (built "
                           "in: Austen's validation sentences, which ending fits)")
   score.add_argument("--shots", type=_at_least(0), default=0)
   score.add_argument("--items", type=_at_least(1), help=f"score the first N items (default: a task file's every "
                      f"item; the built-in task makes {BUILT_IN_TASK_ITEMS})")
   score.add_argument("--seed", type=int, default=0)
-  score.add_argument("--output", type=_path, help="JSON report path")
+  score.add_argument("--output", type=nonempty_path, help="JSON report path")
   score.set_defaults(run=_score)
   tokenizer = commands.add_parser("tokenizer", help="train SentencePiece tokenizers")
   from t5x_like.data import tokenizer as tokenizer_module
   tokenizer_module.add_arguments(tokenizer)
   tokenizer.set_defaults(run=_tokenizer)
   sweep = commands.add_parser("sweep", help="run or continue a scaling-law sweep")
-  sweep.add_argument("--config", required=True, type=_path, help="experiments/scaling/FILE.py")
-  sweep.add_argument("--workdir", required=True, type=_path, help="one subdirectory per point, plus results")
+  sweep.add_argument("--config", required=True, type=nonempty_path, help="experiments/scaling/FILE.py")
+  sweep.add_argument("--workdir", required=True, type=nonempty_path, help="one subdirectory per point, plus results")
   sweep.set_defaults(run=_sweep)
   fit = commands.add_parser("fit", help="fit scaling laws to a sweep's results")
-  fit.add_argument("sweep_dir", type=_path)
+  fit.add_argument("sweep_dir", type=nonempty_path)
   fit.add_argument("--loss", default="validation_loss", choices=("validation_loss", "train_loss"))
   fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
   fit.add_argument("--holdout", type=int, default=1,

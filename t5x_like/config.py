@@ -7,6 +7,7 @@ and keep the field's type (ml_collections refuses a value of another type).
 
 from __future__ import annotations
 
+import argparse
 import ast
 import copy
 import importlib.util
@@ -156,3 +157,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       node[leaf] = value
     except TypeError as error:
       raise ConfigError(f"--config.{name}={text}: {' '.join(str(error).split())}") from error
+
+
+def nonempty_path(text: str) -> str:
+  """An argparse type for the commands' path flags: a path that is not empty ('' is the current
+  directory to pathlib, so an unset shell variable trained into it, or evaluated a split in place
+  of a file)."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+  return text

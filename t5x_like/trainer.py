@@ -440,13 +440,14 @@ class Trainer:
     """Starts from another run's newest checkpoint (a pretrained model to fine-tune): each
     parameter saved there replaces this run's of the same name, trainable or frozen, and this
     run's others (an adapter's new weights) keep their initialisation. The step, optimizer
-    state and data position start fresh."""
+    state and data position start fresh. The initial state's arrays are freed or donated on the
+    way (a caller's references to them end deleted; its optimizer state's already if the read fails)."""
     targets = {_path_of(keys): jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
                for tree in (self.state["params"], self.rest)
                for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     # The initial state is freed as it is replaced (its optimizer state now, the parameters read
     # below, the rest donated to the new state), so a fine-tune starts in the memory of one train
-    # state, as a resume does: holding all three, it peaked at 7 copies of the parameters, not 3.
+    # state, as a resume does: holding all three, it peaked at about 6 copies of the parameters, not 3.
     for leaf in jax.tree.leaves(self.state["opt_state"]):
       leaf.delete()
     loaded, data_positions = read_params(source, targets)
@@ -867,7 +868,8 @@ def read_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
              not isinstance(config.get(section), dict)]
   if missing:
     raise ConfigError(f"{config_file} is not the config train writes: no {', '.join(missing)} section (an object); "
-                      f"train writes it, and nothing else should")
+                      f"restore it, or remove it and resume with the --config the run was trained with (train "
+                      f"writes it again with its next checkpoint)")
   return ml_collections.ConfigDict(config)
 
 

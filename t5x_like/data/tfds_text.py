@@ -138,9 +138,9 @@ def catalog_source(name: str, split: str, data_dir: str | pathlib.Path, fields: 
   except tfds.core.registered.DatasetNotFoundError:
     raise documents.DataError(f"data.dataset='tfds:{name}' is not in TFDS's catalog (tfds.list_builders() "
                               f"names them); local files are named by path, without tfds:") from None
-  except ValueError as error:  # not NAME[/CONFIG][:VERSION]; tfds's message goes on with its whole grammar
-    raise documents.DataError(f"data.dataset='tfds:{name}' is not a TFDS name (NAME, NAME/CONFIG or "
-                              f"NAME/CONFIG:VERSION): {str(error).splitlines()[0]}") from None
+  except ValueError as error:  # a malformed name or an unknown config; tfds's message goes on with its grammar
+    raise documents.DataError(f"data.dataset='tfds:{name}': TFDS makes no builder of it ({first_line(error)}); "
+                              f"its names are NAME, NAME/CONFIG or NAME/CONFIG:VERSION") from None
   if not builder.is_prepared():  # tfds.data_source would start a download; nothing is fetched at run time
     raise documents.DataError(f"data.dataset='tfds:{name}' is not built in data.data_dir={data_dir!r}; build it with "
                               f"`tfds build {name} --file_format=array_record --data_dir={data_dir}`")
@@ -152,7 +152,8 @@ def catalog_source(name: str, split: str, data_dir: str | pathlib.Path, fields: 
   if split not in builder.info.splits:  # tfds would raise a bare ValueError at the first read
     raise documents.DataError(f"data.dataset='tfds:{name}' has no {split!r} split (it has "
                               f"{sorted(builder.info.splits.keys())}); training reads 'train' and evaluates on "
-                              f"'validation', so it needs both")
+                              f"'validation', so it needs both: write its records to JSONL files and name those "
+                              f"in data.dataset, which splits them by a hash of each record")
   return readable_source(builder, split, f"rebuild it with `tfds build {name} --file_format=array_record "
                                          f"--data_dir={data_dir}`")
 

@@ -40,6 +40,7 @@ import numpy as np
 import sentencepiece as spm
 
 from models.config import ConfigError
+from t5x_like.config import nonempty_path
 from t5x_like.data import documents
 from t5x_like.data.documents import DataError
 
@@ -216,7 +217,8 @@ def _in_vocab_size_units(error: str) -> str:
     return (f"the text's characters and the byte and special pieces take {match[2]} pieces; use --vocab-size "
             f"{int(match[2]) + reserved} or more")
   if match := re.search(r"set it to a value <= (\d+)", error):  # more pieces than the text can make
-    return f"the text makes at most {match[1]} pieces; use --vocab-size {int(match[1]) + reserved} or less, or more text"
+    return (f"the text makes at most {match[1]} pieces; use --vocab-size {int(match[1]) + reserved} or less, "
+            f"or more text")
   return f"{error}; use another --vocab-size or more text"
 
 
@@ -259,11 +261,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   commands = parser.add_subparsers(dest="tokenizer_command", required=True)
   train = commands.add_parser("train", help="train a SentencePiece tokenizer on text or JSONL files",
                               description=train_tokenizer.__doc__)
-  train.add_argument("--input", nargs="+", required=True, metavar="FILE",
+  train.add_argument("--input", nargs="+", required=True, metavar="FILE", type=nonempty_path,
                      help="text files (paragraph documents) or .jsonl files (every string field)")
   train.add_argument("--vocab-size", type=int, required=True,
                      help=f"all ids, the mask and {NUM_SENTINELS} sentinels included")
-  train.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model")
+  train.add_argument("--output", required=True, metavar="PREFIX", type=nonempty_path, help="writes PREFIX.model")
   train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
   train.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model")
 

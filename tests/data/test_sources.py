@@ -127,9 +127,10 @@ def test_a_catalog_dataset_is_read_once_built_and_named_otherwise(tmp_path):
   with pytest.raises(ConfigError, match=r"'tfds:t5x_like_train_only_catalog' has no 'validation' split \(it has "
                                         r"\['train'\]\); training reads 'train' and evaluates on 'validation'"):
     sources.open_split("tfds:t5x_like_train_only_catalog", "validation", ("text",), str(tmp_path))
-  for malformed in ("", "my-data", "a/b/c/d"):
-    with pytest.raises(ConfigError, match=rf"data.dataset='tfds:{malformed}' is not a TFDS name \(NAME, NAME/CONFIG "
-                                          r"or NAME/CONFIG:VERSION\): \S"):
+  for malformed in ("", "my-data", "a/b/c/d", "t5x_like_test_catalog/no_such_config"):
+    with pytest.raises(ConfigError, match=rf"data.dataset='tfds:{malformed}': TFDS makes no builder of it "
+                                          r"\(ValueError: \S.*\); its names are NAME, NAME/CONFIG or "
+                                          r"NAME/CONFIG:VERSION"):
       sources.open_split(f"tfds:{malformed}", "train", ("text",), str(tmp_path))
 
 

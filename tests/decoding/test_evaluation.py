@@ -170,6 +170,7 @@ def test_decode_flags_its_strategy_would_ignore_are_refused(flags, message, run_
                                      ["eval", "--workdir", " "],
                                      ["score", "--workdir", "RUN", "--task", ""],
                                      ["train", "--config", "", "--workdir", "W"],
+                                     ["tokenizer", "train", "--input", "", "--vocab-size", "400", "--output", "T"],
                                      ["fit", ""]])
 def test_an_empty_path_is_refused_before_it_means_the_current_directory(command, run_dir, capsys):
   """An unset shell variable: `eval --text-file ""` scored the validation split instead, and
