@@ -11,12 +11,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import json
 import logging
 import math
 import os
 import pathlib
+import socket
 import time
 from typing import Callable, Iterable, Iterator
 
@@ -660,10 +662,12 @@ class Trainer:
     for warning in training_warnings(self.config) + [validation_warning]:
       if warning:
         logger.warning(warning)
-    train_loader = check_on_every_process(lambda: self.loader("train"))
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    claim = check_on_every_process(lambda: _claim_workdir(self.workdir))
     # Whatever opens is closed however the run ends (an error, a failed save among them).
     with contextlib.ExitStack() as cleanup:
+      if claim is not None:
+        cleanup.callback(claim.close)  # releases the workdir
+      train_loader = check_on_every_process(lambda: self.loader("train"))
       try:
         checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
         cleanup.callback(checkpointer.close)
@@ -853,6 +857,36 @@ def _replace_file(path: pathlib.Path, text: str) -> None:
 
 
 RUN_CONFIG_SECTIONS = ("model", "data", "train", "partitioning")
+
+
+def _claim_workdir(workdir: pathlib.Path):
+  """Makes the workdir, checks it can be written, and on process 0 locks it for this run: returns
+  the open lock file, whose closing releases it (as the process ending does), or None elsewhere.
+  A second train in the same workdir overwrote the first one's checkpoints and config.json and
+  interleaved its metrics, both ending "successfully"; a read-only checkpoints/ met orbax's
+  barrier timeout 5 minutes into training."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise ConfigError(f"cannot make the workdir {workdir} ({error.strerror})") from None
+  for directory in (workdir, workdir / "checkpoints"):
+    if directory.is_dir() and not os.access(directory, os.W_OK):
+      raise ConfigError(f"{directory} is not writable: training saves its checkpoints and metrics there")
+  if jax.process_index() != 0:
+    return None
+  lock = open(workdir / "train.lock", "a+")
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock.seek(0)
+    holder = lock.read().strip() or "another process"
+    lock.close()
+    raise ConfigError(f"{workdir} is in use by another train ({holder}); two runs in one workdir overwrite each "
+                      f"other's checkpoints: wait for it, stop it, or use another --workdir") from None
+  lock.truncate(0)
+  lock.write(f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+  lock.flush()
+  return lock
 
 
 def read_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:

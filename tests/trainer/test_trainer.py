@@ -728,6 +728,29 @@ def test_a_resume_that_stops_before_saving_leaves_the_runs_config_and_checkpoint
   assert (tmp_path / "config.json").read_text() == saved_config
 
 
+def test_a_workdir_another_train_holds_or_that_cannot_be_written_stops_before_training(tmp_path, monkeypatch):
+  """Two runs in one workdir overwrote each other's checkpoints and both ended well; a read-only
+  checkpoints/ met orbax's barrier timeout minutes into training. The claim ends with its run."""
+  train(tiny_config(steps=2), tmp_path)
+  saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  other = trainer_module._claim_workdir(tmp_path)  # another run's, as a second open file holds it
+  resumed = Trainer(tiny_config(steps=4), tmp_path, make_loader=PatternLoader)
+  with pytest.raises(ConfigError, match=rf"{tmp_path} is in use by another train \(process {os.getpid()} on .*, "
+                                        r"started .*\); two runs in one workdir overwrite"):
+    resumed.train()
+  other.close()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == saved
+  monkeypatch.setattr(os, "access", lambda path, mode: pathlib.Path(path).name != "checkpoints")
+  with pytest.raises(ConfigError, match=rf"{tmp_path / 'checkpoints'} is not writable"):
+    resumed.train()
+  monkeypatch.undo()
+  assert resumed.train().step == 4
+  trainer_module._claim_workdir(tmp_path).close()  # free again once the run ended
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ConfigError, match=rf"cannot make the workdir {tmp_path / 'file' / 'run'}"):
+    trainer_module._claim_workdir(tmp_path / "file" / "run")
+
+
 @pytest.mark.parametrize("content, message", [
     (b'{"model": ', r"is not valid JSON"),
     (b'{"model": {}}\xff', r"is not valid JSON \('utf-8' codec can't decode byte 0xff"),
