@@ -271,6 +271,9 @@ def _at_least(minimum: int):
   return parse
 
 
+# Ctrl-C's exit status (128 + SIGINT), as a shell reports a process SIGINT ended.
+INTERRUPTED_EXIT_STATUS = 130
+
 # What to lower when XLA cannot allocate a command's buffers.
 OUT_OF_MEMORY = {
     "train": "lower data.batch_size (train.grad_accum_steps splits a batch into steps), set model.remat, or "
@@ -395,6 +398,9 @@ def _run(args, overrides) -> int:
   except Preempted as error:
     print(f"t5x-like {args.command}: {error}", file=sys.stderr)
     return PREEMPTED_EXIT_STATUS
+  except KeyboardInterrupt:
+    print(f"t5x-like {args.command}: interrupted", file=sys.stderr)
+    return INTERRUPTED_EXIT_STATUS
   except jax.errors.JaxRuntimeError as error:
     if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():  # CPU, GPU, TPU
       raise

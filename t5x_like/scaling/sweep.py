@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import pathlib
+import signal
 import time
 
 import ml_collections
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size, train_flops_per_sequence
 from t5x_like.config import base_config
+from t5x_like.preemption import Preempted
 from t5x_like.scaling.report import RESULT_FIELDS, read_result
 
 logger = logging.getLogger(__name__)
@@ -190,12 +192,39 @@ def worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
 
 def _local_submit(points, workers: int):
   """As _ray_submit, in a worker_pool, each worker running points one after another: a worker
-  imports and sets up JAX once for all its points."""
-  with worker_pool(workers) as pool:
-    futures = {pool.submit(train_point, json.dumps(config.to_dict()), str(workdir)): name
-               for name, config, workdir in points}
-    for future in concurrent.futures.as_completed(futures):
-      yield futures[future], future.result
+  imports and sets up JAX once for all its points. Only as many points as workers are handed to
+  the pool at a time, so that a sweep stopped early (Ctrl-C, SIGTERM) has none queued: its running
+  points get SIGTERM and save the step they reached for a rerun, and the workers end. The pool's
+  own shutdown had waited for every queued point, and a worker outlived a sweep SIGTERM ended."""
+  pool = worker_pool(workers)
+  waiting, running = list(points), {}
+  try:
+    while waiting or running:
+      while waiting and len(running) < workers:
+        name, config, workdir = waiting.pop(0)
+        running[pool.submit(train_point, json.dumps(config.to_dict()), str(workdir))] = name
+      done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in done:
+        yield running.pop(future), future.result
+  except BaseException:
+    for worker in multiprocessing.active_children():
+      worker.terminate()  # SIGTERM: a worker amid a point saves its step
+    concurrent.futures.wait(running, timeout=STOP_SECONDS)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in multiprocessing.active_children():
+      worker.kill()
+    raise
+  pool.shutdown()
+
+
+# How long a stopped sweep waits for each running point to save its step.
+STOP_SECONDS = 120
+
+
+def _stop_on_sigterm(signum, frame):
+  """SIGTERM as an exception in the sweep's own process, which then stops its workers (_local_submit)."""
+  raise Preempted("the sweep was stopped (SIGTERM): its running points saved the step they reached; rerun the "
+                  "same command to go on")
 
 
 def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> list[dict]:
@@ -221,13 +250,24 @@ def run_sweep(config: ml_collections.ConfigDict, sweep_dir: pathlib.Path) -> lis
   else:
     raise ConfigError(f"sweep.executor={config.sweep.executor!r} is not one of ('local', 'ray')")
   failures = {}
-  for name, result in finished:
+  on_sigterm = None
+  if config.sweep.executor == "local":  # a Ray cluster's tasks are its own to stop
     try:
-      results[name] = result()
-    except Exception as error:  # one point's failure (a NaN loss, a crash) leaves the others running
-      failures[name] = first_line(error)
-    write_results(sweep_dir, [results[n] for n, _ in points if n in results])
-    progress.update(1)
+      on_sigterm = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    except ValueError:  # not the main thread, where Python takes no signals
+      pass
+  try:
+    for name, result in finished:
+      try:
+        results[name] = result()
+      except Exception as error:  # one point's failure (a NaN loss, a crash) leaves the others running
+        failures[name] = first_line(error)
+      write_results(sweep_dir, [results[n] for n, _ in points if n in results])
+      progress.update(1)
+  finally:
+    if on_sigterm is not None:
+      signal.signal(signal.SIGTERM, on_sigterm)
+    finished.close()  # a stopped sweep stops its workers now, not when the generator is collected
   progress.close()
   rows = [results[n] for n, _ in points if n in results]
   write_results(sweep_dir, rows)

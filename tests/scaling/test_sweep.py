@@ -7,6 +7,10 @@ import os
 import pathlib
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -142,6 +146,43 @@ def test_rerun_under_another_base_config_is_refused_before_training(sweep_dir, c
   assert main(["sweep", "--config", CONFIG, "--workdir", str(sweep_dir),
                "--config.base.train.optimizer.weight_decay=0.2"]) == 2
   assert "was run with another config (train.optimizer.weight_decay differ)" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+  return [int(status.parent.name) for status in pathlib.Path("/proc").glob("[0-9]*/status")
+          if f"\nPPid:\t{pid}\n" in status.read_text(errors="replace")] if pathlib.Path("/proc").is_dir() else []
+
+
+def _running(pid: int) -> bool:
+  """Whether a process exists and has not ended (a zombie, ended but not yet reaped, has)."""
+  try:
+    return "\nState:\tZ" not in pathlib.Path(f"/proc/{pid}/status").read_text()
+  except FileNotFoundError:
+    return False
+
+
+def test_a_sweep_stopped_by_sigterm_stops_its_workers_and_leaves_queued_points_unstarted(tmp_path):
+  """The point running saves the step it reached and the next never starts; the pool's shutdown
+  had waited for every queued point, and a worker outlived a sweep SIGTERM ended."""
+  script = "import sys; from t5x_like.cli import main; sys.exit(main(sys.argv[1:]))"
+  run = subprocess.Popen([sys.executable, "-c", script, "sweep", "--config", CONFIG, "--workdir", str(tmp_path),
+                          "--config.sweep.sizes=(1,)", "--config.sweep.token_budgets=(2048, 262144, 524288)",
+                          "--config.sweep.workers=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  second, third = tmp_path / "s1_tokens262144_seed0", tmp_path / "s1_tokens524288_seed0"
+  deadline = time.monotonic() + 240
+  while not ((second / "metrics.jsonl").exists() and (second / "metrics.jsonl").read_text().count("\n") >= 2):
+    assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+    time.sleep(0.05)
+  workers = _children(run.pid)
+  run.send_signal(signal.SIGTERM)
+  _, err = run.communicate(timeout=200)
+  assert run.returncode == 143, err
+  assert "t5x-like sweep: the sweep was stopped (SIGTERM): its running points saved the step" in err
+  assert workers and not [pid for pid in workers if _running(pid)]
+  saved = [int(path.name) for path in (second / "checkpoints").iterdir() if path.name.isdigit()]
+  assert saved and not (second / "result.json").exists()
+  assert (tmp_path / "s1_tokens2048_seed0" / "result.json").exists() and not (third / "checkpoints").exists()
 
 
 def test_a_sweep_workdir_that_is_a_file_is_named(tmp_path, capsys):
