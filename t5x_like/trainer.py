@@ -820,8 +820,9 @@ class Trainer:
       raise NonFiniteLossError(
           f"the last {self.skipped_in_a_row} updates, up to step {step}, were all non-finite and skipped "
           f"(train.max_consecutive_skips={self.config.train.max_consecutive_skips}): the run has diverged. "
-          f"Its checkpoints hold the parameters from before them; lower train.optimizer.learning_rate or "
-          f"enable train.z_loss")
+          f"Its checkpoints hold the last finite parameters, from before step {step - self.skipped_in_a_row + 1}; "
+          f"lower train.optimizer.learning_rate or enable train.z_loss, and if a resume from them diverges "
+          f"again, move the newest checkpoints away to resume from an earlier one")
     logger.warning("skipped the update of step %d: non-finite loss or gradient", step)
 
   def _check_finite_params(self, step: int) -> None:

@@ -1163,7 +1163,8 @@ def test_nonfinite_loss_can_skip_the_update(tmp_path, caplog):
     bad_positions = range(5, 100)
 
   with pytest.raises(NonFiniteLossError, match=r"the last 3 updates, up to step 7, were all non-finite and skipped "
-                                               r"\(train.max_consecutive_skips=3\): the run has diverged"):
+                                               r"\(train.max_consecutive_skips=3\): the run has diverged. Its "
+                                               r"checkpoints hold the last finite parameters, from before step 5"):
     train(tiny_config(steps=12, nonfinite="skip", max_consecutive_skips=3), tmp_path / "diverged",
           loader=DivergedFromStep5)
   assert sorted(p.name for p in (tmp_path / "diverged" / "checkpoints").iterdir()) == ["4"]
