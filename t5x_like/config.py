@@ -36,8 +36,12 @@ def base_config(**model_fields) -> ml_collections.ConfigDict:
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Runs `get_config` from the file `spec` names (`file.py` or `file.py:variant`)."""
-  path, _, variant = spec.partition(":")
+  path, _, variant = spec.rpartition(":") if ":" in spec else (spec, "", "")
+  if pathlib.Path(spec).exists():  # a path with a colon of its own, and no variant
+    path, variant = spec, ""
   file = pathlib.Path(path)
+  if file.is_dir():
+    raise ConfigError(f"config file {path} is a directory; name a .py file in it, such as experiments/decoder_tiny.py")
   if not file.is_file():
     raise ConfigError(f"config file {path} does not exist")
   module_spec = importlib.util.spec_from_file_location(f"t5x_like_config_{file.stem}", file)

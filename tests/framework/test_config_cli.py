@@ -173,6 +173,18 @@ def test_a_variant_the_config_file_does_not_know_is_named(capsys):
   assert "decoder_tiny.py:small: get_config('small') failed" in errors[1]
 
 
+def test_a_config_path_holding_a_colon_loads_with_or_without_a_variant_and_a_directory_is_named(tmp_path):
+  """The variant follows the last colon; a colon in a directory's name had cut the path there."""
+  directory = tmp_path / "run:2"
+  directory.mkdir()
+  (directory / "t5.py").write_text((EXPERIMENTS / "t5.py").read_text())
+  for variant in ("", ":small"):
+    copied, original = load_config(f"{directory / 't5.py'}{variant}"), load_config(f"{EXPERIMENTS / 't5.py'}{variant}")
+    assert copied.to_dict() == original.to_dict()
+  with pytest.raises(ConfigError, match=rf"config file {directory} is a directory; name a \.py file in it"):
+    load_config(str(directory))
+
+
 def test_a_sweep_config_given_to_train_or_info_and_a_run_config_to_sweep_are_named(tmp_path, capsys):
   sweep, run = str(EXPERIMENTS / "scaling" / "tiny.py"), str(EXPERIMENTS / "decoder_tiny.py")
   assert main(["info", "--config", sweep]) == 2
