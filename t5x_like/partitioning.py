@@ -97,7 +97,11 @@ def _rules(config) -> tuple:
   if malformed:
     raise ConfigError(f"partitioning.rules holds {malformed[0]!r}; each rule is a pair "
                       f"(logical axis, mesh axis or axes or None)")
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.rules)
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.rules)
+  for name, axes in rules:
+    if isinstance(axes, tuple) and len(set(axes)) < len(axes):  # jax's DuplicateSpecError at the first sharding
+      raise ConfigError(f"partitioning.rules map {name!r} to {axes}, which names a mesh axis twice")
+  return rules
 
 
 # The config field behind each logical parameter axis, for naming a dim that does not divide.

@@ -1315,6 +1315,8 @@ def lowered():
     (lambda rules: [(name, "model" if name == "activation_heads" else axes) for name, axes in rules],
      "map 'activation_heads' to mesh axis 'model', which is not in partitioning.mesh_axes"),
     (lambda rules: [("vocab",)] + list(rules), r"partitioning.rules holds \('vocab',\); each rule is a pair"),
+    (lambda rules: [(name, ("data", "data") if name == "activation_batch" else axes) for name, axes in rules],
+     r"map 'activation_batch' to \('data', 'data'\), which names a mesh axis twice"),
 ])
 def test_bad_partitioning_rules_name_the_axis(rules, message, tmp_path):
   config = tiny_config()
