@@ -213,6 +213,7 @@ def _local_submit(points, workers: int):
     pool.shutdown(wait=False, cancel_futures=True)
     for worker in multiprocessing.active_children():
       worker.kill()
+      worker.join(timeout=5)
     raise
   pool.shutdown()
 

@@ -179,6 +179,9 @@ def test_a_sweep_stopped_by_sigterm_stops_its_workers_and_leaves_queued_points_u
   _, err = run.communicate(timeout=200)
   assert run.returncode == 143, err
   assert "t5x-like sweep: the sweep was stopped (SIGTERM): its running points saved the step" in err
+  ended_by = time.monotonic() + 30  # multiprocessing's resource tracker ends once the sweep has
+  while [pid for pid in workers if _running(pid)] and time.monotonic() < ended_by:
+    time.sleep(0.1)
   assert workers and not [pid for pid in workers if _running(pid)]
   saved = [int(path.name) for path in (second / "checkpoints").iterdir() if path.name.isdigit()]
   assert saved and not (second / "result.json").exists()
