@@ -31,19 +31,16 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import jax
 from t5x_like.trainer import Trainer
-def peak_mib():  # this process's own high-water mark (ru_maxrss can carry the parent's over a fork)
-  status = open("/proc/self/status").read()
-  return int(status.split("VmHWM:")[1].split()[0]) / 1024
-def resident_mib():
-  return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+def status_mib(field):  # this process's own figures (ru_maxrss can carry the parent's over a fork)
+  return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) / 1024
 if sys.argv[3] == "init_from":  # a fine-tune's start: its own initial state, replaced by the saved parameters
   from t5x_like.config import apply_overrides, load_run_config
   config = load_run_config(sys.argv[4])
   apply_overrides(config, json.loads(sys.argv[5]))
   trainer = Trainer(config, sys.argv[6])
   jax.block_until_ready(trainer.state)
-  holding = resident_mib()
-before = peak_mib()
+  holding = status_mib("VmRSS")
+before = status_mib("VmHWM")
 start = time.perf_counter()
 if sys.argv[3] == "init_from":
   trainer.init_params_from(sys.argv[2])
@@ -52,9 +49,9 @@ else:
 jax.block_until_ready(trainer.state)
 seconds = time.perf_counter() - start
 params = sum(leaf.nbytes for leaf in jax.tree.leaves(trainer.state["params"])) / 2**20
-row = {"seconds": seconds, "peak_mib": peak_mib(), "peak_before_load_mib": before, "params_mib": params}
+row = {"seconds": seconds, "peak_mib": status_mib("VmHWM"), "peak_before_load_mib": before, "params_mib": params}
 if sys.argv[3] == "init_from":
-  row["rise_in_params"] = (peak_mib() - holding) / params
+  row["rise_in_params"] = (status_mib("VmHWM") - holding) / params
 print(json.dumps(row))
 """
 

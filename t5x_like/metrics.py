@@ -43,15 +43,15 @@ class MetricWriter:
     self.tensorboard = None
     if self.enabled:
       path = pathlib.Path(workdir) / "metrics.jsonl"
-      tail = b""
+      whole_last_row = False
       if path.exists():  # a row torn by a crash would run into the first new one: cut it off
         data = path.read_bytes()
         end = data.rfind(b"\n") + 1
-        tail = data[end:]
-        if tail and _row_problem(tail) is not None:
+        whole_last_row = end < len(data) and _parsed_row(data[end:])[0] is not None
+        if not whole_last_row:
           os.truncate(path, end)
       self.jsonl = open(path, "a", encoding="utf-8")
-      if tail and _row_problem(tail) is None:  # a whole row that lost only its newline (an editor's save) is kept
+      if whole_last_row:  # a row that lost only its newline (an editor's save) is kept
         self.jsonl.write("\n")
       # Rows reach the disk within FLUSH_SECONDS (tensorboardX's default, 120 s, lost a killed run's
       # last two minutes of rows for good: the rerun re-logs only the steps after its checkpoint).
@@ -83,38 +83,38 @@ def read_metrics(workdir: pathlib.Path, split: str | None = None, *, fields: tup
   """
   path = pathlib.Path(workdir) / "metrics.jsonl"
   lines = path.read_bytes().split(b"\n")
-  if _row_problem(lines[-1]) is not None:  # a last line without its newline: a row torn by a crash, or being written
-    lines = lines[:-1]
   newest = {}
   for number, line in enumerate(lines, start=1):
     if not line.strip():
       continue
-    if problem := _row_problem(line, fields):
+    row, problem = _parsed_row(line, fields)
+    if problem and number == len(lines):  # a last line without its newline: torn by a crash, or being written
+      continue
+    if problem:
       raise ConfigError(f"{path}, line {number}: not a metrics row ({problem}); remove the line")
-    row = json.loads(line)
     if split is None or row["split"] == split:
       newest.pop((row["split"], row["step"]), None)  # re-inserted: in the order last written
       newest[(row["split"], row["step"])] = row
   return list(newest.values())
 
 
-def _row_problem(line: bytes, fields: tuple[str, ...] = ()) -> str | None:
-  """Why a line is not a row MetricWriter writes (None if it is one): a JSON object with an integer
-  step, a split, and numbers for the rest, `fields` among them."""
+def _parsed_row(line: bytes, fields: tuple[str, ...] = ()) -> tuple[dict | None, str | None]:
+  """(row, None) for a line MetricWriter writes: a JSON object with an integer step, a split, and
+  numbers for the rest, `fields` among them; (None, why not) for any other."""
   try:
     row = json.loads(line.decode("utf-8"))
   except UnicodeDecodeError as error:
-    return f"byte {line[error.start]:#x} is not UTF-8"
+    return None, f"byte {line[error.start]:#x} is not UTF-8"
   except json.JSONDecodeError as error:
-    return error.msg
+    return None, error.msg
   if not isinstance(row, dict):
-    return f"a JSON {type(row).__name__}, not an object"
+    return None, f"a JSON {type(row).__name__}, not an object"
   if type(row.get("step")) is not int or not isinstance(row.get("split"), str):
-    return "no integer step or no split"
+    return None, "no integer step or no split"
   missing = [key for key in fields if key not in row]
   if missing:
-    return f"no {' or '.join(missing)}"
+    return None, f"no {' or '.join(missing)}"
   not_numbers = [key for key, value in row.items() if key not in ("step", "split") and type(value) not in (int, float)]
   if not_numbers:
-    return f"{', '.join(not_numbers)} not a number"
-  return None
+    return None, f"{', '.join(not_numbers)} not a number"
+  return row, None

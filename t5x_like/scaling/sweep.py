@@ -196,6 +196,7 @@ def _local_submit(points, workers: int):
   the pool at a time, so that a sweep stopped early (Ctrl-C, SIGTERM) has none queued: its running
   points get SIGTERM and save the step they reached for a rerun, and the workers end. The pool's
   own shutdown had waited for every queued point, and a worker outlived a sweep SIGTERM ended."""
+  others = set(multiprocessing.active_children())  # a notebook's own, say: not the pool's to stop
   pool = worker_pool(workers)
   waiting, running = list(points), {}
   try:
@@ -207,11 +208,12 @@ def _local_submit(points, workers: int):
       for future in done:
         yield running.pop(future), future.result
   except BaseException:
-    for worker in multiprocessing.active_children():
+    pool_workers = [child for child in multiprocessing.active_children() if child not in others]
+    for worker in pool_workers:
       worker.terminate()  # SIGTERM: a worker amid a point saves its step
     concurrent.futures.wait(running, timeout=STOP_SECONDS)
     pool.shutdown(wait=False, cancel_futures=True)
-    for worker in multiprocessing.active_children():
+    for worker in pool_workers:
       worker.kill()
       worker.join(timeout=5)
     raise
