@@ -1,17 +1,20 @@
 """The grain loader: T5X batches, determinism, exact resume, and disjoint per-process shares."""
 
 import json
+import pathlib
 
 import grain
 import numpy as np
 import pytest
 
 from models.config import ConfigError
+from t5x_like.config import load_config
 from t5x_like.data import documents, tfds_text
 from t5x_like.data.config import default_data_config
 from t5x_like.data.loader import make_loader, ordered_share, process_share
 from t5x_like.data.objectives import OBJECTIVE_CLASSES, objective_model_inputs
 
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments"
 DECODER = {"decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
            "decoder_loss_weights"}
 ENCODER = {"encoder_input_tokens", "encoder_segment_ids", "encoder_positions"}
@@ -206,3 +209,14 @@ def test_long_documents_are_counted(data_dir):
   _batches(loader, 20)
   stats = loader.stats()
   assert stats["split_documents"] > 0 and stats["chunks"] > stats["documents"]
+
+
+@pytest.mark.parametrize("experiment", ["decoder_tiny.py", "decoder_tiny_sft.py", "encoder_tiny.py",
+                                        "encoder_decoder_tiny.py"])
+def test_a_shipped_experiment_evaluates_on_distinct_validation_rows(experiment, data_dir):
+  """Its train.eval_steps batches fit in one pass over the bundled validation split, so the
+  trainer does not warn that they go round it (HHH's split holds 11 SFT rows)."""
+  config = load_config(str(EXPERIMENTS / experiment))
+  config.data.data_dir = data_dir
+  wanted = config.train.eval_steps * config.data.batch_size
+  assert make_loader(config.data, "validation").rows_in_one_pass(limit=wanted) == wanted
