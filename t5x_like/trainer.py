@@ -41,6 +41,7 @@ from t5x_like.data.config import absolute_paths
 from t5x_like.data.objectives import OBJECTIVE_CLASSES
 from t5x_like.distributed import check_on_every_process, check_same_run, mark_this_process_failing, process_0s
 from t5x_like.hardware import peak_flops_per_device
+from t5x_like.host_memory import return_freed_memory
 from t5x_like.metrics import MetricWriter, read_metrics
 from t5x_like.modes import TrainingMode, make_mode
 from t5x_like.optimizers import (SCHEDULE_FIELDS, default_optimizer_config, make_optimizer, make_schedule,
@@ -409,6 +410,7 @@ class Trainer:
       for leaf in jax.tree.leaves(self.state):
         if isinstance(leaf, jax.Array):  # a params_only state's parameters are shapes until restored
           leaf.delete()
+      return_freed_memory()
     older_layouts = []
     if not self.params_only and not self.config.train.optimizer.grad_clip_norm:
       # Runs saved with clipping off before 1f5209f hold the optimizer state without its clip step.
@@ -419,6 +421,7 @@ class Trainer:
     if restored is None:
       return None
     step, saved, data_positions = restored
+    return_freed_memory()  # the reader's buffers
     self._check_tokenizer(data_positions)
     self.state = {key: saved[key] for key in self.state}
     if "frozen" in saved:
@@ -461,6 +464,7 @@ class Trainer:
     # state, as a resume does: holding all three, it peaked at about 6 copies of the parameters, not 3.
     for leaf in jax.tree.leaves(self.state["opt_state"]):
       leaf.delete()
+    return_freed_memory()
     loaded, data_positions = read_params(source, targets)
     frozen = [".".join(map(str, _path_of(keys))) for keys, _ in
               jax.tree_util.tree_flatten_with_path(self.frozen_template)[0] if _path_of(keys) not in loaded]
@@ -478,6 +482,7 @@ class Trainer:
     for keys, leaf in jax.tree_util.tree_flatten_with_path(self.state["params"])[0]:
       if _path_of(keys) in loaded:
         leaf.delete()
+    return_freed_memory()
     self.state = self._start_state(params)
 
   @classmethod

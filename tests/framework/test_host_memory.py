@@ -1,5 +1,6 @@
 """A command's process: it restarts once with glibc's huge-page tunable, before importing jax, and the
-tunable removes XLA:CPU's page faults; its compiles go to a size-capped cache."""
+tunable removes XLA:CPU's page faults; its compiles go to a size-capped cache; memory freed in
+malloc's heap returns to the system when the trainer asks."""
 
 import os
 import pathlib
@@ -110,3 +111,27 @@ def test_huge_pages_fault_a_large_buffer_in_a_few_pages_where_4k_pages_fault_eac
   if "[always]" not in host_memory.THP_SETTING.read_text():  # else the kernel uses huge pages anyway
     without = float(run_python(FAULTS_PER_CALL, GLIBC_TUNABLES="")[0])
     assert without > 0.9 * pages_4k
+
+
+# 256 MiB freed below the heap's top: glibc keeps its pages until told to return them.
+HEAP_FREED = """
+import numpy as np
+from t5x_like.host_memory import return_freed_memory
+def resident_mib():
+  return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+np.ones(2 << 20).sum()  # 16 MiB mapped and unmapped: glibc's mmap threshold rises past 4 MiB
+held = [np.ones(1 << 19) for _ in range(64)]  # 64 x 4 MiB, now from the heap
+pin = np.ones(1 << 19)  # above them, so that free alone cannot trim the heap's top
+holding = resident_mib()
+del held
+freed = resident_mib()
+return_freed_memory()
+print(holding, freed, resident_mib())
+"""
+
+
+@pytest.mark.skipif(host_memory.glibc_version() is None, reason="malloc_trim is glibc's")
+def test_memory_freed_in_the_heap_returns_to_the_system_when_asked():
+  holding, freed, returned = map(float, run_python(HEAP_FREED, GLIBC_TUNABLES=""))
+  assert freed > holding - 32  # free keeps the pages
+  assert returned < freed - 200  # malloc_trim hands them back
