@@ -8,11 +8,12 @@ The config's initial train state (optimizer moments included, as training saves 
 as a run's step 0 in a temporary workdir. Each tree (ours, then each --baselines checkout of an
 older revision) loads it in a fresh process, alternating over --rounds, which reports its peak
 resident memory (VmHWM) and load time, with glibc's huge-page tunable as `t5x-like` has it. On a
-CPU the arrays live in host memory, so the peak is what inference needs at most to start. With --init-from, each process builds the config's
-own train state and then replaces it by the saved parameters (Trainer.init_params_from, as
-train.init_from does), and also reports the peak's rise above the memory that state held, in
-copies of the parameters; with --resume, each builds it in the saved run's workdir and restores
-the saved state over it (Trainer.restore, as a resumed train does), reporting the same.
+CPU the arrays live in host memory, so the peak is what inference needs at most to start. With
+--init-from, each process builds the config's own train state and then replaces it by the saved
+parameters (Trainer.init_params_from, as train.init_from does), and also reports the peak's rise
+above the memory that state held, in copies of the parameters; with --resume, each builds it in
+the saved run's workdir and restores the saved state over it (Trainer.restore, as a resumed
+train does), reporting the same.
 """
 
 from __future__ import annotations
