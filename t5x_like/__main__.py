@@ -10,7 +10,7 @@ in jax, a command imported it twice.
 import os
 import pathlib
 import sys
-from typing import MutableMapping
+from typing import Any, Callable, MutableMapping
 
 from t5x_like.host_memory import exec_with_huge_pages
 
@@ -28,10 +28,23 @@ def use_compilation_cache(environ: MutableMapping[str, str]) -> None:
   environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILATION_CACHE_BYTES))
 
 
+def ignore_closed_loop_callbacks(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+  """sys.unraisablehook `hook`, less the tracebacks of callbacks onto an asyncio loop already
+  closed: after a failed checkpoint write (a full disk) tensorstore's outstanding writes
+  report back to the loop orbax closed on the first error, dozens of them after the one line
+  that names the failure, and nothing is left to hear them."""
+  def unraisable(info) -> None:
+    if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+      return
+    hook(info)
+  return unraisable
+
+
 def start_command_process() -> None:
   """Sets up this process for a command line, before jax is imported where it can be."""
   use_compilation_cache(os.environ)
   exec_with_huge_pages()  # the restarted process inherits the cache's settings
+  sys.unraisablehook = ignore_closed_loop_callbacks(sys.unraisablehook)
 
 
 def main() -> int:

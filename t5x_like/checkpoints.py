@@ -8,11 +8,14 @@ any one process cannot read is set aside by all of them. Where no step reads, no
 A checkpoint whose arrays differ from what the config builds (another model size, another
 optimizer) is a config error, not a corrupt file: restoring stops with the differences
 named and nothing is moved. Inference (Trainer.from_workdir) reads the parameters
-alone, so for it another optimizer's moments are no difference.
+alone, so for it another optimizer's moments are no difference. A save that finds no space left
+on the device stops the run with one error naming the steps saved before it, which stay intact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import pathlib
 import shutil
@@ -241,12 +244,52 @@ def _warn_unreadable(step_directory: pathlib.Path, error: str) -> None:
   logger.warning("init_from: checkpoint %s is unreadable (%s); trying an earlier one", step_directory, error)
 
 
+class OutOfSpaceError(OSError):
+  """A checkpoint could not be written for want of space on its device."""
+
+  def __init__(self, message: str):
+    super().__init__(errno.ENOSPC, message)
+
+  def __str__(self) -> str:
+    return self.strerror
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+  """Whether the error, or one it came from, is a full device. Orbax reports tensorstore's failed
+  writes as ValueErrors whose message ends in the OS's."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _FullDeviceRecords(logging.Filter):
+  """Drops what orbax's writer threads and asyncio log about a write that found the device full
+  (hundreds of lines of tracebacks): the Checkpointer names it once, with the steps that are safe."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (_out_of_space(error) or "No space left on device" in record.getMessage())
+
+
+for _name in ("absl", "asyncio"):
+  logging.getLogger(_name).addFilter(_FullDeviceRecords())
+
+
+def _bytes_under(directory: pathlib.Path) -> int:
+  return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
 class Checkpointer:
 
   def __init__(self, directory: pathlib.Path, *, max_to_keep: int):
     self.directory = pathlib.Path(directory).absolute()
     self.max_to_keep = max_to_keep
     self.manager = self._new_manager()
+    self._out_of_space = False  # reported once; the waits and the close after it stay quiet
 
   def _new_manager(self) -> ocp.CheckpointManager:
     # Handlers named up front, so a checkpoint's metadata reads before any restore.
@@ -256,8 +299,31 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, data_state: dict | None) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(gather_data_positions(data_state))))
+    """Starts writing the step (the write goes on in the background), after the previous one has
+    finished; either may find the device full (OutOfSpaceError)."""
+    with self._out_of_space_named():
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(gather_data_positions(data_state))))
+
+  @contextlib.contextmanager
+  def _out_of_space_named(self):
+    """A full device as one OutOfSpaceError naming the steps that are safe, in place of orbax's
+    chain of errors from its writer threads."""
+    try:
+      yield
+    except Exception as error:
+      if not _out_of_space(error):
+        raise
+      if self._out_of_space:
+        return
+      self._out_of_space = True
+      steps = sorted(self.manager.all_steps())  # finished ones: an unfinished write has a temporary name
+      saved = "no step was saved before it"
+      if steps:
+        size = _bytes_under(self.directory / str(steps[-1])) / 2**20
+        saved = (f"the steps saved before it ({', '.join(map(str, steps))}) are intact, and rerun with room the run "
+                 f"resumes from step {steps[-1]} (a checkpoint takes {size:.1f} MiB)")
+      raise OutOfSpaceError(f"no space left on the device of {self.directory} to write a checkpoint; {saved}") from None
 
   def restore_latest(self, abstract_state, *, set_aside: bool = True, partial: bool = False,
                      older_layouts: Sequence[tuple[Any, Callable]] = ()):
@@ -332,7 +398,9 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._out_of_space_named():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
+    with self._out_of_space_named():
+      self.manager.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -10,6 +12,8 @@ import sys
 import jax
 
 from models.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def _summary_writer_class():
@@ -68,9 +72,18 @@ class MetricWriter:
       self.tensorboard.add_scalar(f"{split}/{name}", float(value), int(step))
 
   def close(self) -> None:
-    if self.enabled:
-      self.jsonl.close()
+    """Closes both files. TensorBoard's last events (FLUSH_SECONDS' worth) lost to a full device
+    are a warning: metrics.jsonl, flushed row by row, holds them, and a run stopped by the full
+    device had its checkpointer's error hidden behind this one."""
+    if not self.enabled:
+      return
+    self.jsonl.close()
+    try:
       self.tensorboard.close()
+    except OSError as error:
+      if error.errno != errno.ENOSPC:
+        raise
+      logger.warning("tensorboard/ lost its last events to a full device (metrics.jsonl holds every row)")
 
 
 def read_metrics(workdir: pathlib.Path, split: str | None = None, *, fields: tuple[str, ...] = ()) -> list[dict]:

@@ -1,5 +1,7 @@
 """Experiment configs load, validate and override from the command line."""
 
+import argparse
+import errno
 import logging
 import pathlib
 
@@ -10,8 +12,8 @@ from flax import nnx
 from models.config import ConfigError, ModelConfig, first_line
 from models.model_size import model_size
 from models.transformer import build_model
-from t5x_like import partitioning
-from t5x_like.cli import main
+from t5x_like import checkpoints, partitioning
+from t5x_like.cli import _run, main
 from t5x_like.config import apply_overrides, base_config, load_config, load_run_config
 from t5x_like.scaling.sweep import sweep_points
 from t5x_like.trainer import training_warnings, validate_config
@@ -237,3 +239,25 @@ def test_a_field_no_section_has_is_named_wherever_the_file_sets_it(tmp_path, cap
   assert "missing.py has no partitioning section; start from t5x_like.config.base_config()" in errors[3]
   assert "sweep.py: sweep.sizez is not a config field" in errors[4]
   assert "notes.md is not a Python file (.py) defining get_config()" in errors[5]
+
+
+def test_a_full_device_is_one_line_naming_the_checkpoints_it_left(capsys):
+  """Checkpointer's OutOfSpaceError, even where closing the metrics met the full device after it
+  (its own OSError then propagates, the checkpointer's as its context); other OSErrors raise."""
+  def stopped_by(*errors):
+    def run(args, overrides):
+      try:
+        raise errors[0]
+      finally:
+        if len(errors) > 1:
+          raise errors[1]
+    return argparse.Namespace(command="train", run=run)
+
+  full = checkpoints.OutOfSpaceError("no space left on the device of /w/checkpoints; steps 2, 4 are intact")
+  for errors in ((full,), (full, OSError(errno.ENOSPC, "No space left on device"))):
+    assert _run(stopped_by(*errors), []) == 1
+    assert capsys.readouterr().err == f"t5x-like train: error: {full}\n"
+  assert _run(stopped_by(OSError(errno.ENOSPC, "No space left on device", "metrics.jsonl")), []) == 1
+  assert capsys.readouterr().err == "t5x-like train: error: [Errno 28] No space left on device: 'metrics.jsonl'\n"
+  with pytest.raises(PermissionError):
+    _run(stopped_by(PermissionError(errno.EACCES, "Permission denied")), [])

@@ -135,3 +135,28 @@ def test_memory_freed_in_the_heap_returns_to_the_system_when_asked():
   holding, freed, returned = map(float, run_python(HEAP_FREED, GLIBC_TUNABLES=""))
   assert freed > holding - 32  # free keeps the pages
   assert returned < freed - 200  # malloc_trim hands them back
+
+
+# Two objects whose finalisers raise, as tensorstore's late callbacks do onto the loop orbax closed.
+UNRAISABLE = """
+import asyncio
+from t5x_like.__main__ import start_command_process
+start_command_process()
+loop = asyncio.new_event_loop()
+loop.close()
+class LateCallback:
+  def __del__(self):
+    loop.call_soon_threadsafe(print)
+class Broken:
+  def __del__(self):
+    raise ValueError("a finaliser's own error")
+LateCallback()
+Broken()
+"""
+
+
+def test_a_command_keeps_quiet_about_callbacks_onto_a_closed_loop_only():
+  result = subprocess.run([sys.executable, "-c", UNRAISABLE], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "JAX_COMPILATION_CACHE_DIR": ""}, check=True)
+  assert "Event loop is closed" not in result.stderr
+  assert "ValueError: a finaliser's own error" in result.stderr

@@ -1,6 +1,7 @@
 """The trainer: losses fall, sharding follows the rules, runs resume exactly, guards hold."""
 
 import dataclasses
+import errno
 import itertools
 import json
 import logging
@@ -1426,3 +1427,38 @@ def test_bad_model_and_data_configs_name_the_fields(tmp_path):
   with pytest.raises(ConfigError, match=r"train.mode='pretrain' reads \['decoder_input_tokens', .*\], which "
                                         r"data.objective='preference' does not make \(it makes \['chosen_decoder_"):
     Trainer(config, tmp_path, make_loader=PatternLoader)
+
+
+@pytest.fixture
+def small_device(tmp_path):
+  """A 1 MiB tmpfs, for a workdir whose third checkpoint does not fit (mounting needs root)."""
+  mounted = tmp_path / "small"
+  mounted.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mounted)], capture_output=True).returncode:
+    pytest.skip("mounting a tmpfs needs root")
+  yield mounted
+  subprocess.run(["umount", "-l", str(mounted)], check=True)
+
+
+def test_a_full_device_stops_the_run_naming_the_steps_that_are_safe(small_device, caplog):
+  """Orbax's writer threads logged hundreds of lines of tracebacks, and the run ended in its
+  ValueError at the next save. One error now names the device and the steps kept, and the run
+  resumes from them once there is room."""
+  config = tiny_config(steps=40, keep_checkpoints=100, checkpoint_every=2)
+  with pytest.raises(checkpoints.OutOfSpaceError) as raised:
+    train(config, small_device / "run")
+  directory = small_device / "run" / "checkpoints"
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  assert len(steps) >= 2 and steps == list(range(2, 2 * len(steps) + 1, 2))
+  size = sum(path.stat().st_size for path in (directory / str(steps[-1])).rglob("*") if path.is_file())
+  assert str(raised.value) == (
+      f"no space left on the device of {directory} to write a checkpoint; the steps saved before it "
+      f"({', '.join(map(str, steps))}) are intact, and rerun with room the run resumes from step {steps[-1]} (a "
+      f"checkpoint takes {size / 2**20:.1f} MiB)")
+  assert raised.value.errno == errno.ENOSPC  # the command's one line (cli._run)
+  assert "No space left on device" not in caplog.text  # orbax's and asyncio's records of it are dropped
+  subprocess.run(["mount", "-o", "remount,size=64M", str(small_device)], check=True)
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="t5x_like.trainer"):
+    _, result = train(config, small_device / "run")
+  assert f"restored step {steps[-1]}" in caplog.text and result.step == 40
