@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import pathlib
 import shutil
 import time
@@ -268,9 +269,12 @@ def _out_of_space(error: BaseException | None) -> bool:
 
 class _FullDeviceRecords(logging.Filter):
   """Drops what orbax's writer threads and asyncio log about a write that found the device full
-  (hundreds of lines of tracebacks): the Checkpointer names it once, with the steps that are safe."""
+  (hundreds of lines of tracebacks): the Checkpointer names it once, with the steps that are safe.
+  Other libraries' records on these loggers pass."""
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if f"{os.sep}orbax{os.sep}" not in record.pathname and record.name != "asyncio":
+      return True
     error = record.exc_info[1] if record.exc_info else None
     return not (_out_of_space(error) or "No space left on device" in record.getMessage())
 
@@ -289,7 +293,7 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).absolute()
     self.max_to_keep = max_to_keep
     self.manager = self._new_manager()
-    self._out_of_space = False  # reported once; the waits and the close after it stay quiet
+    self._reported_out_of_space = False  # once: the run stops, and its waits and close meet it again
 
   def _new_manager(self) -> ocp.CheckpointManager:
     # Handlers named up front, so a checkpoint's metadata reads before any restore.
@@ -314,16 +318,21 @@ class Checkpointer:
     except Exception as error:
       if not _out_of_space(error):
         raise
-      if self._out_of_space:
+      if self._reported_out_of_space:  # orbax keeps the failed write's error and raises it at each wait
         return
-      self._out_of_space = True
-      steps = sorted(self.manager.all_steps())  # finished ones: an unfinished write has a temporary name
+      self._reported_out_of_space = True
+      # Finished steps only: a write takes its step's name when it is complete.
+      steps = sorted(int(path.name) for path in self.directory.iterdir() if path.name.isdigit())
       saved = "no step was saved before it"
       if steps:
-        size = _bytes_under(self.directory / str(steps[-1])) / 2**20
         saved = (f"the steps saved before it ({', '.join(map(str, steps))}) are intact, and rerun with room the run "
-                 f"resumes from step {steps[-1]} (a checkpoint takes {size:.1f} MiB)")
-      raise OutOfSpaceError(f"no space left on the device of {self.directory} to write a checkpoint; {saved}") from None
+                 f"resumes from step {steps[-1]}")
+        try:
+          saved += f" (a checkpoint takes {_bytes_under(self.directory / str(steps[-1])) / 2**20:.1f} MiB)"
+        except OSError:  # a step max_to_keep deletes meanwhile
+          pass
+      raise OutOfSpaceError(f"no space left on the device of {self.directory} to write a checkpoint; "
+                            f"{saved}") from error
 
   def restore_latest(self, abstract_state, *, set_aside: bool = True, partial: bool = False,
                      older_layouts: Sequence[tuple[Any, Callable]] = ()):

@@ -73,11 +73,11 @@ def default_train_config() -> ml_collections.ConfigDict:
       eval_steps=10,
       checkpoint_every=250,
       keep_checkpoints=3,
-      # Compile and run the initialisation on the host CPU, then copy it into the devices'
-      # shardings: a way around an accelerator's slow compile of the unrolled initialiser
+      # Compile and run the parameters' initialisation on the host CPU, then copy them into the
+      # devices' shardings: a way around an accelerator's slow compile of the unrolled initialiser
       # (docs/performance.md, item 36). Not needed on GPUs since threefry_as_gpu_kernels: an
-      # H200 initialises the 1b model in 10.7 s, the host in 25 (item 39). The whole state
-      # must fit in host memory.
+      # H200 initialises the 1b model in 10.7 s, the host in 25 (item 39). The parameters must
+      # fit in host memory; the optimizer state is made on the devices (item 66).
       init_on_host=False,
       # Another run's workdir: its newest checkpoint's parameters start this run (a pretrained
       # model to fine-tune) when this workdir has no checkpoint of its own. '': from scratch.
@@ -334,7 +334,7 @@ class Trainer:
 
     # The parameters are drawn first and the optimizer state is made around them after: the
     # initialisers' random bits, alive beside Adam's moments, had raised the start's peak to
-    # about 4.6 copies of the parameters, above a train step's.
+    # about 4.8 copies of the parameters over the memory before it (docs/performance.md, item 66).
     def init(seed_keys):
       _, params, rest = nnx.split(self._new_model(seed_keys), self.trainable, ...)
       return nnx.as_pure(params), nnx.as_pure(rest)
@@ -407,9 +407,9 @@ class Trainer:
     if checkpointer.steps():
       # A checkpoint's state replaces the initial one, or the restore stops with an error: freed
       # first, a resume needs memory for one train state, not two.
-      for leaf in jax.tree.leaves(self.state):
-        if isinstance(leaf, jax.Array):  # a params_only state's parameters are shapes until restored
-          leaf.delete()
+      arrays = [leaf for leaf in jax.tree.leaves(self.state) if isinstance(leaf, jax.Array)]  # params_only: shapes
+      for leaf in jax.block_until_ready(arrays):  # deleted once made, its memory is free for the trim
+        leaf.delete()
       return_freed_memory()
     older_layouts = []
     if not self.params_only and not self.config.train.optimizer.grad_clip_norm:
@@ -462,7 +462,7 @@ class Trainer:
     # The initial state is freed as it is replaced (its optimizer state now, the parameters read
     # below, the rest donated to the new state), so a fine-tune starts in the memory of one train
     # state, as a resume does: holding all three, it peaked at about 6 copies of the parameters, not 3.
-    for leaf in jax.tree.leaves(self.state["opt_state"]):
+    for leaf in jax.block_until_ready(jax.tree.leaves(self.state["opt_state"])):  # freed once made
       leaf.delete()
     return_freed_memory()
     loaded, data_positions = read_params(source, targets)

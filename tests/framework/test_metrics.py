@@ -1,6 +1,7 @@
 """metrics.jsonl after a crash: a torn last row neither blocks reading nor fuses with the next;
 TensorBoard's event file, written without importing torch."""
 
+import errno
 import struct
 import subprocess
 import sys
@@ -92,3 +93,27 @@ def test_tensorboard_rows_reach_the_disk_within_seconds_while_the_writer_is_open
   writer.write(2, "train", {"loss": 2.25})
   assert on_disk_within(5 * FLUSH_SECONDS) == [1, 2]
   writer.close()
+
+
+def test_tensorboard_events_lost_to_a_full_device_are_a_warning(tmp_path, caplog):
+  """metrics.jsonl holds every row: the TensorBoard copy's last events are not worth hiding the error
+  that stopped the run (a checkpoint's, on the same full device)."""
+  class Closing:
+    def __init__(self, error):
+      self.error = error
+
+    def close(self):
+      raise self.error
+
+  writer = MetricWriter(tmp_path)
+  writer.write(1, "train", {"loss": 2.0})
+  writer.tensorboard.close()
+  writer.tensorboard = Closing(OSError(errno.ENOSPC, "No space left on device"))
+  writer.close()
+  assert "tensorboard/ lost its last events to a full device (metrics.jsonl holds every row)" in caplog.text
+  assert read_metrics(tmp_path) == [{"step": 1, "split": "train", "loss": 2.0}]
+  writer = MetricWriter(tmp_path)
+  writer.tensorboard.close()
+  writer.tensorboard = Closing(PermissionError(errno.EACCES, "Permission denied"))
+  with pytest.raises(PermissionError):
+    writer.close()

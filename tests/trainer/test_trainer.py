@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import portpicker
 import pytest
 import scipy.special
@@ -1427,6 +1428,76 @@ def test_bad_model_and_data_configs_name_the_fields(tmp_path):
   with pytest.raises(ConfigError, match=r"train.mode='pretrain' reads \['decoder_input_tokens', .*\], which "
                                         r"data.objective='preference' does not make \(it makes \['chosen_decoder_"):
     Trainer(config, tmp_path, make_loader=PatternLoader)
+
+
+def test_a_resume_and_a_fine_tune_return_the_memory_of_each_state_they_free_before_reading(tmp_path, monkeypatch):
+  """Each trim comes after the free it is for (docs/performance.md, item 67): the initial state's
+  before a resume reads, the optimizer state's before a fine-tune reads, the replaced
+  parameters' before its new state is made."""
+  train(tiny_config(steps=4), tmp_path / "run")
+  watched, trims = [], []
+  monkeypatch.setattr(trainer_module, "return_freed_memory",
+                      lambda: trims.append(sum(leaf.is_deleted() for leaf in watched)))
+  resumed = Trainer(tiny_config(steps=8), tmp_path / "run", make_loader=PatternLoader)
+  watched = jax.tree.leaves(resumed.state)
+  assert resumed.restore() is not None
+  assert trims == [len(watched), len(watched)]  # and the reader's buffers, after it
+  tuned = Trainer(tiny_config(steps=8), tmp_path / "tuned", make_loader=PatternLoader)
+  trims.clear()
+  moments, params = jax.tree.leaves(tuned.state["opt_state"]), jax.tree.leaves(tuned.state["params"])
+  watched = moments + params
+  tuned.init_params_from(tmp_path / "run")
+  assert trims == [len(moments), len(watched)]
+
+
+ORBAX_FULL_DEVICE = ('RESOURCE_EXHAUSTED: Error writing "params.decoder.final_norm.scale/0" in OCDBT database at '
+                     'local file "{}": Failed to write 4202496 bytes to file 18: No space left on device '
+                     "[os_error_code='28']")
+
+
+@pytest.mark.parametrize("failing_save", [2, 1])
+def test_a_full_device_as_orbax_reports_it_is_named_once(failing_save, tmp_path, monkeypatch):
+  """Orbax's ValueError from its writer threads, raised at the next save and at every wait after
+  it, becomes one OutOfSpaceError naming the steps saved before; other errors pass unchanged."""
+  saves = []
+  original_save, original_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+
+  def save(manager, step, *args, **kwargs):
+    saves.append(step)
+    if len(saves) >= failing_save:  # as orbax waits for the writes before, then finds one failed
+      original_wait(manager)
+      raise ValueError(ORBAX_FULL_DEVICE.format(tmp_path))
+    return original_save(manager, step, *args, **kwargs)
+
+  def wait(manager):
+    if len(saves) >= failing_save:
+      raise ValueError(ORBAX_FULL_DEVICE.format(tmp_path))
+    return original_wait(manager)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
+  with pytest.raises(checkpoints.OutOfSpaceError) as raised:
+    train(tiny_config(steps=12), tmp_path)
+  kept = ("the steps saved before it (4) are intact, and rerun with room the run resumes from step 4 (a checkpoint "
+          "takes" if failing_save == 2 else "no step was saved before it")
+  assert str(raised.value).startswith(f"no space left on the device of {tmp_path / 'checkpoints'} to write a "
+                                      f"checkpoint; {kept}")
+  assert isinstance(raised.value.__cause__, ValueError)  # orbax's own, for a traceback to show
+  monkeypatch.setattr(ocp.CheckpointManager, "save", lambda *args, **kwargs: 1 / 0)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", original_wait)
+  with pytest.raises(ZeroDivisionError):
+    train(tiny_config(steps=12), tmp_path / "other")
+
+
+def test_only_orbax_and_asyncio_records_of_a_full_device_are_dropped():
+  message = "_SignalingThread.run() raised an exception: " + ORBAX_FULL_DEVICE.format("/w")
+  def record(logger, pathname, text=message):
+    return logging.LogRecord(logger, logging.ERROR, pathname, 1, text, None, None)
+  orbax_file = os.path.join(os.path.dirname(ocp.__file__), "_src", "futures", "future.py")
+  assert not logging.getLogger("absl").filter(record("absl", orbax_file))
+  assert logging.getLogger("absl").filter(record("absl", orbax_file, "orbax's other news"))
+  assert logging.getLogger("absl").filter(record("absl", "/site-packages/grain/_src/python/dataset.py"))
+  assert not logging.getLogger("asyncio").filter(record("asyncio", "/asyncio/base_events.py"))
 
 
 @pytest.fixture
