@@ -644,7 +644,13 @@ class Trainer:
     totals = None
     with jax.set_mesh(self.mesh), partitioning.activation_rules(self.config.partitioning):
       for batch in batches:
+        previous = totals
         totals = add_sums(totals, self.eval_step(self.state["params"], self.rest, self.global_batch(batch)))
+        # One batch queued behind the one running. With every batch queued at once (a novel's, on 8
+        # simulated CPU devices), a device's part of the step waited 40 s at its all-reduce for the
+        # others' and XLA aborted the process (rendezvous.cc, "Termination timeout"): the `eval`
+        # test's occasional SIGABRT, every time once the adds were one program.
+        jax.block_until_ready(previous)
     return jax.device_get(totals)
 
   def evaluate(self, num_batches: int) -> dict[str, float]:
@@ -949,9 +955,15 @@ def _scalar_and_aux(sums):
   return sums["loss"], sums
 
 
+@jax.jit
+def _added(totals, sums):
+  return jax.tree.map(jnp.add, totals, sums)
+
+
 def add_sums(totals, sums):
-  """A running total of per-batch loss sums, kept on the device; None starts it."""
-  return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  """A running total of per-batch loss sums, kept on the device; None starts it. One dispatch a
+  batch, where an add per sum made several (and compiled each for every trainer's mesh)."""
+  return sums if totals is None else _added(totals, sums)
 
 
 # What the train step reports beside the mode's loss sums.
