@@ -408,7 +408,7 @@ class Trainer:
       # A checkpoint's state replaces the initial one, or the restore stops with an error: freed
       # first, a resume needs memory for one train state, not two.
       arrays = [leaf for leaf in jax.tree.leaves(self.state) if isinstance(leaf, jax.Array)]  # params_only: shapes
-      for leaf in jax.block_until_ready(arrays):  # deleted once made, its memory is free for the trim
+      for leaf in jax.block_until_ready(arrays):  # made before deleted, so the trim finds their memory free
         leaf.delete()
       return_freed_memory()
     older_layouts = []
@@ -462,7 +462,7 @@ class Trainer:
     # The initial state is freed as it is replaced (its optimizer state now, the parameters read
     # below, the rest donated to the new state), so a fine-tune starts in the memory of one train
     # state, as a resume does: holding all three, it peaked at about 6 copies of the parameters, not 3.
-    for leaf in jax.block_until_ready(jax.tree.leaves(self.state["opt_state"])):  # freed once made
+    for leaf in jax.block_until_ready(jax.tree.leaves(self.state["opt_state"])):  # made, then freed for the trim
       leaf.delete()
     return_freed_memory()
     loaded, data_positions = read_params(source, targets)
