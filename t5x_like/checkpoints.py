@@ -255,13 +255,16 @@ class OutOfSpaceError(OSError):
     return self.strerror
 
 
+NO_SPACE = "No space left on device"  # the OS's words, which orbax's errors about tensorstore's writes end in
+
+
 def _out_of_space(error: BaseException | None) -> bool:
   """Whether the error, or one it came from, is a full device. Orbax reports tensorstore's failed
   writes as ValueErrors whose message ends in the OS's."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or NO_SPACE in str(error):
       return True
     error = error.__cause__ or error.__context__
   return False
@@ -276,7 +279,7 @@ class _FullDeviceRecords(logging.Filter):
     if f"{os.sep}orbax{os.sep}" not in record.pathname and record.name != "asyncio":
       return True
     error = record.exc_info[1] if record.exc_info else None
-    return not (_out_of_space(error) or "No space left on device" in record.getMessage())
+    return not (_out_of_space(error) or NO_SPACE in record.getMessage())
 
 
 for _name in ("absl", "asyncio"):

@@ -405,11 +405,7 @@ def _run(args, overrides) -> int:
   except OSError as error:
     if error.errno != errno.ENOSPC:  # a checkpoint's (checkpoints.OutOfSpaceError), the metrics', a dataset's
       raise
-    from t5x_like.checkpoints import OutOfSpaceError  # orbax: not for the commands that never save
-    cause = error
-    while cause is not None and not isinstance(cause, OutOfSpaceError):  # its steps that are safe, if named
-      cause = cause.__context__
-    print(f"t5x-like {args.command}: error: {cause or error}", file=sys.stderr)
+    print(f"t5x-like {args.command}: error: {error}", file=sys.stderr)
     return 1
   except jax.errors.JaxRuntimeError as error:
     if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():  # CPU, GPU, TPU

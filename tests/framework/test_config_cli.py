@@ -242,21 +242,15 @@ def test_a_field_no_section_has_is_named_wherever_the_file_sets_it(tmp_path, cap
 
 
 def test_a_full_device_is_one_line_naming_the_checkpoints_it_left(capsys):
-  """Checkpointer's OutOfSpaceError, even where closing the metrics met the full device after it
-  (its own OSError then propagates, the checkpointer's as its context); other OSErrors raise."""
-  def stopped_by(*errors):
+  """Checkpointer's OutOfSpaceError, or any other full device's OSError, is one line; other OSErrors raise."""
+  def stopped_by(error):
     def run(args, overrides):
-      try:
-        raise errors[0]
-      finally:
-        if len(errors) > 1:
-          raise errors[1]
+      raise error
     return argparse.Namespace(command="train", run=run)
 
   full = checkpoints.OutOfSpaceError("no space left on the device of /w/checkpoints; steps 2, 4 are intact")
-  for errors in ((full,), (full, OSError(errno.ENOSPC, "No space left on device"))):
-    assert _run(stopped_by(*errors), []) == 1
-    assert capsys.readouterr().err == f"t5x-like train: error: {full}\n"
+  assert _run(stopped_by(full), []) == 1
+  assert capsys.readouterr().err == f"t5x-like train: error: {full}\n"
   assert _run(stopped_by(OSError(errno.ENOSPC, "No space left on device", "metrics.jsonl")), []) == 1
   assert capsys.readouterr().err == "t5x-like train: error: [Errno 28] No space left on device: 'metrics.jsonl'\n"
   with pytest.raises(PermissionError):
